@@ -373,3 +373,22 @@ def test_inspect_and_watch_number_training_steps_past_a_lost_rollout(
     recent = {row["step"]: row["training_step"] for row in state["recent"]}
     kept = [n for n in range(12) if n // 4 != rollout]
     assert recent == {n: n // 4 + 1 for n in kept} | {12: 4}
+
+
+def test_rollouts_that_each_lost_a_step_keep_their_training_steps(
+    job: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps 1, 5 and 9 deleted (one of each whole rollout's 4): no rollout was read whole, so
+    none told their length and the rollouts after the first were not numbered: watch showed
+    training step `None` on steps 4-12 and diff compared training step 1 alone (only_b
+    [2, 4]). A rollout whose step before the next start was read is that long."""
+    run, lines = job
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    for n in (1, 5, 9):
+        (damaged / "steps" / f"step-{n:08d}.safetensors").unlink()
+    done = CliRunner().invoke(app, ["watch", str(damaged), "--once", "-f", "json"])
+    recent = {row["step"]: row["training_step"] for row in json.loads(done.stdout)["recent"]}
+    assert recent == {n: n // 4 + 1 for n in range(13) if n not in (1, 5, 9)}
+    _, result = diff(damaged, imported(tmp_path, lines, monkeypatch))
+    assert (result["common"], result["only_b"]) == (4, [])

@@ -225,29 +225,31 @@ def rollout_indices(inner_steps: np.ndarray, inner_step: np.ndarray) -> dict[int
     ([I] steps, values), not from the rollouts' places in a list: a rollout whose every step is
     lost or unreadable leaves no start, and the rollouts after it would each take the number of
     the one before. A rollout starts at a step minus its inner_step; the recording's first at
-    step 0 (verl's hook numbers a process's steps from 0). verl trains every rollout alike (its
-    dataloader drops the last partial batch): where the rollouts read whole, from one start to
-    the next, are all k steps long and every start is a multiple of k, each step n up to the
+    step 0 (verl's hook numbers a process's steps from 0). A rollout whose step before the next
+    start was read ends there (its steps between, read or lost, are its own): it is that long.
+    verl trains every rollout alike (its dataloader drops the last partial batch): where those
+    rollouts are all k steps long and every start is a multiple of k, each step n up to the
     last read, read or not, is in the rollout n // k. Otherwise rollouts are numbered in turn
-    from the first read up to the first stretch a step is missing from; from there on no step
-    is numbered."""
+    from the first read up to the first whose end is lost (a whole rollout may be lost after
+    it); from there on no step is numbered."""
     counted = np.isfinite(inner_step)
     read = np.sort(inner_steps[counted])
-    starts = np.unique(read - inner_step[counted].astype(np.int64)).tolist()
-    if not starts:
+    starts = np.unique(read - inner_step[counted].astype(np.int64))
+    if not starts.size:
         return {}
-    stretches = list(zip(starts, [*starts[1:], int(read[-1]) + 1], strict=True))
-    whole = [b - a == np.searchsorted(read, b) - np.searchsorted(read, a) for a, b in stretches]
-    lengths = {b - a for (a, b), w in zip(stretches[:-1], whole, strict=False) if w}
+    nexts = np.append(starts[1:], read[-1] + 1)
+    lasts = read[np.searchsorted(read, nexts) - 1]  # each rollout's last step read
+    ended = lasts == nexts - 1
+    lengths = set((nexts - starts)[:-1][ended[:-1]].tolist())
     if len(lengths) == 1:
         (k,) = lengths
-        if all(s % k == 0 for s in starts):
+        if not (starts % k).any():
             return {n: n // k for n in range(int(read[-1]) + 1)}
     indices: dict[int, int] = {}
-    for i, ((a, b), w) in enumerate(zip(stretches, whole, strict=True)):
-        last = b - 1 if w else int(read[np.searchsorted(read, b) - 1])
+    rollouts = zip(starts.tolist(), lasts.tolist(), ended.tolist(), strict=True)
+    for i, (a, last, whole) in enumerate(rollouts):
         indices.update(dict.fromkeys(range(a, last + 1), i))
-        if not w:
+        if not whole:
             break
     return indices
 
