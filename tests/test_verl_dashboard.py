@@ -392,3 +392,22 @@ def test_rollouts_that_each_lost_a_step_keep_their_training_steps(
     assert recent == {n: n // 4 + 1 for n in range(13) if n not in (1, 5, 9)}
     _, result = diff(damaged, imported(tmp_path, lines, monkeypatch))
     assert (result["common"], result["only_b"]) == (4, [])
+
+
+def test_watch_shows_a_training_step_the_recording_does_not_tell_as_a_dash(
+    job: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """Step 3 (the first rollout's last) and steps 8-12 deleted: no rollout tells their
+    length, so steps 4-7 have no training step; the table showed it as 'None'."""
+    run, _ = job
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    for n in (3, *range(8, 13)):
+        (damaged / "steps" / f"step-{n:08d}.safetensors").unlink()
+    done = CliRunner().invoke(app, ["watch", str(damaged), "--once"], env={"COLUMNS": "100"})
+    cells = {
+        int(row.split("│")[0]): row.split("│")[1].strip()
+        for row in done.stdout.splitlines()
+        if "│" in row
+    }
+    assert cells == {0: "1", 1: "1", 2: "1", 4: "-", 5: "-", 6: "-", 7: "-"}, done.stdout

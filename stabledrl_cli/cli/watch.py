@@ -273,7 +273,7 @@ def _view(state: WatchState, width: int) -> Group:
     for row in state.recent:
         table.add_row(
             str(row.step),
-            *([str(row.training_step)] if verl else []),
+            *([str(row.training_step or "-")] if verl else []),
             format_cell(row.reward_mean),
             format_cell(row.grad_norm),
             format_cell(row.discard_frac, percent=True),
