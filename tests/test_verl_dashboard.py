@@ -140,24 +140,31 @@ def test_a_log_whose_first_steps_train_no_actor_lines_up_from_its_first_actor_up
     assert "A's rollout from step 0 as B's step 2" in result["notes"][0]
 
 
-@pytest.mark.parametrize("torn_step", [5, 4])
+@pytest.mark.parametrize("lost", ["torn", "deleted"])
+@pytest.mark.parametrize("torn_step", [5, 4, 7])
 def test_a_training_step_with_an_unreadable_step_file_is_unreadable_not_compared(
     job: tuple[Path, list[dict[str, Any]]],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     torn_step: int,
+    lost: str,
 ) -> None:
     """A torn step file leaves its training step (2) unreadable in the recording, listed so,
     and not compared; the others are: optimizer step 5, the second rollout's second update,
     and step 4, its first. With step 4 unread, the rollout's other steps (inner_step above 0)
     were grouped with the rollout before, so training step 1's means took in step 2's updates
     and parted from verl's log at step 1 (reward_mean 0.0714286 against 0.0833333); each
-    step's rollout now starts at its step minus its inner_step."""
+    step's rollout now starts at its step minus its inner_step. A deleted step file 5 or 7
+    left training step 2 compared by the means of its other 3 updates, parted from verl's of
+    its 4 (exit 1), where a deleted step 4 made it unreadable: it is unreadable too."""
     run, lines = job
     torn = tmp_path / "run"
     shutil.copytree(run, torn)
     step = torn / "steps" / f"step-{torn_step:08d}.safetensors"
-    step.write_bytes(step.read_bytes()[:100])
+    if lost == "torn":
+        step.write_bytes(step.read_bytes()[:100])
+    else:
+        step.unlink()
     code, result = diff(torn, imported(tmp_path, lines, monkeypatch))
     assert code == 0, result
     assert (result["unreadable_a"], result["only_b"], result["common"]) == ([[2, 2]], [[2, 2]], 3)
@@ -381,7 +388,8 @@ def test_rollouts_that_each_lost_a_step_keep_their_training_steps(
     """Steps 1, 5 and 9 deleted (one of each whole rollout's 4): no rollout was read whole, so
     none told their length and the rollouts after the first were not numbered: watch showed
     training step `None` on steps 4-12 and diff compared training step 1 alone (only_b
-    [2, 4]). A rollout whose step before the next start was read is that long."""
+    [2, 4]), training step 4 not at all. A rollout whose step before the next start was read
+    is that long."""
     run, lines = job
     damaged = tmp_path / "run"
     shutil.copytree(run, damaged)
@@ -390,8 +398,9 @@ def test_rollouts_that_each_lost_a_step_keep_their_training_steps(
     done = CliRunner().invoke(app, ["watch", str(damaged), "--once", "-f", "json"])
     recent = {row["step"]: row["training_step"] for row in json.loads(done.stdout)["recent"]}
     assert recent == {n: n // 4 + 1 for n in range(13) if n not in (1, 5, 9)}
-    _, result = diff(damaged, imported(tmp_path, lines, monkeypatch))
-    assert (result["common"], result["only_b"]) == (4, [])
+    code, result = diff(damaged, imported(tmp_path, lines, monkeypatch))
+    assert code == 0, result  # training steps 1-3 lack a step: not compared
+    assert (result["unreadable_a"], result["common"]) == ([[1, 3]], 1)
 
 
 def test_watch_shows_a_training_step_the_recording_does_not_tell_as_a_dash(

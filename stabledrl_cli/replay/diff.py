@@ -71,6 +71,7 @@ from stabledrl_cli.replay.run_facts import (
     is_scalar_run,
     own_spec,
     replayed_loss_norm,
+    run_gaps,
     shown_reasons,
     whole_run_refusal,
 )
@@ -605,8 +606,13 @@ def diff_runs(
     if training is not None:  # a verl recording against verl's log: by training step
         side, steps = training
         reads = _sides(side, steps.read, {})
-        # a training step one of whose step files cannot be read: unreadable, not compared
-        lost = {steps.number(n) for n in skipped[side]} - {None}
+        # a training step one of whose step files cannot be read, or that lacks one (its
+        # means would be over part of its rollout): unreadable, not compared
+        gone = [
+            n for gap in run_gaps((a, b)[side]) for n in range(gap.first, gap.last + 1, gap.stride)
+        ]
+        lacking = {steps.number(n) for n in gone}.intersection(steps.read)
+        lost = ({steps.number(n) for n in skipped[side]} | lacking) - {None}
         held = [n for n in steps.read if n not in lost]
         skipped = _sides(side, lost, skipped[1 - side])
         steps_a, steps_b = _sides(side, held, (steps_a, steps_b)[1 - side])
