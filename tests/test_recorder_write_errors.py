@@ -344,6 +344,36 @@ def test_an_interrupt_mid_write_leaves_no_temporary_file(tmp_path, monkeypatch, 
     assert 0 in run.step_numbers and not [f for f in run.integrity.findings if f.kind != "gap"]
 
 
+@pytest.mark.parametrize("async_writes", [False, True])
+def test_an_interrupt_once_the_steps_file_is_in_place_leaves_the_step_out(
+    tmp_path, monkeypatch, async_writes
+):
+    """A Ctrl-C in log_step after the step's file took its name (sync: in the directory's
+    fsync; async: waiting for room in a full queue) left that file in the run, unfsynced, while
+    the run's note said the training was cut short after the step before: an interrupted
+    log_step records nothing, as one interrupted mid-write."""
+    path = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        monkeypatch.undo()  # once
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), sd.Recorder(path, async_writes=async_writes) as rec:
+        rec.log_step(0, **_flat(0))
+        if async_writes:
+            monkeypatch.setattr(rec._writer.queue, "put", interrupted)
+        else:
+            monkeypatch.setattr(_atomic, "fsync_dir", interrupted)
+        rec.log_step(1, **_flat(1))
+    run = sd.open_run(path)
+    assert run.step_numbers == [0]
+    assert run.manifest["recording_stopped"] == {
+        "step": 1,
+        "rank": 0,
+        "reason": "training interrupted (Ctrl-C) after step 0",
+    }
+
+
 def test_a_file_written_through_atomic_path_under_a_file_is_a_write_error(tmp_path) -> None:
     """pack, the plots and replay --out write through `atomic_path`: when the target's directory
     is a file, the body's OSError and the temporary file's removal both fail, and the caller

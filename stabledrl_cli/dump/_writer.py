@@ -624,11 +624,15 @@ class Recorder:
             )
             try:
                 write_step_file(item, durable=self._writer is None)
+                if self._writer is not None:
+                    self._writer.queue.put(item._replace(parts=[]))
             except WriteError as exc:
                 self._step_failed(exc, item)
                 return
-            if self._writer is not None:
-                self._writer.queue.put(item._replace(parts=[]))
+            except BaseException:  # a Ctrl-C: the step is not recorded, its file not kept
+                if not item.replaces:  # (a rewrite's first half is: its fsync may be queued)
+                    discard_failed(item)
+                raise
             self._last_step = step
             self._raise_writer_error()  # an earlier step's failed fsync: this one is written
 
