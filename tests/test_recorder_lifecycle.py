@@ -646,3 +646,27 @@ def test_an_exit_handler_registered_before_an_async_recorder_still_records(tmp_p
     assert run.step_numbers == [0, 1, 2]
     assert out == "the handler went on\n"
     assert run.manifest.get("recording_closed") is True
+
+
+class _Unprintable(Exception):
+    """An exception whose message cannot be made: str() of it raises (one made with the
+    wrong arguments for its own __str__)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def test_a_training_error_that_cannot_be_printed_is_still_the_one_raised(tmp_path):
+    """Leaving a with block on an exception whose str() raises, the Recorder's note of it
+    raised IndexError in its place, and the run was left unclosed: the training's own
+    exception goes on, and the note names its type alone."""
+    path = tmp_path / "run"
+    error = _Unprintable()
+    with pytest.raises(_Unprintable) as raised, sd.Recorder(path, policy=None) as rec:
+        rec.log_step(0, grad_norm=1.0)
+        raise error
+    assert raised.value is error
+    manifest = sd.open_run(path).manifest
+    reason = manifest["recording_stopped"]["reason"]
+    assert reason == "training stopped by _Unprintable after step 0"
+    assert manifest["recording_closed"] is True

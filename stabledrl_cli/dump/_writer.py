@@ -896,12 +896,17 @@ def normal_end(exc: BaseException) -> bool:
 def cut_short(cause: BaseException) -> str:
     """How an exception that ended a training cut it short, in a few words for its run's stop
     note: `interrupted (Ctrl-C)`, `ended by sys.exit(2)`, `stopped by RuntimeError: CUDA out
-    of memory` (its message's first line, at most `_CAUSE_SHOWN` characters)."""
+    of memory` (its message's first line, at most `_CAUSE_SHOWN` characters; its type alone
+    when its str() raises, which must not replace it)."""
     if isinstance(cause, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
     if isinstance(cause, SystemExit):
         return f"ended by sys.exit({cause.code!r})"
-    lines = str(cause).strip().splitlines()
+    try:
+        text = str(cause)
+    except Exception:
+        text = ""
+    lines = text.strip().splitlines()
     message = lines[0] if lines else ""
     if len(message) > _CAUSE_SHOWN:
         message = message[: _CAUSE_SHOWN - 3] + "..."
