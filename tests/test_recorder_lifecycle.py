@@ -6,8 +6,10 @@ async writes that is interrupted while it drains is finished by the next one (at
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -87,6 +89,18 @@ def test_a_forked_child_cannot_write_into_its_parents_run(tmp_path, mode):
     assert run.step_numbers == list(range(6))
     assert [float(np.asarray(step["logp"])[0]) for step in run] == [0, 1, 2, 3, 4, 5]
     assert not [n for n in os.listdir(path / "steps") if ".tmp-" in n]
+
+
+def test_a_recorder_sent_to_another_process_is_a_usage_error_naming_it(tmp_path):
+    """A Recorder given to a spawned DataLoader worker (its dataset) or a Pool task is pickled:
+    that failed deep in pickle with "cannot pickle '_thread.lock' object", naming neither the
+    Recorder nor what to do."""
+    with sd.Recorder(tmp_path / "run", policy=None, async_writes=True) as rec:
+        for send in (pickle.dumps, copy.deepcopy):
+            with pytest.raises(UsageError, match=r"a Recorder cannot be sent to another process"):
+                send({"dataset": [rec]})
+        rec.log_step(0, grad_norm=1.0)
+    assert sd.open_run(tmp_path / "run").step_numbers == [0]
 
 
 INTERRUPTED_CLOSE = textwrap.dedent(

@@ -880,6 +880,14 @@ class Recorder:
         except WriteError as error:
             warn(f"stabledrl: warning: {error}\n")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """UsageError: a Recorder is not sent to another process (a spawned DataLoader worker's
+        dataset, a Pool task's argument), whose copy would write into the run unguarded."""
+        raise UsageError(
+            f"{self.path}: a Recorder cannot be sent to another process (pickled or copied): "
+            "a process records with its own Recorder, or logs from the one that made it"
+        )
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "recording"
         if self.stopped is not None:  # log_step writes nothing more
