@@ -6,6 +6,7 @@ Measured: 300 Recorders opened and closed in one process (a sweep recording its 
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 from pathlib import Path
 
@@ -39,4 +40,28 @@ def test_a_recorder_left_open_is_still_closed_at_exit(tmp_path: Path) -> None:
     rec.log_step(0, **STEP)
     rec._at_exit()  # what atexit runs
     assert sd.open_run(tmp_path / "run").manifest.get("recording_closed") is True
+    rec.close()
+
+
+def test_a_recorder_left_open_by_a_training_that_crashed_notes_it_at_exit(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """An async Recorder left open when an uncaught exception ended the script was closed by
+    its exit handler as a finished recording: `recording_closed`, no note, so that `inspect`
+    said "its Recorder finished" of a training that died of CUDA out of memory at step 1. The
+    handler now notes the exception as a with block does (Python keeps it as sys.last_value
+    as it prints it, before the exit handlers run)."""
+    monkeypatch.delattr(sys, "ps1", raising=False)
+    monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    rec = sd.Recorder(tmp_path / "run", unit="sequence", async_writes=True)
+    rec.log_step(0, **STEP)
+    monkeypatch.setattr(sys, "last_value", RuntimeError("CUDA out of memory"), raising=False)
+    rec._at_exit()  # what atexit runs
+    manifest = sd.open_run(tmp_path / "run").manifest
+    assert manifest["recording_stopped"] == {
+        "step": 1,
+        "rank": 0,
+        "reason": "training stopped by RuntimeError: CUDA out of memory after step 0",
+    }
+    assert manifest["recording_closed"] is True
     rec.close()

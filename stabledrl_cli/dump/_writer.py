@@ -75,6 +75,7 @@ import datetime as _dt
 import functools
 import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -796,19 +797,24 @@ class Recorder:
                     self._cancel_on_sigterm()
                     self._drop_exit_handlers()  # (held the writer until the process ended)
                     self._raise_writer_error()
-            if own and self._interrupted and self.stopped is None and not self._closed_marked:
-                last = self._last_step
-                after = "before its first step" if last is None else f"after step {last}"
-                if last is not None and self._unapplied:
-                    after = f"in step {last}, its update not applied"
-                step = None if last is None else last + 1
-                self._write_stop_note(f"training {self._interrupted} {after}", step)
             if own:
+                self._note_cut_short()
                 self._mark_run_closed(closing=True)
             self._closed = True
         finally:
             if writer is None or not writer.is_alive():
                 self._writer_lock.release()
+
+    def _note_cut_short(self) -> None:
+        """Notes how the training was cut short (`note_interrupted`), after the run's last
+        step, before the run is marked closed; nothing once a failed write stopped it."""
+        if self._interrupted and self.stopped is None and not self._closed_marked:
+            last = self._last_step
+            after = "before its first step" if last is None else f"after step {last}"
+            if last is not None and self._unapplied:
+                after = f"in step {last}, its update not applied"
+            step = None if last is None else last + 1
+            self._write_stop_note(f"training {self._interrupted} {after}", step)
 
     def end_at_exit(self) -> None:
         """At exit (the Recorder's own exit handler, async_writes): its queued steps are
@@ -828,6 +834,7 @@ class Recorder:
                     self._raise_writer_error()
                 finally:
                     self._writer = None  # later steps are written by log_step itself
+        self._note_cut_short()
         self._mark_run_closed(closing=False)
         self._writer_lock.release()  # the process ends: the run reads as closed, not died
 
@@ -934,10 +941,23 @@ def _close_at_exit(
     recorder = ref()
     with _warned_at_the_end():
         if recorder is not None:
+            uncaught = _uncaught_at_exit()
+            if uncaught is not None:
+                recorder.note_interrupted(uncaught)
             recorder.end_at_exit()
         else:  # (in a forked child the copy's thread is not alive: nothing to do)
             writer.stop()
             raise_failures(writer, path, noted)
+
+
+def _uncaught_at_exit() -> BaseException | None:
+    """The uncaught exception that ends the script (Python keeps it as `sys.last_value` as it
+    prints it, before the exit handlers run), else None. None in an interactive session too
+    (the REPL, IPython), where it is an error shown earlier that ended nothing."""
+    if hasattr(sys, "ps1") or sys.flags.interactive or "IPython" in sys.modules:
+        return None
+    uncaught = getattr(sys, "last_value", None)
+    return uncaught if isinstance(uncaught, BaseException) else None
 
 
 def _written_on_sigterm(
