@@ -6,6 +6,8 @@ run of two policies that read as one."""
 from __future__ import annotations
 
 import os
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -243,3 +245,28 @@ def test_a_recorder_started_with_another_on_one_directory_is_told_it_is_recorded
         for fd in (ready_read, ready_write, end_read):
             os.close(fd)
     assert str(refused.value) == _refusal(path, "in another process")
+
+
+def test_a_spawned_worker_that_makes_the_scripts_recorder_again_is_told_why(tmp_path):
+    """A script that makes its Recorder at its top level and starts a spawned DataLoader (or
+    Pool) worker: the worker runs the top level again, as `__mp_main__`, and its Recorder was
+    refused as 'still open in another process; close it first', naming neither the worker nor
+    the fix."""
+    path = tmp_path / "run"
+    with sd.Recorder(path, policy=None) as first:
+        first.log_step(0, loss=1.0)
+
+        def spawned() -> str:
+            first.close()  # (the child's copy)
+            sys.modules["__mp_main__"] = types.ModuleType("__mp_main__")  # spawn's rerun
+            sd.Recorder(path, policy=None)
+            return "opened"
+
+        said = _in_a_child(spawned)
+    assert said == (
+        f"UsageError: {path}: rank 0 of this run is being recorded by another Recorder, still "
+        "open in the process that started this one: a spawned worker (a DataLoader's, a "
+        "Pool's) runs the script's top level again, so make the Recorder under "
+        'if __name__ == "__main__":'
+    )
+    assert _losses(path) == {0: 1.0}

@@ -128,10 +128,12 @@ def hold_writer_lock(steps: Path, rank: int, world_size: int) -> WriterLock:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except (BlockingIOError, PermissionError):
+                holder = _holder(fd)
                 os.close(fd)
-                raise _held_elsewhere(
-                    steps.parent, rank, "in another process", world_size
-                ) from None
+                where = "in another process"
+                if holder is not None and holder == os.getppid() and _spawned_main():
+                    where = "in the process that started this one"
+                raise _held_elsewhere(steps.parent, rank, where, world_size) from None
             except OSError:  # no lock service (ENOLCK) or no locks on this file
                 os.close(fd)
                 return WriterLock()
@@ -230,6 +232,25 @@ def _state(path: Path, kernel: bytes) -> WriterState:
         os.close(fd)
 
 
+def _spawned_main() -> bool:
+    """Whether this process is a spawned child of multiprocessing (a DataLoader's or Pool's
+    worker), which runs the script's top level again as `__mp_main__`."""
+    return getattr(sys.modules.get("__mp_main__"), "__name__", None) == "__mp_main__"
+
+
+def _holder(fd: int) -> int | None:
+    """The process that holds the lock of the file open as `fd` (F_GETLK), None where it
+    cannot be told (not Linux on a 64-bit machine, no lock service)."""
+    if not sys.platform.startswith("linux") or struct.calcsize("P") != 8:
+        return None
+    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        kind, _, _, _, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    except OSError:
+        return None
+    return pid if kind != fcntl.F_UNLCK else None
+
+
 def _open(path: Path) -> tuple[int, os.stat_result] | None:
     """The lock file opened for writing (made when absent) and its `fstat`, never through a
     link nor waiting on a FIFO put in its place (`open_regular_fd`); None when it cannot be a
@@ -282,6 +303,11 @@ def _held_elsewhere(run: Path, rank: int, where: str, world_size: int) -> UsageE
             f"{held} {where}: this process is rank {launched_rank} of {launched} (RANK and "
             "WORLD_SIZE, set by its launcher), and each rank records its own steps: "
             f"Recorder(path, world_size={launched}, rank={launched_rank})"
+        )
+    if where == "in the process that started this one":  # a spawned worker's import
+        return UsageError(
+            f"{held} {where}: a spawned worker (a DataLoader's, a Pool's) runs the script's top "
+            'level again, so make the Recorder under if __name__ == "__main__":'
         )
     return UsageError(
         f"{held} {where}; close it first (a run takes one Recorder a rank), or record elsewhere"
