@@ -5,6 +5,7 @@ Python takes for 0 or 1, and a world_size past what readers accept; its path (an
 from __future__ import annotations
 
 import errno
+import math
 import os
 import warnings
 from pathlib import Path
@@ -318,3 +319,15 @@ def test_a_recorder_shows_whether_it_records(tmp_path, monkeypatch, capsys):
     closed = sd.Recorder(other)
     closed.close()
     assert repr(closed) == f"Recorder({str(other)!r}, unit='token', rank=0, state='closed')"
+
+
+@pytest.mark.parametrize("count", [-1, 1.5, math.nan, math.inf])
+def test_a_nonfinite_grads_that_is_no_count_is_refused_unwritten(tmp_path: Path, count) -> None:
+    """log_step(nonfinite_grads=-1) (a loop's 'not counted') was recorded, and inspect and
+    check then read every such step as a non-finite one, where docs/run-format.md says no
+    recorder writes a negative or NaN count: refused, as inner_step and reward_count are."""
+    with sd.Recorder(tmp_path / "run", policy=None) as recorder:
+        with pytest.raises(UsageError, match=r"^nonfinite_grads: .* whole number >= 0"):
+            recorder.log_step(0, grad_norm=1.0, nonfinite_grads=count)
+        recorder.log_step(0, grad_norm=1.0, nonfinite_grads=np.int64(2))
+    assert sd.open_run(tmp_path / "run").step(0).scalars["nonfinite_grads"] == 2

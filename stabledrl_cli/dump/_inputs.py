@@ -459,6 +459,11 @@ def _step_scalars(
             f"inner_step: a count of the updates on a rollout before this one, a whole number "
             f">= 0 (0: its first, where the parameters are the sampling ones), got {inner_step!r}"
         )
+    if not _is_count(out.get("nonfinite_grads", 0.0)):
+        raise UsageError(
+            "nonfinite_grads: how many parameters had a gradient with a NaN or an inf, a whole "
+            f"number >= 0 (not given: not counted), got {out['nonfinite_grads']!r}"
+        )
     if not _is_count(out.get(REWARD_COUNT, 0.0)):
         raise UsageError(
             f"scalars: {REWARD_COUNT!r} is how many rewards reward_mean is a mean of, a whole "
