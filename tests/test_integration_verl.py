@@ -1005,15 +1005,29 @@ REFUSED_JOB = ("vanilla", {"actor": {"entropy_coeff": 0.01}, "calculate_entropy"
 then computes the entropy)."""
 
 
+OWN_ROLLOUT_N = {
+    True: {"own_rollout_n": [0]},
+    False: {"own_rollout_n": [1], "rollouts": 2, "seed": 6},
+}
+"""SETTINGS of the 2-rank engine runs whose first (True) or second rollout (False) holds a
+prompt of its own rollout n."""
+
+
 def engine_jobs(world: int) -> list[tuple[str, dict[str, Any]]]:
     """(loss_mode, SETTINGS) of every engine run the tests read on `world` processes; the
-    refused run (on 1 process) last, after every run that records."""
+    refused run (on 1 process) last, after every run that records, and on 2 processes the
+    later rollout of its own rollout n last (the one job whose ranks both warn)."""
     settings = [param.values[1] for param in ACTOR_SETTINGS if param.values[0] == world]
     return [
         ("vanilla", {}),
         *((loss_mode, {}) for loss_mode, _ in MICRO_BATCH_MODES),
         *(("vanilla", each) for each in settings),
         *([("vanilla", LR_WARMUP), REFUSED_JOB] if world == 1 else []),
+        *(
+            [("vanilla", OWN_ROLLOUT_N[True]), ("vanilla", OWN_ROLLOUT_N[False])]
+            if world == 2
+            else []
+        ),
     ]
 
 
@@ -1124,7 +1138,9 @@ def engine_process(
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["first-rollout", "later-rollout"])
-def test_a_prompt_of_its_own_rollout_n_keeps_its_split_marks(tmp_path: Path, first: bool) -> None:
+def test_a_prompt_of_its_own_rollout_n_keeps_its_split_marks(
+    engine_launches: EngineJobs, first: bool
+) -> None:
     """verl's v1 trainer lets a prompt take its own `__rollout_n__`: here prompt 0 has 6
     responses, rollout.n 3, on verl's real engine over 2 ranks. The run recorded
     num_generations 3, so a step holding 3 of its 6 read as whole (its split marks cleared:
@@ -1133,11 +1149,10 @@ def test_a_prompt_of_its_own_rollout_n_keeps_its_split_marks(tmp_path: Path, fir
     rollouts, shuffled so that each of its 4 steps holds 3 of the 6) was only warned of, its
     steps still read 3 of 6 as whole; its steps now record no prompt groups, said once a
     rank, and the other rollouts' steps keep theirs."""
-    settings = {"own_rollout_n": [0]} if first else {"own_rollout_n": [1], "rollouts": 2, "seed": 6}
-    done = engine_process(2, [(tmp_path, "vanilla", settings)])
-    assert done.returncode == 0, done.stderr[-3000:]
-    run, _ = engine_result(tmp_path, 2)
-    warned = [line for line in done.stderr.splitlines() if "stabledrl: warning" in line]
+    job = engine_launches(2, "vanilla", OWN_ROLLOUT_N[first])
+    assert job.done.returncode == 0, job.done.stderr[-3000:]
+    run, _ = engine_result(job.directory, 2)
+    warned = [line for line in job.stderr.splitlines() if "stabledrl: warning" in line]
     if not first:
         assert run.manifest["meta"]["num_generations"] == 3
         assert run.step_numbers == list(range(9))
