@@ -378,6 +378,16 @@ def test_cli_engine_ray_prints_the_local_json(cluster, synthetic):
     assert json.loads(sharded.stdout)["steps"] == 22
 
 
+def test_tune_engine_ray_gives_the_local_json(cluster):
+    """tune's settings sharded over the module's cluster: the local tune's JSON."""
+    args = ["tune", str(REPO / "fixtures" / "stabledrl"), "-p", "stabledrl:c=2..8:log3",
+            "--device", "cpu", "--format", "json"]  # fmt: skip
+    local = runner.invoke(app, args)
+    sharded = runner.invoke(app, [*args, "--engine", "ray", "--workers", "2"])
+    assert local.exit_code == 0 and sharded.exit_code == 0, sharded.output
+    assert json.loads(sharded.stdout) == json.loads(local.stdout)
+
+
 def test_workers_without_engine_ray_is_a_usage_error(tmp_path):
     result = runner.invoke(app, ["replay", str(tmp_path), "--workers", "2"])
     assert result.exit_code == 2

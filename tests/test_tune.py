@@ -340,16 +340,6 @@ def test_exit_codes_in_a_subprocess(tmp_path):
     assert len(missing.stderr.strip().splitlines()) == 1
 
 
-def test_ray_engine_gives_the_local_json():
-    pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
-    args = ["tune", str(FIXTURES / "stabledrl"), "-p", "stabledrl:c=2..8:log3", "--device",
-            "cpu", "--format", "json"]  # fmt: skip
-    local = CliRunner().invoke(app, args)
-    sharded = CliRunner().invoke(app, [*args, "--engine", "ray", "--workers", "2"])
-    assert local.exit_code == 0 and sharded.exit_code == 0, sharded.output
-    assert json.loads(sharded.stdout) == json.loads(local.stdout)
-
-
 @pytest.mark.parametrize("fixture", ["grpo", "stabledrl"])
 def test_lean_replay_ranks_as_the_full_one(fixture):
     """tune replays lean (no framework metrics, weight indicators or split counts): the
