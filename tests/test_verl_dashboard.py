@@ -42,19 +42,37 @@ before the NaN one (1 optimizer step): verl's training steps 1-3, then 4."""
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
-    """(the recorded run, verl's log lines of it: each training step's actor metrics as the
-    trainer reduces them, with `critic/score/mean`, the mean score of the step's sequences,
-    and the trainer's counters, as `RayPPOTrainer.fit` logs them)."""
-    tmp = tmp_path_factory.mktemp("verl-job")
-    settings = {"actor": KL_LOSS, "rollouts": ROLLOUTS}
-    command = [sys.executable, str(ENGINE_SCRIPT), tmp / "run", tmp / "result.json", "vanilla"]
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of the module's two engine jobs, trained in one process (torch and verl
+    imported once): job0 with KL_LOSS over ROLLOUTS rollouts, job1 the script's plain job
+    (one rollout, then the NaN mini-batch: training steps 1 and 2). Each holds run/ and
+    result.json."""
+    tmp = tmp_path_factory.mktemp("verl-jobs")
+    command = [sys.executable, str(ENGINE_SCRIPT)]
+    for number, settings in enumerate(({"actor": KL_LOSS, "rollouts": ROLLOUTS}, {})):
+        command += [tmp / f"job{number}" / "run", tmp / f"job{number}" / "result.json"]
+        command += ["vanilla", json.dumps(settings)]
+        (tmp / f"job{number}").mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     done = subprocess.run(
-        [*map(str, command), json.dumps(settings)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [*map(str, command)], env=env, capture_output=True, text=True, timeout=1200
+    )
     assert done.returncode == 0, done.stderr[-3000:]
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def plain_job(jobs: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """(the recorded run, verl's logged actor metrics of each training step) of job1."""
+    return jobs / "job1" / "run", json.loads((jobs / "job1" / "result.json").read_text())["logged"]
+
+
+@pytest.fixture(scope="module")
+def job(jobs: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """(the recorded run, verl's log lines of it: each training step's actor metrics as the
+    trainer reduces them, with `critic/score/mean`, the mean score of the step's sequences,
+    and the trainer's counters, as `RayPPOTrainer.fit` logs them) of job0."""
+    tmp = jobs / "job0"
     logged = json.loads((tmp / "result.json").read_text())["logged"]
     scores = rollout(n_prompts=4, seed=1)["token_level_scores"].sum(-1)
     batches = [scores] * ROLLOUTS + [scores[:6]]  # the script's NaN batch: its first 6 rows
@@ -420,3 +438,45 @@ def test_watch_shows_a_training_step_the_recording_does_not_tell_as_a_dash(
         if "│" in row
     }
     assert cells == {0: "1", 1: "1", 2: "1", 4: "-", 5: "-", 6: "-", 7: "-"}, done.stdout
+
+
+def diffed(run: Path, log: Path) -> tuple[list[str], dict[str, Any]]:
+    """`stabledrl diff RUN LOG`'s table lines and its JSON document."""
+    table = CliRunner().invoke(app, ["diff", str(run), str(log), "--device", "cpu"])
+    document = CliRunner().invoke(
+        app, ["diff", str(run), str(log), "--device", "cpu", "--format", "json"]
+    )
+    return table.stdout.splitlines(), json.loads(document.stdout)
+
+
+def test_lr_compared_where_verls_log_has_it_is_not_said_to_be_uncompared(
+    plain_job: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verl's log imports its `actor/lr` a step later (the lr a step's update used), so its
+    first step has none; the table said `not compared, recorded by A only: lr` while it
+    compared lr at every later step. The recording's lr is compared at training step 2, the
+    log's first with one: the table says so beside the steps it lacks it (`lr (compared at the
+    1 step both record it)`), and the JSON's `unshared_compared` counts it; reward_mean, which
+    this log never holds, is still listed alone."""
+    run, logged = plain_job
+    lines, document = diffed(run, imported(tmp_path, logged, monkeypatch))
+    assert document["unshared"] == {"a": ["lr", "reward_mean"], "b": []}
+    assert document["unshared_compared"] == {"lr": 1}
+    expected = "not compared, recorded by A only: lr (compared at the 1 step both record it), "
+    assert any(line.startswith(expected) for line in lines), lines
+    assert document["parted_at"] is None
+
+
+def test_an_lr_the_log_differs_in_parts_at_the_step_it_was_compared(
+    plain_job: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same log with training step 1's actor/lr (the lr of step 2's updates) doubled: the
+    runs part at step 2 on lr, the step the table names as lr's compared one."""
+    run, logged = plain_job
+    changed = [dict(metrics) for metrics in logged]
+    changed[0]["actor/lr"] = 2 * changed[0]["actor/lr"]
+    lines, document = diffed(run, imported(tmp_path, changed, monkeypatch))
+    assert document["parted_at"] == 2
+    assert [f["field"] for f in document["first"]["scalars"]["fields"]] == ["lr"]
+    assert document["unshared_compared"] == {"lr": 1}
+    assert "scalars     part at step 2" in lines
