@@ -222,6 +222,30 @@ def test_a_rollout_whose_every_step_file_is_lost_keeps_the_training_steps_after_
     assert found == [[rollout + 1, rollout + 1]]
 
 
+@pytest.mark.parametrize(("kept", "common"), [([4, 5, 6, 7, 12], 2), ([4, 5, 6, 7], 1)])
+def test_a_recording_with_no_rollout_read_to_the_next_still_numbers_it_from_step_0(
+    job: tuple[Path, list[dict[str, Any]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kept: list[int],
+    common: int,
+) -> None:
+    """Only the second rollout (steps 4-7) left whole, and the NaN step 12: no rollout was
+    read up to the next one's start, so no length was known and the rollouts were numbered in
+    turn from the first read: steps 4-7 were verl's training step 1, the diff parted there
+    (exit 1). A rollout starts at a multiple of the length, which its steps read bound
+    below: starting at step 4 and 4 steps long, it is 4 long, and steps 4-7 are step 2."""
+    run, lines = job
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    for n in set(range(13)) - set(kept):
+        (damaged / "steps" / f"step-{n:08d}.safetensors").unlink()
+    code, result = diff(damaged, imported(tmp_path, lines, monkeypatch))
+    assert code == 0, result
+    assert (result["parted_at"], result["common"]) == (None, common)
+    assert "A's rollout from step 4 as B's step 2" in result["notes"][0]
+
+
 def test_inspect_reads_a_reward_a_training_step_when_a_rollouts_first_step_is_unreadable(
     job: tuple[Path, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
@@ -424,12 +448,12 @@ def test_rollouts_that_each_lost_a_step_keep_their_training_steps(
 def test_watch_shows_a_training_step_the_recording_does_not_tell_as_a_dash(
     job: tuple[Path, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
-    """Step 3 (the first rollout's last) and steps 8-12 deleted: no rollout tells their
-    length, so steps 4-7 have no training step; the table showed it as 'None'."""
+    """Steps 2-3 (the first rollout's last) and 6-12 deleted: no rollout tells their length
+    (2 or 4), so steps 4-5 have no training step; the table showed it as 'None'."""
     run, _ = job
     damaged = tmp_path / "run"
     shutil.copytree(run, damaged)
-    for n in (3, *range(8, 13)):
+    for n in (2, 3, *range(6, 13)):
         (damaged / "steps" / f"step-{n:08d}.safetensors").unlink()
     done = CliRunner().invoke(app, ["watch", str(damaged), "--once"], env={"COLUMNS": "100"})
     cells = {
@@ -437,7 +461,7 @@ def test_watch_shows_a_training_step_the_recording_does_not_tell_as_a_dash(
         for row in done.stdout.splitlines()
         if "│" in row
     }
-    assert cells == {0: "1", 1: "1", 2: "1", 4: "-", 5: "-", 6: "-", 7: "-"}, done.stdout
+    assert cells == {0: "1", 1: "1", 4: "-", 5: "-"}, done.stdout
 
 
 def diffed(run: Path, log: Path) -> tuple[list[str], dict[str, Any]]:

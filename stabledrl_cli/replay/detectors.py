@@ -227,6 +227,8 @@ def rollout_indices(inner_steps: np.ndarray, inner_step: np.ndarray) -> dict[int
     the one before. A rollout starts at a step minus its inner_step; the recording's first at
     step 0 (verl's hook numbers a process's steps from 0). A rollout whose step before the next
     start was read ends there (its steps between, read or lost, are its own): it is that long.
+    Where none does, k divides every start and is no less than any rollout's steps up to its
+    last read: where only one number is both, it is k.
     verl trains every rollout alike (its dataloader drops the last partial batch): where those
     rollouts are all k steps long and every start is a multiple of k, each step n up to the
     last read, read or not, is in the rollout n // k. Otherwise rollouts are numbered in turn
@@ -241,6 +243,9 @@ def rollout_indices(inner_steps: np.ndarray, inner_step: np.ndarray) -> dict[int
     lasts = read[np.searchsorted(read, nexts) - 1]  # each rollout's last step read
     ended = lasts == nexts - 1
     lengths = set((nexts - starts)[:-1][ended[:-1]].tolist())
+    if not lengths:  # k divides every start and is no less than any rollout's steps read
+        g, longest = int(np.gcd.reduce(starts)), int((lasts - starts).max()) + 1
+        lengths = {g} if longest <= g < 2 * longest else lengths
     if len(lengths) == 1:
         (k,) = lengths
         if not (starts % k).any():
