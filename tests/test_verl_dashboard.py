@@ -246,6 +246,30 @@ def test_a_recording_with_no_rollout_read_to_the_next_still_numbers_it_from_step
     assert "A's rollout from step 4 as B's step 2" in result["notes"][0]
 
 
+@pytest.mark.parametrize("kept", [[8, 9, 10, 11], [12]])
+def test_a_recording_whose_rollouts_cannot_be_numbered_is_not_compared(
+    job: tuple[Path, list[dict[str, Any]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kept: list[int],
+) -> None:
+    """Only steps 8-11 left (a rollout 4 or 8 steps long) or the NaN step 12: its rollouts
+    were numbered in turn from the first read, as verl's training step 1, and the diff parted
+    there (exit 1; loss 0.814512 or NaN against verl's 0.870076), where verl's step is 3 or
+    4. Which training step they are is not known: nothing is compared, one line says why."""
+    run, lines = job
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    for n in set(range(13)) - set(kept):
+        (damaged / "steps" / f"step-{n:08d}.safetensors").unlink()
+    log = imported(tmp_path, lines, monkeypatch)
+    done = CliRunner().invoke(app, ["diff", str(damaged), str(log)])
+    assert done.exit_code == 3, done.output
+    assert done.stdout == ""
+    assert "first rollout's step files are all lost" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
 def test_inspect_reads_a_reward_a_training_step_when_a_rollouts_first_step_is_unreadable(
     job: tuple[Path, list[dict[str, Any]]], tmp_path: Path
 ) -> None:

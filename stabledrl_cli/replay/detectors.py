@@ -232,8 +232,8 @@ def rollout_indices(inner_steps: np.ndarray, inner_step: np.ndarray) -> dict[int
     verl trains every rollout alike (its dataloader drops the last partial batch): where those
     rollouts are all k steps long and every start is a multiple of k, each step n up to the
     last read, read or not, is in the rollout n // k. Otherwise rollouts are numbered in turn
-    from the first read up to the first whose end is lost (a whole rollout may be lost after
-    it); from there on no step is numbered."""
+    from step 0's up to the first whose end is lost (a whole rollout may be lost after it);
+    from there on no step is numbered, nor any where step 0's rollout is lost whole."""
     counted = np.isfinite(inner_step)
     read = np.sort(inner_steps[counted])
     starts = np.unique(read - inner_step[counted].astype(np.int64))
@@ -250,6 +250,8 @@ def rollout_indices(inner_steps: np.ndarray, inner_step: np.ndarray) -> dict[int
         (k,) = lengths
         if not (starts % k).any():
             return {n: n // k for n in range(int(read[-1]) + 1)}
+    if starts[0]:  # the rollout of step 0 is lost whole: the ones after it are not known
+        return {}
     indices: dict[int, int] = {}
     rollouts = zip(starts.tolist(), lasts.tolist(), ended.tolist(), strict=True)
     for i, (a, last, whole) in enumerate(rollouts):

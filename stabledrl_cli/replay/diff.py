@@ -605,6 +605,12 @@ def diff_runs(
     notes = []
     if training is not None:  # a verl recording against verl's log: by training step
         side, steps = training
+        if not steps.read:
+            raise InputError(
+                f"{(a, b)[side].location}: its first rollout's step files are all lost and no "
+                "rollout tells their length: which training step each rollout is is not known, "
+                "nothing to compare with verl's log"
+            )
         reads = _sides(side, steps.read, {})
         # a training step one of whose step files cannot be read, or that lacks one (its
         # means would be over part of its rollout): unreadable, not compared
