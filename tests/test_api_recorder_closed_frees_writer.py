@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import gc
 import sys
+import types
 import weakref
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import stabledrl_cli as sd
 
@@ -55,7 +57,7 @@ def test_a_recorder_left_open_by_a_training_that_crashed_notes_it_at_exit(
     monkeypatch.delitem(sys.modules, "IPython", raising=False)
     rec = sd.Recorder(tmp_path / "run", unit="sequence", async_writes=True)
     rec.log_step(0, **STEP)
-    monkeypatch.setattr(sys, "last_value", RuntimeError("CUDA out of memory"), raising=False)
+    uncaught(monkeypatch, RuntimeError("CUDA out of memory"))
     rec._at_exit()  # what atexit runs
     manifest = sd.open_run(tmp_path / "run").manifest
     assert manifest["recording_stopped"] == {
@@ -63,5 +65,37 @@ def test_a_recorder_left_open_by_a_training_that_crashed_notes_it_at_exit(
         "rank": 0,
         "reason": "training stopped by RuntimeError: CUDA out of memory after step 0",
     }
+    assert manifest["recording_closed"] is True
+    rec.close()
+
+
+def uncaught(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """`error` kept as Python keeps the uncaught one that ends a script: sys.last_value, and a
+    sys.last_traceback whose first frame, the script's top level, has no caller."""
+    top = (n for n in ()).gi_frame  # a frame with no caller
+    trace = types.TracebackType(None, top, 0, 1)
+    monkeypatch.setattr(sys, "last_value", error, raising=False)
+    monkeypatch.setattr(sys, "last_traceback", trace, raising=False)
+
+
+def test_an_error_shown_earlier_that_ended_nothing_is_not_noted_at_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pytest keeps a failed test's error as sys.last_value (as does code.InteractiveInterpreter
+    a command's): a Recorder left open by a test that passed, the next test failing, its run
+    was noted 'training stopped by AssertionError: assert 1 == 2 after step 1' at exit. An
+    error that did not come up through the script's top level ended nothing: not noted."""
+    monkeypatch.delattr(sys, "ps1", raising=False)
+    monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    rec = sd.Recorder(tmp_path / "run", unit="sequence", async_writes=True)
+    rec.log_step(0, **STEP)
+    try:
+        raise AssertionError("assert 1 == 2")
+    except AssertionError as error:  # as pytest keeps it
+        monkeypatch.setattr(sys, "last_value", error, raising=False)
+        monkeypatch.setattr(sys, "last_traceback", error.__traceback__, raising=False)
+    rec._at_exit()  # what atexit runs
+    manifest = sd.open_run(tmp_path / "run").manifest
+    assert "recording_stopped" not in manifest
     assert manifest["recording_closed"] is True
     rec.close()

@@ -953,10 +953,16 @@ def _close_at_exit(
 def _uncaught_at_exit() -> BaseException | None:
     """The uncaught exception that ends the script (Python keeps it as `sys.last_value` as it
     prints it, before the exit handlers run), else None. None in an interactive session too
-    (the REPL, IPython), where it is an error shown earlier that ended nothing."""
+    (the REPL, IPython), where it is an error shown earlier that ended nothing, and for one
+    that did not come up through the script's top level (`sys.last_traceback`'s first frame has
+    a caller): an error that ended nothing, kept there by what showed it (pytest keeps a failed
+    test's, `code.InteractiveInterpreter` a command's)."""
     if hasattr(sys, "ps1") or sys.flags.interactive or "IPython" in sys.modules:
         return None
     uncaught = getattr(sys, "last_value", None)
+    trace = getattr(sys, "last_traceback", None)
+    if trace is None or trace.tb_frame.f_back is not None:
+        return None
     return uncaught if isinstance(uncaught, BaseException) else None
 
 
