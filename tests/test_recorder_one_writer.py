@@ -247,11 +247,14 @@ def test_a_recorder_started_with_another_on_one_directory_is_told_it_is_recorded
     assert str(refused.value) == _refusal(path, "in another process")
 
 
-def test_a_spawned_worker_that_makes_the_scripts_recorder_again_is_told_why(tmp_path):
+@pytest.mark.parametrize("start", ["spawn", "forkserver"])
+def test_a_spawned_worker_that_makes_the_scripts_recorder_again_is_told_why(tmp_path, start):
     """A script that makes its Recorder at its top level and starts a spawned DataLoader (or
     Pool) worker: the worker runs the top level again, as `__mp_main__`, and its Recorder was
     refused as 'still open in another process; close it first', naming neither the worker nor
-    the fix."""
+    the fix. A forkserver (DataLoader(multiprocessing_context="forkserver"), Python 3.14's
+    default on Linux), which runs it in a process the script started through another, still
+    was (a grandchild here)."""
     path = tmp_path / "run"
     with sd.Recorder(path, policy=None) as first:
         first.log_step(0, loss=1.0)
@@ -262,7 +265,7 @@ def test_a_spawned_worker_that_makes_the_scripts_recorder_again_is_told_why(tmp_
             sd.Recorder(path, policy=None)
             return "opened"
 
-        said = _in_a_child(spawned)
+        said = _in_a_child(spawned if start == "spawn" else lambda: _in_a_child(spawned))
     assert said == (
         f"UsageError: {path}: rank 0 of this run is being recorded by another Recorder, still "
         "open in the process that started this one: a spawned worker (a DataLoader's, a "

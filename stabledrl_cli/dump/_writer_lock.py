@@ -131,7 +131,7 @@ def hold_writer_lock(steps: Path, rank: int, world_size: int) -> WriterLock:
                 holder = _holder(fd)
                 os.close(fd)
                 where = "in another process"
-                if holder is not None and holder == os.getppid() and _spawned_main():
+                if holder is not None and holder in _ancestors() and _spawned_main():
                     where = "in the process that started this one"
                 raise _held_elsewhere(steps.parent, rank, where, world_size) from None
             except OSError:  # no lock service (ENOLCK) or no locks on this file
@@ -236,6 +236,22 @@ def _spawned_main() -> bool:
     """Whether this process is a spawned child of multiprocessing (a DataLoader's or Pool's
     worker), which runs the script's top level again as `__mp_main__`."""
     return getattr(sys.modules.get("__mp_main__"), "__name__", None) == "__mp_main__"
+
+
+def _ancestors(limit: int = 8) -> set[int]:
+    """This process's parent, its parent's and so on (Linux's /proc, `limit` of them): a
+    forkserver runs the script's top level in a process the script started through another
+    (DataLoader(multiprocessing_context="forkserver"), Python 3.14's default on Linux)."""
+    found: set[int] = set()
+    pid = os.getppid()
+    while pid > 1 and len(found) < limit:
+        found.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as stat:
+                pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return found
 
 
 def _holder(fd: int) -> int | None:
