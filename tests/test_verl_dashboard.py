@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,20 @@ def diff(a: Path, b: Path) -> tuple[int, dict[str, Any]]:
     return done.exit_code, json.loads(done.stdout)
 
 
+def damaged_copy(run: Path, tmp_path: Path, steps: Iterable[int], lost: str = "deleted") -> Path:
+    """A copy of the recording `run` whose step files of `steps` are deleted, or torn (cut to
+    their first 100 bytes) with `lost="torn"`."""
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    for n in steps:
+        step = damaged / "steps" / f"step-{n:08d}.safetensors"
+        if lost == "torn":
+            step.write_bytes(step.read_bytes()[:100])
+        else:
+            step.unlink()
+    return damaged
+
+
 def test_a_recording_and_verls_log_of_it_are_compared_by_training_step(
     job: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -176,13 +191,7 @@ def test_a_training_step_with_an_unreadable_step_file_is_unreadable_not_compared
     left training step 2 compared by the means of its other 3 updates, parted from verl's of
     its 4 (exit 1), where a deleted step 4 made it unreadable: it is unreadable too."""
     run, lines = job
-    torn = tmp_path / "run"
-    shutil.copytree(run, torn)
-    step = torn / "steps" / f"step-{torn_step:08d}.safetensors"
-    if lost == "torn":
-        step.write_bytes(step.read_bytes()[:100])
-    else:
-        step.unlink()
+    torn = damaged_copy(run, tmp_path, [torn_step], lost)
     code, result = diff(torn, imported(tmp_path, lines, monkeypatch))
     assert code == 0, result
     assert (result["unreadable_a"], result["only_b"], result["common"]) == ([[2, 2]], [[2, 2]], 3)
@@ -207,14 +216,7 @@ def test_a_rollout_whose_every_step_file_is_lost_keeps_the_training_steps_after_
     first rollout's (steps 0-3) lost, they were numbered from the first step read: the diff
     parted at step 1 (exit 1), verl's step 4 only in B; the recording numbers from step 0."""
     run, lines = job
-    damaged = tmp_path / "run"
-    shutil.copytree(run, damaged)
-    for n in range(4 * rollout, 4 * rollout + 4):
-        step = damaged / "steps" / f"step-{n:08d}.safetensors"
-        if lost == "torn":
-            step.write_bytes(step.read_bytes()[:100])
-        else:
-            step.unlink()
+    damaged = damaged_copy(run, tmp_path, range(4 * rollout, 4 * rollout + 4), lost)
     code, result = diff(damaged, imported(tmp_path, lines, monkeypatch))
     assert code == 0, result
     assert (result["parted_at"], result["common"]) == (None, 3)
@@ -236,10 +238,7 @@ def test_a_recording_with_no_rollout_read_to_the_next_still_numbers_it_from_step
     (exit 1). A rollout starts at a multiple of the length, which its steps read bound
     below: starting at step 4 and 4 steps long, it is 4 long, and steps 4-7 are step 2."""
     run, lines = job
-    damaged = tmp_path / "run"
-    shutil.copytree(run, damaged)
-    for n in set(range(13)) - set(kept):
-        (damaged / "steps" / f"step-{n:08d}.safetensors").unlink()
+    damaged = damaged_copy(run, tmp_path, set(range(13)) - set(kept))
     code, result = diff(damaged, imported(tmp_path, lines, monkeypatch))
     assert code == 0, result
     assert (result["parted_at"], result["common"]) == (None, common)
@@ -258,10 +257,7 @@ def test_a_recording_whose_rollouts_cannot_be_numbered_is_not_compared(
     there (exit 1; loss 0.814512 or NaN against verl's 0.870076), where verl's step is 3 or
     4. Which training step they are is not known: nothing is compared, one line says why."""
     run, lines = job
-    damaged = tmp_path / "run"
-    shutil.copytree(run, damaged)
-    for n in set(range(13)) - set(kept):
-        (damaged / "steps" / f"step-{n:08d}.safetensors").unlink()
+    damaged = damaged_copy(run, tmp_path, set(range(13)) - set(kept))
     log = imported(tmp_path, lines, monkeypatch)
     done = CliRunner().invoke(app, ["diff", str(damaged), str(log)])
     assert done.exit_code == 3, done.output
@@ -280,10 +276,7 @@ def test_inspect_reads_a_reward_a_training_step_when_a_rollouts_first_step_is_un
     rollout now starts at its steps' step minus inner_step, as verl's training steps do: 4
     draws, the first rollout's verl's own."""
     run, lines = job
-    torn = tmp_path / "run"
-    shutil.copytree(run, torn)
-    step = torn / "steps" / "step-00000004.safetensors"
-    step.write_bytes(step.read_bytes()[:100])
+    torn = damaged_copy(run, tmp_path, [4], "torn")
     done = CliRunner().invoke(app, ["inspect", str(torn), "--format", "json"])
     series = json.loads(done.stdout)["series"]
     assert series["reward_mean"]["steps"] == series["grad_norm"]["steps"] == len(lines)
@@ -433,10 +426,7 @@ def test_inspect_and_watch_number_training_steps_past_a_lost_rollout(
     as `diff` numbers them, from step 0 (the first rollout's deleted, from the first step
     left, they were training step 3 too)."""
     run, _ = job
-    damaged = tmp_path / "run"
-    shutil.copytree(run, damaged)
-    for n in range(4 * rollout, 4 * rollout + 4):
-        (damaged / "steps" / f"step-{n:08d}.safetensors").unlink()
+    damaged = damaged_copy(run, tmp_path, range(4 * rollout, 4 * rollout + 4))
     done = CliRunner().invoke(app, ["inspect", str(damaged), "--format", "json"])
     observed = json.loads(done.stdout)["observed"]
     assert (observed["nonfinite_steps"], observed["nonfinite_training_steps"]) == ([12], [4])
@@ -457,10 +447,7 @@ def test_rollouts_that_each_lost_a_step_keep_their_training_steps(
     [2, 4]), training step 4 not at all. A rollout whose step before the next start was read
     is that long."""
     run, lines = job
-    damaged = tmp_path / "run"
-    shutil.copytree(run, damaged)
-    for n in (1, 5, 9):
-        (damaged / "steps" / f"step-{n:08d}.safetensors").unlink()
+    damaged = damaged_copy(run, tmp_path, (1, 5, 9))
     done = CliRunner().invoke(app, ["watch", str(damaged), "--once", "-f", "json"])
     recent = {row["step"]: row["training_step"] for row in json.loads(done.stdout)["recent"]}
     assert recent == {n: n // 4 + 1 for n in range(13) if n not in (1, 5, 9)}
@@ -475,10 +462,7 @@ def test_watch_shows_a_training_step_the_recording_does_not_tell_as_a_dash(
     """Steps 2-3 (the first rollout's last) and 6-12 deleted: no rollout tells their length
     (2 or 4), so steps 4-5 have no training step; the table showed it as 'None'."""
     run, _ = job
-    damaged = tmp_path / "run"
-    shutil.copytree(run, damaged)
-    for n in (2, 3, *range(6, 13)):
-        (damaged / "steps" / f"step-{n:08d}.safetensors").unlink()
+    damaged = damaged_copy(run, tmp_path, (2, 3, *range(6, 13)))
     done = CliRunner().invoke(app, ["watch", str(damaged), "--once"], env={"COLUMNS": "100"})
     cells = {
         int(row.split("│")[0]): row.split("│")[1].strip()
