@@ -343,7 +343,7 @@ def _change_manifest(path: Path, change: Callable[[dict[str, Any]], None]) -> No
         _write_manifest(path, text)
 
 
-def _closed_ranks(manifest: dict[str, Any]) -> list[int]:
+def closed_ranks(manifest: dict[str, Any]) -> list[int]:
     """The manifest's `recording_closed_ranks`, [] without a list of them."""
     ranks = manifest.get(RECORDING_CLOSED_RANKS)
     return ranks if isinstance(ranks, list) else []
@@ -356,7 +356,7 @@ def close_rank(path: Path, rank: int, world_size: int) -> None:
     ValueError or WriteError when it cannot."""
 
     def closed(manifest: dict[str, Any]) -> None:
-        ranks = sorted({*_closed_ranks(manifest), rank})
+        ranks = sorted({*closed_ranks(manifest), rank})
         manifest[RECORDING_CLOSED_RANKS] = ranks
         if ranks == list(range(world_size)):
             manifest[RECORDING_CLOSED] = True
@@ -376,13 +376,13 @@ def reopen_run(path: Path, rank: int | None = None) -> dict[str, Any] | None:
         manifest = manifest_now(path)
     except (InputError, ValueError):
         return None
-    ranks = _closed_ranks(manifest)
+    ranks = closed_ranks(manifest)
     if RECORDING_CLOSED not in manifest and (rank not in ranks if rank is not None else not ranks):
         return None
 
     def reopened(now: dict[str, Any]) -> None:
         now.pop(RECORDING_CLOSED, None)
-        left = [r for r in _closed_ranks(now) if rank is not None and r != rank]
+        left = [r for r in closed_ranks(now) if rank is not None and r != rank]
         if left:
             now[RECORDING_CLOSED_RANKS] = left
         else:

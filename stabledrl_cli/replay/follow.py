@@ -29,7 +29,7 @@ from stabledrl_cli.dump._schema import (
     canonical_step,
     stops_by_rank,
 )
-from stabledrl_cli.dump._setup import manifest_now
+from stabledrl_cli.dump._setup import closed_ranks, manifest_now
 from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.dump._views import ReadSteps, StepSubset
 from stabledrl_cli.errors import InputError
@@ -200,11 +200,6 @@ def _stopped_note(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest's `recording_stopped` note, None without one."""
     note = manifest.get(RECORDING_STOPPED)
     return dict(note) if isinstance(note, dict) else None
-
-
-def _closed_ranks(manifest: dict[str, Any]) -> set[int]:
-    """The ranks the manifest marks closed (`recording_closed_ranks`)."""
-    return set(manifest.get(RECORDING_CLOSED_RANKS) or [])
 
 
 LISTING_SETTLED_NS = 2_000_000_000
@@ -379,7 +374,7 @@ class RunWatcher:
                     return None
             self.replay = OwnReplay(open_run(self.path), self.config)
             self.recording_stopped = _stopped_note(self.replay.run.manifest)
-            self._closed_ranks = _closed_ranks(self.replay.run.manifest)
+            self._closed_ranks = set(closed_ranks(self.replay.run.manifest))
             # A packed archive holds every step it will ever have, marked or not.
             archive = self._manifest_key is None
             self._closed_mark = archive or self.replay.run.manifest.get(RECORDING_CLOSED) is True
@@ -408,7 +403,7 @@ class RunWatcher:
             return {k: v for k, v in manifest.items() if k not in notes}
 
         self.recording_stopped = _stopped_note(now)
-        self._closed_ranks = _closed_ranks(now)
+        self._closed_ranks = set(closed_ranks(now))
         self._closed_mark = now.get(RECORDING_CLOSED) is True
         return run_of(now) != run_of(replay.run.manifest)
 
