@@ -65,15 +65,24 @@ def test_a_script_that_ends_well_is_not_noted(tmp_path: Path) -> None:
 
 
 SPAWNED = """
-import os, sys
+import glob, os, sys, time
 import numpy as np
 import torch.multiprocessing as mp
 import stabledrl_cli as sd
+
+def rank_0_done():
+    # rank 1 breaks once rank 0 wrote its last step: torch's spawn then ends rank 0, which a
+    # loaded machine may not have started yet
+    steps = os.path.join(os.environ["STABLEDRL_RUN_DIR"], "steps", "step-00000003.rank-0000*")
+    deadline = time.monotonic() + 60
+    while not glob.glob(steps) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 def work(rank, fail):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     for step in range(4):
         if rank == 1 and step == fail:
+            rank_0_done()
             raise RuntimeError("rank 1 broke")
         sd.log_policy_batch(
             step, logp=np.zeros((6, 4), "float32"), logp_old=np.zeros((6, 4), "float32"),
@@ -103,6 +112,7 @@ def _record_spawned(
          "--", sys.executable, str(script), str(fail), str(code)],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
+    assert (run / "manifest.json").is_file(), done.stderr
     manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["world_size"] == 2
     return done, manifest
