@@ -56,7 +56,7 @@ import numpy as np
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError, gap_findings
-from stabledrl_cli.dump._run import Run, Step, seeds_differ, unjoined_kind
+from stabledrl_cli.dump._run import Run, Step, omegas_differ, unjoined_kind
 from stabledrl_cli.dump._schema import (
     BATCH_FIELDS,
     FIELDS,
@@ -910,7 +910,8 @@ class DirectoryRun(Run):
         widths = tuple(r.sketch_width or 0 for r in records) if sketched else ()
         # a Gram of each rank never combines; a sketch is the step's only with every rank's
         # rows, drawn with one Omega (one seed, one k)
-        differ = {SKETCH_KEY} if seeds_differ(seeds) or len(set(widths)) > 1 else set()
+        omega = omegas_differ(seeds, widths)
+        differ = {SKETCH_KEY} if omega else set()
         unjoined = frozenset((held - fields) | (held & {GRAM_KEY}) | differ)
         unjoined = unjoined if len(records) > 1 else frozenset()
         fields -= unjoined
@@ -930,7 +931,7 @@ class DirectoryRun(Run):
             unjoined=unjoined if batch else frozenset(),
             sketch_seeds=seeds if len(records) > 1 and batch else (),
             sketch_widths=widths if len(records) > 1 and batch else (),
-            unjoined_why=unjoined_kind(unjoined, seeds, widths) if batch else None,
+            unjoined_why=unjoined_kind(unjoined, omega=omega) if batch else None,
             rank_sequences=tuple(sequences) if len(records) > 1 and batch else (),
             paths=[ranks[r] for r in range(self.world_size)],
             records=records,

@@ -77,32 +77,29 @@ def scalar_names(names: Iterable[str]) -> list[str]:
     return names
 
 
-def seeds_differ(seeds: Iterable[int | None]) -> bool:
-    """Whether the ranks' recorded sketch seeds (None: not recorded, taken as agreeing) name
-    two Omegas: their sketches do not join."""
-    return len({seed for seed in seeds if seed is not None}) > 1
+def omegas_differ(seeds: Iterable[int | None], widths: Iterable[int]) -> UnjoinedGeometry | None:
+    """Why the sketches every rank of a step recorded were drawn with two Omegas, so do not
+    join: other widths k, else other seeds (None: not recorded, taken as agreeing); None when
+    they agree."""
+    if len(set(widths)) > 1:
+        return "sketch_widths_differ"
+    if len({seed for seed in seeds if seed is not None}) > 1:
+        return "sketch_seeds_differ"
+    return None
 
 
 def unjoined_kind(
-    unjoined: frozenset[str],
-    seeds: Iterable[int | None] = (),
-    widths: Iterable[int] = (),
-    *,
-    omega: UnjoinedGeometry | None = None,
+    unjoined: frozenset[str], *, omega: UnjoinedGeometry | None = None
 ) -> UnjoinedGeometry | None:
     """Why a step's ranks' geometry `unjoined` was left out of the join, None when none was:
-    `GRAM_KEY` first (Grams never join), then a sketch of other widths k or seeds (`widths`,
-    `seeds`: the ranks' own; `omega`: which of them, as an archive keeps it), then a sketch
-    some ranks did not record."""
+    `GRAM_KEY` first (Grams never join), then a sketch of two Omegas (`omega`:
+    `omegas_differ` of the ranks' own, or as an archive keeps it), then a sketch some ranks
+    did not record."""
     if GRAM_KEY in unjoined:
         return "per_rank_grams"
     if SKETCH_KEY not in unjoined:
         return None
-    if omega is not None:
-        return omega
-    if len(set(widths)) > 1:
-        return "sketch_widths_differ"
-    return "sketch_seeds_differ" if seeds_differ(seeds) else "partial_sketches"
+    return omega or "partial_sketches"
 
 
 @dataclass(eq=False, kw_only=True)

@@ -29,7 +29,6 @@ from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._live import live_read
 from stabledrl_cli.dump._open import opened_run
-from stabledrl_cli.dump._run import seeds_differ
 from stabledrl_cli.dump._views import StepSubset
 from stabledrl_cli.errors import InputError, UsageError, counted, type_name
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
@@ -180,18 +179,18 @@ def _run_geometry(kinds: tuple[StepGeometryKind, ...]) -> tuple[RunGeometryKind,
 def _unjoined_geometry(run: Run, step_numbers: np.ndarray) -> Unjoined:
     """The geometry the ranks of `run` recorded on the replayed steps that the join left out
     (`Step.unjoined`: Grams, which do not combine, or a sketch of some ranks only or of other
-    seeds or widths), and the ranks' seeds and widths on the first step where they differ
-    (() where none does), from the steps' headers. A one-rank run has none, and its steps are
-    not looked up again after the streaming pass."""
+    seeds or widths), and the ranks' seeds (widths) on the first step they left the sketch out
+    for (() where none did), from the steps' headers. A one-rank run has none, and its steps
+    are not looked up again after the streaming pass."""
     if not step_numbers.size or run_ranks(run) < 2:
         return Unjoined()
     unjoined = Unjoined()
     for step in StepSubset(run, step_numbers.tolist()).step_headers():  # gone since: left out
-        seeds, widths, why = step.sketch_seeds, step.sketch_widths, step.unjoined_why
+        why = step.unjoined_why
         unjoined = Unjoined(
             unjoined.kinds | ({why} if why else set()),
-            unjoined.seeds or (seeds if seeds_differ(seeds) else ()),
-            unjoined.widths or (widths if len(set(widths)) > 1 else ()),
+            unjoined.seeds or (step.sketch_seeds if why == "sketch_seeds_differ" else ()),
+            unjoined.widths or (step.sketch_widths if why == "sketch_widths_differ" else ()),
         )
     return unjoined
 

@@ -51,10 +51,11 @@ class Unjoined:
     kinds: frozenset[UnjoinedGeometry] = frozenset()
     """Why, on some step each (`Step.unjoined_why`)."""
     seeds: tuple[int | None, ...] = ()
-    """The ranks' sketch seeds on the first step where they differ (`Step.sketch_seeds`), ()
-    when they agree on every step (or an archive, which keeps no seed)."""
+    """The ranks' sketch seeds on the first step their difference left the sketch out
+    (`Step.sketch_seeds`), () when none did (or an archive, which keeps no seed)."""
     widths: tuple[int, ...] = ()
-    """The ranks' sketch widths k on the first step where they differ, as `seeds`."""
+    """The ranks' sketch widths k on the first step their difference left the sketch out, as
+    `seeds`."""
 
     @property
     def kind(self) -> UnjoinedGeometry | None:
