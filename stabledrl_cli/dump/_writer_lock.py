@@ -222,8 +222,7 @@ def _state(path: Path, kernel: bytes) -> WriterState:
     except (OSError, NotRegularFile):
         return "unknown"
     try:
-        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        if struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))[0] != fcntl.F_UNLCK:
+        if _lock_query(fd)[0] != fcntl.F_UNLCK:
             return "held"
         return "released" if os.pread(fd, 128, 0).strip() == kernel else "unknown"
     except OSError:
@@ -259,12 +258,19 @@ def _holder(fd: int) -> int | None:
     cannot be told (not Linux on a 64-bit machine, no lock service)."""
     if not sys.platform.startswith("linux") or struct.calcsize("P") != 8:
         return None
-    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
     try:
-        kind, _, _, _, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+        kind, pid = _lock_query(fd)
     except OSError:
         return None
     return pid if kind != fcntl.F_UNLCK else None
+
+
+def _lock_query(fd: int) -> tuple[int, int]:
+    """F_GETLK of the whole file open as `fd`: (the lock type that would block a write lock,
+    F_UNLCK when none would; the process holding it). OSError where it cannot be asked."""
+    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    kind, _, _, _, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    return kind, pid
 
 
 def _open(path: Path) -> tuple[int, os.stat_result] | None:
