@@ -1013,6 +1013,11 @@ OWN_ROLLOUT_N = {
 prompt of its own rollout n."""
 
 
+REJECTED_ON_RANK_1 = {"rejected": [[1, 0, -1], [1, 1, -1], [1, 5, 0]]}
+"""SETTINGS of the 2-rank engine run with verl's rollout rejection sampling on rank 1's part
+of the rollout alone: its rows 0 and 1 whole and row 5's first token, in response_mask."""
+
+
 def engine_jobs(world: int) -> list[tuple[str, dict[str, Any]]]:
     """(loss_mode, SETTINGS) of every engine run the tests read on `world` processes; the
     refused run (on 1 process) last, after every run that records, and on 2 processes the
@@ -1024,7 +1029,11 @@ def engine_jobs(world: int) -> list[tuple[str, dict[str, Any]]]:
         *(("vanilla", each) for each in settings),
         *([("vanilla", LR_WARMUP), REFUSED_JOB] if world == 1 else []),
         *(
-            [("vanilla", OWN_ROLLOUT_N[True]), ("vanilla", OWN_ROLLOUT_N[False])]
+            [
+                ("vanilla", REJECTED_ON_RANK_1),
+                ("vanilla", OWN_ROLLOUT_N[True]),
+                ("vanilla", OWN_ROLLOUT_N[False]),
+            ]
             if world == 2
             else []
         ),
@@ -1292,6 +1301,22 @@ def test_engine_actor_settings_replay_verls_logged_metrics(
     if "engine" in settings:  # a micro-batch per sequence
         assert int(run.step(0)["micro_batch"].max()) + 1 == run.step(0)["reward"].numel()
     assert run.step(4).scalars["update_skipped"] == 1
+
+
+def test_engine_rollout_rejection_on_one_rank_is_the_runs(engine_launches: EngineJobs) -> None:
+    """verl's rollout rejection sampling on its real FSDP2 engine over 2 ranks, token-mean,
+    rank 1's part of the rollout rejected alone. Each rank mapped its own first step and
+    rank 0's `dual-clip` was the run's: replay gave 0.3763 for verl's 0.3066 (step 1), no
+    warning. The ranks now agree on agg=recorded, which replays verl's pg_loss."""
+    job = engine_launches(2, "vanilla", REJECTED_ON_RANK_1)
+    assert job.done.returncode == 0, job.done.stderr[-3000:]
+    run, ranks = engine_result(job.directory, 2)
+    assert "stabledrl:" not in job.stderr
+    assert run.policy_spec == "dual-clip:agg=recorded"
+    assert run.step_numbers == [0, 1, 2, 3, 4]
+    (own,) = replay_run(run, [run.policy_spec], config=ReplayConfig(device="cpu")).policies
+    for n, logged in enumerate(ranks[0]["steps"][:4]):  # step 4: the NaN batch
+        assert -own.steps[n]["objective"] == pytest.approx(logged["pg_loss"], abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -153,10 +153,9 @@ def capture_micro_batch(
     micro-batch's TensorDict; metrics: what `ppo_loss` returned)."""
     log_prob = no_padding_2_padding(model_output["log_probs"].detach(), data)
     names = ["response_mask", "old_log_probs", "advantages"]
-    names += [key for key in ("loss_mask", *_OPTIONAL.values(), *_SCORES) if key in data]
+    names += [key for key in (*_OPTIONAL.values(), *_SCORES) if key in data]
     padded = data.select(*names).to_padded_tensor()
     mask = padded["response_mask"].to(torch.bool).cpu()
-    counted = padded.get("loss_mask", padded["response_mask"])
     loss_scale = token_loss_scale(
         agg_mode(config),
         mask,
@@ -194,8 +193,23 @@ def capture_micro_batch(
         },
         logp_dtype=log_prob.dtype,
         response_width=None if data["response_mask"].is_nested else mask.shape[-1],
-        rejected_tokens=int(counted.to(torch.bool).sum()) != int(mask.sum()),
+        rejected_tokens=rejects_tokens(data),
     )
+
+
+def _count(mask: torch.Tensor) -> int:
+    """The tokens a mask holds, padded or nested."""
+    return int((mask.values() if mask.is_nested else mask).to(torch.bool).sum())
+
+
+def rejects_tokens(data: TensorDict) -> bool:
+    """Whether the engine's `loss_mask` in `data` (whose count is token-mean's
+    batch_num_tokens) holds tokens its `response_mask` (the tokens the loss scores) leaves
+    out: verl's v1 trainer applies its rollout rejection sampling to response_mask alone.
+    False without either mask."""
+    if "loss_mask" not in data or "response_mask" not in data:
+        return False
+    return _count(data["loss_mask"]) != _count(data["response_mask"])
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from stabledrl_cli.integrations._verl_capture import (
     StepLog,
     capture_micro_batch,
     logged_scalars,
+    rejects_tokens,
 )
 from stabledrl_cli.integrations._verl_policy import (
     agg_mode,
@@ -69,8 +70,11 @@ class Session:
     "" when the actor's loss is a user's (`unidentified_loss`: the run records no policy)."""
     rejected_tokens: bool = False
     """Whether the run's first step held tokens verl's rollout rejection sampling left out
-    of the loss but not of token-mean's count (`MicroBatch.rejected_tokens`): its spec then
-    takes verl's recorded normaliser, which replays every later step too."""
+    of the loss but not of token-mean's count (`rejects`): its spec then takes verl's
+    recorded normaliser, which replays every later step too."""
+    rollout_rejects: bool = False
+    """Whether the current rollout holds such tokens on some data-parallel rank (gathered by
+    `train_mini_batch`, so that every rank maps the same spec)."""
     step: int = 0
     """The next step number (this process's count of recorded optimizer steps)."""
     inner_step: int = 0
@@ -174,7 +178,7 @@ class Session:
             unidentified = unidentified_loss(config)
             policy = None
             if unidentified is None:
-                self.rejected_tokens = any(m.rejected_tokens for m in micro)
+                self.rejected_tokens = self.rejects(micro)
                 policy = policy_for_actor_config(
                     config,
                     response_width=micro[0].response_width,
@@ -214,12 +218,17 @@ class Session:
             self._same_policy(config, micro)
         return self.recorder
 
+    def rejects(self, micro: list[MicroBatch]) -> bool:
+        """Whether this step's rollout (on some rank) or micro-batches hold tokens rollout
+        rejection sampling left in token-mean's count (`MicroBatch.rejected_tokens`)."""
+        return self.rollout_rejects or any(m.rejected_tokens for m in micro)
+
     def _same_policy(self, config: Any, micro: list[MicroBatch]) -> None:
         """UsageError when this step's micro-batches map to another policy than the run's:
         seq-mean-token-sum-norm without loss_scale_factor divides by each micro-batch's padded
         response width, kl_cov and dppo compute in its log-probs' dtype, token-mean counts
         rejected tokens, and the run's spec holds the first step's."""
-        rejected = self.rejected_tokens or any(m.rejected_tokens for m in micro)
+        rejected = self.rejected_tokens or self.rejects(micro)
         for width, dtype in {(m.response_width, m.logp_dtype) for m in micro}:
             spec = policy_for_actor_config(
                 config, response_width=width, logp_dtype=dtype, rejected_tokens=rejected
@@ -400,30 +409,39 @@ def worker_train_batch_hook(session: Session) -> Callable[..., Any]:
     return train_batch
 
 
-def _all_uids(uids: list[str], group: Any) -> list[str]:
-    """Every data-parallel rank's uids, in rank order (one all_gather_object)."""
+def _gathered(uids: list[str], rejects: bool, group: Any) -> tuple[list[str], bool]:
+    """Every data-parallel rank's uids, in rank order, and whether any rank's part of the
+    rollout holds rejected tokens (`rejects_tokens`), in one all_gather_object."""
     if not dist.is_available() or not dist.is_initialized():
-        return uids
+        return uids, rejects
     if dist.get_world_size(group) == 1:
-        return uids
+        return uids, rejects
     gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, uids, group=group)
-    return [uid for rank_uids in gathered for uid in rank_uids]
+    dist.all_gather_object(gathered, (uids, rejects), group=group)
+    return [uid for rank_uids, _ in gathered for uid in rank_uids], any(r for _, r in gathered)
 
 
 def train_mini_batch_hook(session: Session) -> Callable[..., Any]:
-    """`TrainingWorker.train_mini_batch`, numbering the rollout's prompt groups globally."""
+    """`TrainingWorker.train_mini_batch`, numbering the rollout's prompt groups globally and
+    telling every rank whether some rank's part of it holds rejected tokens."""
     original = session.originals["train_mini_batch"]
 
     @functools.wraps(original)
     def train_mini_batch(self: Any, data: TensorDict) -> Any:
         engine = self.engine
+        session.rollout_rejects = False
         # The gather is a collective: every rank of the group joins it, even one whose
         # recording is off, or the others would wait for it forever.
         if "uid" in data and engine.is_mp_src_rank_with_outputs():
             uids = [str(uid) for uid in data["uid"]]
+            rejects = False
             try:
-                session.groups = Groups.of(_all_uids(uids, engine.get_data_parallel_group()))
+                rejects = rejects_tokens(data)
+            except Exception as exc:
+                session.fail(exc, "reading the rollout's rejected tokens")
+            try:
+                everyone, rejects = _gathered(uids, rejects, engine.get_data_parallel_group())
+                session.groups, session.rollout_rejects = Groups.of(everyone), rejects
             except Exception as exc:
                 session.groups = None
                 session.fail(exc, "gathering the rollout's prompt groups")

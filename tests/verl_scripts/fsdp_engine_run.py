@@ -16,7 +16,9 @@ the first rollout is trained before the NaN one, default 1), "seed" (of the mini
 shuffle, plus the rank; default 0), "calculate_entropy" (as verl's
 trainer sets it) and "own_rollout_n" (the batches, 0 the rollout and 1 the NaN one, whose
 prompt 1 takes prompt 0's uid: one prompt of 6 responses, as a prompt's own
-`__rollout_n__` gives it in verl's v1 trainer). Each job builds its own
+`__rollout_n__` gives it in verl's v1 trainer) and "rejected" (the [rank, row, token] whose
+response_mask alone is zeroed in the rollout that rank trains, as verl's v1 trainer's rollout
+rejection sampling leaves it; token -1: the whole response). Each job builds its own
 model, worker and hook (install(OUT), uninstall() at its end), and each rank writes verl's
 own logged metrics of each mini-batch to RESULT.json (rank 0) or RESULT.json.rank<r>
 ("steps"), and the actor's metrics of each rollout as verl's trainer logs them ("logged":
@@ -144,6 +146,9 @@ def train(out: str, result: str, loss_mode: str, settings: str) -> None:
     actor.set_loss_fn(functools.partial(ppo_loss, config=config))
     data = rollout(n_prompts=4 * world, seed=1).exclude("_logp")
     mine = tu.index_select_tensor_dict(data, torch.arange(rank, data.shape[0], world))
+    for at, row, token in options.get("rejected", []):
+        if at == rank:
+            mine["response_mask"][row, slice(None) if token < 0 else token] = 0
     mini = 6
     bad = tu.index_select_tensor_dict(mine, torch.arange(mini))
     bad["advantages"][0, 0] = float("nan")
