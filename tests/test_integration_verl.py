@@ -1016,6 +1016,12 @@ prompt of its own rollout n."""
 REJECTED_ON_RANK_1 = {"rejected": [[1, 0, -1], [1, 1, -1], [1, 5, 0]]}
 """SETTINGS of the 2-rank engine run with verl's rollout rejection sampling on rank 1's part
 of the rollout alone: its rows 0 and 1 whole and row 5's first token, in response_mask."""
+REJECTED_LATER = {
+    "rejected": [[0, 0, -1], [0, 1, -1], [0, 5, 0]],
+    "rollouts": 2,
+    "rejected_from": 1,
+}
+"""SETTINGS of the 1-rank engine run whose second rollout (steps 4-7) is rejected so."""
 
 
 def engine_jobs(world: int) -> list[tuple[str, dict[str, Any]]]:
@@ -1027,7 +1033,7 @@ def engine_jobs(world: int) -> list[tuple[str, dict[str, Any]]]:
         ("vanilla", {}),
         *((loss_mode, {}) for loss_mode, _ in MICRO_BATCH_MODES),
         *(("vanilla", each) for each in settings),
-        *([("vanilla", LR_WARMUP), REFUSED_JOB] if world == 1 else []),
+        *([("vanilla", REJECTED_LATER), ("vanilla", LR_WARMUP), REFUSED_JOB] if world == 1 else []),
         *(
             [
                 ("vanilla", REJECTED_ON_RANK_1),
@@ -1313,9 +1319,32 @@ def test_engine_rollout_rejection_on_one_rank_is_the_runs(engine_launches: Engin
     run, ranks = engine_result(job.directory, 2)
     assert "stabledrl:" not in job.stderr
     assert run.policy_spec == "dual-clip:agg=recorded"
+    assert run.manifest["meta"]["rejected_tokens_from_step"] == 0
     assert run.step_numbers == [0, 1, 2, 3, 4]
     (own,) = replay_run(run, [run.policy_spec], config=ReplayConfig(device="cpu")).policies
     for n, logged in enumerate(ranks[0]["steps"][:4]):  # step 4: the NaN batch
+        assert -own.steps[n]["objective"] == pytest.approx(logged["pg_loss"], abs=1e-6)
+
+
+def test_engine_rollout_rejection_from_a_later_rollout_turns_the_runs_spec(
+    engine_launches: EngineJobs,
+) -> None:
+    """verl's real FSDP2 engine on 1 rank, token-mean, rejections from the second rollout on:
+    step 4 mapped to agg=recorded, not the run's `dual-clip`, and stopped the recording in
+    one line, steps 4-8 of 9 lost. The run's spec now turns agg=recorded there (the manifest's
+    meta.rejected_tokens_from_step 4, one warning line) and every step replays verl's
+    pg_loss, the first 4 too."""
+    job = engine_launches(1, "vanilla", REJECTED_LATER)
+    assert job.done.returncode == 0, job.done.stderr[-3000:]
+    run, ranks = engine_result(job.directory, 1)
+    warned = [line for line in job.stderr.splitlines() if "stabledrl:" in line]
+    assert len(warned) == 1 and "step 4 holds tokens" in warned[0], warned
+    assert run.policy_spec == "dual-clip:agg=recorded"
+    assert run.manifest["meta"]["rejected_tokens_from_step"] == 4
+    assert "recording_stopped" not in run.manifest
+    assert run.step_numbers == list(range(9))
+    (own,) = replay_run(run, [run.policy_spec], config=ReplayConfig(device="cpu")).policies
+    for n, logged in enumerate(ranks[0]["steps"][:8]):  # step 8: the NaN batch
         assert -own.steps[n]["objective"] == pytest.approx(logged["pg_loss"], abs=1e-6)
 
 
@@ -2029,6 +2058,8 @@ def test_rollout_rejection_of_verls_v1_trainer_replays_verls_loss(
     global_batch_size's sequences, keep their spec."""
     config = actor_config(**overrides)
     run, own = trained_replay(hooked, capsys, config, spec, rejected=rejected, scale=0.9)
+    first = 0 if "agg=recorded" in spec else None
+    assert run.manifest["meta"].get("rejected_tokens_from_step") == first
     for step in run:
         row = own.steps[step.step]
         assert -row["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)
@@ -2036,21 +2067,28 @@ def test_rollout_rejection_of_verls_v1_trainer_replays_verls_loss(
             assert row[f"verl_{name}"] == pytest.approx(step.scalars[f"actor/{name}"], abs=1e-6)
 
 
-def test_a_token_mean_run_whose_rejections_begin_after_its_first_step_stops_in_one_line(
+def test_a_token_mean_run_whose_rejections_begin_after_its_first_step_records_every_step(
     hooked: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The spec is mapped at the first step: a token-mean run whose first step rejected no
-    token is `dual-clip`, which cannot replay a later step that rejects some."""
+    token was `dual-clip`, and a later step that rejected some stopped the recording in one
+    line (step 1 of 2 lost). The run's spec now turns agg=recorded at that step, said in one
+    line and in the manifest's meta, and it replays verl's loss of every step."""
     run_dir, status = hooked
-    assert len(train(actor_config(), rejected=[(8, 0)])) == 2  # training went on
+    assert len(train(actor_config(), rejected=[(8, 0)])) == 2
     stabledrl_verl.uninstall()
     err = capsys.readouterr().err
-    assert err.count("stabledrl: warning:") == 1, err
-    assert "the step maps to dual-clip:agg=recorded, not the run's dual-clip" in err
-    assert "rejected tokens" in err
+    assert err.count("stabledrl:") == 1, err
+    assert "step 1 holds tokens verl's rollout rejection sampling left in" in err
+    assert "the run's spec is now dual-clip:agg=recorded, not dual-clip" in err
+    assert not status.exists()
     run = open_run(run_dir)
-    assert run.step_numbers == [0] and run.policy_spec == "dual-clip"
-    assert status.exists()
+    assert run.step_numbers == [0, 1] and run.policy_spec == "dual-clip:agg=recorded"
+    assert run.manifest["meta"]["rejected_tokens_from_step"] == 1
+    assert "recording_stopped" not in run.manifest
+    (own,) = replay_run(run, [run.policy_spec], config=ReplayConfig(device="cpu")).policies
+    for step in run:
+        assert -own.steps[step.step]["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)
 
 
 class LosslessEngine(StubEngine):
@@ -2276,7 +2314,7 @@ def test_a_step_padded_to_another_width_stops_the_recording_in_one_line(
         "stabledrl: warning: recording step 1: cannot record this verl run: the step maps to "
         "dual-clip:agg=seq-mean-token-sum-norm,max_len=9,rows=all, not the run's "
         "dual-clip:agg=seq-mean-token-sum-norm,max_len=7,rows=all: its padded response "
-        "width, log-prob dtype or rejected tokens changed (a fixed loss_scale_factor keeps "
+        "width or log-prob dtype changed (a fixed loss_scale_factor keeps "
         "seq-mean-token-sum-norm's horizon); recording is off, training continues"
     ]
     assert status.read_text().startswith("2\t")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
@@ -23,6 +24,8 @@ from verl.workers.config import ActorConfig
 
 from stabledrl_cli.capture.bootstrap import RecordingFailure
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.dump._policy import policy_entry
+from stabledrl_cli.dump._setup import amend_manifest, manifest_now
 from stabledrl_cli.errors import UsageError, warn
 from stabledrl_cli.integrations._verl_capture import (
     Groups,
@@ -43,6 +46,10 @@ from stabledrl_cli.integrations._verl_policy import (
 )
 
 LossFunction = Callable[..., Any]
+
+REJECTED_FROM = "rejected_tokens_from_step"
+"""The manifest's meta key naming the step from which the run's spec counts the tokens verl's
+rollout rejection sampling left in token-mean's count (`Session._count_rejected`)."""
 
 
 @dataclass
@@ -69,12 +76,15 @@ class Session:
     """The spec the run records, mapped from the actor's config and its first micro-batch;
     "" when the actor's loss is a user's (`unidentified_loss`: the run records no policy)."""
     rejected_tokens: bool = False
-    """Whether the run's first step held tokens verl's rollout rejection sampling left out
-    of the loss but not of token-mean's count (`rejects`): its spec then takes verl's
-    recorded normaliser, which replays every later step too."""
+    """Whether a step so far held tokens verl's rollout rejection sampling left out of the
+    loss but not of token-mean's count (`rejects`): the run's spec then takes verl's
+    recorded normaliser, which replays every step, earlier ones too (`_count_rejected`)."""
     rollout_rejects: bool = False
     """Whether the current rollout holds such tokens on some data-parallel rank (gathered by
     `train_mini_batch`, so that every rank maps the same spec)."""
+    mapped: tuple[int | None, torch.dtype] = (None, torch.float32)
+    """The (response_width, logp_dtype) of the first micro-batch, which the run's spec maps
+    (once it is open)."""
     step: int = 0
     """The next step number (this process's count of recorded optimizer steps)."""
     inner_step: int = 0
@@ -179,11 +189,9 @@ class Session:
             policy = None
             if unidentified is None:
                 self.rejected_tokens = self.rejects(micro)
+                self.mapped = (micro[0].response_width, micro[0].logp_dtype)
                 policy = policy_for_actor_config(
-                    config,
-                    response_width=micro[0].response_width,
-                    logp_dtype=micro[0].logp_dtype,
-                    rejected_tokens=self.rejected_tokens,
+                    config, *self.mapped, rejected_tokens=self.rejected_tokens
                 )
                 self.policy_spec = policy.spec
             else:
@@ -206,6 +214,7 @@ class Session:
                     "loss": "verl's policy loss (pg + kl) of a rank; the step's is their mean",
                     **generations,
                     **({"policy_unidentified": unidentified} if unidentified else {}),
+                    **self._rejected_from(config),
                 },
                 reward_range=self.reward_range,
                 world_size=world_size,
@@ -223,18 +232,51 @@ class Session:
         rejection sampling left in token-mean's count (`MicroBatch.rejected_tokens`)."""
         return self.rollout_rejects or any(m.rejected_tokens for m in micro)
 
+    def _rejected_from(self, config: Any) -> dict[str, int]:
+        """The manifest's meta.rejected_tokens_from_step, this step, when rejected tokens map
+        the run's spec to another (token-mean's agg=recorded); else none."""
+        if not self.rejected_tokens:
+            return {}
+        plain = policy_for_actor_config(config, *self.mapped).spec
+        return {} if plain == self.policy_spec else {REJECTED_FROM: self.step}
+
     def _same_policy(self, config: Any, micro: list[MicroBatch]) -> None:
         """UsageError when this step's micro-batches map to another policy than the run's:
         seq-mean-token-sum-norm without loss_scale_factor divides by each micro-batch's padded
-        response width, kl_cov and dppo compute in its log-probs' dtype, token-mean counts
-        rejected tokens, and the run's spec holds the first step's."""
-        rejected = self.rejected_tokens or self.rejects(micro)
+        response width, kl_cov and dppo compute in its log-probs' dtype, and the run's spec
+        holds the first step's. The first step to hold rejected tokens changes the run's spec
+        instead (`_count_rejected`)."""
+        recorder = self.recorder
+        if recorder is not None and not self.rejected_tokens and self.rejects(micro):
+            self._count_rejected(config, recorder)
+        rejected = self.rejected_tokens
         for width, dtype in {(m.response_width, m.logp_dtype) for m in micro}:
             spec = policy_for_actor_config(
                 config, response_width=width, logp_dtype=dtype, rejected_tokens=rejected
             ).spec
             if spec != self.policy_spec:
                 raise policy_changed(spec, self.policy_spec)
+
+    def _count_rejected(self, config: Any, recorder: Recorder) -> None:
+        """Maps the run's spec again at this step, the first to hold rejected tokens: the
+        first step's with them (token-mean: agg=recorded, verl's normaliser, which every step
+        recorded, so the earlier steps replay by it too). A spec that changes goes into the
+        manifest with meta.rejected_tokens_from_step, said in one warning."""
+        self.rejected_tokens = True
+        policy = policy_for_actor_config(config, *self.mapped, rejected_tokens=True)
+        if policy.spec == self.policy_spec:
+            return
+        path = recorder.path
+        amend_manifest(path, "policy", policy_entry(policy, None))
+        amend_manifest(path, "meta", {**manifest_now(path)["meta"], REJECTED_FROM: self.step})
+        warn(
+            f"stabledrl: warning: step {self.step} holds tokens verl's rollout rejection "
+            f"sampling left in token-mean's count: the run's spec is now {policy.spec}, not "
+            f"{self.policy_spec} (meta.rejected_tokens_from_step; verl's normaliser, recorded "
+            "at every step, replays the earlier steps too); a watch started before it "
+            "replays the old spec\n"
+        )
+        self.policy_spec = policy.spec
 
 
 def _num_generations(config: Any, groups: Groups | None) -> dict[str, int]:

@@ -32,7 +32,8 @@ divides by the mini-batch's global token count, or by its configured sequence co
 of the step's merged ranks; token-mean's count is of the engine's loss_mask, which verl's v1
 trainer leaves as generated when its rollout rejection sampling zeroes tokens of response_mask
 (the tokens the loss scores): a step whose micro-batch shows such tokens maps token-mean to
-agg=recorded. The normaliser verl used is also recorded per token
+agg=recorded (the hook turns the run's spec to it at the first such step: the earlier steps
+replay by it too). The normaliser verl used is also recorded per token
 (`loss_scale`), so `agg=recorded` replays it exactly whatever the batch.
 verl clamps log r to [-20, 20] (vanilla, sapo, cispo, dppo): the catalogue agrees while the
 ratios stay inside that clamp; its clamp of GSPO's sequence log ratio at 10 is the spec's
@@ -186,9 +187,9 @@ def custom_loss_refused(name: str) -> UsageError:
 def policy_changed(spec: str, run_spec: str) -> UsageError:
     """The refusal of a step whose micro-batches map to `spec`, not the run's `run_spec`."""
     return _refuse(
-        f"the step maps to {spec}, not the run's {run_spec}: its padded response width, "
-        "log-prob dtype or rejected tokens changed (a fixed loss_scale_factor keeps "
-        "seq-mean-token-sum-norm's horizon)"
+        f"the step maps to {spec}, not the run's {run_spec}: its padded response width or "
+        "log-prob dtype changed (a fixed loss_scale_factor keeps seq-mean-token-sum-norm's "
+        "horizon)"
     )
 
 

@@ -14,16 +14,17 @@ mini-batch with a NaN advantage (verl skips that update). SETTINGS, a JSON objec
 "optimizer" (FSDPOptimizerConfig fields, e.g. lr_warmup_steps), "rollouts" (how many times
 the first rollout is trained before the NaN one, default 1), "seed" (of the mini-batches'
 shuffle, plus the rank; default 0), "calculate_entropy" (as verl's
-trainer sets it) and "own_rollout_n" (the batches, 0 the rollout and 1 the NaN one, whose
+trainer sets it), "own_rollout_n" (the batches, 0 the rollout and 1 the NaN one, whose
 prompt 1 takes prompt 0's uid: one prompt of 6 responses, as a prompt's own
-`__rollout_n__` gives it in verl's v1 trainer) and "rejected" (the [rank, row, token] whose
+`__rollout_n__` gives it in verl's v1 trainer), "rejected" (the [rank, row, token] whose
 response_mask alone is zeroed in the rollout that rank trains, as verl's v1 trainer's rollout
-rejection sampling leaves it; token -1: the whole response). Each job builds its own
-model, worker and hook (install(OUT), uninstall() at its end), and each rank writes verl's
-own logged metrics of each mini-batch to RESULT.json (rank 0) or RESULT.json.rank<r>
-("steps"), and the actor's metrics of each rollout as verl's trainer logs them ("logged":
-`rename_dict(..., "actor/")` reduced by `reduce_metrics`, as `_update_actor` and `fit` do). Rank 0
-writes the line "fsdp_engine_run.py: job N" to stderr as job N (from 0) starts.
+rejection sampling leaves it; token -1: the whole response) and "rejected_from" (the first
+rollout so rejected, default 0). Each job builds its own model, worker and hook
+(install(OUT), uninstall() at its end), and each rank writes verl's own logged metrics of
+each mini-batch to RESULT.json (rank 0) or RESULT.json.rank<r> ("steps"), and the actor's
+metrics of each rollout as verl's trainer logs them ("logged": `rename_dict(..., "actor/")`
+reduced by `reduce_metrics`, as `_update_actor` and `fit` do). Rank 0 writes the line
+"fsdp_engine_run.py: job N" to stderr as job N (from 0) starts.
 
 Where CPU stops, and the stand-ins used here: verl falls back to the CUDA platform without an
 accelerator, so a CPU platform is registered through verl's plugin registry (cpu_platform)
@@ -146,14 +147,17 @@ def train(out: str, result: str, loss_mode: str, settings: str) -> None:
     actor.set_loss_fn(functools.partial(ppo_loss, config=config))
     data = rollout(n_prompts=4 * world, seed=1).exclude("_logp")
     mine = tu.index_select_tensor_dict(data, torch.arange(rank, data.shape[0], world))
+    rejected = mine.clone()
     for at, row, token in options.get("rejected", []):
         if at == rank:
-            mine["response_mask"][row, slice(None) if token < 0 else token] = 0
+            rejected["response_mask"][row, slice(None) if token < 0 else token] = 0
     mini = 6
     bad = tu.index_select_tensor_dict(mine, torch.arange(mini))
     bad["advantages"][0, 0] = float("nan")
     steps, logged = [], []
-    batches = [(mine, 2)] * int(options.get("rollouts", 1)) + [(bad, 1)]
+    rollouts = range(int(options.get("rollouts", 1)))
+    start = int(options.get("rejected_from", 0))
+    batches = [(rejected if n >= start else mine, 2) for n in rollouts] + [(bad, 1)]
     for number, (batch, epochs) in enumerate(batches):
         if number in options.get("own_rollout_n", []):
             uids = ["prompt-0" if uid == "prompt-1" else uid for uid in batch["uid"]]
