@@ -43,7 +43,7 @@ What is hooked, in the worker process:
   left in token-mean's count (one `all_gather_object`), so every rank maps the same spec
   (token-mean: `agg=recorded`, from the first step of the first such rollout: a later one
   turns the run's spec to it there, `meta.rejected_tokens_from_step` naming the step, in one
-  warning), prompt groups get the same global id on every rank and
+  warning a rank), prompt groups get the same global id on every rank and
   a group with members on another rank or in another mini-batch is marked `group_split`
   (the manifest's `meta.num_generations`, rollout.n, lets the join of the ranks clear the marks
   of a group whose members are all in the step; none is recorded when the first rollout has a
