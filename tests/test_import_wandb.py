@@ -394,6 +394,23 @@ def test_values_that_are_not_numbers(tmp_path: Path) -> None:
     assert os.path.exists(tmp_path / "r" / "manifest.json")
 
 
+def test_an_export_drops_text_as_the_run_file_does(tmp_path: Path) -> None:
+    """`wandb.log({"loss": 1.0 + s, "tag": "0.5"}, step=s)` (wandb 0.31, offline): the run
+    file drops the text, but its history exported as `scan_history()` gives it (`json.loads`
+    of each value_json: `"tag": "0.5"`, JSON lines or a JSON array of them) imported tag as an
+    extra scalar 0.5 at each of the 3 steps. A JSON string is text in every JSON log."""
+    items = [(("_step", str(s)), ("loss", f"{1.0 + s}"), ("tag", '"0.5"')) for s in range(3)]
+    rows = [{k: json.loads(v) for k, v in row} for row in items]
+    (tmp_path / "export.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "export.json").write_text(json.dumps(rows))
+    wandb_file = _import_raw(tmp_path, _file(*(_history(*row) for row in items)))
+    for export in ("export.jsonl", "export.json"):
+        summary = _import(str(tmp_path / export), "--out", str(tmp_path / export[7:]))
+        assert summary["non_numeric"] == wandb_file["non_numeric"] == {"tag": 3}
+        assert summary["counts"] == wandb_file["counts"] == {"loss": 3}
+        assert _scalars(tmp_path / export[7:]) == _scalars(tmp_path / "r")
+
+
 def test_a_logging_steps_past_a_doubles_range_is_no_setting(tmp_path: Path) -> None:
     """A config's (or trainer_state.json's) logging_steps of 400 digits stopped import with an
     internal error (OverflowError, exit 70): it is no setting, the history imports."""

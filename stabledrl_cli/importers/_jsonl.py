@@ -26,7 +26,7 @@ from stabledrl_cli.importers._table import StepTable
 
 def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
     """The steps of a JSON-lines log (InputError when it is not one)."""
-    table = StepTable(str(path), preempts=True)
+    table = StepTable(str(path), preempts=True, typed=True)
     key = step_key
     rows = keyed = 0
     for number, text, ended in text_lines(path):

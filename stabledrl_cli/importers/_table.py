@@ -10,7 +10,7 @@ values at steps after the one a later row gives it: those steps of the earlier r
 drops nothing. A log that says where its run restarted (`restart`: TensorBoard's SessionLog
 START) drops every metric's values from that step on. A value is a number (NaN and infinities
 are kept: finding them is the point), missing (an empty cell, a JSON null), or not numeric (a
-string, a bool, a list: dropped and counted). A row whose step is not an integer in
+bool, a list, a JSON string: dropped and counted). A row whose step is not an integer in
 [0, 2**63 - 1] is skipped; so is a row left with no training metric (an evaluation row,
 transformers' end-of-training summary, an empty row). Each bound below is an InputError
 (exit 3) when a log passes it, as is an integer value past a double's range (1.8e308: JSON
@@ -80,6 +80,10 @@ class StepTable:
     cells: int = 0
     warnings: list[str] = field(default_factory=list)
     """Notes for the user (e.g. an unfinished last record ignored)."""
+    typed: bool = False
+    """Whether the log's values carry their type (JSON): a string there is text, digits or
+    not (`"0.5"`, which W&B's charts leave unplotted), not a number; a CSV cell or a console
+    log's value is text to be read as one."""
     nonfinite_null: bool = False
     """Whether the log spells NaN and the infinities alike (verl's file log: orjson's `null`),
     read as NaN: a NaN of it may have been an infinity."""
@@ -135,7 +139,7 @@ class StepTable:
             if raw is None or raw == "":
                 continue
             try:
-                value = _number(raw)
+                value = None if self.typed and isinstance(raw, str) else _number(raw)
             except OverflowError:
                 raise InputError(
                     f"{self.where}: step {number}: {name} is an integer past a double's range "

@@ -74,7 +74,7 @@ def read_trainer_state(path: Path, step_key: str | None = None) -> StepTable:
         raise InputError(
             f"{path}: not a trainer_state.json (no log_history list, nor a list of its rows)"
         )
-    table = StepTable(str(path), preempts=history is document)  # an array: JSON lines' rows
+    table = StepTable(str(path), preempts=history is document, typed=True)
     key: str | None = "step"
     if isinstance(document, dict):
         if step_key is not None:

@@ -63,9 +63,6 @@ _RUN_NAMES = {1: "id", 8: "name", 3: "project"}
 """RunRecord fields kept as the manifest's `source.tracker_run`."""
 _NOT_JSON = object()
 """A value_json that is not JSON: not a number."""
-_TEXT = object()
-"""A value_json that is a JSON string (`wandb.log({"phase": "0.5"})`): text, as wandb's own
-reader gives it back and its charts leave it unplotted, not a number."""
 _SHORT = 64
 _Groups = dict[str | None, "_Groups"]
 """Media key groups as a tree of their keys (`_group`)."""
@@ -90,7 +87,7 @@ def wandb_files(path: Path) -> list[str]:
 
 def read_wandb(path: Path, step_key: str | None = None) -> StepTable:
     """The steps of a W&B run file's history (InputError when it is not one)."""
-    table = StepTable(str(path), preempts=True)
+    table = StepTable(str(path), preempts=True, typed=True)
     declared = first = None
     rows = keyed = not_json = 0
     with open_log(path, WANDB_LIMIT) as handle:
@@ -232,7 +229,7 @@ def _row(history: memoryview, table: StepTable) -> tuple[dict[str, object], int]
             values[".".join(group)] = {}  # a JSON object: not a scalar (StepTable.add)
             continue
         not_json += value is _NOT_JSON
-        values[".".join(keys)] = _TEXT if isinstance(value, str) else value
+        values[".".join(keys)] = value
     return values, not_json
 
 
