@@ -441,10 +441,14 @@ def test_a_key_nested_deep_is_refused_at_once(tmp_path: Path) -> None:
 def test_the_docs_say_that_a_history_export_is_sampled() -> None:
     """W&B's `run.history()` returns 500 rows picked from the run (its `samples=` default), and
     TRL logs 60 rows for this fixture's 3 logged steps (2, 4, 6): the export of a long run lacks
-    steps. docs/importing.md pointed at `history().to_csv()` without saying so."""
+    steps. docs/importing.md pointed at `history().to_csv()` without saying so, nor that a
+    chart set to random sampling exports 1,500 points of a longer line, which uneven gaps
+    between steps do not prove (a run's own logging has them too)."""
     text = " ".join((FIXTURES.parents[1] / "docs" / "importing.md").read_text().split())
     assert "W&B's `run.history()` is a sample: 500 rows" in text
     assert (
         "60 rows for 3 logged steps" in text
         and "`run.scan_history()`, which gives every row" in text
     )
+    assert "draws 1,500 points picked at random of a line that has more" in text
+    assert "does not take uneven gaps for a sample and does not warn of one" in text
