@@ -76,3 +76,38 @@ def test_arguments_that_are_no_grpo_config_are_left_to_trl(tiny: Any, tmp_path: 
             stabledrl_out=tmp_path / "run",
         )
     assert "loss_type" not in str(info.value)  # (the catalogue mapping's first read)
+
+
+@pytest.mark.parametrize(
+    "epsilon_high, warned",
+    [
+        (None, "epsilon_high unset caps each token's ratio at epsilon, 0.2,"),
+        (0.28, "=0.28"),
+        (5.0, None),
+    ],
+)
+def test_a_cispo_cap_under_1_is_warned_of_and_recorded_as_trl_trains(
+    tiny: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], epsilon_high: Any, warned: Any
+) -> None:
+    """TRL 1.16's cispo caps each ratio at epsilon_high, which unset is epsilon (0.2): measured
+    on the tiny run, every gradient was 0.2 times epsilon_high=5.0's (grad_norm 0.238 vs 1.190
+    at step 1) and cispo_clip_ratio 0.29 (each A > 0 token) vs 0, with nothing said. One line
+    on stderr now names the setting; the spec stays TRL's cap."""
+    from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
+
+    trainer = RecordingGRPOTrainer(
+        **tiny.tiny_parts(),
+        args=tiny.tiny_config(
+            str(tmp_path / "trl_out"), loss_type="cispo", epsilon_high=epsilon_high
+        ),
+        stabledrl_out=tmp_path / "run",
+    )
+    cap = 0.2 if epsilon_high is None else epsilon_high
+    assert trainer.stabledrl_policy.params["cap"] == cap
+    lines = [line for line in capsys.readouterr().err.splitlines() if "stabledrl" in line]
+    if warned is None:
+        assert lines == []
+    else:
+        (line,) = lines
+        assert line.startswith("stabledrl: warning: loss_type='cispo' with ") and warned in line
+        assert "epsilon_high=5.0" in line

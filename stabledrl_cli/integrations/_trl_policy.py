@@ -193,6 +193,25 @@ def policy_for_config(config: Any, *, rollout_func: bool = False) -> Policy:
     return _policy(name, params)
 
 
+def cispo_cap_warning(config: Any) -> str | None:
+    """A warning line for cispo whose cap is under 1, where it caps every token's ratio (1 on
+    the rollout's own policy), so it scales each gradient down: `epsilon_high` unset (TRL
+    then takes `epsilon`, 0.2 by default; its help recommends 5.0) or set so; else None. The
+    run is recorded as TRL trains it."""
+    if config.loss_type != "cispo":
+        return None
+    cap = float(_epsilons(config)["eps_high"])
+    if cap >= 1:
+        return None
+    unset = config.epsilon_high is None
+    setting, at = (" unset", f"epsilon, {cap:g}") if unset else (f"={cap:g}", f"{cap:g}")
+    return (
+        f"stabledrl: warning: loss_type='cispo' with epsilon_high{setting} caps each token's "
+        f"ratio at {at}, below its on-policy 1: every gradient is scaled down (TRL's help "
+        "recommends epsilon_high=5.0); recorded as TRL trains it\n"
+    )
+
+
 def rloo_policy_for_config(config: Any) -> Policy:
     """The catalogue policy reproducing a TRL 1.16 `RLOOConfig`'s loss on a run recorded one
     entry a completion (module docstring; `ppo:agg=micro-token-mean` for TRL's defaults)."""

@@ -46,7 +46,11 @@ from stabledrl_cli.dump._writer import checked_reward_range, normal_end
 from stabledrl_cli.errors import InputError, UsageError, WriteError, warn
 from stabledrl_cli.importers._trainer_state import bounded_json_document
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
-from stabledrl_cli.integrations._trl_policy import policy_for_config, uses_loss_weight
+from stabledrl_cli.integrations._trl_policy import (
+    cispo_cap_warning,
+    policy_for_config,
+    uses_loss_weight,
+)
 from stabledrl_cli.integrations._trl_version import check_trl_version
 from stabledrl_cli.policies import Policy, get_policy
 from stabledrl_cli.spec import plain_number
@@ -486,6 +490,9 @@ class RecordingGRPOTrainer(RecordingTrainer, TRL.GRPOTrainer):  # type: ignore[m
             policy_for_config(config, rollout_func=given.get("rollout_func") is not None)
 
     def _sd_policy(self) -> Policy:
+        capped = cispo_cap_warning(self.args)
+        if capped is not None:
+            warn(capped)
         return policy_for_config(self.args, rollout_func=self.rollout_func is not None)
 
     def _sd_meta(self) -> dict[str, Any]:
