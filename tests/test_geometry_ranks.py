@@ -461,3 +461,40 @@ def test_crafted_unjoined_flags_are_refused(tmp_path: Path, where: str) -> None:
     assert result.exit_code == 3, result.output
     assert "corrupt run archive (unjoined/unit_grad_sketch flags a step" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_inspect_names_the_widths_of_a_run_resumed_with_another_k(tmp_path: Path) -> None:
+    """A run recorded with k=8 (steps 0-2) and resumed with k=16 (steps 3-5): inspect said
+    `geometry: sketch, k=8`, the manifest's, though half the steps hold 16 columns; it now
+    names each k with its steps, from the run directory and from its archive alike."""
+    rng = np.random.default_rng(0)
+    for k, steps in ((8, range(3)), (16, range(3, 6))):
+        resume = k == 16
+        with sd.Recorder(
+            tmp_path / "run",
+            policy="grpo",
+            unit="sequence",
+            resume=resume,
+            overwrite=not resume,
+            geometry={"kind": "sketch", "sketch": {"k": k, "seed": 0}},
+        ) as recorder:
+            for step in steps:
+                recorder.log_step(
+                    step,
+                    logp=rng.normal(-1.0, 0.1, 4).astype(np.float32),
+                    logp_old=np.full(4, -1.0, dtype=np.float32),
+                    advantages=np.array([1.0, -1.0, 0.5, -0.5], dtype=np.float32),
+                    unit_grad_sketch=rng.normal(size=(4, k)).astype(np.float32),
+                )
+    pack_run(tmp_path / "run", tmp_path / "run.h5")
+    for source in (tmp_path / "run", tmp_path / "run.h5"):
+        table = CliRunner().invoke(app, ["inspect", str(source)], terminal_width=400)
+        assert "sketch, k=8 on steps 0..2, k=16 on steps 3..5" in table.stdout, table.output
+        data = json.loads(
+            CliRunner().invoke(app, ["inspect", str(source), "--format", "json"]).stdout
+        )
+        assert data["geometry"]["sketch"]["k"] == 8
+        assert data["sketch_widths"] == [
+            {"k": 8, "steps": 3, "first_step": 0, "last_step": 2},
+            {"k": 16, "steps": 3, "first_step": 3, "last_step": 5},
+        ]

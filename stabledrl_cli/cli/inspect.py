@@ -27,7 +27,7 @@ from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY, STOP_RESUMED
 from stabledrl_cli.errors import LINE_BREAKS, counted, one_line
 from stabledrl_cli.replay._format import format_number, format_steps
-from stabledrl_cli.replay.inspection import RunSummary, summarize
+from stabledrl_cli.replay.inspection import RunSummary, SketchWidth, summarize
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import SeriesStats
 from stabledrl_cli.replay.report import (
@@ -277,22 +277,36 @@ def series_table(series: dict[str, SeriesStats], title: str) -> Table:
     return table
 
 
-def _geometry_text(geometry: dict[str, object]) -> str:
-    """The manifest's geometry entry in one line (kind, cadence, storage, coverage); the
-    covered parameter list is in `--format json`."""
+def _geometry_text(geometry: dict[str, object], widths: list[SketchWidth]) -> str:
+    """The manifest's geometry entry in one line (kind, cadence, storage, coverage), with the
+    widths k the steps' sketches have where they are not the manifest's one (a run resumed
+    with another k); the covered parameter list is in `--format json`."""
     parts = [str(geometry.get("kind", "?"))]
     every = geometry.get("every")
     if isinstance(every, int) and every > 1:
         parts.append(f"every {every} steps")
     sketch = geometry.get("sketch")
     if geometry.get("kind") == "sketch" and isinstance(sketch, dict) and "k" in sketch:
-        parts.append(f"k={sketch['k']}")
+        if widths and {w.k for w in widths} != {sketch["k"]}:
+            parts.append(", ".join(f"k={w.k} on {_width_steps(w)}" for w in widths))
+        else:
+            parts.append(f"k={sketch['k']}")
     if "storage_dtype" in geometry:
         parts.append(str(geometry["storage_dtype"]))
     covered, numel = geometry.get("covered"), geometry.get("covered_numel")
     if isinstance(covered, list) and isinstance(numel, int):
         parts.append(f"{len(covered)} tensors, {numel:,} parameters covered")
     return ", ".join(parts)
+
+
+def _width_steps(width: SketchWidth) -> str:
+    """`steps 3..5` of steps in a row, `2 steps (3..7)` of steps between others, `step 3`."""
+    first, last = width.first_step, width.last_step
+    if width.steps == 1:
+        return f"step {first}"
+    if width.steps == last - first + 1:
+        return f"steps {first}..{last}"
+    return f"{counted(width.steps, 'step')} ({first}..{last})"
 
 
 GEOMETRY_FIELDS = {GRAM_KEY: "gram", SKETCH_KEY: "sketch"}
@@ -320,7 +334,9 @@ UNJOINED_TEXT = {
 def _geometry_row(s: RunSummary) -> str:
     """The run's geometry: the manifest's entry or what its steps hold, and the steps whose
     ranks' geometry does not join (replay measures those with coefficient norms)."""
-    joined = _geometry_text(s.geometry) if s.geometry else _logged_geometry(s.fields)
+    joined = (
+        _geometry_text(s.geometry, s.sketch_widths) if s.geometry else _logged_geometry(s.fields)
+    )
     unjoined = [
         f"on {counted(steps, 'step')} {UNJOINED_TEXT[kind]}"
         for kind, steps in s.unjoined_geometry.items()

@@ -804,15 +804,18 @@ class ArchiveRun(Run):
         counts = {name: int(self._counts[name][index]) for name in STEP_COUNTS}
         unjoined = frozenset(name for name, flags in self._unjoined.items() if flags[index])
         omega = next((kind for kind, flags in self._omegas.items() if flags[index]), None)
+        fields = self._fields_of(index)
+        sketched = SKETCH_KEY in fields
         return ArchiveStep(
             step=n,
             scalars=self._scalars_of(index),
-            fields=self._fields_of(index),
+            fields=fields,
             num_tokens=counts["num_tokens"],
             num_sequences=counts["num_sequences"],
             num_scored_tokens=counts["num_scored_tokens"],
             unjoined=unjoined,
             unjoined_why=unjoined_kind(unjoined, omega=omega),
+            sketch_width=int(self._ragged[SKETCH_KEY][1][index][1]) if sketched else None,
             rank_sequences=self._ranks_of(index),
             archive=self,
             index=index,

@@ -931,6 +931,7 @@ class DirectoryRun(Run):
             unjoined=unjoined if batch else frozenset(),
             sketch_seeds=seeds if len(records) > 1 and batch else (),
             sketch_widths=widths if len(records) > 1 and batch else (),
+            sketch_width=records[0].sketch_width if SKETCH_KEY in fields and batch else None,
             unjoined_why=unjoined_kind(unjoined, omega=omega) if batch else None,
             rank_sequences=tuple(sequences) if len(records) > 1 and batch else (),
             paths=[ranks[r] for r in range(self.world_size)],

@@ -126,6 +126,9 @@ class Step(ABC):
     sketch_widths: tuple[int, ...] = ()
     """Each rank's k of its `unit_grad_sketch` [U, k], as `sketch_seeds`: widths that differ
     (two Omegas) leave the sketch out too."""
+    sketch_width: int | None = None
+    """The k of the step's `unit_grad_sketch` [U, k] (a resumed run's steps may hold another
+    k than its manifest's); None when the step holds none."""
     unjoined_why: UnjoinedGeometry | None = None
     """Why `unjoined` was left out (`unjoined_kind`); None when nothing was."""
     rank_sequences: tuple[int, ...] = ()

@@ -37,6 +37,16 @@ class EntryCounts:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SketchWidth:
+    """The steps whose sketch is k wide."""
+
+    k: int
+    steps: int
+    first_step: int
+    last_step: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunSummary:
     """Everything `inspect` reports about a run."""
 
@@ -96,6 +106,9 @@ class RunSummary:
     (`Step.unjoined_why`: per_rank_grams, partial_sketches, sketch_seeds_differ,
     sketch_widths_differ); empty when
     none does."""
+    sketch_widths: list[SketchWidth]
+    """The widths k of the steps' sketches, each with its steps, in order of first step (a
+    resumed run may record another k than its manifest's); empty without a sketch."""
     steps: int
     """Readable steps."""
     scalar_steps: int
@@ -131,6 +144,18 @@ class RunSummary:
 def _unjoined_steps(headers: Iterable[Step]) -> dict[str, int]:
     """`RunSummary.unjoined_geometry` of the run's steps `headers`."""
     return dict(sorted(Counter(s.unjoined_why for s in headers if s.unjoined_why).items()))
+
+
+def _sketch_widths(headers: Iterable[Step]) -> list[SketchWidth]:
+    """`RunSummary.sketch_widths` of the run's steps `headers` (in step order)."""
+    steps: dict[int, list[int]] = {}
+    for header in headers:
+        if header.sketch_width is not None:
+            steps.setdefault(header.sketch_width, []).append(header.step)
+    return [
+        SketchWidth(k=k, steps=len(held), first_step=held[0], last_step=held[-1])
+        for k, held in sorted(steps.items(), key=lambda item: item[1][0])
+    ]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -283,6 +308,7 @@ def summarize(run: Run) -> RunSummary:
         loss_norm=run.loss_norm,
         geometry=dict(geometry) if geometry else None,
         unjoined_geometry=_unjoined_steps(headers),
+        sketch_widths=_sketch_widths(headers),
         steps=len(headers),
         scalar_steps=recorded.scalar_steps,
         first_step=headers[0].step if headers else None,
