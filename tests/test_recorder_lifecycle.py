@@ -684,3 +684,27 @@ def test_a_training_error_that_cannot_be_printed_is_still_the_one_raised(tmp_pat
     reason = manifest["recording_stopped"]["reason"]
     assert reason == "training stopped by _Unprintable after step 0"
     assert manifest["recording_closed"] is True
+
+
+def test_a_generator_of_steps_closed_early_is_a_normal_end(tmp_path):
+    """A `with Recorder` block in a generator whose consumer stops after step 2 (a `break`,
+    then its close) noted the run stopped at step 3: 'training stopped by GeneratorExit after
+    step 2', which inspect showed as a training cut short. GeneratorExit is the consumer's
+    normal end, as sys.exit(0) is: no note; the run is closed with its 3 steps."""
+    path = tmp_path / "run"
+
+    def steps():
+        with sd.Recorder(path, policy=None) as rec:
+            for step in range(10):
+                rec.log_step(step, grad_norm=1.0)
+                yield step
+
+    taken = steps()
+    for step in taken:
+        if step == 2:
+            break
+    taken.close()
+    manifest = sd.open_run(path).manifest
+    assert "recording_stopped" not in manifest
+    assert manifest["recording_closed"] is True
+    assert [s.step for s in sd.open_run(path).step_headers()] == [0, 1, 2]

@@ -877,7 +877,7 @@ class Recorder:
         """Closes the Recorder. When the block raised, its exception goes on: a failed write
         that the close reports (async writes) is then a warning, not an error in its place;
         the run first notes how its training was cut short (`note_interrupted`), but by a
-        `sys.exit(0)`, the script's own normal end."""
+        `sys.exit(0)` or a generator's close, a normal end (`normal_end`)."""
         if exc is None or normal_end(exc):
             self.close()
             return
@@ -903,8 +903,11 @@ class Recorder:
 
 
 def normal_end(exc: BaseException) -> bool:
-    """Whether an exception that ends a training is the script's own normal end: sys.exit(0)
-    (or sys.exit() alone), which notes no stop."""
+    """Whether an exception that ends a training is the script's own normal end, which notes
+    no stop: sys.exit(0) (or sys.exit() alone), or GeneratorExit, a generator of steps whose
+    consumer took no more (a `break` out of its loop, its `close()`), no failure of them."""
+    if isinstance(exc, GeneratorExit):
+        return True
     return isinstance(exc, SystemExit) and exc.code in (None, 0)
 
 
