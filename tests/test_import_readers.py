@@ -369,6 +369,25 @@ def test_jsonl_flat_and_verl_file_logger(tmp_path: Path) -> None:
     assert table.not_imported["val-core/acc"] == "eval"
 
 
+def test_a_log_of_quoted_numbers_says_it_dropped_them(tmp_path: Path) -> None:
+    """`json.dumps(row, default=str)` of numpy float32 values writes `"loss": "0.5"`: text, no
+    number (JSON lines read a string so since the W&B run file does), so no step imports; the
+    refusal said `skipped rows: 3 no metrics` only, as if the rows held none. It names what it
+    dropped."""
+    np = pytest.importorskip("numpy")
+    log = tmp_path / "q.jsonl"
+    with log.open("w") as handle:
+        for step in range(3):
+            row = {"step": step, "loss": np.float32(0.5), "reward": np.float32(1.0)}
+            handle.write(json.dumps(row, default=str) + "\n")
+    done = CliRunner().invoke(app, ["import", str(log), "--out", str(tmp_path / "run")])
+    assert done.exit_code == 3
+    assert done.stderr == (
+        f"error: {log}: no training step in this log (skipped rows: 3 no metrics; dropped 6 "
+        "non-numeric values of loss, reward)\n"
+    )
+
+
 def test_a_non_finite_value_in_verls_file_log_stays_non_finite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

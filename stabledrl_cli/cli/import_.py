@@ -22,7 +22,7 @@ from stabledrl_cli.dump._writer import reward_range_text
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.importers._names import listed
-from stabledrl_cli.importers._table import skipped_text
+from stabledrl_cli.importers._table import dropped_text, skipped_text
 from stabledrl_cli.vocab import ImportFormat
 
 
@@ -131,10 +131,7 @@ def _print_table(summary: ImportSummary) -> None:
     if summary.skipped_rows:
         lines.append(skipped_text(summary.skipped_rows))
     if summary.non_numeric:
-        lines.append(
-            f"dropped {counted(sum(summary.non_numeric.values()), 'non-numeric value')} of "
-            f"{listed(sorted(summary.non_numeric))}"
-        )
+        lines.append(dropped_text(summary.non_numeric))
     if summary.replaced:
         replaced = counted(summary.replaced, "value")
         lines.append(f"{replaced} replaced by a later row of the same step")

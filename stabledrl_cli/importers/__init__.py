@@ -17,7 +17,7 @@ from stabledrl_cli.importers._csvlog import read_csv
 from stabledrl_cli.importers._detect import detect_format, directory_refused, log_path
 from stabledrl_cli.importers._jsonl import read_jsonl
 from stabledrl_cli.importers._names import STANDARD_SOURCES
-from stabledrl_cli.importers._table import StepTable, skipped_text
+from stabledrl_cli.importers._table import StepTable, dropped_text, skipped_text
 from stabledrl_cli.importers._tbjson import read_tensorboard_json
 from stabledrl_cli.importers._tfevents import read_tfevents
 from stabledrl_cli.importers._trainer_state import read_trainer_state
@@ -85,7 +85,8 @@ def import_log(
     path, found, table = read_log(source, log_format, step_key)
     if not table.steps:
         skipped = [skipped_text(table.skipped_rows)] if table.skipped_rows else []
-        notes = "; ".join([*skipped, *table.warnings])
+        dropped = [dropped_text(table.non_numeric)] if table.non_numeric else []
+        notes = "; ".join([*skipped, *dropped, *table.warnings])
         notes = f" ({notes})" if notes else ""
         raise InputError(f"{path}: no training step in this log{notes}")
     return write_scalar_run(

@@ -31,6 +31,7 @@ from stabledrl_cli.importers._names import (
     NAME_LIMIT,
     Skip,
     is_profiling,
+    listed,
     skip_reason,
 )
 from stabledrl_cli.spec import spec_float
@@ -249,6 +250,12 @@ def _row_reason(left: list[tuple[str, Skip]]) -> str:
 def skipped_text(skipped: Mapping[str, int]) -> str:
     """`skipped rows: 2 bad step, 1 eval`, for a message."""
     return "skipped rows: " + ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+
+
+def dropped_text(non_numeric: Mapping[str, int]) -> str:
+    """`dropped 3 non-numeric values of loss, reward`, for a message."""
+    values = counted(sum(non_numeric.values()), "non-numeric value")
+    return f"dropped {values} of {listed(sorted(non_numeric))}"
 
 
 def _step_number(step: object) -> int | None:
