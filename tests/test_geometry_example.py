@@ -127,6 +127,17 @@ def test_sketch_k256_replay_is_within_ten_percent(runs):
     assert 0 < fidelity <= SKETCH_TOL
 
 
+def test_inspect_says_a_gram_was_captured_as_a_sketch(tmp_path):
+    """A Gram over more units than max_gram_units is captured as a sketch (a warning at each
+    step): inspect said `geometry: gram`, as the manifest declares, though every step holds a
+    sketch; it names the sketch's k and steps."""
+    geometry = GeometryConfig(kind="gram", max_gram_units=32, k=16)
+    with pytest.warns(UserWarning, match="64 units exceed max_gram_units=32"):
+        path, _ = _record(tmp_path, "over", geometry, steps=2)
+    table = CliRunner().invoke(app, ["inspect", str(path)], terminal_width=400)
+    assert "gram, a sketch k=16 on steps 0..1 (over max_gram_units)" in table.stdout
+
+
 def test_replay_mixes_token_unit_steps_with_and_without_geometry(tmp_path):
     geometry = GeometryConfig(kind="gram", every=2)
     path, infos = _record(

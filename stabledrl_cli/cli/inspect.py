@@ -280,17 +280,20 @@ def series_table(series: dict[str, SeriesStats], title: str) -> Table:
 def _geometry_text(geometry: dict[str, object], widths: list[SketchWidth]) -> str:
     """The manifest's geometry entry in one line (kind, cadence, storage, coverage), with the
     widths k the steps' sketches have where they are not the manifest's one (a run resumed
-    with another k); the covered parameter list is in `--format json`."""
-    parts = [str(geometry.get("kind", "?"))]
+    with another k; a Gram over more units than `max_gram_units`, captured as a sketch); the
+    covered parameter list is in `--format json`."""
+    kind = geometry.get("kind")
+    parts = [str(kind or "?")]
     every = geometry.get("every")
     if isinstance(every, int) and every > 1:
         parts.append(f"every {every} steps")
     sketch = geometry.get("sketch")
-    if geometry.get("kind") == "sketch" and isinstance(sketch, dict) and "k" in sketch:
-        if widths and {w.k for w in widths} != {sketch["k"]}:
-            parts.append(", ".join(f"k={w.k} on {_width_steps(w)}" for w in widths))
-        else:
-            parts.append(f"k={sketch['k']}")
+    declared = sketch.get("k") if kind == "sketch" and isinstance(sketch, dict) else None
+    if widths and {w.k for w in widths} != {declared}:
+        held = ", ".join(f"k={w.k} on {_width_steps(w)}" for w in widths)
+        parts.append(f"a sketch {held} (over max_gram_units)" if kind == "gram" else held)
+    elif declared is not None:
+        parts.append(f"k={declared}")
     if "storage_dtype" in geometry:
         parts.append(str(geometry["storage_dtype"]))
     covered, numel = geometry.get("covered"), geometry.get("covered_numel")
