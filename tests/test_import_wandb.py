@@ -235,6 +235,30 @@ def test_a_run_directory_stands_for_its_wandb_file(tmp_path: Path) -> None:
     assert "W&B run files run-other.wandb, run-trltiny.wandb: import one" in done.stderr
 
 
+def test_a_resumed_runs_other_starts_are_named(tmp_path: Path) -> None:
+    """wandb 0.31 writes each start of a resumed run (`wandb.init(id="resrun",
+    resume="allow")`, offline: steps 0-4, then 3-6) into a run directory of its own, each
+    file one start's history: `import wandb/latest-run` imported steps 3..6 and said nothing
+    of steps 0-2, in the directory beside it. It warns, naming it."""
+    runs = tmp_path / "wandb"
+    first, second = (runs / f"offline-run-20261206_0{t}-trltiny" for t in ("74646", "81500"))
+    for run in (first, second):
+        run.mkdir(parents=True)
+        shutil.copyfile(TRL_FILE, run / TRL_FILE.name)
+    (runs / "latest-run").symlink_to(second.name)
+    (runs / "offline-run-20261206_090000-other").mkdir()
+    warned = _import(str(runs / "latest-run"), "--out", str(tmp_path / "r"))["warnings"]
+    assert warned == [
+        f"{runs / 'latest-run' / TRL_FILE.name}: W&B run trltiny was resumed: this file holds "
+        f"one start's history; {first.name} beside it holds the other's, not imported (import "
+        "each on its own)"
+    ]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copyfile(TRL_FILE, alone / TRL_FILE.name)
+    assert _import(str(alone), "--out", str(tmp_path / "a"))["warnings"] == []
+
+
 def _fragment(kind: int, data: bytes) -> bytes:
     """A LevelDB log fragment as wandb frames it: CRC-32 of its type and data, length, type."""
     return struct.pack("<IHB", zlib.crc32(data, zlib.crc32(bytes((kind,)))), len(data), kind)

@@ -34,8 +34,8 @@ from typing import BinaryIO
 
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, counted, quoted
-from stabledrl_cli.importers._files import ENTRY_LIMIT, open_log
-from stabledrl_cli.importers._names import NAME_LIMIT, step_key_from
+from stabledrl_cli.importers._files import ENTRY_LIMIT, open_log, subdirectories
+from stabledrl_cli.importers._names import NAME_LIMIT, listed, step_key_from
 from stabledrl_cli.importers._proto import (
     FIXED64,
     LENGTH,
@@ -123,7 +123,32 @@ def read_wandb(path: Path, step_key: str | None = None) -> StepTable:
         )
     if not_json:
         table.warnings.append(f"{path}: {counted(not_json, 'history value')} not JSON, dropped")
+    others = other_parts(path)
+    if others:
+        held = "holds the other's" if len(others) == 1 else "hold the others'"
+        table.warnings.append(
+            f"{path}: W&B run {path.name[4:-6]} was resumed: this file holds one start's "
+            f"history; {listed(others)} beside it {held}, not imported (import each on its own)"
+        )
     return table
+
+
+def other_parts(path: Path) -> list[str]:
+    """The run directories beside the one of run file `path` (`wandb/run-<date>-<id>/run-<id>
+    .wandb`) that hold the same run's file: wandb writes each start of a resumed run
+    (`wandb.init(id=..., resume=...)`) into a directory of its own, its history from that
+    start on. Empty for a file outside such a folder."""
+    if not (path.name.startswith("run-") and path.name.endswith(".wandb")):
+        return []
+    run = path.parent.resolve()  # wandb/latest-run is a link to one of them
+    return subdirectories(
+        run.parent,
+        lambda d: (
+            d.name.endswith(f"-{path.name[4:-6]}")
+            and (d / path.name).is_file()
+            and d.resolve() != run
+        ),
+    )
 
 
 def _records(
