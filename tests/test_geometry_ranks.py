@@ -463,29 +463,37 @@ def test_crafted_unjoined_flags_are_refused(tmp_path: Path, where: str) -> None:
     assert "Traceback" not in result.output
 
 
-def test_inspect_names_the_widths_of_a_run_resumed_with_another_k(tmp_path: Path) -> None:
-    """A run recorded with k=8 (steps 0-2) and resumed with k=16 (steps 3-5): inspect said
-    `geometry: sketch, k=8`, the manifest's, though half the steps hold 16 columns; it now
-    names each k with its steps, from the run directory and from its archive alike."""
+def _resumed(out: Path, parts: list[tuple[dict[str, Any], range, str, int]]) -> None:
+    """A one-rank run recorded in `parts`, a Recorder each (the first new, then resumed):
+    (its geometry entry, its steps, the field its steps at the entry's `every` hold, k): a
+    [4, k] sketch, or the Gram of [4, k] gradients."""
     rng = np.random.default_rng(0)
-    for k, steps in ((8, range(3)), (16, range(3, 6))):
-        resume = k == 16
+    for n, (geometry, steps, field, k) in enumerate(parts):
         with sd.Recorder(
-            tmp_path / "run",
-            policy="grpo",
-            unit="sequence",
-            resume=resume,
-            overwrite=not resume,
-            geometry={"kind": "sketch", "sketch": {"k": k, "seed": 0}},
+            out, policy="grpo", unit="sequence", resume=n > 0, overwrite=n == 0, geometry=geometry
         ) as recorder:
             for step in steps:
+                grads = rng.normal(size=(4, k)).astype(np.float32)
+                every = geometry.get("every", 1)
+                held = grads @ grads.T if field == "unit_grad_gram" else grads
                 recorder.log_step(
                     step,
                     logp=rng.normal(-1.0, 0.1, 4).astype(np.float32),
                     logp_old=np.full(4, -1.0, dtype=np.float32),
                     advantages=np.array([1.0, -1.0, 0.5, -0.5], dtype=np.float32),
-                    unit_grad_sketch=rng.normal(size=(4, k)).astype(np.float32),
+                    **({field: held} if step % every == 0 else {}),
                 )
+
+
+def test_inspect_names_the_widths_of_a_run_resumed_with_another_k(tmp_path: Path) -> None:
+    """A run recorded with k=8 (steps 0-2) and resumed with k=16 (steps 3-5): inspect said
+    `geometry: sketch, k=8`, the manifest's, though half the steps hold 16 columns; it now
+    names each k with its steps, from the run directory and from its archive alike."""
+    _resumed(
+        tmp_path / "run",
+        [({"kind": "sketch", "sketch": {"k": k, "seed": 0}}, steps, "unit_grad_sketch", k)
+         for k, steps in ((8, range(3)), (16, range(3, 6)))],
+    )  # fmt: skip
     pack_run(tmp_path / "run", tmp_path / "run.h5")
     for source in (tmp_path / "run", tmp_path / "run.h5"):
         table = CliRunner().invoke(app, ["inspect", str(source)], terminal_width=400)
@@ -498,3 +506,25 @@ def test_inspect_names_the_widths_of_a_run_resumed_with_another_k(tmp_path: Path
             {"k": 8, "steps": 3, "first_step": 0, "last_step": 2},
             {"k": 16, "steps": 3, "first_step": 3, "last_step": 5},
         ]
+
+
+def test_inspect_counts_the_steps_with_geometry_after_a_resume_with_another_cadence(
+    tmp_path: Path,
+) -> None:
+    """A run recorded with a Gram every 4 steps (steps 0-7) and resumed with one every step
+    (steps 8-11): inspect said `gram, every 4 steps`, the manifest's, of a run holding 6 Grams
+    in 12 steps (replay: coverage 50%); it counts them."""
+    _resumed(
+        tmp_path / "run",
+        [({"kind": "gram", "every": every}, steps, "unit_grad_gram", 6)
+         for every, steps in ((4, range(8)), (1, range(8, 12)))],
+    )  # fmt: skip
+    table = CliRunner().invoke(app, ["inspect", str(tmp_path / "run")], terminal_width=400)
+    row = next(line for line in table.stdout.splitlines() if "│ geometry " in line)
+    assert row.split("│")[2].strip() == "gram, every 4 steps, on 6 of 12 steps"
+    data = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "--format", "json"])
+    assert json.loads(data.stdout)["geometry_steps"] == 6
+    _resumed(tmp_path / "kept", [({"kind": "gram", "every": 4}, range(1, 9), "unit_grad_gram", 6)])
+    table = CliRunner().invoke(app, ["inspect", str(tmp_path / "kept")], terminal_width=400)
+    row = next(line for line in table.stdout.splitlines() if "│ geometry " in line)
+    assert row.split("│")[2].strip() == "gram, every 4 steps"  # steps 4 and 8, as it says

@@ -277,16 +277,20 @@ def series_table(series: dict[str, SeriesStats], title: str) -> Table:
     return table
 
 
-def _geometry_text(geometry: dict[str, object], widths: list[SketchWidth]) -> str:
+def _geometry_text(s: RunSummary, geometry: dict[str, object]) -> str:
     """The manifest's geometry entry in one line (kind, cadence, storage, coverage), with the
-    widths k the steps' sketches have where they are not the manifest's one (a run resumed
-    with another k; a Gram over more units than `max_gram_units`, captured as a sketch); the
-    covered parameter list is in `--format json`."""
+    steps that hold geometry where some do not, and the widths k the steps' sketches have
+    where they are not the manifest's one (a run resumed with another k; a Gram over more
+    units than `max_gram_units`, captured as a sketch); the covered parameter list is in
+    `--format json`."""
     kind = geometry.get("kind")
     parts = [str(kind or "?")]
     every = geometry.get("every")
     if isinstance(every, int) and every > 1:
         parts.append(f"every {every} steps")
+    if kind != "none" and s.geometry_steps not in (s.steps, _cadence_steps(s, every)):
+        parts.append(f"on {s.geometry_steps} of {counted(s.steps, 'step')}")
+    widths = s.sketch_widths
     sketch = geometry.get("sketch")
     declared = sketch.get("k") if kind == "sketch" and isinstance(sketch, dict) else None
     if widths and {w.k for w in widths} != {declared}:
@@ -300,6 +304,17 @@ def _geometry_text(geometry: dict[str, object], widths: list[SketchWidth]) -> st
     if isinstance(covered, list) and isinstance(numel, int):
         parts.append(f"{len(covered)} tensors, {numel:,} parameters covered")
     return ", ".join(parts)
+
+
+def _cadence_steps(s: RunSummary, every: object) -> int | None:
+    """The steps a geometry `every` N steps is on (step % N == 0) in a run of steps in a row;
+    None where that cannot be told (a gap, no cadence)."""
+    first, last = s.first_step, s.last_step
+    if first is None or last is None or s.steps != last - first + 1:
+        return None
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        return s.steps if every is None else None
+    return last // every - (first + every - 1) // every + 1
 
 
 def _width_steps(width: SketchWidth) -> str:
@@ -337,9 +352,7 @@ UNJOINED_TEXT = {
 def _geometry_row(s: RunSummary) -> str:
     """The run's geometry: the manifest's entry or what its steps hold, and the steps whose
     ranks' geometry does not join (replay measures those with coefficient norms)."""
-    joined = (
-        _geometry_text(s.geometry, s.sketch_widths) if s.geometry else _logged_geometry(s.fields)
-    )
+    joined = _geometry_text(s, s.geometry) if s.geometry else _logged_geometry(s.fields)
     unjoined = [
         f"on {counted(steps, 'step')} {UNJOINED_TEXT[kind]}"
         for kind, steps in s.unjoined_geometry.items()

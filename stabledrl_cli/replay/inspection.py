@@ -14,10 +14,12 @@ from stabledrl_cli.dump import Finding, IntegrityReport, Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._run import Step
 from stabledrl_cli.dump._schema import (
+    GRAM_KEY,
     RECORDING_CLOSED,
     RECORDING_STOPPED,
     RECORDING_WHEN_PACKED,
     RUN_ID,
+    SKETCH_KEY,
     known_version_below,
     parse_version,
 )
@@ -106,6 +108,10 @@ class RunSummary:
     (`Step.unjoined_why`: per_rank_grams, partial_sketches, sketch_seeds_differ,
     sketch_widths_differ); empty when
     none does."""
+    geometry_steps: int
+    """Readable steps whose ranks recorded gradient geometry (a Gram or a sketch, joined or
+    not: `unjoined_geometry`): fewer than `steps` with a cadence (`every`), or after a
+    resume with another."""
     sketch_widths: list[SketchWidth]
     """The widths k of the steps' sketches, each with its steps, in order of first step (a
     resumed run may record another k than its manifest's); empty without a sketch."""
@@ -308,6 +314,7 @@ def summarize(run: Run) -> RunSummary:
         loss_norm=run.loss_norm,
         geometry=dict(geometry) if geometry else None,
         unjoined_geometry=_unjoined_steps(headers),
+        geometry_steps=sum(1 for h in headers if (h.fields | h.unjoined) & {GRAM_KEY, SKETCH_KEY}),
         sketch_widths=_sketch_widths(headers),
         steps=len(headers),
         scalar_steps=recorded.scalar_steps,
