@@ -686,20 +686,21 @@ def test_a_training_error_that_cannot_be_printed_is_still_the_one_raised(tmp_pat
     assert manifest["recording_closed"] is True
 
 
+def _steps_into(path):
+    """A generator of 10 steps, each recorded into `path` in a with-Recorder block."""
+    with sd.Recorder(path, policy=None) as rec:
+        for step in range(10):
+            rec.log_step(step, grad_norm=1.0)
+            yield step
+
+
 def test_a_generator_of_steps_closed_early_is_a_normal_end(tmp_path):
     """A `with Recorder` block in a generator whose consumer stops after step 2 (a `break`,
     then its close) noted the run stopped at step 3: 'training stopped by GeneratorExit after
     step 2', which inspect showed as a training cut short. GeneratorExit is the consumer's
     normal end, as sys.exit(0) is: no note; the run is closed with its 3 steps."""
     path = tmp_path / "run"
-
-    def steps():
-        with sd.Recorder(path, policy=None) as rec:
-            for step in range(10):
-                rec.log_step(step, grad_norm=1.0)
-                yield step
-
-    taken = steps()
+    taken = _steps_into(path)
     for step in taken:
         if step == 2:
             break
@@ -708,3 +709,19 @@ def test_a_generator_of_steps_closed_early_is_a_normal_end(tmp_path):
     assert "recording_stopped" not in manifest
     assert manifest["recording_closed"] is True
     assert [s.step for s in sd.open_run(path).step_headers()] == [0, 1, 2]
+
+
+def test_a_generator_of_steps_left_unfinished_at_exit_writes_nothing_more(tmp_path, monkeypatch):
+    """A generator holding a with-Recorder block, left unfinished when the script ended, is
+    closed by Python as the interpreter ends, after the exit handlers: the Recorder's close
+    then printed 'Exception ignored in: <generator object ...>' and a traceback ending
+    'ImportError: sys.meta_path is None, Python is likely shutting down' (measured on a real
+    script). At that point it writes nothing: the run reads as unclosed, as a Recorder left
+    open does."""
+    path = tmp_path / "run"
+    taken = _steps_into(path)
+    assert next(taken) == 0
+    monkeypatch.setattr(sys, "is_finalizing", lambda: True)
+    taken.close()
+    monkeypatch.undo()
+    assert "recording_closed" not in sd.open_run(path).manifest

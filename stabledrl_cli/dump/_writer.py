@@ -781,7 +781,11 @@ class Recorder:
         one at exit. In a forked child it only closes the child's copy: the writer is the
         parent's. Once nothing is left to write, the rank is free for another Recorder
         (`_writer_lock`). Made by a signal handler in the thread of a step under way, it
-        writes the queued steps and leaves the rest to the step's end."""
+        writes the queued steps and leaves the rest to the step's end. As the interpreter
+        ends (a generator holding a with-Recorder block, finalized after the exit handlers), it
+        is too late to write (imports fail): the run reads unclosed, as a Recorder left open."""
+        if sys.is_finalizing():
+            return
         if self._step_thread == threading.get_ident():  # a signal handler's, during a step
             self._close_deferred = True
             if self._writer is not None and self._writer.is_alive():
