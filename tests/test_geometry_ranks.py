@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -506,6 +507,17 @@ def test_inspect_names_the_widths_of_a_run_resumed_with_another_k(tmp_path: Path
             {"k": 8, "steps": 3, "first_step": 0, "last_step": 2},
             {"k": 16, "steps": 3, "first_step": 3, "last_step": 5},
         ]
+    _resumed(  # a width a step: the row lists 20
+        tmp_path / "many",
+        [({"kind": "sketch", "sketch": {"k": 1}}, range(n, n + 1), "unit_grad_sketch", n + 1)
+         for n in range(25)],
+    )  # fmt: skip
+    table = CliRunner().invoke(app, ["inspect", str(tmp_path / "many")], terminal_width=400)
+    lines = table.stdout.splitlines()
+    first = next(n for n, line in enumerate(lines) if "│ geometry " in line)
+    row = [lines[first], *itertools.takewhile(lambda line: line[1:3] == "  ", lines[first + 1 :])]
+    text = " ".join(line.split("│")[2].strip() for line in row)
+    assert text.endswith("k=20 on step 19 ... and 5 more widths: --format json has them all")
 
 
 def test_inspect_counts_the_steps_with_geometry_after_a_resume_with_another_cadence(

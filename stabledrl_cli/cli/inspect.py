@@ -294,7 +294,9 @@ def _geometry_text(s: RunSummary, geometry: dict[str, object]) -> str:
     sketch = geometry.get("sketch")
     declared = sketch.get("k") if kind == "sketch" and isinstance(sketch, dict) else None
     if widths and {w.k for w in widths} != {declared}:
-        held = ", ".join(f"k={w.k} on {_width_steps(w)}" for w in widths)
+        held = ", ".join(f"k={w.k} on {_width_steps(w)}" for w in widths[:LIST_LIMIT])
+        if len(widths) > LIST_LIMIT:
+            held += f" ... and {len(widths) - LIST_LIMIT} more widths: --format json has them all"
         parts.append(f"a sketch {held} (over max_gram_units)" if kind == "gram" else held)
     elif declared is not None:
         parts.append(f"k={declared}")
