@@ -760,15 +760,19 @@ def test_tensorboard_per_tag_json_refusals(tmp_path: Path, content: bytes, messa
 def test_csv_wandb_chart_and_tensorboard_exports(tmp_path: Path) -> None:
     """A W&B chart's export ("Export panel data as CSV") holds the line and its envelope,
     `__MIN` and `__MAX`: the same numbers for one run's line, as W&B's staff say
-    (wandb/wandb#5349), the range of what the line's point averages where it does not (runs
-    grouped, or steps bucketed). The envelope was imported as two extra scalars, and a line
+    (wandb/wandb#5349), the range of what the line's point stands for where it does not (runs
+    grouped, or a bucket of steps, whose last value W&B's full fidelity draws: its docs; the
+    message said a mean). The envelope was imported as two extra scalars, and a line
     of means (0.5 at step 10, between 0.4 and 0.6) as the run's reward: the envelope is left
     out, and a row where it parts from the line refused, naming it."""
     chart = tmp_path / "wandb.csv"
     header = "Step,run-7 - train/reward,run-7 - train/reward__MIN,run-7 - train/reward__MAX\n"
     chart.write_text(header + "9,0.25,0.25,0.250\n10,0.5,0.4,0.6\n")
-    with pytest.raises(InputError, match=r"line 3: train/reward is 0.5 but its __MIN is 0.4"):
+    with pytest.raises(
+        InputError, match=r"line 3: train/reward is 0.5 but its __MIN is 0.4"
+    ) as info:
         read_log(chart)
+    assert "chart drew one point for a bucket of steps or for grouped runs" in str(info.value)
     chart.write_text(header + "9,0.25,0.25,0.250\n10,0.5,0.5,0.5\n11,,,\n")
     _, _, table = read_log(chart)
     assert table.steps == {9: {"train/reward": 0.25}, 10: {"train/reward": 0.5}}

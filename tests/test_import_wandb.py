@@ -475,4 +475,5 @@ def test_the_docs_say_that_a_history_export_is_sampled() -> None:
         and "`run.scan_history()`, which gives every row" in text
     )
     assert "draws 1,500 points picked at random of a line that has more" in text
+    assert "a bucket of equal values (a constant learning rate) leaves its other steps" in text
     assert "does not take uneven gaps for a sample and does not warn of one" in text

@@ -7,7 +7,7 @@ export (`<run> - <metric>` columns, with `__MIN`/`__MAX` envelope columns) loses
 `<run> - ` part (up to the last ` - `: a run's name may hold one, no framework's metric name
 does) when every metric column has the same one (a chart of several runs is refused: one
 import is one run); its envelope is left out, and a row where it is not the line's value (a
-mean over grouped runs or bucketed steps) refused. TensorBoard's per-tag export (`Wall
+point for a bucket of steps or for grouped runs) refused. TensorBoard's per-tag export (`Wall
 time,Step,Value`) names its one metric after the file, which holds the tag with `_` for `/`: a
 leading `train_` is read as `train/` (`run-X-tag-train_loss.csv` -> `train/loss`), a leading
 evaluation prefix as that prefix (`val-core_` -> verl's `val-core/`, left out), and a name that
@@ -109,15 +109,15 @@ def _envelope(names: list[str], table: StepTable) -> dict[str, str]:
 
 def _within(values: dict[str, str], bound: str, line: str, where: str) -> None:
     """Takes envelope column `bound` out of a row's `values`; InputError where it is not its
-    metric's value: the chart's line is then a mean (over grouped runs, or over the steps of a
-    bucket) the run never logged."""
+    metric's value: the chart's point then stands for several values (a bucket of steps, of
+    which W&B's full fidelity draws the last; grouped runs), not one the run logged alone."""
     edge = values.pop(bound, None)
     if edge is None or line not in values or _same(edge, values[line]):
         return
     raise InputError(
         f"{where}: {line} is {values[line]} but its {bound[len(line) :]} is {edge}: the W&B "
-        "chart drew a mean over grouped runs or sampled steps, not the run's values; export "
-        "run.scan_history() or import the run's .wandb file"
+        "chart drew one point for a bucket of steps or for grouped runs, not the run's values; "
+        "export run.scan_history() or import the run's .wandb file"
     )
 
 
