@@ -239,7 +239,8 @@ def test_a_resumed_runs_other_starts_are_named(tmp_path: Path) -> None:
     """wandb 0.31 writes each start of a resumed run (`wandb.init(id="resrun",
     resume="allow")`, offline: steps 0-4, then 3-6) into a run directory of its own, each
     file one start's history: `import wandb/latest-run` imported steps 3..6 and said nothing
-    of steps 0-2, in the directory beside it. It warns, naming it."""
+    of steps 0-2, in the directory beside it. It warns, naming it; `import wandb/` counts
+    the directories as one run's, where it said '2 W&B runs'."""
     runs = tmp_path / "wandb"
     first, second = (runs / f"offline-run-20261206_0{t}-trltiny" for t in ("74646", "81500"))
     for run in (first, second):
@@ -247,12 +248,18 @@ def test_a_resumed_runs_other_starts_are_named(tmp_path: Path) -> None:
         shutil.copyfile(TRL_FILE, run / TRL_FILE.name)
     (runs / "latest-run").symlink_to(second.name)
     (runs / "offline-run-20261206_090000-other").mkdir()
+    shutil.copyfile(VERL_FILE, runs / "offline-run-20261206_090000-other" / "run-other.wandb")
     warned = _import(str(runs / "latest-run"), "--out", str(tmp_path / "r"))["warnings"]
     assert warned == [
         f"{runs / 'latest-run' / TRL_FILE.name}: W&B run trltiny was resumed: this file holds "
         f"one start's history; {first.name} beside it holds the other's, not imported (import "
         "each on its own)"
     ]
+    done = runner.invoke(app, ["import", str(runs), "--out", str(tmp_path / "x")])
+    assert done.stderr == (
+        f"error: {runs}: 3 W&B run directories of 2 runs (resumed): import one "
+        f"({runs / 'latest-run'} is the newest)\n"
+    )
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copyfile(TRL_FILE, alone / TRL_FILE.name)

@@ -17,7 +17,7 @@ from stabledrl_cli.importers._files import (
 from stabledrl_cli.importers._names import listed
 from stabledrl_cli.importers._tfevents import EVENT_PATTERN, holds_events
 from stabledrl_cli.importers._verl_console import SNIFF_LINE
-from stabledrl_cli.importers._wandb import HEADER, WANDB_PATTERN, wandb_files
+from stabledrl_cli.importers._wandb import HEADER, WANDB_PATTERN, run_id, wandb_files
 from stabledrl_cli.vocab import ImportFormat
 
 TRAINER_STATE = "trainer_state.json"
@@ -150,9 +150,11 @@ def directory_refused(path: Path, log_format: ImportFormat | None) -> InputError
     if log_format in (None, "wandb") and runs and len(runs) == len(logs) - (LATEST_RUN in logs):
         # W&B's folder: its newest run is the likely one, not a sure one (another may start)
         newest = LATEST_RUN if LATEST_RUN in logs else max(runs, key=_started)
-        return InputError(
-            f"{path}: {counted(len(runs), 'W&B run')}: import one ({path / newest} is the newest)"
-        )
+        ids = len({run_id(run) or run for run in runs})
+        held = counted(len(runs), "W&B run")
+        if ids < len(runs):  # a resumed run is written one directory a start
+            held = f"{counted(len(runs), 'W&B run directory')} of {counted(ids, 'run')} (resumed)"
+        return InputError(f"{path}: {held}: import one ({path / newest} is the newest)")
     held = (
         "its subdirectory {} holds a log" if len(logs) == 1 else "its subdirectories {} hold logs"
     )

@@ -133,6 +133,12 @@ def read_wandb(path: Path, step_key: str | None = None) -> StepTable:
     return table
 
 
+def run_id(directory: str) -> str:
+    """The run id of a W&B run directory's name (`run-20261206_074646-<id>`,
+    `offline-run-...`; an id may hold a `-`)."""
+    return directory.partition("run-")[2].partition("-")[2]
+
+
 def other_parts(path: Path) -> list[str]:
     """The run directories beside the one of run file `path` (`wandb/run-<date>-<id>/run-<id>
     .wandb`) that hold the same run's file: wandb writes each start of a resumed run
@@ -144,9 +150,7 @@ def other_parts(path: Path) -> list[str]:
     return subdirectories(
         run.parent,
         lambda d: (
-            d.name.endswith(f"-{path.name[4:-6]}")
-            and (d / path.name).is_file()
-            and d.resolve() != run
+            run_id(d.name) == path.name[4:-6] and (d / path.name).is_file() and d.resolve() != run
         ),
     )
 
