@@ -30,6 +30,8 @@ from typer.testing import CliRunner, Result
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run
+from stabledrl_cli.dump._policy import policy_entry
+from stabledrl_cli.dump._setup import amend_manifest
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay import follow, incremental
 from stabledrl_cli.replay.config import ReplayConfig
@@ -574,6 +576,77 @@ def _norms_run(path: Path, steps: Iterable[int], norm: float, **kwargs: object) 
 
 def _norms(watcher: RunWatcher) -> list[float | None]:
     return [row.grad_norm for row in watcher.state().recent]
+
+
+def _normalised_steps(recorder: Recorder, steps: Iterable[int]) -> None:
+    """Steps of a token-mean run that record their normaliser (`loss_scale`, as verl's
+    integration does): step 10's is 1/100 of the others', a spike only `agg=recorded` sees;
+    step 9's recorded grad norm is a spike."""
+    rng = np.random.default_rng(0)
+    for n in steps:
+        batch = _batch(rng)
+        scale = np.full(8, 0.08 if n == 10 else 8.0, dtype="float32")
+        recorder.log_step(n, **batch, loss_scale=scale, grad_norm=50.0 if n == 9 else 1.0)
+
+
+def _amend_policy(path: Path, spec: str) -> None:
+    """The manifest amended as verl's integration amends it when rejected tokens show up."""
+    amend_manifest(path, "policy", policy_entry(spec, None))
+
+
+def test_a_policy_amended_mid_watch_is_the_runs_for_every_step(tmp_path):
+    """verl's integration amends a run's policy mid-run (token-mean turns `agg=recorded`, the
+    same run_id). The watcher reads the run again under the new policy, as a fresh watcher
+    reads it (step 10 a risk step now), says so in `policy_changes`, and raises no alert twice.
+    Before, it took the run for a replaced one (`replaced` 1) and raised its alerts again."""
+    live = tmp_path / "live"
+    recorder = Recorder(live, policy="dapo")
+    _normalised_steps(recorder, range(12))
+    watcher = RunWatcher(live, CPU, recent=3)
+    assert [(a.kind, a.step) for a in watcher.poll()] == [("grad_norm_spike", 9)]
+    assert watcher.state().risk_steps == []
+    _amend_policy(live, "dapo:agg=recorded")
+    assert [(a.kind, a.step) for a in watcher.poll()] == [("risk", 10)]
+    amend_manifest(live, "meta", {"rejected_tokens_from_step": 12})  # the same policy
+    assert watcher.poll() == []
+    assert watcher.replaced == 0 and watcher.state().risk_steps == [10]
+    assert watcher.policy_changes == [
+        follow.PolicyChange(was="dapo", now="dapo:agg=recorded", after_step=11)
+    ]
+    fresh = RunWatcher(live, CPU, recent=3)
+    fresh.poll()
+    assert _comparable(watcher) == _comparable(fresh)
+    recorder.close()
+
+
+def test_the_live_watch_says_once_when_the_runs_policy_changed(tmp_path, monkeypatch):
+    """The policy amended at one poll, the meta at the next, then 8 more steps: one line
+    names the change, every alert is printed once. Before, "the run changed under the watch"
+    twice, and step 9's alert three times."""
+    live = tmp_path / "live"
+    recorder = Recorder(live, policy="dapo")
+    _normalised_steps(recorder, range(12))
+    polls = {"n": 0}
+
+    def between_polls(seconds: float) -> None:
+        polls["n"] += 1
+        if polls["n"] == 1:
+            _amend_policy(live, "dapo:agg=recorded")
+        if polls["n"] == 2:
+            amend_manifest(live, "meta", {"rejected_tokens_from_step": 12})
+            _normalised_steps(recorder, range(12, 20))
+            recorder.close()
+
+    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    result = CliRunner().invoke(app, ["watch", str(live), "--device", "cpu", "--recent", "0"])
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if line.startswith("alert:")] == [
+        "alert: step 9: grad_norm_spike: recorded grad_norm > 10x its recent median",
+        "alert: step 10: risk: dapo:agg=recorded replayed: an update norm spike",
+    ]
+    changed = f"{live}: the run's policy is now dapo:agg=recorded (was dapo, through step 11)"
+    assert result.stderr.count(changed) == 1 and "changed under the watch" not in result.stderr
+    assert "stopped (20 steps seen)" in result.stderr and result.exit_code == 0
 
 
 def test_a_run_re_recorded_into_a_byte_identical_manifest_is_followed_anew(tmp_path, monkeypatch):

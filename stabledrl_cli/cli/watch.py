@@ -76,7 +76,14 @@ from stabledrl_cli.replay.run_facts import (
 from stabledrl_cli.spec import wrap_spec
 
 if TYPE_CHECKING:
-    from stabledrl_cli.replay.follow import Alert, RankProgress, RunWatcher, WatchState, WritersEnd
+    from stabledrl_cli.replay.follow import (
+        Alert,
+        PolicyChange,
+        RankProgress,
+        RunWatcher,
+        WatchState,
+        WritersEnd,
+    )
     from stabledrl_cli.replay.incremental import OwnReplay
 
 STEPS_LISTED = 8
@@ -89,6 +96,14 @@ MAX_INTERVAL = 86_400
 
 def _alert_line(alert: Alert) -> str:
     return f"alert: step {alert.step}: {alert.kind}: {alert.message}"
+
+
+def _policy_change_line(run: str, change: PolicyChange) -> str:
+    """The line saying the run's manifest changed the policy it is replayed by."""
+    return (
+        f"{run}: the run's policy is now {change.now or 'none'} (was {change.was or 'none'}, "
+        f"through step {change.after_step}): every step is replayed under it"
+    )
 
 
 def _damaged_line(watcher: RunWatcher) -> str | None:
@@ -415,6 +430,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     seen = -1
     warned: set[int] = set()  # rejected steps warned about (one may land late, below others)
     replaced = 0  # times the run was replaced under the watch
+    changes = 0  # changes of the run's policy said
     stopped: set[str] = set()  # the stopped recordings warned about, one a rank
     noted: OwnReplay | None = None  # the replay whose own policy's note is printed
     state = watcher.state()  # as the view shows it
@@ -433,6 +449,10 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                             replaced, warned, seen = watcher.replaced, set(), -1
                             line = f"{watcher.path}: the run changed under the watch: following it"
                             live.console.print(f"{line} from its start", highlight=False)
+                        for change in watcher.policy_changes[changes:]:
+                            line = _policy_change_line(str(watcher.path), change)
+                            live.console.print(line, highlight=False)
+                        changes = len(watcher.policy_changes)
                         if watcher.replay is not None and watcher.replay is not noted:
                             noted = watcher.replay  # once a run followed
                             print_own_policy_note(noted.run, live.console)

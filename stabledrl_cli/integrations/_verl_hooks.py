@@ -273,8 +273,7 @@ class Session:
             f"stabledrl: warning: step {self.step} holds tokens verl's rollout rejection "
             f"sampling left in token-mean's count: the run's spec is now {policy.spec}, not "
             f"{self.policy_spec} (meta.rejected_tokens_from_step; verl's normaliser, recorded "
-            "at every step, replays the earlier steps too); a watch started before it "
-            "replays the old spec\n"
+            "at every step, replays the earlier steps too)\n"
         )
         self.policy_spec = policy.spec
 

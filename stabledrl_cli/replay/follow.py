@@ -25,6 +25,7 @@ from stabledrl_cli.dump._schema import (
     RECORDING_CLOSED,
     RECORDING_CLOSED_RANKS,
     RECORDING_STOPPED,
+    RUN_ID,
     STEPS_DIR,
     canonical_step,
     stops_by_rank,
@@ -253,6 +254,21 @@ class _RankFiles:
         self._names = names
 
 
+@dataclass(frozen=True, kw_only=True)
+class PolicyChange:
+    """The run's policy, changed in its manifest while it was watched (`RunWatcher`)."""
+
+    was: str | None
+    now: str | None
+    after_step: int
+    """The last step read under `was`: every step is replayed under `now` since."""
+
+
+def _policy_of(replay: OwnReplay) -> str | None:
+    """The spec the watch replays the run by: its own policy's, else the manifest's."""
+    return getattr(replay.policy, "spec", None) or replay.run.policy_spec
+
+
 WritersEnd = Literal["killed", "closed"]
 """How a run's Recorders all ended without marking it closed (`RunWatcher.writers_ended`)."""
 
@@ -273,7 +289,11 @@ class RunWatcher:
     derived again only when more were read, or the last one changed. `closed` says when a
     poll read every step the run will have (its manifest marked `recording_closed`, or a
     packed archive); `writers_ended` how its Recorders all ended, when two polls in a row
-    found them ended (`_writers_end`), the second one listing after that."""
+    found them ended (`_writers_end`), the second one listing after that. A manifest changed
+    otherwise under the same `run_id` is the same run amended (verl's integration turns its
+    policy to `agg=recorded` mid-run): it is read again from its start, its steps judged
+    under the amended manifest, no alert raised twice; `policy_changes` lists each change of
+    the policy it is replayed by."""
 
     def __init__(
         self, path: str | os.PathLike[str], config: ReplayConfig | None = None, *, recent: int = 10
@@ -298,6 +318,13 @@ class RunWatcher:
         self._rank_files: _RankFiles | None = None
         self.replaced = 0
         """How often the run changed under the watcher (and was followed again from the start)."""
+        self.policy_changes: list[PolicyChange] = []
+        """Each change of the policy the run is replayed by, in its manifest, while watched."""
+        self._amended = False
+        """Whether the manifest last found changed is the same run's (its `run_id`)."""
+        self._replayed_by: tuple[str | None, int] | None = None
+        """The policy the steps read were replayed by, and the last of them, before the run
+        was read again for its amended manifest."""
         self.recording_stopped: dict[str, Any] | None = None
         """The manifest's `recording_stopped` ({step, rank, reason}: a Recorder's note that its
         recording stopped after a failed write or `note_stop`, training going on), as last
@@ -384,7 +411,9 @@ class RunWatcher:
         """The run read so far is gone: its manifest was removed, or rewritten as another
         run's (a change beyond `recording_stopped`, `recording_closed` and
         `recording_closed_ranks`, the notes a Recorder adds to its own run: a new `run_id`
-        among them)."""
+        among them); or its manifest was amended beyond those notes under the same `run_id`
+        (`_amended`): it is read again all the same."""
+        self._amended = False
         if self._manifest_key is None:  # a packed archive: never written while it is read
             return False
         key = self._manifest_now()
@@ -405,7 +434,11 @@ class RunWatcher:
         self.recording_stopped = _stopped_note(now)
         self._closed_ranks = set(closed_ranks(now))
         self._closed_mark = now.get(RECORDING_CLOSED) is True
-        return run_of(now) != run_of(replay.run.manifest)
+        if run_of(now) == run_of(replay.run.manifest):
+            return False
+        run_id = replay.run.manifest.get(RUN_ID)
+        self._amended = run_id is not None and now.get(RUN_ID) == run_id
+        return True
 
     def _manifest_kept(self) -> bool:
         """Whether the manifest is still the one last read (a packed archive always is): a
@@ -427,19 +460,28 @@ class RunWatcher:
     def _start_over(self) -> None:
         """Drops all that was read of the run: the path is followed again from its start. A
         replacement counts once: a recording over the run removes its step files, then writes
-        its manifest, and a watcher between the two has read nothing since the first."""
-        if self.replay is not None and self.replay.seen:
-            self.replaced += 1
+        its manifest, and a watcher between the two has read nothing since the first. The
+        same run amended (`_amended`) keeps its alerts raised and its ranks seen holding
+        their locks, and is no replacement."""
+        amended, self._amended = self._amended, False
+        replay = self.replay
+        if replay is not None and replay.seen:
+            if amended:
+                self._replayed_by = self._replayed_by or (_policy_of(replay), replay.seen[-1])
+            else:
+                self.replaced += 1
+        if not amended:
+            self._alerts, self._seen = [], set()
+            self._held, self._replayed_by = set(), None
         self.replay = None
         self._listed, self._unreadable = set(), set()
         self._rank_files = None
         self.recording_stopped = None
         self.recording_stops = []
         self.closed = self._closed_mark = False
-        self._ended_polls, self._writers_end, self._held = 0, None, set()
+        self._ended_polls, self._writers_end = 0, None
         self._holding, self._closed_ranks = set(), set()
         self._waiting = self._reading()
-        self._alerts, self._seen = [], set()
         self._alerted = None
 
     def poll(self) -> list[Alert]:
@@ -454,6 +496,12 @@ class RunWatcher:
                 break
             self._start_over()
         replay = self.replay
+        if replay is not None and replay.seen and self._replayed_by is not None:
+            (was, after), self._replayed_by = self._replayed_by, None
+            if _policy_of(replay) != was:
+                self.policy_changes.append(
+                    PolicyChange(was=was, now=_policy_of(replay), after_step=after)
+                )
         if replay is None:
             self._waiting = self._awaited()
             return []
