@@ -611,7 +611,7 @@ def test_a_policy_amended_mid_watch_is_the_runs_for_every_step(tmp_path):
     assert watcher.poll() == []
     assert watcher.replaced == 0 and watcher.state().risk_steps == [10]
     assert watcher.policy_changes == [
-        follow.PolicyChange(was="dapo", now="dapo:agg=recorded", after_step=11)
+        follow.PolicyChange(was="dapo", now="dapo:agg=recorded", after_step=11, replayed=True)
     ]
     fresh = RunWatcher(live, CPU, recent=3)
     fresh.poll()
@@ -647,6 +647,28 @@ def test_the_live_watch_says_once_when_the_runs_policy_changed(tmp_path, monkeyp
     changed = f"{live}: the run's policy is now dapo:agg=recorded (was dapo, through step 11)"
     assert result.stderr.count(changed) == 1 and "changed under the watch" not in result.stderr
     assert "stopped (20 steps seen)" in result.stderr and result.exit_code == 0
+
+
+def test_a_policy_amended_out_of_the_catalogue_is_named_before_its_gate_is_refused(
+    tmp_path, monkeypatch
+):
+    """The run's policy amended to one the catalogue lacks under --max-collapsed: the line
+    naming the change says no step is replayed, then the gate is refused (exit 2). Before,
+    the refusal came first and the line never printed."""
+    live = tmp_path / "live"
+    recorder = Recorder(live, policy="dapo")
+    _normalised_steps(recorder, range(12))
+    entry = {"spec": "mine:x=1", "name": "mine", "params": {"x": 1}}
+    monkeypatch.setattr(
+        "stabledrl_cli.cli.watch.time.sleep",
+        lambda seconds: amend_manifest(live, "policy", entry),
+    )
+    args = ["watch", str(live), "--device", "cpu", "--max-collapsed", "3"]
+    result = CliRunner().invoke(app, args)
+    changed = f"{live}: the run's policy is now mine:x=1 (was dapo, through step 11): no step"
+    assert result.stderr.count(changed) == 1 and result.exit_code == 2
+    assert result.stderr.index(changed) < result.stderr.index("error: ")
+    recorder.close()
 
 
 def test_a_run_re_recorded_into_a_byte_identical_manifest_is_followed_anew(tmp_path, monkeypatch):

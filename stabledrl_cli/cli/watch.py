@@ -100,9 +100,10 @@ def _alert_line(alert: Alert) -> str:
 
 def _policy_change_line(run: str, change: PolicyChange) -> str:
     """The line saying the run's manifest changed the policy it is replayed by."""
+    judged = "every step is replayed under it" if change.replayed else "no step is replayed"
     return (
         f"{run}: the run's policy is now {change.now or 'none'} (was {change.was or 'none'}, "
-        f"through step {change.after_step}): every step is replayed under it"
+        f"through step {change.after_step}): {judged}"
     )
 
 
@@ -443,8 +444,6 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                         state = watcher.state()
                         # before the lines: they follow it
                         live.update(_fitted(state, live.console), refresh=True)
-                        if watcher.replay is not None and watcher.replay.policy is None:
-                            _refuse_policy_gates(watcher, gates)  # no step will be replayed
                         if watcher.replaced > replaced:
                             replaced, warned, seen = watcher.replaced, set(), -1
                             line = f"{watcher.path}: the run changed under the watch: following it"
@@ -453,6 +452,8 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                             line = _policy_change_line(str(watcher.path), change)
                             live.console.print(line, highlight=False)
                         changes = len(watcher.policy_changes)
+                        if watcher.replay is not None and watcher.replay.policy is None:
+                            _refuse_policy_gates(watcher, gates)  # no step will be replayed
                         if watcher.replay is not None and watcher.replay is not noted:
                             noted = watcher.replay  # once a run followed
                             print_own_policy_note(noted.run, live.console)

@@ -262,6 +262,8 @@ class PolicyChange:
     now: str | None
     after_step: int
     """The last step read under `was`: every step is replayed under `now` since."""
+    replayed: bool
+    """Whether `now` is replayed (a policy of the catalogue)."""
 
 
 def _policy_of(replay: OwnReplay) -> str | None:
@@ -499,8 +501,10 @@ class RunWatcher:
         if replay is not None and replay.seen and self._replayed_by is not None:
             (was, after), self._replayed_by = self._replayed_by, None
             if _policy_of(replay) != was:
+                now = _policy_of(replay)
+                replayed = replay.policy is not None
                 self.policy_changes.append(
-                    PolicyChange(was=was, now=_policy_of(replay), after_step=after)
+                    PolicyChange(was=was, now=now, after_step=after, replayed=replayed)
                 )
         if replay is None:
             self._waiting = self._awaited()
