@@ -619,6 +619,31 @@ def test_a_policy_amended_mid_watch_is_the_runs_for_every_step(tmp_path):
     recorder.close()
 
 
+def test_a_policy_amended_while_a_poll_reads_names_the_last_step_judged_before(
+    tmp_path, monkeypatch
+):
+    """The policy amended after a poll listed steps 5-11 and before it read them: they were
+    never judged under the old policy, so the change is after step 4, the last step a poll
+    judged under it. Before, it named step 11."""
+    live = tmp_path / "live"
+    recorder = Recorder(live, policy="dapo")
+    _normalised_steps(recorder, range(5))
+    watcher = RunWatcher(live, CPU)
+    watcher.poll()
+    _normalised_steps(recorder, range(5, 12))
+    extend = incremental.OwnReplay.extend
+
+    def amended_first(replay: incremental.OwnReplay, numbers: list[int]) -> list[int]:
+        monkeypatch.setattr(incremental.OwnReplay, "extend", extend)  # once
+        _amend_policy(live, "dapo:agg=recorded")
+        return extend(replay, numbers)
+
+    monkeypatch.setattr(incremental.OwnReplay, "extend", amended_first)
+    assert [(a.kind, a.step) for a in watcher.poll()] == [("grad_norm_spike", 9), ("risk", 10)]
+    assert [change.after_step for change in watcher.policy_changes] == [4]
+    recorder.close()
+
+
 def test_the_live_watch_says_once_when_the_runs_policy_changed(tmp_path, monkeypatch):
     """The policy amended at one poll, the meta at the next, then 8 more steps: one line
     names the change, every alert is printed once. Before, "the run changed under the watch"

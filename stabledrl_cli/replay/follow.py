@@ -324,9 +324,9 @@ class RunWatcher:
         """Each change of the policy the run is replayed by, in its manifest, while watched."""
         self._amended = False
         """Whether the manifest last found changed is the same run's (its `run_id`)."""
-        self._replayed_by: tuple[str | None, int] | None = None
-        """The policy the steps read were replayed by, and the last of them, before the run
-        was read again for its amended manifest."""
+        self._judged: tuple[str | None, int] | None = None
+        """The policy the steps read were judged by at the last poll that read some, and the
+        last of them; None once the run was replaced."""
         self.recording_stopped: dict[str, Any] | None = None
         """The manifest's `recording_stopped` ({step, rank, reason}: a Recorder's note that its
         recording stopped after a failed write or `note_stop`, training going on), as last
@@ -466,15 +466,11 @@ class RunWatcher:
         same run amended (`_amended`) keeps its alerts raised and its ranks seen holding
         their locks, and is no replacement."""
         amended, self._amended = self._amended, False
-        replay = self.replay
-        if replay is not None and replay.seen:
-            if amended:
-                self._replayed_by = self._replayed_by or (_policy_of(replay), replay.seen[-1])
-            else:
-                self.replaced += 1
+        if self.replay is not None and self.replay.seen and not amended:
+            self.replaced += 1
         if not amended:
             self._alerts, self._seen = [], set()
-            self._held, self._replayed_by = set(), None
+            self._held, self._judged = set(), None
         self.replay = None
         self._listed, self._unreadable = set(), set()
         self._rank_files = None
@@ -498,14 +494,6 @@ class RunWatcher:
                 break
             self._start_over()
         replay = self.replay
-        if replay is not None and replay.seen and self._replayed_by is not None:
-            (was, after), self._replayed_by = self._replayed_by, None
-            if _policy_of(replay) != was:
-                now = _policy_of(replay)
-                replayed = replay.policy is not None
-                self.policy_changes.append(
-                    PolicyChange(was=was, now=now, after_step=after, replayed=replayed)
-                )
         if replay is None:
             self._waiting = self._awaited()
             return []
@@ -513,11 +501,24 @@ class RunWatcher:
             self._waiting = f"waiting for the first step of {self.path}"
             return []
         self._waiting = None
+        self._judge_under(replay)
         observed = replay.observed()
         if observed is self._alerted:  # nothing new was read
             return []
         self._alerted = observed
         return self._raise(self._candidates(replay))
+
+    def _judge_under(self, replay: OwnReplay) -> None:
+        """Notes the policy the steps read are judged by now, and a change of it since the
+        last poll (`policy_changes`): the same run, its manifest amended."""
+        now = _policy_of(replay)
+        if self._judged is not None and self._judged[0] != now:
+            was, after = self._judged
+            replayed = replay.policy is not None
+            self.policy_changes.append(
+                PolicyChange(was=was, now=now, after_step=after, replayed=replayed)
+            )
+        self._judged = (now, replay.seen[-1])
 
     def _read(self) -> bool:
         """Opens the run if need be and reads the steps that landed; -> whether the run was
