@@ -369,17 +369,29 @@ def test_jsonl_flat_and_verl_file_logger(tmp_path: Path) -> None:
     assert table.not_imported["val-core/acc"] == "eval"
 
 
-def test_a_log_of_quoted_numbers_says_it_dropped_them(tmp_path: Path) -> None:
-    """`json.dumps(row, default=str)` of numpy float32 values writes `"loss": "0.5"`: text, no
-    number (JSON lines read a string so since the W&B run file does), so no step imports; the
-    refusal said `skipped rows: 3 no metrics` only, as if the rows held none. It names what it
-    dropped."""
+def test_a_log_of_quoted_numbers_imports_them(tmp_path: Path) -> None:
+    """`json.dumps(row, default=str)` of numpy float32 values writes `"loss": "0.5"`, numbers
+    as text: read as numbers (only a W&B history's strings are text), where a JSON-lines log
+    that held its numbers so imported nothing."""
     np = pytest.importorskip("numpy")
     log = tmp_path / "q.jsonl"
     with log.open("w") as handle:
         for step in range(3):
             row = {"step": step, "loss": np.float32(0.5), "reward": np.float32(1.0)}
             handle.write(json.dumps(row, default=str) + "\n")
+    _, _, table = read_log(log)
+    assert table.steps == {s: {"loss": 0.5, "reward": 1.0} for s in range(3)}
+    assert not table.non_numeric
+    done = CliRunner().invoke(app, ["import", str(log), "--out", str(tmp_path / "run")])
+    assert done.exit_code == 0, done.output
+
+
+def test_a_log_of_text_says_it_dropped_it(tmp_path: Path) -> None:
+    """A log whose values are all text that spells no number (`"n/a"`) has no step: the
+    refusal said `skipped rows: 3 no metrics` only, as if the rows held none. It names what it
+    dropped."""
+    log = tmp_path / "q.jsonl"
+    log.write_text("".join(f'{{"step": {s}, "loss": "n/a", "reward": "-"}}\n' for s in range(3)))
     done = CliRunner().invoke(app, ["import", str(log), "--out", str(tmp_path / "run")])
     assert done.exit_code == 3
     assert done.stderr == (

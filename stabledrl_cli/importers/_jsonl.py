@@ -20,13 +20,13 @@ from typing import Any
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, counted, quoted
 from stabledrl_cli.importers._files import text_lines
-from stabledrl_cli.importers._names import step_key_from
+from stabledrl_cli.importers._names import WANDB_STEP, step_key_from
 from stabledrl_cli.importers._table import StepTable
 
 
 def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
     """The steps of a JSON-lines log (InputError when it is not one)."""
-    table = StepTable(str(path), preempts=True, typed=True)
+    table = StepTable(str(path), preempts=True)
     key = step_key
     rows = keyed = 0
     for number, text, ended in text_lines(path):
@@ -44,6 +44,7 @@ def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
             raise InputError(f"{where}: not a JSON object")
         values, verl = _flattened(row)
         table.nonfinite_null |= verl
+        table.typed |= WANDB_STEP in values
         if step_key is None:
             key = table.keyed_by(key, step_key_from(values, key, where), where)
         else:

@@ -63,6 +63,10 @@ STEP_KEYS = ("step", "global_step", "train/global_step", "trainer/global_step", 
 """Columns or keys that may hold the step, most preferred first (W&B's `_step` counts log calls,
 so the trainer's own step is preferred)."""
 
+WANDB_STEP = "_step"
+"""The step key every row of a W&B history holds (`run.scan_history()`, exported as JSON): a
+JSON log whose rows hold it is W&B's, whose strings are text (`StepTable.typed`)."""
+
 
 def step_key_from(row: Container[str], key: str | None, where: str) -> str:
     """The step key of a log from `row` on, `key` that of the rows before (None: `row` is the
@@ -72,7 +76,7 @@ def step_key_from(row: Container[str], key: str | None, where: str) -> str:
     a script's own, hold `_step` alone); another log's key is its own (a later row's `step`
     may count something else, and the rows after it hold none). InputError naming `where`
     when the first row holds none."""
-    if key not in (None, "_step"):
+    if key not in (None, WANDB_STEP):
         return key
     better = STEP_KEYS if key is None else STEP_KEYS[: STEP_KEYS.index(key)]
     found = next((k for k in better if k in row), key)

@@ -10,11 +10,11 @@ values at steps after the one a later row gives it: those steps of the earlier r
 drops nothing. A log that says where its run restarted (`restart`: TensorBoard's SessionLog
 START) drops every metric's values from that step on. A value is a number (NaN and infinities
 are kept: finding them is the point), missing (an empty cell, a JSON null), or not numeric (a
-bool, a list, a JSON string: dropped and counted). A row whose step is not an integer in
-[0, 2**63 - 1] is skipped; so is a row left with no training metric (an evaluation row,
-transformers' end-of-training summary, an empty row). Each bound below is an InputError
-(exit 3) when a log passes it, as is an integer value past a double's range (1.8e308: JSON
-allows it, no metric holds it).
+bool, a list, text that spells no number or a string of W&B's: dropped and counted). A row
+whose step is not an integer in [0, 2**63 - 1] is skipped; so is a row left with no training
+metric (an evaluation row, transformers' end-of-training summary, an empty row). Each bound
+below is an InputError (exit 3) when a log passes it, as is an integer value past a double's
+range (1.8e308: JSON allows it, no metric holds it).
 """
 
 from __future__ import annotations
@@ -82,9 +82,11 @@ class StepTable:
     warnings: list[str] = field(default_factory=list)
     """Notes for the user (e.g. an unfinished last record ignored)."""
     typed: bool = False
-    """Whether the log's values carry their type (JSON): a string there is text, digits or
-    not (`"0.5"`, which W&B's charts leave unplotted), not a number; a CSV cell or a console
-    log's value is text to be read as one."""
+    """Whether the log's values carry W&B's types (its run file, or its history exported as
+    JSON: rows holding `_step`): a string there is text, digits or not (`"0.5"`, which W&B's
+    charts leave unplotted), not a number. Any other log's value in text (a CSV cell, a
+    console log's value, a JSON string such as `json.dumps(row, default=str)` writes numpy's
+    float32) is read as a number where it spells one."""
     nonfinite_null: bool = False
     """Whether the log spells NaN and the infinities alike (verl's file log: orjson's `null`),
     read as NaN: a NaN of it may have been an infinity."""

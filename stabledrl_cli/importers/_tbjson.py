@@ -20,7 +20,7 @@ def read_tensorboard_json(path: Path) -> StepTable:
     if not isinstance(document, list):
         raise InputError(f"{path}: not {_WHAT} (a list of [wall time, step, value])")
     metric = per_tag_metric(path)
-    table = StepTable(str(path), preempts=True, typed=True)
+    table = StepTable(str(path), preempts=True)
     for number, entry in enumerate(document, 1):
         if not isinstance(entry, list) or len(entry) != 3:
             raise InputError(f"{path}: entry {number} is not [wall time, step, value]")

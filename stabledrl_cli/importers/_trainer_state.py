@@ -24,7 +24,7 @@ from pathlib import Path
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.importers._files import DOCUMENT_LIMIT, open_log
-from stabledrl_cli.importers._names import step_key_from
+from stabledrl_cli.importers._names import WANDB_STEP, step_key_from
 from stabledrl_cli.importers._table import CELL_LIMIT, StepTable
 
 VALUE_LIMIT = 2 * CELL_LIMIT
@@ -74,7 +74,7 @@ def read_trainer_state(path: Path, step_key: str | None = None) -> StepTable:
         raise InputError(
             f"{path}: not a trainer_state.json (no log_history list, nor a list of its rows)"
         )
-    table = StepTable(str(path), preempts=history is document, typed=True)
+    table = StepTable(str(path), preempts=history is document)
     key: str | None = "step"
     if isinstance(document, dict):
         if step_key is not None:
@@ -89,6 +89,7 @@ def read_trainer_state(path: Path, step_key: str | None = None) -> StepTable:
         if not isinstance(entry, dict):
             table.skipped_rows["not an object"] += 1
             continue
+        table.typed |= WANDB_STEP in entry
         if keyed_by_rows:
             where = f"{path}: entry {number}"
             key = table.keyed_by(key, step_key_from(entry, key, where), where)
