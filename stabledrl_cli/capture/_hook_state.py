@@ -112,8 +112,6 @@ class OptimizerView:
     """id(parameter) -> its FSDP1 Shard, for the parameters that are one (None: not looked)."""
     pending: Stats | None = None
     last_end: float | None = None
-    steps_since_run_step: int = 0
-    last: Stats | None = None
     steps_taken: int = 0
     """Its `step()` calls that ran (the post-hook's count)."""
     closure_at: int | None = None
@@ -127,6 +125,16 @@ class OptimizerView:
 
 
 @dataclass
+class OtherSteps:
+    """Another optimizer's steps since the previous recorded step: how many, and the last's
+    statistics. Kept by its index, not with its view: an optimizer dropped before the run's
+    next step (a new one made at each step) still has its steps recorded."""
+
+    last: Stats
+    steps: int = 1
+
+
+@dataclass
 class HookState:
     """The hooks' state in this process."""
 
@@ -136,6 +144,11 @@ class HookState:
     )
     run_optimizer: weakref.ref[Optimizer] | None = None
     optimizers_seen: int = 0
+    indices: dict[frozenset[int], list[int]] = field(default_factory=dict)
+    """id() of an optimizer's parameters -> the index of each optimizer that stepped them
+    (`optimizer_hooks._index`)."""
+    others: dict[int, OtherSteps] = field(default_factory=dict)
+    """Index -> another optimizer's steps that no recorded step holds yet."""
     next_step: int = 0
     installed_at: float = 0.0
     """When (time.perf_counter) `install` last installed the hooks."""

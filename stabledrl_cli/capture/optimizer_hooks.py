@@ -10,9 +10,11 @@ once it has imported torch.distributed.fsdp. What the hooks keep is `_hook_state
 
 Which steps. The first optimizer that steps is the run's optimizer: each of its `step()` calls
 is one recorded step, numbered 0, 1, 2, ... in this process (a run's steps, like a rank's).
-Another optimizer's steps since the run optimizer's previous step are summarised in the next
+Another optimizer's steps since the previous recorded step are summarised in the next
 recorded step as `optimizer_<i>/...` scalars (i: the order in which the optimizers first
-stepped; the run's is 0). When the run's optimizer is gone (garbage-collected, at the latest
+stepped; the run's is 0; one made anew over the parameters of one that is gone keeps its i:
+`_index`); those after the run's last step are named on stderr at exit (`_unrecorded_note`).
+When the run's optimizer is gone (garbage-collected, at the latest
 at another optimizer's first step: `_module_names`), the next optimizer that steps
 becomes the run's optimizer and the numbering goes on. A process started (forked,
 spawned) from the one whose optimizer became the run's records none of its steps: its first
@@ -66,6 +68,7 @@ that every rank stops recording at that step and none waits for the others (`_ra
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
 import inspect
@@ -98,12 +101,14 @@ from stabledrl_cli.capture._clip_records import (
 from stabledrl_cli.capture._hook_state import (
     Clip,
     OptimizerView,
+    OtherSteps,
     Stats,
     fail,
     root_sum_squares,
     state,
     uninstall,
 )
+from stabledrl_cli.errors import warn
 
 TOP_MODULES = 5
 """How many modules' gradient norms each step records (the largest at that step)."""
@@ -126,10 +131,26 @@ def install() -> None:
             _watch_raising_steps()
             _watch_zero_grads()
             bootstrap.hooks_installed()
+            atexit.register(_unrecorded_note)
         state.on = True
         state.installed_at = time.perf_counter()
     except Exception as exc:
         fail(exc, "installing the optimizer hooks")
+
+
+def _unrecorded_note() -> None:
+    """At exit: the steps other optimizers took after the run optimizer's last step, which no
+    recorded step holds, are named in one line on stderr."""
+    if not state.on or not state.others or not bootstrap.hooks_wanted():
+        return
+    lost = ", ".join(
+        f"optimizer_{index}'s last " + ("step" if other.steps == 1 else f"{other.steps} steps")
+        for index, other in sorted(state.others.items())
+    )
+    warn(
+        f"stabledrl: note: not recorded: {lost}, taken after the run optimizer's last step "
+        "(another optimizer's steps are recorded with the run optimizer's next step)\n"
+    )
 
 
 def _wrap_scaler_step(original: Callable[..., float | None]) -> Callable[..., float | None]:
@@ -156,8 +177,8 @@ def _optimizer_params(optimizer: Optimizer) -> Iterator[torch.Tensor]:
 def _view(optimizer: Optimizer) -> OptimizerView:
     view = state.views.get(optimizer)
     if view is None:
-        view = OptimizerView(index=state.optimizers_seen, closure_at=_closure_position(optimizer))
-        state.optimizers_seen += 1
+        ids = frozenset(id(p) for p in _optimizer_params(optimizer))
+        view = OptimizerView(index=_index(ids), closure_at=_closure_position(optimizer))
         state.views[optimizer] = view
     shape = tuple(len(group["params"]) for group in optimizer.param_groups)
     if shape != view.shape:
@@ -166,6 +187,19 @@ def _view(optimizer: Optimizer) -> OptimizerView:
         view.names = None
         view.shards = None
     return view
+
+
+def _index(ids: frozenset[int]) -> int:
+    """The index of a new optimizer of the parameters `ids`: that of one of the same
+    parameters that is gone (a script that makes its optimizer anew at each step keeps one
+    `optimizer_<i>`), else the next one."""
+    live = {view.index for view in state.views.values()}
+    for index in state.indices.get(ids, ()):
+        if index not in live:
+            return index
+    index, state.optimizers_seen = state.optimizers_seen, state.optimizers_seen + 1
+    state.indices.setdefault(ids, []).append(index)
+    return index
 
 
 _WRAPPER_ROOTS = ("module.", "_orig_mod.")
@@ -572,8 +606,11 @@ def _finish_step(optimizer: Optimizer, *, skipped: bool, measured: bool = False)
         if stats is None:
             return
         if not _is_run_optimizer(optimizer):
-            view.last = stats
-            view.steps_since_run_step += 1
+            other = state.others.get(view.index)
+            if other is None:
+                state.others[view.index] = OtherSteps(stats)
+            else:
+                other.last, other.steps = stats, other.steps + 1
             return
         fields = _step_fields(stats, step_time)
         if skipped or stats.skipped:
@@ -703,16 +740,15 @@ def _step_fields(stats: Stats, step_time: float | None) -> dict[str, Any]:
                 scalars[f"lr/group_{g}"] = lr
     for module, norm in stats.module_norms:
         scalars[f"grad_norm/module/{module}"] = norm
-    for view in state.views.values():
-        if view.last is not None and view.steps_since_run_step:
-            prefix = f"optimizer_{view.index}"
-            if view.last.grad_norm is not None:
-                scalars[f"{prefix}/grad_norm"] = view.last.grad_norm
-            if view.last.lrs[0] is not None:
-                scalars[f"{prefix}/lr"] = view.last.lrs[0]
-            scalars[f"{prefix}/nonfinite_grads"] = float(view.last.nonfinite)
-            scalars[f"{prefix}/steps"] = float(view.steps_since_run_step)
-            view.steps_since_run_step = 0
+    for index, other in sorted(state.others.items()):
+        prefix = f"optimizer_{index}"
+        if other.last.grad_norm is not None:
+            scalars[f"{prefix}/grad_norm"] = other.last.grad_norm
+        if other.last.lrs[0] is not None:
+            scalars[f"{prefix}/lr"] = other.last.lrs[0]
+        scalars[f"{prefix}/nonfinite_grads"] = float(other.last.nonfinite)
+        scalars[f"{prefix}/steps"] = float(other.steps)
+    state.others.clear()
     fields: dict[str, Any] = {"nonfinite_grads": stats.nonfinite, "scalars": scalars}
     if stats.grad_norm is not None:
         fields["grad_norm"] = stats.grad_norm
