@@ -149,6 +149,9 @@ class HookState:
     (`optimizer_hooks._index`)."""
     others: dict[int, OtherSteps] = field(default_factory=dict)
     """Index -> another optimizer's steps that no recorded step holds yet."""
+    rooted: tuple[list[weakref.ref[torch.Tensor]], dict[int, str]] | None = None
+    """The parameters the root modules last named, and their names
+    (`optimizer_hooks._root_names`)."""
     next_step: int = 0
     installed_at: float = 0.0
     """When (time.perf_counter) `install` last installed the hooks."""
