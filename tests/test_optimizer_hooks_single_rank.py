@@ -19,8 +19,10 @@ from typing import Any
 
 import pytest
 from _cli import cli_command, close, record, record_env
+from test_record_steps_after_close import FRESH
 from typer.testing import CliRunner
 
+from stabledrl_cli.capture import bootstrap
 from stabledrl_cli.capture.optimizer_hooks import _module_norms
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
@@ -1337,3 +1339,27 @@ def test_a_parameter_the_root_holds_is_its_own_module():
     `nn.Linear`, a top-level `pos_emb`) have no module name, so each is named alone."""
     named = [("weight", 3.0), ("bias", 4.0), ("layers.0.weight", 1.0), ("layers.0.bias", 1.0)]
     assert _module_norms(named) == [("bias", 4.0), ("weight", 3.0), ("layers.0", math.sqrt(2))]
+
+
+def test_os_exit_after_the_first_optimizer_step_writes_that_step(tmp_path, monkeypatch):
+    """The hooks hold their first step until the next event opens the run (a batch logged
+    after it gives the run its policy). A script that took one step and left by os._exit lost
+    it: `record` exited 2, "the command recorded no step". os._exit writes it first now."""
+    status, ended = tmp_path / "status", []
+    status.touch()
+    for env, value in (
+        (bootstrap.ENV_RUN_DIR, tmp_path / "run"),
+        (bootstrap.ENV_STATUS_FILE, status),
+    ):
+        monkeypatch.setenv(env, str(value))
+    fresh = {**FRESH, "_failure": bootstrap.RecordingFailure(), "_python_os_exit": ended.append}
+    for name, value in fresh.items():
+        monkeypatch.setattr(bootstrap, name, value)
+    bootstrap.log_hook_step(0, {"grad_norm": 1.5, "scalars": {}})
+    assert not (tmp_path / "run").exists()
+    bootstrap._os_exit(3)
+    assert ended == [3]
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0] and run.step(0).scalars["grad_norm"] == 1.5
+    bootstrap.close()
+    assert status.read_text() == ""

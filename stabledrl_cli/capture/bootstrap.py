@@ -36,7 +36,7 @@ A half whose step number is not the last step's starts a new step.
 One exception: the hooks' first step waits for the next event (a batch, the next optimizer
 step, or the end of the process) before it opens the run, so that a policy batch logged just
 after the first optimizer step still opens it with its policy and recorder_kwargs; a child
-forked meanwhile leaves it to its parent (`_forked`).
+forked meanwhile leaves it to its parent (`_forked`); os._exit writes it (`_os_exit`).
 
 Recording must never break training: the first failure is reported once on stderr as a
 warning, recording is off from then on (`log_policy_batch` returns False at once, the hooks
@@ -75,7 +75,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli._run_env import ENV_FORCE as ENV_FORCE  # record exports them (module doc)
@@ -83,7 +83,7 @@ from stabledrl_cli._run_env import ENV_RANKS_DIR as ENV_RANKS_DIR
 from stabledrl_cli._run_env import ENV_RUN_DIR as ENV_RUN_DIR
 from stabledrl_cli._run_env import env_force as env_force
 from stabledrl_cli._run_env import records_out
-from stabledrl_cli._sigterm import steps_written_on_sigterm
+from stabledrl_cli._sigterm import WRITE_SECONDS, steps_written_on_sigterm
 from stabledrl_cli.errors import (
     InputError,
     StabledrlError,
@@ -867,10 +867,27 @@ def hooks_wanted() -> bool:
 
 
 def hooks_installed() -> None:
-    """Called once the optimizer hooks are in: the held step (if any) is written at exit, and
-    the held and queued steps on a SIGTERM that would end the process at once (`_sigterm`)."""
+    """Called once the optimizer hooks are in: the held step (if any) is written at exit, by
+    os._exit (`_os_exit`), and with the queued steps on a SIGTERM that would end the process
+    at once (`_sigterm`)."""
     atexit.register(_written_at_exit if _closed_last else close)
     steps_written_on_sigterm(_written_at_exit)
+    os._exit = _os_exit
+
+
+_python_os_exit = os._exit
+
+
+def _os_exit(status: int) -> NoReturn:
+    """os._exit under the optimizer hooks: a script that ends so after its first optimizer
+    step (no exit handler runs) has the step the hooks hold written first, from a thread of
+    its own (the caller may hold the recording lock: a signal handler that calls it), for
+    WRITE_SECONDS at most. Written steps are on disk already."""
+    if _held is not None:
+        writing = threading.Thread(target=_written_at_exit, name="stabledrl-exit", daemon=True)
+        writing.start()
+        writing.join(WRITE_SECONDS)
+    _python_os_exit(status)
 
 
 _announce_rank: Callable[[int, int], None] | None = None
