@@ -913,6 +913,35 @@ INNER_OPTIMIZERS = textwrap.dedent(
     """
 )
 
+# A GradScaler stepping the model's optimizer (the run's) then a critic's; the critic's
+# gradients hold a NaN at iteration 1, so the scaler skips its step there. The script writes
+# whether each critic step moved its parameters.
+SCALER_CRITIC = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+
+    model, critic = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    critic_optimizer = torch.optim.SGD(critic.parameters(), lr=0.2)
+    scaler = torch.amp.GradScaler("cpu")
+    moved = []
+    for step in range(3):
+        optimizer.zero_grad()
+        critic_optimizer.zero_grad()
+        x = torch.randn(8, 4)
+        scaler.scale(model(x).pow(2).mean() + critic(x).pow(2).mean()).backward()
+        if step == 1:
+            critic.weight.grad[0, 0] = float("nan")
+        before = critic.weight.detach().clone()
+        scaler.step(optimizer)
+        scaler.step(critic_optimizer)
+        scaler.update()
+        moved.append(not torch.equal(before, critic.weight))
+    json.dump(moved, open(sys.argv[1], "w"))
+    """
+)
+
 # `torch.compile` of a function that calls optimizer.step() (the hooks run inside it).
 COMPILED_STEP = textwrap.dedent(
     """
@@ -979,6 +1008,7 @@ PHASES = {
     "new trainer": (NEW_TRAINER, (), 8),
     "inner optimizers": (INNER_OPTIMIZERS, ("inner",), 4),
     "recreated": (INNER_OPTIMIZERS, ("recreated",), 4),
+    "scaler critic": (SCALER_CRITIC, (), 3),
     "compiled step": (COMPILED_STEP, (), 10),
 }
 
@@ -1112,6 +1142,24 @@ def test_a_step_the_grad_scaler_skips_is_recorded_as_skipped(one_process, fused)
     assert scalars[2]["lr"] == 0.1
     for n in (0, 1, 3):
         assert close(scalars[n]["grad_norm"], seen["norms"][n]), (n, scalars[n], seen)
+
+
+def test_another_optimizers_step_the_grad_scaler_skips_is_counted_as_skipped(one_process):
+    """The critic's step the scaler skipped (iteration 1, recorded with the run's step 2) was
+    counted in `optimizer_<i>/steps` as any other, with nothing saying it was not taken."""
+    phase = one_process["scaler critic"]
+    assert phase.computed == [True, False, True]
+    others = [
+        {
+            k.partition("/")[2]: v
+            for k, v in phase.step(n).scalars.items()
+            if "optimizer_" in k and "/" in k
+        }
+        for n in (1, 2)
+    ]
+    assert others[0]["steps"] == others[1]["steps"] == 1
+    assert "skipped" not in others[0] and others[1]["skipped"] == 1, others
+    assert others[1]["nonfinite_grads"] == 1
 
 
 def test_a_grad_scaler_stepping_an_object_that_is_no_torch_optimizer_is_left_to_its_own(

@@ -131,7 +131,9 @@ class OtherSteps:
     next step (a new one made at each step) still has its steps recorded."""
 
     last: Stats
-    steps: int = 1
+    steps: int = 0
+    skipped: int = 0
+    """Of those, the steps a GradScaler skipped or whose step() raised."""
 
 
 @dataclass

@@ -51,7 +51,8 @@ What each step records (all gradient norms are L2, taken before clipping):
   named parameters when none repeats, else from the root `torch.nn.Module` objects alive at
   the first step, prefixed `<k>:<class>.` when several roots hold its parameters: `_root_names`);
 - per other optimizer i: `optimizer_<i>/grad_norm`, `optimizer_<i>/lr`,
-  `optimizer_<i>/nonfinite_grads` (of its last step) and `optimizer_<i>/steps`.
+  `optimizer_<i>/nonfinite_grads` (of its last step), `optimizer_<i>/steps` and, when a
+  GradScaler skipped some or their step() raised, `optimizer_<i>/skipped`.
 
 A clip traced by torch.compile is torch's alone: recording it (`.tolist()`, the state kept)
 would break the compiled graph, which a `fullgraph=True` compile refuses; the step's grad_norm
@@ -622,11 +623,9 @@ def _finish_step(optimizer: Optimizer, *, skipped: bool, measured: bool = False)
         if stats is None:
             return
         if not _is_run_optimizer(optimizer):
-            other = state.others.get(view.index)
-            if other is None:
-                state.others[view.index] = OtherSteps(stats)
-            else:
-                other.last, other.steps = stats, other.steps + 1
+            other = state.others.setdefault(view.index, OtherSteps(stats))
+            other.last, other.steps = stats, other.steps + 1
+            other.skipped += skipped or stats.skipped
             return
         fields = _step_fields(stats, step_time)
         if skipped or stats.skipped:
@@ -764,6 +763,8 @@ def _step_fields(stats: Stats, step_time: float | None) -> dict[str, Any]:
             scalars[f"{prefix}/lr"] = other.last.lrs[0]
         scalars[f"{prefix}/nonfinite_grads"] = float(other.last.nonfinite)
         scalars[f"{prefix}/steps"] = float(other.steps)
+        if other.skipped:
+            scalars[f"{prefix}/skipped"] = float(other.skipped)
     state.others.clear()
     fields: dict[str, Any] = {"nonfinite_grads": stats.nonfinite, "scalars": scalars}
     if stats.grad_norm is not None:
