@@ -942,6 +942,29 @@ SCALER_CRITIC = textwrap.dedent(
     """
 )
 
+# torch's ZeroRedundancyOptimizer (one rank): its step() steps a local optimizer over this
+# rank's shard of the parameters. The script writes each step's gradient norm.
+ZERO = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    torch.distributed.init_process_group(
+        "gloo", init_method="file://" + sys.argv[1] + ".store", rank=0, world_size=1
+    )
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    optimizer = ZeroRedundancyOptimizer(model.parameters(), torch.optim.SGD, lr=0.1)
+    norms = []
+    for step in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        norms.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item())
+        optimizer.step()
+    json.dump(norms, open(sys.argv[1], "w"))
+    """
+)
+
 # `torch.compile` of a function that calls optimizer.step() (the hooks run inside it).
 COMPILED_STEP = textwrap.dedent(
     """
@@ -1008,6 +1031,7 @@ PHASES = {
     "new trainer": (NEW_TRAINER, (), 8),
     "inner optimizers": (INNER_OPTIMIZERS, ("inner",), 4),
     "recreated": (INNER_OPTIMIZERS, ("recreated",), 4),
+    "zero": (ZERO, (), 3),
     "scaler critic": (SCALER_CRITIC, (), 3),
     "compiled step": (COMPILED_STEP, (), 10),
 }
@@ -1160,6 +1184,20 @@ def test_another_optimizers_step_the_grad_scaler_skips_is_counted_as_skipped(one
     assert others[0]["steps"] == others[1]["steps"] == 1
     assert "skipped" not in others[0] and others[1]["skipped"] == 1, others
     assert others[1]["nonfinite_grads"] == 1
+
+
+def test_an_optimizer_stepped_inside_another_ones_step_is_part_of_that_step(one_process):
+    """ZeroRedundancyOptimizer's step() steps a local optimizer over the rank's shard. That
+    inner step ended first and became the run's: on 2 ranks (torchrun) grad_norm was the
+    shard's, 0.512 against the script's 1.060, and the whole norm came a step late as
+    `optimizer_0/grad_norm`. The step the loop calls is recorded now, the inner one as its
+    part."""
+    phase = one_process["zero"]
+    assert phase.steps == [0, 1, 2]
+    for n, norm in enumerate(phase.computed):
+        scalars = phase.step(n).scalars
+        assert close(scalars["grad_norm"], norm), (n, scalars)
+        assert not any(name.startswith("optimizer_") and "/" in name for name in scalars)
 
 
 def test_a_grad_scaler_stepping_an_object_that_is_no_torch_optimizer_is_left_to_its_own(

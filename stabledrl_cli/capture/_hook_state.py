@@ -5,6 +5,7 @@ recording is on here (`fail` turns it off)."""
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -145,6 +146,9 @@ class HookState:
         default_factory=weakref.WeakKeyDictionary
     )
     run_optimizer: weakref.ref[Optimizer] | None = None
+    under_way: threading.local = field(default_factory=threading.local)
+    """In each thread, `step`: the optimizer whose step() is under way there, weakly held
+    (`optimizer_hooks._nested`)."""
     optimizers_seen: int = 0
     indices: dict[frozenset[int], list[int]] = field(default_factory=dict)
     """id() of an optimizer's parameters -> the index of each optimizer that stepped them
@@ -180,6 +184,7 @@ def uninstall() -> None:
     """Removes the optimizer hooks; the clip_grad_norm_ and GradScaler.step wrappers stay, as
     pass-throughs."""
     state.on = False
+    state.under_way = threading.local()
     for handle in state.handles:
         handle.remove()
     state.handles = []

@@ -14,6 +14,7 @@ Another optimizer's steps since the previous recorded step are summarised in the
 recorded step as `optimizer_<i>/...` scalars (i: the order in which the optimizers first
 stepped; the run's is 0; one made anew over the parameters of one that is gone keeps its i:
 `_index`); those after the run's last step are named on stderr at exit (`_unrecorded_note`).
+A step() inside another optimizer's step() is part of that step (`_nested`).
 When the run's optimizer is gone (garbage-collected, at the latest
 at another optimizer's first step: `_module_names`), the next optimizer that steps
 becomes the run's optimizer and the numbering goes on. A process started (forked,
@@ -472,8 +473,9 @@ def _pre_hook(
     """Takes the step's statistics now, or, for a step given a closure, has the closure take
     them once its first call has produced the gradients (then returns step()'s arguments with
     the closure wrapped, as torch lets a pre-hook)."""
-    if not state.on:
+    if not state.on or _nested(optimizer):
         return None
+    state.under_way.step = weakref.ref(optimizer)
     try:
         view = _view(optimizer)
         view.stepping = True
@@ -566,8 +568,26 @@ def _collected_run_optimizer() -> bool:
 
 
 def _post_hook(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    if state.on:
+    if state.on and _outer_step_ends(optimizer):
         _finish_step(optimizer, skipped=False)
+
+
+def _nested(optimizer: Optimizer) -> bool:
+    """Whether `optimizer`'s step() runs inside another optimizer's in this thread: a wrapper's
+    (ZeroRedundancyOptimizer's local optimizer, which holds this rank's shard of the
+    parameters; SAM's base optimizer). The wrapper's step is the loop's, and the one
+    recorded; this one is part of it."""
+    outer = getattr(state.under_way, "step", None)
+    return outer is not None and outer() not in (None, optimizer)
+
+
+def _outer_step_ends(optimizer: Optimizer) -> bool:
+    """Whether `optimizer`'s step(), ending, is no other's part (`_nested`): then no step is
+    under way in this thread any more."""
+    if _nested(optimizer):
+        return False
+    state.under_way.step = None
+    return True
 
 
 _step_hooks: dict[str, Callable[..., Any]] = {"pre": _pre_hook, "post": _post_hook}
@@ -670,7 +690,7 @@ def _raised(optimizer: Optimizer) -> None:
     the gradients it found), so that the numbering keeps pace with the loop's steps when the
     script catches the exception and goes on. Never raises."""
     view = state.views.get(optimizer)
-    if state.on and view is not None and view.stepping:
+    if _outer_step_ends(optimizer) and state.on and view is not None and view.stepping:
         _finish_step(optimizer, skipped=True, measured=True)
 
 
