@@ -942,6 +942,29 @@ SCALER_CRITIC = textwrap.dedent(
     """
 )
 
+# A new head put in the old one's place, in the model and in the optimizer's group (as many
+# parameters as before), at step 2. The script writes each step's module norms.
+SWAPPED = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    norms = []
+    for step in range(4):
+        if step == 2:
+            model[1] = torch.nn.Linear(4, 1)
+            optimizer.param_groups[0]["params"][2:] = list(model[1].parameters())
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        norms.append([torch.cat([p.grad.flatten() for p in m.parameters()]).norm().item()
+                      for m in model])
+        optimizer.step()
+    json.dump(norms, open(sys.argv[1], "w"))
+    """
+)
+
 # torch's ZeroRedundancyOptimizer (one rank): its step() steps a local optimizer over this
 # rank's shard of the parameters. The script writes each step's gradient norm.
 ZERO = textwrap.dedent(
@@ -1031,6 +1054,7 @@ PHASES = {
     "new trainer": (NEW_TRAINER, (), 8),
     "inner optimizers": (INNER_OPTIMIZERS, ("inner",), 4),
     "recreated": (INNER_OPTIMIZERS, ("recreated",), 4),
+    "swapped": (SWAPPED, (), 4),
     "zero": (ZERO, (), 3),
     "scaler critic": (SCALER_CRITIC, (), 3),
     "compiled step": (COMPILED_STEP, (), 10),
@@ -1184,6 +1208,17 @@ def test_another_optimizers_step_the_grad_scaler_skips_is_counted_as_skipped(one
     assert others[0]["steps"] == others[1]["steps"] == 1
     assert "skipped" not in others[0] and others[1]["skipped"] == 1, others
     assert others[1]["nonfinite_grads"] == 1
+
+
+def test_a_parameter_put_in_anothers_place_keeps_its_module_norm(one_process):
+    """A head swapped into the optimizer's group in place (as many parameters as before)
+    lost its module norm from then on: the parameters were looked at again only when a
+    group's length changed, and the new ones had no name."""
+    phase = one_process["swapped"]
+    for n, norms in enumerate(phase.computed):
+        scalars = phase.step(n).scalars
+        for module, norm in enumerate(norms):
+            assert close(scalars.get(f"grad_norm/module/{module}", 0.0), norm), (n, scalars)
 
 
 def test_an_optimizer_stepped_inside_another_ones_step_is_part_of_that_step(one_process):

@@ -107,7 +107,8 @@ class OptimizerView:
 
     index: int
     names: dict[int, str] | None = None
-    shape: tuple[int, ...] = ()
+    params: tuple[int, ...] = ()
+    """id() of its parameters, group by group, as its latest step found them."""
     ids: frozenset[int] = frozenset()
     shards: dict[int, _fsdp1.Shard] | None = None
     """id(parameter) -> its FSDP1 Shard, for the parameters that are one (None: not looked)."""

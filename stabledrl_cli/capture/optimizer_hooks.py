@@ -179,13 +179,19 @@ def _optimizer_params(optimizer: Optimizer) -> Iterator[torch.Tensor]:
 def _view(optimizer: Optimizer) -> OptimizerView:
     view = state.views.get(optimizer)
     if view is None:
-        ids = frozenset(id(p) for p in _optimizer_params(optimizer))
+        ids = frozenset(map(id, _optimizer_params(optimizer)))
         view = OptimizerView(index=_index(ids), closure_at=_closure_position(optimizer))
         state.views[optimizer] = view
-    shape = tuple(len(group["params"]) for group in optimizer.param_groups)
-    if shape != view.shape:
-        view.shape = shape
-        view.ids = frozenset(id(p) for p in _optimizer_params(optimizer))
+    return view
+
+
+def _measured_view(optimizer: Optimizer) -> OptimizerView:
+    """`_view(optimizer)` for a step that measures its parameters: looked at again, once a
+    step (a group added, a parameter put in another's place since the previous one)."""
+    view = _view(optimizer)
+    params = tuple(map(id, _optimizer_params(optimizer)))
+    if params != view.params:
+        view.params, view.ids = params, frozenset(params)
         view.names = None
         view.shards = None
     return view
@@ -464,7 +470,7 @@ def _step_stats(optimizer: Optimizer) -> Stats | None:
         fail(bootstrap.descendant_stepped(int(recording)), "an optimizer step in a child process")
         uninstall()
         return None
-    return _stats(optimizer, _view(optimizer))
+    return _stats(optimizer, _measured_view(optimizer))
 
 
 def _pre_hook(
