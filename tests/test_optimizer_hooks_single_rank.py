@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _bootstrap_state import fresh_recording
 from _cli import cli_command, close, record, record_env
-from test_record_steps_after_close import FRESH
 from typer.testing import CliRunner
 
 from stabledrl_cli.capture import bootstrap
@@ -1467,15 +1467,7 @@ def test_os_exit_after_the_first_optimizer_step_writes_that_step(tmp_path, monke
     after it gives the run its policy). A script that took one step and left by os._exit lost
     it: `record` exited 2, "the command recorded no step". os._exit writes it first now."""
     status, ended = tmp_path / "status", []
-    status.touch()
-    for env, value in (
-        (bootstrap.ENV_RUN_DIR, tmp_path / "run"),
-        (bootstrap.ENV_STATUS_FILE, status),
-    ):
-        monkeypatch.setenv(env, str(value))
-    fresh = {**FRESH, "_failure": bootstrap.RecordingFailure(), "_python_os_exit": ended.append}
-    for name, value in fresh.items():
-        monkeypatch.setattr(bootstrap, name, value)
+    fresh_recording(monkeypatch, tmp_path / "run", status, _python_os_exit=ended.append)
     bootstrap.log_hook_step(0, {"grad_norm": 1.5, "scalars": {}})
     assert not (tmp_path / "run").exists()
     bootstrap._os_exit(3)

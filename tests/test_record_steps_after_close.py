@@ -7,34 +7,16 @@ process` after a script that exited 0 (5 of 5 runs of a daemon thread stepping e
 
 from __future__ import annotations
 
+from _bootstrap_state import fresh_recording
+
 from stabledrl_cli.capture import bootstrap
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.dump._schema import RECORDING_CLOSED
 
-FRESH = {
-    "_recorder": None,
-    "_interrupted": None,
-    "_last": None,
-    "_hooks_first": None,
-    "_held": None,
-    "_hooks_start": 0,
-    "_closed": False,
-    "_integration": False,
-    "_first_batch_logged": False,
-}
-"""The module's state that one recording changes, as a fresh process has it (set for the test,
-restored after it: a test before it in this process may have left a framework integration's
-`_integration`, which turns the hooks off)."""
-
 
 def test_an_optimizer_step_after_the_run_closed_is_left_out(tmp_path, monkeypatch):
     status = tmp_path / "status"
-    status.touch()
-    monkeypatch.setenv(bootstrap.ENV_RUN_DIR, str(tmp_path / "run"))
-    monkeypatch.setenv(bootstrap.ENV_STATUS_FILE, str(status))
-    for name, value in FRESH.items():
-        monkeypatch.setattr(bootstrap, name, value)
-    monkeypatch.setattr(bootstrap, "_failure", bootstrap.RecordingFailure())
+    fresh_recording(monkeypatch, tmp_path / "run", status)
     for step in range(3):
         bootstrap.log_hook_step(step, {"grad_norm": 1.0, "scalars": {}})
     bootstrap.close()

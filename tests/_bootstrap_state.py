@@ -1,0 +1,36 @@
+"""The record bootstrap's state as a fresh process has it, for tests that drive
+`stabledrl_cli.capture.bootstrap` in this process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stabledrl_cli.capture import bootstrap
+
+FRESH = {
+    "_recorder": None,
+    "_interrupted": None,
+    "_last": None,
+    "_hooks_first": None,
+    "_held": None,
+    "_hooks_start": 0,
+    "_closed": False,
+    "_integration": False,
+    "_first_batch_logged": False,
+}
+"""The module's state that one recording changes (set for the test, restored after it: a test
+before it in this process may have left a framework integration's `_integration`, which turns
+the hooks off)."""
+
+
+def fresh_recording(monkeypatch: pytest.MonkeyPatch, run: Path, status: Path, **more: Any) -> None:
+    """Has the bootstrap record into `run` as `record` would tell it to (its status file
+    `status`, made here), from a fresh state, with `more` of its names set too."""
+    status.touch()
+    monkeypatch.setenv(bootstrap.ENV_RUN_DIR, str(run))
+    monkeypatch.setenv(bootstrap.ENV_STATUS_FILE, str(status))
+    for name, value in {**FRESH, "_failure": bootstrap.RecordingFailure(), **more}.items():
+        monkeypatch.setattr(bootstrap, name, value)
