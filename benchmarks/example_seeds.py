@@ -15,7 +15,7 @@ prints, per run and as a mean over seeds:
   `net_mean`, the mean over finite steps, is in the --json output).
 Seed 0 is the fixtures' seed: keep it out of calibration (the default seeds are 1 2 3).
 
-    python benchmarks/example_seeds.py --threads 1            # the table (~18 min, 2 cores)
+    python benchmarks/example_seeds.py --threads 1            # the table (~7 min, 2 cores)
     python benchmarks/example_seeds.py --steps 40 --seeds 1  # a quick look
 """
 
