@@ -140,10 +140,15 @@ _DEBUG_KEY = "stabledrl.debug"
 _SEPARATOR_KEY = "stabledrl.separator"
 
 
+_PYDANTIC_PREFIX = ": Value error, "
+"""What pydantic puts before a ValueError's text, which typer's choice options raise."""
+
+
 def usage_message(exc: UsageError) -> str:
     """A command line's error in one line, with where its help is (click prints three)."""
     where = exc.ctx.command_path if exc.ctx is not None else "stabledrl"
-    return f"{exc.format_message()} ({where} -h for help)"
+    message = exc.format_message().replace(_PYDANTIC_PREFIX, ": ", 1)
+    return f"{message} ({where} -h for help)"
 
 
 @contextmanager
