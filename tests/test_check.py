@@ -29,7 +29,7 @@ from stabledrl_cli.replay.baseline import (
     write_baseline,
 )
 from stabledrl_cli.replay.figures import RUN_METRICS, policy_metrics
-from stabledrl_cli.replay.gate import Gates, _absolute
+from stabledrl_cli.replay.gate import Gates, _absolute, _regression, _unjudged_gate
 from stabledrl_cli.replay.junit import junit_xml, write_junit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -843,3 +843,30 @@ def test_a_baseline_gating_no_policy_checks_a_policy_run_on_its_observed_figures
     result = runner.invoke(app, ["check", str(repo / "fixtures" / "grpo"), "-b", str(written)])
     assert result.exit_code == 0, result.output
     assert "check passed" in result.output
+
+
+def test_a_measure_reads_to_4_digits_even_when_whole_and_a_count_whole():
+    """A float32 norm past 2**24 is whole: 'update_norm_max 2549074432, baseline 9705: above
+    the limit 1.068e+04' (grpo replayed on a seed-2 example run against seed 0's baseline) and
+    'recorded.grad_norm.max 16181641609216, baseline 8581108' read as counts, beside figures
+    to 4 digits. A count of steps still reads whole, past 4 digits too."""
+    norm = _regression(
+        "grpo", "update_norm_max", Tolerance(value=9705.401367, worse="higher", rel_tol=0.1),
+        2549074432.0, strict=False,
+    )  # fmt: skip
+    assert norm.message.startswith("update_norm_max 2.549e+09, baseline 9705: above the limit")
+    assert norm.shown() == ("2.549e+09", "1.068e+04")
+    recorded = _regression(
+        None, "recorded.grad_norm.max", Tolerance(value=8581108.0, worse="higher", rel_tol=0.25),
+        16181641609216.0, strict=False,
+    )  # fmt: skip
+    assert recorded.message.startswith("recorded.grad_norm.max 1.618e+13, baseline 8.581e+06")
+    steps = _regression(
+        "grpo", "collapsed_steps", Tolerance(value=12000.0, worse="higher", rel_tol=0.1),
+        13345.0, strict=False, count=True,
+    )  # fmt: skip
+    assert steps.message.startswith("collapsed_steps 13345, baseline 12000: above the limit 13200")
+    assert steps.shown() == ("13345", "13200")
+    assert "count" not in steps.to_dict()
+    unjudged = _unjudged_gate("max_spikes", 12345.0, "no judged grad-norm step")
+    assert unjudged.shown() == ("n/a", "12345")

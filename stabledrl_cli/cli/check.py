@@ -265,9 +265,16 @@ def _print_figures(result: ReplayResult) -> None:
         title=f"figures of {result.run} (observed collapse: {_collapse_text(result.observed)})",
         title_justify="left",
     )
-    names = list(policy_metrics())
+    rules = policy_metrics()
+    names = list(rules)
     figures = [[baseline_figure(p, name) for name in names] for p in result.policies]
-    rows = [["n/a" if f is None else format_figure(f) for f in row] for row in figures]
+    rows = [
+        [
+            "n/a" if f is None else format_figure(f, count=rules[n].integer)
+            for f, n in zip(row, names, strict=True)
+        ]
+        for row in figures
+    ]
     # a spec is folded only where the table does not fit with its headers stacked
     beside = [stacked_width(name, (row[i] for row in rows)) for i, name in enumerate(names)]
     specs, widest = fold_specs([p.spec for p in result.policies], spec_room(beside, out.width))

@@ -25,22 +25,24 @@ FIGURE_DIGITS = 4
 """Significant digits of a gate's figure (more where `format_figures` needs them)."""
 
 
-def format_figure(value: float | None) -> str:
-    """A gate's figure: whole numbers plainly, others to 4 digits, None (infinity) as "never"."""
-    return format_number(value, FIGURE_DIGITS, none="never", integers=True)
+def format_figure(value: float | None, *, count: bool = False) -> str:
+    """A gate's figure to 4 digits, None (infinity) as "never"; a `count` (of steps, or a
+    step) whole, plainly. A measure is never shown whole for being whole: a float32 norm
+    past 2**24 always is."""
+    return format_number(value, FIGURE_DIGITS, none="never", integers=count)
 
 
-def format_figures(*values: float | None) -> list[str]:
+def format_figures(*values: float | None, count: bool = False) -> list[str]:
     """`format_figure` of each value, all to the fewest digits (4 to 17) at which different
     finite values read differently: a figure just past its limit (a 1e-4 slack) never reads
     as the limit, nor as the baseline value."""
     finite = {v for v in values if v is not None and math.isfinite(v)}
     digits = FIGURE_DIGITS
-    while digits < 17 and len({format_number(v, digits, integers=True) for v in finite}) < len(
+    while digits < 17 and len({format_number(v, digits, integers=count) for v in finite}) < len(
         finite
     ):
         digits += 1
-    return [format_number(v, digits, none="never", integers=True) for v in values]
+    return [format_number(v, digits, none="never", integers=count) for v in values]
 
 
 def format_steps(

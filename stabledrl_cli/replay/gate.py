@@ -59,11 +59,13 @@ class GateResult:
     subject: str | None = None
     """What a gate that may appear more than once per policy judges (`baseline.present`: the
     figure the check has none of), for the JUnit testcase name; not in the check JSON."""
+    count: bool = False
+    """The figure counts steps (or is a step): shown whole; not in the check JSON."""
 
     def shown(self) -> tuple[str, str]:
         """The figure and the limit as the table and the JUnit report show them ("n/a":
         none, for `baseline.present`)."""
-        figure, limit = format_figures(self.figure, self.limit)
+        figure, limit = format_figures(self.figure, self.limit, count=self.count)
         return (
             "n/a" if self.figure is None else figure,
             "n/a" if self.limit is None else limit,
@@ -72,7 +74,7 @@ class GateResult:
     def to_dict(self) -> dict[str, object]:
         """The check JSON's entry: infinite figures and limits as null."""
         data: dict[str, object] = asdict(self)
-        del data["subject"]
+        del data["subject"], data["count"]
         for key, value in (("figure", self.figure), ("limit", self.limit)):
             data[key] = value if value is None or math.isfinite(value) else None
         return data
@@ -150,16 +152,22 @@ def _count_gate(gate: str, steps: list[int], limit: int, what: str) -> GateResul
         ok=len(steps) <= limit,
         figure=float(len(steps)),
         limit=float(limit),
+        count=True,
         message=f"{counted(len(steps), f'{what} step')}, limit {limit}"
         + (f" (steps {_steps_shown(steps)})" if steps else ""),
     )
 
 
-def _unjudged_gate(gate: str, limit: float, why: str, policy: str | None = None) -> GateResult:
+def _unjudged_gate(
+    gate: str, limit: float, why: str, policy: str | None = None, *, count: bool = True
+) -> GateResult:
     """A gate whose rule judged no step of the run (`Observed.unjudged`, or a policy with no
     finite update): tripped, saying why, as a baseline's series that the run did not record
-    trips `baseline.present`; a gate that could never trip would pass any run."""
-    return GateResult(policy=policy, gate=gate, ok=False, figure=None, limit=limit, message=why)
+    trips `baseline.present`; a gate that could never trip would pass any run. count: its
+    limit counts steps (or is a step)."""
+    return GateResult(
+        policy=policy, gate=gate, ok=False, figure=None, limit=limit, message=why, count=count
+    )
 
 
 def _collapse_gate(observed: Observed) -> GateResult:
@@ -178,6 +186,7 @@ def _collapse_gate(observed: Observed) -> GateResult:
         ok=collapse is None,
         figure=math.inf if collapse is None else float(collapse),
         limit=math.inf,
+        count=True,
         message=message,
     )
 
@@ -215,6 +224,7 @@ def _lost_gate(lost: LostSteps, limit: int) -> GateResult:
         ok=total <= limit,
         figure=float(total),
         limit=float(limit),
+        count=True,
         message=f"{counted(total, 'step')} lost ({', '.join(parts)}), limit {limit}",
     )
 
@@ -293,7 +303,7 @@ def _discard_gate(p: PolicyResult, limit: float) -> GateResult:
     unjudged = no_finite_update(p)
     if unjudged is not None:
         why = f"{unjudged}: there is no discard fraction to gate"
-        return _unjudged_gate("max_discard_frac", limit, why, policy=p.spec)
+        return _unjudged_gate("max_discard_frac", limit, why, policy=p.spec, count=False)
     frac, bound, note = p.summary.discard_frac, "", ""
     nonfinite = np.asarray(p.series["nonfinite"], dtype=bool)
     if nonfinite.any():
@@ -334,6 +344,7 @@ def _collapsed_gate(p: PolicyResult, limit: int) -> GateResult:
         ok=len(steps) <= limit,
         figure=float(len(steps)),
         limit=float(limit),
+        count=True,
         message=f"{counted(len(steps), 'collapsed step')}, limit {limit}"
         + (f" (steps {_steps_shown(steps)})" if steps else ""),
     )
@@ -354,6 +365,7 @@ def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
                 ok=count <= gates.max_nonfinite,
                 figure=float(count),
                 limit=float(gates.max_nonfinite),
+                count=True,
                 message=f"{counted(count, 'step')} with a non-finite update, "
                 f"limit {gates.max_nonfinite}",
             )
@@ -377,17 +389,18 @@ def _regression(
     figure: float | None,
     *,
     strict: bool,
+    count: bool = False,
     flagged: list[int] | None = None,
     unit: str = "step",
 ) -> GateResult:
-    """A baseline metric's gate; flagged: the steps a count of steps counts (each a `unit`),
-    named when it trips."""
+    """A baseline metric's gate; count: the figure counts steps or is a step (shown whole);
+    flagged: the steps such a count counts (each a `unit`), named when it trips."""
     tripped = tol.tripped(figure)
     improved = strict and not tripped and tol.improved(figure)
     # null is infinity: for a run-level step (a collapse, a warning) it means "none", for a
     # figure worse when higher (a norm of NaN updates only) it is the worst there is.
     none = "none" if name.split(".")[-1] in RUN_STEPS else "inf"
-    shown, base, limit = format_figures(figure, tol.value, tol.limit())
+    shown, base, limit = format_figures(figure, tol.value, tol.limit(), count=count)
     if figure is None:
         shown = "inf (no finite value)" if none == "inf" and tol.value is not None else none
     if tol.value is None:
@@ -408,6 +421,7 @@ def _regression(
         ok=not (tripped or improved),
         figure=math.inf if figure is None else figure,
         limit=tol.limit(),
+        count=count,
         message=f"{name} {shown}, baseline {base}: {rule}",
     )
 
@@ -445,7 +459,14 @@ def evaluate(
             flagged, unit = run_flagged_steps(name, observed)
             found.append(
                 _regression(
-                    None, f"observed.{name}", tol, figure, strict=strict, flagged=flagged, unit=unit
+                    None,
+                    f"observed.{name}",
+                    tol,
+                    figure,
+                    strict=strict,
+                    count=True,
+                    flagged=flagged,
+                    unit=unit,
                 )
             )
     found.extend(_run_absolute(observed, gates, lost or LostSteps()))
@@ -484,7 +505,11 @@ def evaluate(
                 continue
             rule = rules[name]
             steps = rule.flagged(p.summary) if rule.flagged is not None else None
-            found.append(_regression(p.spec, name, tol, figure, strict=strict, flagged=steps))
+            found.append(
+                _regression(
+                    p.spec, name, tol, figure, strict=strict, count=rule.integer, flagged=steps
+                )
+            )
     if baseline is not None:
         replayed = {p.spec for p in policies}
         for spec in baseline.policies:
