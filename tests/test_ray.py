@@ -313,9 +313,12 @@ def test_a_worker_dying_mid_shard_retries_that_shard_only(cluster, synthetic, tm
     assert sharded.to_json() == local.to_json()
 
 
-def test_a_shard_whose_every_attempt_dies_ends_the_replay_naming_it(cluster, synthetic):
+def test_a_shard_whose_every_attempt_dies_ends_the_replay_naming_it(
+    cluster, synthetic, monkeypatch
+):
     """After Ray's retries, exit 71 and a line naming the shard's steps: not exit 70, 'a bug'
-    (docs/exit-codes.md)."""
+    (docs/exit-codes.md). One retry here: each attempt costs a worker started anew."""
+    monkeypatch.setattr(ray_engine, "SHARD_RETRIES", 1)
     opened = open_run(synthetic)
     shards = plan_shards(opened.step_numbers, 8, 2)
     victim = shards[1]
