@@ -148,26 +148,25 @@ def test_stabledrl_force_false_does_not_replace_the_run(
 
 
 def test_a_run_directory_other_than_records_out_is_refused_in_one_line(
-    tiny: Any, tmp_path: Path
+    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under `stabledrl record --out other`, a trainer given stabledrl_out="mine" would record
     into mine while the optimizer hooks stand down: record then found no step in other and
-    said no optimizer.step() ran. The trainer refuses it before training, in one line."""
-    script = (
-        "from tiny_grpo import *\n"
-        "from stabledrl_cli.integrations.trl import RecordingGRPOTrainer\n"
-        "RecordingGRPOTrainer(model=tiny_model(), reward_funcs=count_b,\n"
-        "    args=tiny_config('o', max_steps=1), train_dataset=tiny_dataset(),\n"
-        "    processing_class=tiny_tokenizer(), stabledrl_out='mine').train()\n"
-    )
-    done, errors = record_python(script, cwd=tmp_path, env=child_env(), out="other")
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
-    assert errors == [
-        "error: RecordingGRPOTrainer's stabledrl_out=mine is not the run directory of "
+    said no optimizer.step() ran. The trainer refuses it before training, in one line. Here
+    record's $STABLEDRL_RUN_DIR is set in this process: the refusal is raised where the one of
+    test_a_refused_config_under_record_is_one_line_and_exit_2 is (the trainer's construction),
+    which shows that record prints it as one line and exits 2."""
+    monkeypatch.setenv("STABLEDRL_RUN_DIR", str(tmp_path / "other"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError) as refused:
+        integration.RecordingGRPOTrainer(
+            **tiny.tiny_parts(), args=tiny.tiny_config("o", max_steps=1), stabledrl_out="mine"
+        ).train()
+    assert str(refused.value) == (
+        "RecordingGRPOTrainer's stabledrl_out=mine is not the run directory of "
         f"`stabledrl record --out` ($STABLEDRL_RUN_DIR), {tmp_path / 'other'}: leave "
         "stabledrl_out out (it defaults to record's --out) or give both the same directory"
-    ], done.stderr
+    )
     assert not (tmp_path / "mine").exists() and not (tmp_path / "o").exists()
 
 
