@@ -3,6 +3,7 @@ nor a long line past the terminal (a table when it fits whole, one block a polic
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -178,8 +179,10 @@ GATE_NAMES = {"max_collapsed", "max_discard_frac", "max_nonfinite", "max_spikes"
 """The gates that are not read against a baseline file."""
 
 
-def _expected_rows(args: list[str]) -> list[tuple[str, str, str, str, str]]:
-    """Each gate's (policy, gate, status, figure, limit), from the JSON of the same check."""
+@functools.cache
+def _expected_rows(args: tuple[str, ...]) -> list[tuple[str, str, str, str, str]]:
+    """Each gate's (policy, gate, status, figure, limit), from the JSON of the same check
+    (one command whatever the width: run once for the widths)."""
     result = runner.invoke(app, [*args, "--format", "json"], env={"COLUMNS": "250"})
     return [
         (g["policy"] or "(run)", g["gate"], "ok" if g["ok"] else "FAILED",
@@ -202,7 +205,7 @@ def test_check_prints_one_line_a_gate(grpo_fixture, baseline, width):
     result = runner.invoke(app, args, env={"COLUMNS": str(width)})
     assert result.exit_code == (0 if baseline else 1), result.output
     assert max(len(line) for line in result.stdout.splitlines()) <= width, result.stdout
-    assert _check_rows(result.stdout) == _expected_rows(args)
+    assert _check_rows(result.stdout) == _expected_rows(tuple(args))
 
 
 def test_a_long_run_path_never_widens_a_table(grpo_fixture, tmp_path):
