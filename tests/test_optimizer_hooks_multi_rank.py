@@ -376,27 +376,12 @@ FSDP2_STOP_SCRIPT = textwrap.dedent(
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
-@pytest.fixture(scope="module")
-def fsdp2_unrecorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """layout -> what FSDP2_STOP_SCRIPT wrote when it trained without recording (both
-    layouts in one launch)."""
-    tmp = tmp_path_factory.mktemp("fsdp2")
-    script, out = tmp / "train.py", tmp / "out.json"
-    script.write_text(FSDP2_STOP_SCRIPT)
-    result = subprocess.run(
-        [*TORCHRUN, str(script), str(out), "none", "-1", "fsdp,hsdp"],
-        capture_output=True, text=True, env=record_env(), timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return {layout: json.loads(Path(f"{out}.{layout}").read_text()) for layout in ("fsdp", "hsdp")}
-
-
 @pytest.mark.parametrize(
     ("how", "stop_at", "layout"),
     [("batch", 0, "fsdp"), ("batch", 3, "fsdp"), ("hooks", 2, "fsdp"), ("batch", 2, "hsdp")],
 )
 def test_an_fsdp2_rank_that_stops_recording_stops_the_others_without_a_hang(
-    tmp_path, fsdp2_unrecorded, how, stop_at, layout
+    tmp_path, unrecorded, how, stop_at, layout
 ):
     script, out = tmp_path / "train.py", tmp_path / "out.json"
     script.write_text(FSDP2_STOP_SCRIPT)
@@ -408,7 +393,7 @@ def test_an_fsdp2_rank_that_stops_recording_stops_the_others_without_a_hang(
     assert "another rank stopped recording" in result.stderr
     assert result.returncode == {"batch": 2, "hooks": 3}[how], result.stderr  # rank 1's failure
     trained = json.loads(Path(f"{out}.{layout}").read_text())
-    assert trained["final"] == fsdp2_unrecorded[layout]["final"]  # training is untouched
+    assert trained["final"] == unrecorded[layout]["final"]  # training is untouched
     steps = tmp_path / "run" / "steps"
     written = sorted(p.name for p in steps.iterdir()) if steps.exists() else []
     # every step before the stop on both ranks, none after
@@ -645,16 +630,65 @@ def test_partial_dtensor_gradients_are_recorded_with_their_reduced_norm(tmp_path
             assert scalars["nonfinite_grads"] == 0
 
 
-def test_a_rank_that_stops_recording_while_holding_partial_copies_stops_the_other(tmp_path):
+# FSDP2_STOP_SCRIPT (argv[1]; both layouts, no rank stopping) then PARTIAL_SCRIPT (argv[3])
+# trained without recording in the same two ranks, so that one launch gives both baselines:
+# the scripts' own init_process_group and ending are skipped once the group is up, and the
+# ranks end after the second.
+UNRECORDED_SCRIPT = textwrap.dedent(
+    """
+    import runpy, sys
+    import torch.distributed as dist
+    import distributed_exit
+
+    end, init, destroy = (
+        distributed_exit.exit_without_finalizing, dist.init_process_group,
+        dist.destroy_process_group)
+    distributed_exit.exit_without_finalizing = lambda code=0: None
+    dist.init_process_group = lambda *args, **kwargs: (
+        None if dist.is_initialized() else init(*args, **kwargs))
+    dist.destroy_process_group = lambda *args, **kwargs: None
+    fsdp2, fsdp2_out, partial, partial_out = sys.argv[1:]
+    sys.argv = [fsdp2, fsdp2_out, "none", "-1", "fsdp,hsdp"]
+    runpy.run_path(fsdp2, run_name="__main__")
+    sys.argv = [partial, partial_out]
+    runpy.run_path(partial, run_name="__main__")
+    destroy()
+    end()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def unrecorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """What FSDP2_STOP_SCRIPT wrote of each layout ("fsdp", "hsdp") and what PARTIAL_SCRIPT
+    wrote of each rank ("partial": rank -> its list) when they trained without recording (one
+    launch: UNRECORDED_SCRIPT)."""
+    tmp = tmp_path_factory.mktemp("unrecorded")
+    scripts = {name: tmp / f"{name}.py" for name in ("both", "fsdp2", "partial")}
+    scripts["both"].write_text(UNRECORDED_SCRIPT)
+    scripts["fsdp2"].write_text(FSDP2_STOP_SCRIPT)
+    scripts["partial"].write_text(PARTIAL_SCRIPT)
+    fsdp2, partial = tmp / "fsdp2.json", tmp / "partial"
+    result = subprocess.run(
+        [*TORCHRUN, str(scripts["both"]), str(scripts["fsdp2"]), str(fsdp2),
+         str(scripts["partial"]), str(partial)],
+        capture_output=True, text=True, env=record_env(), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    written: dict[str, Any] = {
+        layout: json.loads(Path(f"{fsdp2}.{layout}").read_text()) for layout in ("fsdp", "hsdp")
+    }
+    written["partial"] = {r: json.loads(Path(f"{partial}.{r}").read_text()) for r in (0, 1)}
+    return written
+
+
+def test_a_rank_that_stops_recording_while_holding_partial_copies_stops_the_other(
+    tmp_path, unrecorded
+):
     # PARTIAL_SCRIPT with rank 1's recording stopped at step 3, after the clips copied its
     # Partial gradients: both ranks stop there, neither waits, and training is untouched.
     script, computed = tmp_path / "train.py", tmp_path / "norms"
     script.write_text(PARTIAL_SCRIPT)
-    unrecorded = subprocess.run(
-        [*TORCHRUN, str(script), str(tmp_path / "alone")],
-        capture_output=True, text=True, env=record_env(), timeout=300,
-    )  # fmt: skip
-    assert unrecorded.returncode == 0, unrecorded.stderr
     result = record(
         "--out", str(tmp_path / "run"), "--", *TORCHRUN, str(script), str(computed), "3"
     )  # fmt: skip
@@ -662,7 +696,7 @@ def test_a_rank_that_stops_recording_while_holding_partial_copies_stops_the_othe
     assert result.returncode == 2, result.stderr  # rank 1's log_policy_batch failure
     for rank in (0, 1):
         trained = json.loads(Path(f"{computed}.{rank}").read_text())[-1]
-        alone = json.loads(Path(f"{tmp_path / 'alone'}.{rank}").read_text())[-1]
+        alone = unrecorded["partial"][rank][-1]
         assert trained == alone  # training is untouched
     run = open_run(tmp_path / "run")
     assert run.step_numbers == [0, 1, 2]  # every step before the stop on both ranks
