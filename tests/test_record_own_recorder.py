@@ -52,9 +52,11 @@ def test_the_refusal_names_no_optimizer_hooks(tmp_path, warm_up, trained):
         "`stabledrl record --no-optimizer-hooks`"
     ), errors
     assert "close it first" not in done.stderr
-
-    rerun = tmp_path / "again"
-    rerun.mkdir()
-    done, errors = record_python(script, "--no-optimizer-hooks", cwd=rerun, env=cli_environment())
-    assert done.returncode == 0 and not errors, done.stderr
-    assert open_run(rerun / "run").step_numbers == [0, 1, 2]
+    if warm_up:  # the way out, once: without the hooks a warm-up is plain torch (one rerun)
+        rerun = tmp_path / "again"
+        rerun.mkdir()
+        done, errors = record_python(
+            script, "--no-optimizer-hooks", cwd=rerun, env=cli_environment()
+        )
+        assert done.returncode == 0 and not errors, done.stderr
+        assert open_run(rerun / "run").step_numbers == [0, 1, 2]
