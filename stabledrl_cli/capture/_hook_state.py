@@ -151,9 +151,11 @@ class HookState:
     """In each thread, `step`: the optimizer whose step() is under way there, weakly held
     (`optimizer_hooks._nested`)."""
     optimizers_seen: int = 0
-    indices: dict[frozenset[int], list[int]] = field(default_factory=dict)
-    """id() of an optimizer's parameters -> the index of each optimizer that stepped them
-    (`optimizer_hooks._index`)."""
+    indices: dict[tuple[str, tuple[tuple[torch.Size, ...], ...]], list[int]] = field(
+        default_factory=dict
+    )
+    """An optimizer's class and its parameters' shapes, group by group -> the index of each
+    optimizer of them that stepped (`optimizer_hooks._index`)."""
     others: dict[int, OtherSteps] = field(default_factory=dict)
     """Index -> another optimizer's steps that no recorded step holds yet."""
     rooted: tuple[list[weakref.ref[torch.Tensor]], dict[int, str]] | None = None

@@ -12,8 +12,9 @@ Which steps. The first optimizer that steps is the run's optimizer: each of its 
 is one recorded step, numbered 0, 1, 2, ... in this process (a run's steps, like a rank's).
 Another optimizer's steps since the previous recorded step are summarised in the next
 recorded step as `optimizer_<i>/...` scalars (i: the order in which the optimizers first
-stepped; the run's is 0; one made anew over the parameters of one that is gone keeps its i:
-`_index`); those after the run's last step are named on stderr at exit (`_unrecorded_note`).
+stepped; the run's is 0; one made anew, of the class and parameter shapes of one that is
+gone, keeps its i: `_index`); those after the run's last step are named on stderr at exit
+(`_unrecorded_note`).
 A step() inside another optimizer's step() is part of that step (`_nested`).
 When the run's optimizer is gone (garbage-collected, at the latest
 at another optimizer's first step: `_module_names`), the next optimizer that steps
@@ -179,8 +180,7 @@ def _optimizer_params(optimizer: Optimizer) -> Iterator[torch.Tensor]:
 def _view(optimizer: Optimizer) -> OptimizerView:
     view = state.views.get(optimizer)
     if view is None:
-        ids = frozenset(map(id, _optimizer_params(optimizer)))
-        view = OptimizerView(index=_index(ids), closure_at=_closure_position(optimizer))
+        view = OptimizerView(index=_index(optimizer), closure_at=_closure_position(optimizer))
         state.views[optimizer] = view
     return view
 
@@ -197,16 +197,18 @@ def _measured_view(optimizer: Optimizer) -> OptimizerView:
     return view
 
 
-def _index(ids: frozenset[int]) -> int:
-    """The index of a new optimizer of the parameters `ids`: that of one of the same
-    parameters that is gone (a script that makes its optimizer anew at each step keeps one
-    `optimizer_<i>`), else the next one."""
+def _index(optimizer: Optimizer) -> int:
+    """The index of a new optimizer: that of one of the same class and parameter shapes that
+    is gone (a script that makes its optimizer anew at each step, over the same parameters or
+    new ones, keeps one `optimizer_<i>`), else the next one."""
+    groups = tuple(tuple(p.shape for p in group["params"]) for group in optimizer.param_groups)
+    kind = (type(optimizer).__qualname__, groups)
     live = {view.index for view in state.views.values()}
-    for index in state.indices.get(ids, ()):
+    for index in state.indices.get(kind, ()):
         if index not in live:
             return index
     index, state.optimizers_seen = state.optimizers_seen, state.optimizers_seen + 1
-    state.indices.setdefault(ids, []).append(index)
+    state.indices.setdefault(kind, []).append(index)
     return index
 
 
