@@ -43,6 +43,7 @@ from verl.workers.utils.padding import left_right_2_no_padding, response_to_nest
 
 from stabledrl_cli.cli.app import app  # noqa: E402
 from stabledrl_cli.dump import Recorder, open_run  # noqa: E402
+from stabledrl_cli.dump import _setup as dump_setup  # noqa: E402
 from stabledrl_cli.errors import UsageError  # noqa: E402
 from stabledrl_cli.integrations import verl as stabledrl_verl  # noqa: E402
 from stabledrl_cli.integrations._verl_capture import (  # noqa: E402
@@ -2068,14 +2069,29 @@ def test_rollout_rejection_of_verls_v1_trainer_replays_verls_loss(
 
 
 def test_a_token_mean_run_whose_rejections_begin_after_its_first_step_records_every_step(
-    hooked: Any, capsys: pytest.CaptureFixture[str]
+    hooked: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The spec is mapped at the first step: a token-mean run whose first step rejected no
     token was `dual-clip`, and a later step that rejected some stopped the recording in one
     line (step 1 of 2 lost). The run's spec now turns agg=recorded at that step, said in one
-    line and in the manifest's meta, and it replays verl's loss of every step."""
+    line and in the manifest's meta, and it replays verl's loss of every step. The policy and
+    its meta.rejected_tokens_from_step are one rewrite of the manifest: they were two, and a
+    reader between them (a watch, which reads the run again from its start at each change of
+    its manifest: 4.3 s for 2,000 steps) saw the new policy without the step it applies
+    from."""
     run_dir, status = hooked
+    written = []
+    write = dump_setup._write_manifest
+
+    def kept(path: Path, text: bytes) -> None:
+        write(path, text)
+        written.append(json.loads(text))
+
+    monkeypatch.setattr(dump_setup, "_write_manifest", kept)
     assert len(train(actor_config(), rejected=[(8, 0)])) == 2
+    turned = [m["meta"].get("rejected_tokens_from_step") for m in written
+              if m["policy"]["spec"] == "dual-clip:agg=recorded"]  # fmt: skip
+    assert turned[:1] == [1] and len(written) == 2, written  # the new run's, the turn's
     stabledrl_verl.uninstall()
     err = capsys.readouterr().err
     assert err.count("stabledrl:") == 1, err

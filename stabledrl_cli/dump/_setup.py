@@ -323,10 +323,10 @@ def amend_manifest(path: Path, name: str, value: object | None) -> None:
         else:
             manifest[name] = value
 
-    _change_manifest(path, amended)
+    change_manifest(path, amended)
 
 
-def _change_manifest(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+def change_manifest(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
     """Rewrites the run's manifest (atomically) as `change` changes it in place, the manifest
     as it is then (`amend_manifest`); InputError, the manifest left as it was, for a change
     that takes it past the `MANIFEST_LIMIT` bytes its readers take (a note on a manifest near
@@ -361,7 +361,7 @@ def close_rank(path: Path, rank: int, world_size: int) -> None:
         if ranks == list(range(world_size)):
             manifest[RECORDING_CLOSED] = True
 
-    _change_manifest(path, closed)
+    change_manifest(path, closed)
 
 
 def reopen_run(path: Path, rank: int | None = None) -> dict[str, Any] | None:
@@ -388,7 +388,7 @@ def reopen_run(path: Path, rank: int | None = None) -> dict[str, Any] | None:
         else:
             now.pop(RECORDING_CLOSED_RANKS, None)
 
-    _change_manifest(path, reopened)
+    change_manifest(path, reopened)
     return manifest
 
 

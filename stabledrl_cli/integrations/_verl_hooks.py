@@ -25,7 +25,7 @@ from verl.workers.config import ActorConfig
 from stabledrl_cli.capture.bootstrap import RecordingFailure
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._policy import policy_entry
-from stabledrl_cli.dump._setup import amend_manifest, manifest_now
+from stabledrl_cli.dump._setup import change_manifest
 from stabledrl_cli.errors import UsageError, warn
 from stabledrl_cli.integrations._verl_capture import (
     Groups,
@@ -266,9 +266,13 @@ class Session:
         policy = policy_for_actor_config(config, *self.mapped, rejected_tokens=True)
         if policy.spec == self.policy_spec:
             return
-        path = recorder.path
-        amend_manifest(path, "policy", policy_entry(policy, None))
-        amend_manifest(path, "meta", {**manifest_now(path)["meta"], REJECTED_FROM: self.step})
+        entry, step = policy_entry(policy, None), self.step
+
+        def turned(manifest: dict[str, Any]) -> None:  # one rewrite: no reader sees half of it
+            manifest["policy"] = entry
+            manifest["meta"] = {**manifest.get("meta", {}), REJECTED_FROM: step}
+
+        change_manifest(recorder.path, turned)
         warn(
             f"stabledrl: warning: step {self.step} holds tokens verl's rollout rejection "
             f"sampling left in token-mean's count: the run's spec is now {policy.spec}, not "
