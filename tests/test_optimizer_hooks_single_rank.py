@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -989,6 +990,28 @@ ZERO = textwrap.dedent(
     """
 )
 
+# A run optimizer and a critic's; after their first steps a child forked from the process
+# leaves by sys.exit (its exit handlers run), then the run optimizer steps again.
+FORKED_CRITIC = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+
+    model, critic = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    critic_optimizer = torch.optim.SGD(critic.parameters(), lr=0.2)
+    for net, opt in ((model, optimizer), (critic, critic_optimizer)):
+        opt.zero_grad()
+        net(torch.randn(8, 4)).sum().backward()
+        opt.step()
+    child = os.fork()
+    if child == 0:
+        sys.exit(0)
+    os.waitpid(child, 0)
+    optimizer.step()
+    """
+)
+
 # `torch.compile` of a function that calls optimizer.step() (the hooks run inside it).
 COMPILED_STEP = textwrap.dedent(
     """
@@ -1059,6 +1082,7 @@ PHASES = {
     "swapped": (SWAPPED, (), 4),
     "zero": (ZERO, (), 3),
     "scaler critic": (SCALER_CRITIC, (), 3),
+    "forked critic": (FORKED_CRITIC, (), 2),
     "compiled step": (COMPILED_STEP, (), 10),
 }
 
@@ -1210,6 +1234,16 @@ def test_another_optimizers_step_the_grad_scaler_skips_is_counted_as_skipped(one
     assert others[0]["steps"] == others[1]["steps"] == 1
     assert "skipped" not in others[0] and others[1]["skipped"] == 1, others
     assert others[1]["nonfinite_grads"] == 1
+
+
+def test_a_forked_child_leaving_names_no_step_of_its_parents_optimizers(one_process):
+    """A child forked after a critic's step, the step still held for the parent's next, said
+    at its exit 'not recorded: optimizer_1's last step' of the parent's step, which the
+    parent's next step records."""
+    phase = one_process["forked critic"]
+    assert "not recorded" not in phase.stderr, phase.stderr
+    steps = [v for k, v in phase.step(1).scalars.items() if re.fullmatch(r"optimizer_\d+/steps", k)]
+    assert steps == [1.0], phase.step(1).scalars
 
 
 def test_a_parameter_put_in_anothers_place_keeps_its_module_norm(one_process):

@@ -156,6 +156,15 @@ def _unrecorded_note() -> None:
     )
 
 
+def _forked() -> None:
+    """In a child forked from this process: the other optimizers' steps held are the
+    parent's, recorded by its next step or named by its `_unrecorded_note`, not the child's."""
+    state.others.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def _wrap_scaler_step(original: Callable[..., float | None]) -> Callable[..., float | None]:
     @functools.wraps(original)
     def step(self: GradScaler, optimizer: Optimizer, *args: Any, **kwargs: Any) -> float | None:
