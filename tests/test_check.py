@@ -368,6 +368,33 @@ def test_observed_collapse_is_compared(runs, baseline):
     )
 
 
+def test_a_collapse_the_run_does_not_have_reads_none_in_the_table_and_junit(
+    runs, baseline, tmp_path
+):
+    """With no collapse, the step gates read 'observed.first_reward_collapse ok inf inf' and
+    'reward_collapse FAILED 25 inf' in the table (and JUnit), where their messages say
+    'none'. The JSON keeps null."""
+    junit = tmp_path / "check.xml"
+    args = ["check", "--baseline", str(baseline), *POLICIES, "--fail-on-collapse"]
+    table = runner.invoke(app, [*args, str(runs["steady"])], env={"COLUMNS": "200"})
+    rows = {
+        cells[1].removeprefix("baseline."): cells[2:5]
+        for line in table.stdout.splitlines()
+        if line.startswith("│ ")
+        for cells in [[c.strip() for c in line.strip("│").split("│")]]
+    }
+    assert rows["observed.first_reward_collapse"] == ["ok", "none", "none"]
+    assert rows["reward_collapse"] == ["ok", "none", "none"]
+    tripped = runner.invoke(app, [*args, str(runs["collapsing"]), "--junit", str(junit)])
+    assert tripped.exit_code == 1
+    cases = ET.parse(junit).getroot().iter("testcase")
+    collapse = next(c for c in cases if c.get("name") == "reward_collapse")
+    assert collapse.find("failure").text.startswith("figure 25, limit none: ")
+    code, data, _ = _check(*args[1:], str(runs["steady"]))
+    assert code == 0 and _gate(data, None, "reward_collapse")["limit"] is None
+    assert _gate(data, None, "baseline.observed.first_reward_collapse")["figure"] is None
+
+
 def test_policy_missing_from_the_check_is_a_tripped_gate(runs, baseline):
     code, data, stderr = _check(str(runs["steady"]), "--baseline", str(baseline), "-p", "grpo")
     assert code == 1 and data["policies"] == ["grpo"]

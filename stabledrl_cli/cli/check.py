@@ -269,10 +269,7 @@ def _print_figures(result: ReplayResult) -> None:
     names = list(rules)
     figures = [[baseline_figure(p, name) for name in names] for p in result.policies]
     rows = [
-        [
-            "n/a" if f is None else format_figure(f, count=rules[n].integer)
-            for f, n in zip(row, names, strict=True)
-        ]
+        [format_figure(f, count=rules[n].integer) for f, n in zip(row, names, strict=True)]
         for row in figures
     ]
     # a spec is folded only where the table does not fit with its headers stacked

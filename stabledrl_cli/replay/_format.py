@@ -26,10 +26,17 @@ FIGURE_DIGITS = 4
 
 
 def format_figure(value: float | None, *, count: bool = False) -> str:
-    """A gate's figure to 4 digits, None (infinity) as "never"; a `count` (of steps, or a
-    step) whole, plainly. A measure is never shown whole for being whole: a float32 norm
-    past 2**24 always is."""
-    return format_number(value, FIGURE_DIGITS, none="never", integers=count)
+    """A gate's figure to 4 digits ("n/a": None, no figure); a `count` (of steps, or a step)
+    whole, plainly, and an infinite one as "none": a step that never came, such as a collapse
+    the run does not have, as the gate's message says. A measure is never shown whole for
+    being whole: a float32 norm past 2**24 always is."""
+    return _figure(value, FIGURE_DIGITS, count)
+
+
+def _figure(value: float | None, digits: int, count: bool) -> str:
+    if count and value == math.inf:
+        return "none"
+    return format_number(value, digits, integers=count)
 
 
 def format_figures(*values: float | None, count: bool = False) -> list[str]:
@@ -42,7 +49,7 @@ def format_figures(*values: float | None, count: bool = False) -> list[str]:
         finite
     ):
         digits += 1
-    return [format_number(v, digits, none="never", integers=count) for v in values]
+    return [_figure(v, digits, count) for v in values]
 
 
 def format_steps(

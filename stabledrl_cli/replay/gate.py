@@ -51,8 +51,8 @@ class GateResult:
     gate: str
     ok: bool
     figure: float | None
-    """Today's figure (inf: infinity; None: none, for `baseline.present` and a run-level gate
-    whose rule had nothing to judge)."""
+    """Today's figure (inf: infinity, a step that never came for a `count`; None: none, for
+    `baseline.present` and a run-level gate whose rule had nothing to judge)."""
     limit: float | None
     """The worst figure that passes."""
     message: str
@@ -63,13 +63,10 @@ class GateResult:
     """The figure counts steps (or is a step): shown whole; not in the check JSON."""
 
     def shown(self) -> tuple[str, str]:
-        """The figure and the limit as the table and the JUnit report show them ("n/a":
-        none, for `baseline.present`)."""
+        """The figure and the limit as the table and the JUnit report show them ("n/a": no
+        figure, for `baseline.present`; "none": a step that never came)."""
         figure, limit = format_figures(self.figure, self.limit, count=self.count)
-        return (
-            "n/a" if self.figure is None else figure,
-            "n/a" if self.limit is None else limit,
-        )
+        return figure, limit
 
     def to_dict(self) -> dict[str, object]:
         """The check JSON's entry: infinite figures and limits as null."""
