@@ -159,15 +159,16 @@ def missing_directory(target: Path) -> str | None:
 
 
 _LIBRARY_ERRNO = re.compile(r"\berrno = (\d+)")
-"""The system's error number as HDF5's messages quote it (h5py raises an OSError without
-`errno` whose text is HDF5's whole error stack)."""
+"""The system's error number as HDF5's messages quote it (h5py raises an OSError whose text,
+its `strerror` where it sets `errno`, is HDF5's whole error stack)."""
 
 
 def write_error(target: Path, exc: OSError, failed: str = "cannot write it") -> WriteError:
     """The one-line error of a failed write of `target`: what `failed` and the system's
-    reason, also where a library only quotes its error number (HDF5)."""
+    reason, also where a library only quotes its error number in a text of its own (HDF5's,
+    which names the temporary file, with or without `errno`)."""
     code = exc.errno
-    quoted = _LIBRARY_ERRNO.search(str(exc)) if code is None else None
+    quoted = _LIBRARY_ERRNO.search(exc.strerror or str(exc))
     if quoted is not None:
         code = int(quoted.group(1))
         reason = _REASONS.get(code) or os.strerror(code)

@@ -197,3 +197,19 @@ def test_an_engine_class_instead_of_an_engine_object_is_named():
     required positional argument: 'progress'" once the pass began."""
     with pytest.raises(UsageError, match=r"engine must be .* or an engine object, got <class"):
         sd.replay(ROOT / "fixtures" / "grpo", "grpo", engine=LocalEngine)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_report_that_cannot_be_written_is_named_in_the_systems_words(tmp_path):
+    """`replay --out /proc/x.h5` said "cannot write it (Unable to synchronously create file
+    (unable to open file: name = '/proc/.x.h5.tmp-25077', errno = 2, ...))": HDF5's text, and
+    a temporary name the user never gave. Now the path given and the system's reason."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, unit="sequence", policy="grpo") as rec:
+        for step in range(3):
+            rec.log_step(step, logp=[-1.0, -2.0], logp_old=[-1.1, -2.0], advantages=[1.0, -1.0])
+    done = CliRunner().invoke(app, ["replay", str(run), "-p", "grpo", "--out", "/proc/x.h5"])
+    assert done.exit_code == 4, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "error: /proc/x.h5: cannot write it (No such file or directory)"
+    )
