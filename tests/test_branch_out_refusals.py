@@ -90,3 +90,23 @@ def test_a_url_given_as_the_run_is_refused_in_one_line(tmp_path: Path) -> None:
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {url}: branch takes a local path, not a URL (")
     assert line.endswith("replay, check, inspect, diff, tune and pack read a run at a URL")
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+@pytest.mark.parametrize("out", ["", "sub"])
+def test_a_branch_elsewhere_inside_the_original_run_is_refused(
+    recorded: Path, tmp_path: Path, out: str, force: list[str]
+) -> None:
+    """--out RUN put the branch run at RUN/grpo@4, which `record --out RUN --force` kept (it
+    removes RUN/branches alone), where docs/branching.md says the new run never carries
+    branches of the old one. Only RUN/branches takes a branch run inside RUN."""
+    run = _copy(recorded, tmp_path)
+    args = ["--at", "4", "-p", "grpo", "--rl-steps", "2", "--out", run / out, *force]
+    result = _stabledrl("branch", run, *args)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {run / out / 'grpo@4'}: a branch run would be inside {run}, the run it "
+        "branches from, outside its branches folder, where recording over the run (--force) "
+        f"would keep it; pass another --out, outside the run (or none: {run / 'branches'})"
+    ]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]

@@ -161,8 +161,10 @@ def check_not_the_original(branch: Path, run_dir: Path, *, given: str = "--out")
     """UsageError when the branch run `branch` would be `run_dir`, the run it branches from
     (--out its parent, the run named POLICY@STEP: --force would replace it), or lie in that
     run's steps or checkpoints folder, or deeper than POLICY@STEP in its branches folder
-    (`check_outside_run_folders`); the line says to give another `given` (what named the
-    branch run's place)."""
+    (`check_outside_run_folders`), or anywhere else in that run (`--out RUN`: recording over
+    it, --force, removes the branch runs of its branches folder alone, so the new run would
+    keep this one); the line says to give another `given` (what named the branch run's
+    place)."""
     if branch.resolve() == run_dir.resolve():
         raise UsageError(
             f"{run_dir}: a branch run would be the run it branches from; pass another {given}"
@@ -171,3 +173,10 @@ def check_not_the_original(branch: Path, run_dir: Path, *, given: str = "--out")
     check_outside_run_folders(
         branch, run_dir, what="a branch run", run=original, given=given, branch=True
     )
+    where, run = branch.resolve(), run_dir.resolve()
+    if where.is_relative_to(run) and where.parent != run / BRANCHES_DIR:
+        raise UsageError(
+            f"{branch}: a branch run would be inside {original}, outside its {BRANCHES_DIR} "
+            f"folder, where recording over the run (--force) would keep it; pass another "
+            f"{given}, outside the run (or none: {run_dir / BRANCHES_DIR})"
+        )

@@ -2,9 +2,10 @@
 checkpoint under each policy, record each branch, and say whether it collapsed beside what the
 one-step replay said about that policy (stabledrl_cli.branching, docs/branching.md).
 
-Exit codes: 0; 2 for a bad spec, a step before the first checkpoint, or branch runs that exist
-without --force; 3 for a run without checkpoints (record it with --checkpoint-every N), or with
-no readable step at or after the checkpoint (nothing to replay beside a branch).
+Exit codes: 0; 2 for a bad spec, a step before the first checkpoint, branch runs that exist
+without --force, or an --out inside RUN but for RUN/branches; 3 for a run without checkpoints
+(record it with --checkpoint-every N), or with no readable step at or after the checkpoint
+(nothing to replay beside a branch).
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def command(
             "--out",
             "-o",
             metavar="DIR",
-            help="Where the branch runs go, a local path (default RUN/branches).",
+            help="Where the branch runs go, a local path outside RUN (default RUN/branches).",
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing branch runs.")] = False,
