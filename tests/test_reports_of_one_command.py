@@ -123,3 +123,32 @@ def test_a_report_given_a_url_is_refused_before_the_replay(tmp_path, monkeypatch
             f"{url} is a URL; give a local path" in line
         ), line
     assert list((tmp_path / "s3:" / "b").iterdir()) == []
+
+
+def test_a_report_replaces_its_file_but_never_a_packed_run(tmp_path):
+    """`replay --out run.h5` over `pack`'s archive replaced it with a replay report (exit 0;
+    inspect then: 'run.h5 is a replay report, not a run'), and `check --write-baseline` with a
+    baseline, where `pack` itself replaces no file without --force: a run may be kept nowhere
+    else. Refused before the replay, the archive kept; a report still replaces a report."""
+    run = tmp_path / "run.h5"
+    assert runner.invoke(app, ["pack", str(GRPO), str(run)]).exit_code == 0
+    before = run.read_bytes()
+    (tmp_path / "link.h5").symlink_to(run)
+    for flag, args in [
+        ("--out", ["replay", GRPO, "-p", "grpo"]),
+        ("--write-baseline", ["check", GRPO]),
+        ("--junit", ["check", GRPO, "--max-collapsed", "100"]),
+    ]:
+        for given in (run, tmp_path / "link.h5"):
+            result = runner.invoke(app, list(map(str, [*args, flag, given])))
+            assert (result.exit_code, result.stderr) == (
+                2,
+                f"error: {flag} {given} is a packed run (stabledrl pack); a report replaces "
+                "its file, never a run: give another file\n",
+            ), args
+    assert run.read_bytes() == before
+    report = tmp_path / "report.h5"
+    report.write_text("an older report")
+    replayed = runner.invoke(app, ["replay", str(GRPO), "-p", "grpo", "--out", str(report)])
+    assert replayed.exit_code == 0, replayed.stderr
+    assert report.read_bytes().startswith(b"\x89HDF")

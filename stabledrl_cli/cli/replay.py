@@ -50,7 +50,7 @@ from stabledrl_cli.cli._output import err, is_standard_output, out, progress, st
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump import Run
-from stabledrl_cli.dump._open import open_snapshot
+from stabledrl_cli.dump._open import is_packed_run, open_snapshot
 from stabledrl_cli.dump._remote import inside_local_run
 from stabledrl_cli.errors import ConfigError, UsageError, counted
 from stabledrl_cli.policies._registry import resolve_spec
@@ -100,7 +100,9 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
     """Before the replay: the output files' directories exist (targets: option -> path), none
     lies inside the run read (`run`, a directory or an archive: a report there would replace
     one of its files, or sit among them, as `pack` refuses too), is a directory (its write
-    would fail once the replay is done) or, for a binary report, the standard output (the
+    would fail once the replay is done), a packed run (a report replaces the file it names,
+    as a CI job rewrites its reports on every run; a run may be kept nowhere else, and `pack`
+    replaces a file only with --force) or, for a binary report, the standard output (the
     results printed there would follow it into one stream; a text report is printed beside
     them), no two name one file (the last written
     would replace the other), and a plot can be drawn (a missing extra fails fast, exit 2)."""
@@ -118,6 +120,11 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
             )
         if directory:
             raise UsageError(f"{flag} {target} is a directory; give a file name")
+        if is_packed_run(target):
+            raise UsageError(
+                f"{flag} {target} is a packed run (stabledrl pack); a report replaces its file, "
+                "never a run: give another file"
+            )
         if flag in BINARY_REPORTS and is_standard_output(target):
             raise UsageError(
                 f"{flag} {target} is the standard output, where the results are printed; "

@@ -15,7 +15,7 @@ from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._remote import open_url
 from stabledrl_cli.dump._run import Run
 from stabledrl_cli.dump._schema import HDF5_SIGNATURE, path_argument, switch_argument
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import InputError, StabledrlError, UsageError
 
 
 def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
@@ -51,6 +51,19 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     if signature == HDF5_SIGNATURE:
         return ArchiveRun(run_path, verify=verify)
     raise InputError(f"{given} is not a run (expected a run directory or a .h5 archive)")
+
+
+def is_packed_run(path: Path) -> bool:
+    """Whether `path` is a regular file that opens as a run: `pack`'s archive, which a report
+    written there would replace, and which may be the run's only copy (a replay report, a
+    device, a link to nothing or any other file is none)."""
+    try:
+        if not path.is_file():
+            return False
+        open_run(path).close()
+    except (OSError, StabledrlError):
+        return False
+    return True
 
 
 @contextmanager
