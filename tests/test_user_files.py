@@ -258,3 +258,16 @@ def test_an_imported_log_that_is_a_fifo_is_refused_unread(tmp_path):
     done = run_cli("import", fifo, "--out", tmp_path / "run", timeout=QUICK)
     assert done.returncode == 3, done.stderr
     assert done.stderr == f"error: {fifo}: not a regular file\n"
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_an_import_onto_a_file_names_it_as_given(tmp_path, monkeypatch, force):
+    """`import LOG --out f` over a file said 'error: /abs/path/f exists and is not a
+    directory' (the Recorder's absolute path, after the log was read), where record says
+    '--out f' and every other line of import names the path as given."""
+    monkeypatch.chdir(tmp_path)
+    Path("f").write_text("mine")
+    log = Path(__file__).resolve().parents[1] / "fixtures/imports/trl-lr0.3/trainer_state.json"
+    done = CliRunner().invoke(app, ["import", str(log), "--out", "f", *force])
+    assert (done.exit_code, done.stderr) == (2, "error: f exists and is not a directory\n")
+    assert Path("f").read_text() == "mine"

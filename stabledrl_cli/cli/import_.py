@@ -17,7 +17,7 @@ from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import FormatOpt, local_file
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._signals import stopped_by_sigterm
-from stabledrl_cli.dump._setup import check_replaceable
+from stabledrl_cli.dump._setup import check_replaceable, directory_or_nothing
 from stabledrl_cli.dump._writer import reward_range_text
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.importers import ImportSummary, import_log
@@ -81,7 +81,7 @@ def command(
     metrics under the run's standard names, the others kept as extra scalars."""
     span = None if reward_range is None else reward_range_text(reward_range, "--reward-range")
     run = local_output(out_arg, "import", "its run")
-    if run.is_dir() and any(run.iterdir()):
+    if directory_or_nothing(run, str(run)) and any(run.iterdir()):
         check_replaceable(run)  # another tool's manifest: --force would not replace it
         if not force:
             raise UsageError(
