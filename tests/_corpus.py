@@ -365,6 +365,30 @@ def _stored_chunk(
     return make
 
 
+def filter_not_installed(name: str) -> Callable[[Path], Path]:
+    """Dataset `name` stored through an HDF5 filter no libhdf5 has: written through LZF, then
+    its filter id made 511 (reserved for testing): an archive recompressed with a plugin's
+    filter (Blosc's, zstd's) read where that plugin is not installed. LZF's pipeline entry
+    is its id, its name's length, flags and values count (2 bytes each), then its name."""
+
+    def make(tmp: Path) -> Path:
+        def recompress(handle: h5py.File) -> None:
+            values = handle[name][()]
+            replace_dataset(
+                handle, name, data=values, chunks=values.shape, compression="lzf", fletcher32=True
+            )
+
+        out = edit_archive(tmp, recompress)
+        raw = bytearray(out.read_bytes())
+        at = raw.index(b"lzf\0") - 8
+        assert raw[at : at + 2] == struct.pack("<H", 32000)
+        raw[at : at + 2] = struct.pack("<H", 511)
+        out.write_bytes(bytes(raw))
+        return out
+
+    return make
+
+
 def _named_datatype(handle: h5py.File) -> None:
     """A committed datatype where a data dataset belongs (found by the fuzzer)."""
     handle["tokens/loss_weight"] = np.dtype("f4")
@@ -827,6 +851,8 @@ CASES: list[Case] = [
     Case("archive_path_is_a_fifo", lambda tmp: (os.mkfifo(tmp / "run.h5"), tmp / "run.h5")[1], "inspect", 3),
     Case("archive_link_name_not_utf8", _name_not_utf8, "inspect", 3),
     Case("archive_named_datatype", _archive_case(_named_datatype), "inspect", 3),
+    Case("archive_data_filter_not_installed", filter_not_installed("tokens/mask"), "inspect", 3),
+    Case("archive_index_filter_not_installed", filter_not_installed("steps/num_tokens"), "replay", 3),
     Case("archive_group_where_a_dataset_belongs", _archive_case(_group_for_dataset), "replay", 3),
     Case("archive_heap_that_hangs_libhdf5", _heap_free_space_zero, "inspect", 3),
     Case("archive_attribute_error_then_a_heap_that_hangs", _attribute_error_then_a_heap_that_hangs, "inspect", 3),

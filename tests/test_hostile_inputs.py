@@ -28,6 +28,7 @@ from _corpus import (
     edit_archive,
     edit_header,
     edit_manifest,
+    filter_not_installed,
     measure,
     packed,
     replace_dataset,
@@ -517,6 +518,24 @@ def test_an_index_of_another_type_refuses_the_archive_in_every_command(
             result.stderr,
         )
     assert not (tmp_path / "out.h5").exists()
+
+
+@pytest.mark.parametrize("name", ["tokens/mask", "steps/num_tokens"])
+def test_a_dataset_stored_through_a_filter_not_installed_is_refused_naming_it(
+    tmp_path: Path, name: str
+) -> None:
+    """An archive recompressed through a plugin's filter (Blosc's, zstd's), read where that
+    plugin is not installed: each step of a data dataset was "a corrupt chunk: Can't
+    synchronously read data (can't open directory (/usr/local/lib/plugin). Please verify its
+    existence)" (inspect exit 0, replay exit 3, no step read), an index "corrupt run archive
+    (OSError: ...)". Every reader now refuses it naming the dataset and its filter."""
+    good = packed(tmp_path / "good")
+    bad = filter_not_installed(name)(tmp_path / "bad")
+    said = (
+        f"{bad}: refused: dataset {name} is stored through HDF5 filter 511, which this libhdf5 "
+        "does not have (a compression plugin not installed here; pack writes gzip only)"
+    )
+    _every_reader_refuses(bad, good, tmp_path, said)
 
 
 @pytest.mark.parametrize(

@@ -179,9 +179,26 @@ def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, where: str, file_size
         chunk = math.prod(plist.get_chunk()) * dtype.itemsize
         if chunk > CHUNK_LIMIT:
             raise refuse(f"has {chunk}-byte chunks")
+        missing = _missing_filter(plist)
+        if missing is not None:
+            raise refuse(
+                f"is stored through HDF5 filter {missing}, which this libhdf5 does not have "
+                "(a compression plugin not installed here; pack writes gzip only)"
+            )
         bad = _bad_stored_chunk(dataset, plist, chunk, file_size)
         if bad is not None:
             raise refuse(bad)
+
+
+def _missing_filter(plist: h5py.h5p.PropDCID) -> int | None:
+    """The id of a filter of the dataset's pipeline that libhdf5 cannot apply here (a plugin's,
+    such as Blosc's 32001, not installed), or None: every read of it would fail, each as a
+    corrupt chunk."""
+    for i in range(plist.get_nfilters()):
+        code = int(plist.get_filter(i)[0])
+        if not h5py.h5z.filter_avail(code):
+            return code
+    return None
 
 
 CHUNK_SLACK = 1 << 12
