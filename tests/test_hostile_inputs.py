@@ -104,6 +104,8 @@ SAMPLE = (
     "fifo_named_like_a_step_replay",
     "archive_attribute_error_then_a_heap_that_hangs",
     "archive_chunk_of_zero_bytes_replay",
+    "archive_step_in_unwritten_chunks",
+    "archive_unwritten_chunks_past_the_steps",
 )
 
 

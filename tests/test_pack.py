@@ -1086,6 +1086,36 @@ def test_a_field_recorded_narrower_then_wider_is_widened_and_replays_as_its_dire
     assert _replay_json(out) == _replay_json(run)
 
 
+@pytest.mark.parametrize("compression", ["fast", "small"])
+def test_a_field_its_first_steps_lack_leaves_chunks_unwritten_and_reads_as_its_directory(
+    tmp_path, monkeypatch, compression
+):
+    """pack never writes the chunks of a field that only steps without it span (logp_ref from
+    step 3 on, in chunks of 16 entries here): a reader takes those for no data only where a
+    step holds the field, so such an archive reads with no finding, as its directory."""
+    monkeypatch.setattr(_packer, "CHUNK_ELEMENTS", 16)
+    run = tmp_path / "run"
+    gen = torch.Generator().manual_seed(0)
+    with sd.Recorder(run, policy="grpo") as recorder:
+        for step in range(6):
+            logp = -torch.rand(4, 5, generator=gen)
+            recorder.log_step(
+                step,
+                logp=logp,
+                logp_old=logp + 0.01,
+                logp_ref=None if step < 3 else logp - 0.02,
+                advantages=torch.randn(4, generator=gen),
+            )
+    out = tmp_path / "run.h5"
+    pack_run(run, out, compression=compression)
+    with h5py.File(out, "r") as handle:
+        dataset = handle["tokens/logp_ref"]
+        assert dataset.id.get_num_chunks() < -(-dataset.shape[0] // dataset.chunks[0])
+    report = _cli_json(["inspect", str(out), "--format", "json"])
+    assert report["integrity"]["ok"], report["integrity"]
+    assert _replay_json(out) == _replay_json(run)
+
+
 def test_a_compact_manifest_near_the_bound_packs_into_an_archive_that_reads(tmp_path):
     """A run whose manifest.json is written compactly, 921 KB (under the 1 MiB a manifest may
     take), packed with exit 0 into an archive no command could open ('corrupt run archive

@@ -26,9 +26,11 @@ from stabledrl_cli.dump._archive_checks import (
     H5_ERRORS,
     attributes,
     check_attributes,
+    chunks_unwritten,
     crc_matches,
     index_crc,
     index_type,
+    stored_chunks,
 )
 from stabledrl_cli.dump._archive_probe import probe
 from stabledrl_cli.dump._crc import crc32
@@ -79,6 +81,34 @@ def _chunk_count(dataset: h5py.Dataset) -> int | None:
     if dataset.chunks is None or dataset.ndim != 1:
         return None
     return -(-int(dataset.shape[0]) // int(dataset.chunks[0]))
+
+
+def _written_chunks(dataset: h5py.Dataset) -> np.ndarray | None:
+    """The indexes of a chunked one-dimensional dataset's written chunks, ascending, when it
+    has chunks never written (pack leaves unwritten the chunks of steps without the field);
+    None when every chunk is written, or its chunk index cannot be walked (its reads fail)."""
+    if _chunk_count(dataset) is None or not chunks_unwritten(dataset.id):
+        return None
+    size = int(dataset.chunks[0])
+    found: list[int] = []
+    try:
+        stored_chunks(dataset.id, lambda info: found.append(info.chunk_offset[0] // size))
+    except H5_ERRORS:
+        return None
+    return np.sort(np.array(found, dtype=np.int64))
+
+
+def _chunks_to_check(dataset: h5py.Dataset) -> list[tuple[slice, ...]]:
+    """The selections the integrity check reads of a dataset not read whole: each written
+    chunk (one never written holds no data: `_written_chunks`), or the whole of an unchunked
+    one."""
+    if not dataset.chunks:
+        return [()]
+    written = _written_chunks(dataset)
+    if written is None:
+        return list(dataset.iter_chunks())
+    size, length = int(dataset.chunks[0]), int(dataset.shape[0])
+    return [(slice(int(k) * size, min((int(k) + 1) * size, length)),) for k in written]
 
 
 def _data_dataset(name: str) -> str:
@@ -188,6 +218,9 @@ class ArchiveRun(Run):
         self._read_whole: set[str] = set()
         """The index and text datasets read whole when the archive was opened: the integrity
         check does not read them again either."""
+        self._written: dict[str, np.ndarray] = {}
+        """Per data dataset with chunks never written, the indexes of those written
+        (`_written_chunks`): a step whose slice lies in another holds no data."""
         where = self.location
         try:
             if size is None:
@@ -525,6 +558,9 @@ class ArchiveRun(Run):
                 continue
             dataset = self._dataset(where)
             self._require_type(where, dataset.dtype, dataset.shape, spec.dtypes, 1)
+            written = _written_chunks(dataset)
+            if written is not None:
+                self._written[where] = written
             crcs = checksums_dataset(where)
             if crcs in self._file:
                 self._step_crcs[where] = self._index(crcs)
@@ -637,6 +673,13 @@ class ArchiveRun(Run):
                     )
             if FIELDS[name].per == "unit_pairs":
                 mark(present & (shapes[:, 0] != shapes[:, 1]), f"its {name} is not square")
+        for name in FIELDS:
+            where = _data_dataset(name)
+            if where in self._written and (starts := self._offsets_of(where)) is not None:
+                mark(
+                    self._present.get(name, absent) & self._unwritten(where, starts),
+                    f"its {name} lies in chunks of {where} never written",
+                )
         for index, why in sorted(reasons.items()):
             self._bad[index] = StepReadError("unreadable", why)
             if self._all_bad is None:
@@ -648,6 +691,19 @@ class ArchiveRun(Run):
                         f"step {int(self._numbers[index])}: {why}",
                     )
                 )
+
+    def _unwritten(self, where: str, offsets: np.ndarray) -> np.ndarray:
+        """Which steps' slices of data dataset `where` (by its step `offsets`) span a chunk
+        never written: they hold no data (the fill value, unchecked)."""
+        written = self._written.get(where)
+        begin, end = offsets[:-1].astype(np.int64), offsets[1:].astype(np.int64)
+        if written is None:
+            return np.zeros(len(begin), dtype=bool)
+        size = int(self._dataset(where).chunks[0])
+        first, last = begin // size, (end - 1) // size
+        held = np.searchsorted(written, last, "right") - np.searchsorted(written, first, "left")
+        unwritten: np.ndarray = (end > begin) & (held != last - first + 1)
+        return unwritten
 
     def _fields_of(self, index: int) -> set[str]:
         return {name for name, mask in self._present.items() if mask[index]}
@@ -867,9 +923,7 @@ class ArchiveRun(Run):
                 dataset = self._file[name]
                 if read and len(read) == _chunk_count(dataset):
                     continue
-                chunks: list[tuple[slice, ...]] = (
-                    list(dataset.iter_chunks()) if dataset.chunks else [()]
-                )
+                chunks = _chunks_to_check(dataset)
             except H5_ERRORS as exc:
                 findings.extend(self._bad_chunk(name, (slice(0, None),), exc))
                 continue
@@ -890,10 +944,11 @@ class ArchiveRun(Run):
         if offsets is None:
             return []
         read, length = self._read_steps.get(name, set()), self._dataset(name).shape[0]
+        unwritten = self._unwritten(name, offsets)  # a step's is marked, another's holds none
         findings = []
         for index in range(len(self._numbers)):
             begin, end = int(offsets[index]), int(offsets[index + 1])
-            if index in read or not 0 <= begin <= end <= length:
+            if index in read or unwritten[index] or not 0 <= begin <= end <= length:
                 continue
             try:
                 self._slice(name, index, begin, end)
