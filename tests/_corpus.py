@@ -925,6 +925,7 @@ CASES: list[Case] = [
     Case("archive_index_chunk_never_written", _archive_case(_chunk_never_written("steps/num_tokens", 3)), "replay", 3),
     Case("archive_step_in_unwritten_chunks", _archive_case(_step_in_unwritten_chunks(100_000)), "inspect", 0, "unreadable"),
     Case("archive_unwritten_chunks_past_the_steps", _archive_case(_unwritten_tail("tokens/mask", 1 << 22)), "inspect", 0),
+    Case("archive_contiguous_dataset_past_the_file", _archive_case(lambda h: h.create_dataset("later/values", shape=(6_000_000,), dtype="f8")), "inspect", 3),
     Case("archive_data_filter_not_installed", filter_not_installed("tokens/mask"), "inspect", 3),
     Case("archive_index_filter_not_installed", filter_not_installed("steps/num_tokens"), "replay", 3),
     Case("archive_group_where_a_dataset_belongs", _archive_case(_group_for_dataset), "replay", 3),
