@@ -785,6 +785,31 @@ def _external_reward(handle: h5py.File) -> None:
     )
 
 
+def _virtual_reward(source: str) -> Callable[[Path], Path]:
+    """sequences/reward made a virtual dataset mapping dataset x of another HDF5 file
+    (`source` "other"), or the archive's own tokens/logp (`source` "."): its values would be
+    read from elsewhere."""
+
+    def make(tmp: Path) -> Path:
+        other = tmp / "other.h5"
+        with h5py.File(other, "w") as handle:
+            handle["x"] = np.arange(16, dtype="f4")
+
+        def change(handle: h5py.File) -> None:
+            count = handle["sequences/reward"].shape[0]
+            layout = h5py.VirtualLayout(shape=(count,), dtype="f4")
+            if source == ".":
+                layout[:] = h5py.VirtualSource(".", "tokens/logp", shape=(48,))[:count]
+            else:
+                layout[:] = h5py.VirtualSource(str(other), "x", shape=(16,))[:count]
+            del handle["sequences/reward"]
+            handle.create_virtual_dataset("sequences/reward", layout)
+
+        return edit_archive(tmp, change)
+
+    return make
+
+
 def _link(kind: str) -> Callable[[h5py.File], None]:
     def change(handle: h5py.File) -> None:
         del handle["sequences/reward"]
@@ -865,6 +890,8 @@ CASES: list[Case] = [
     Case("archive_external_storage", _archive_case(_external_reward), "replay", 3),
     Case("archive_external_link", _archive_case(_link("external")), "pack", 3),
     Case("archive_soft_link", _archive_case(_link("soft")), "inspect", 3),
+    Case("archive_virtual_dataset_of_another_file", _virtual_reward("other"), "inspect", 3),
+    Case("archive_virtual_dataset_of_itself_pack", _virtual_reward("."), "pack", 3),
     Case("archive_flip_steps", _archive_case(flip_index("steps/step")), "inspect", 0, "unreadable"),
     Case("archive_flip_counts", _archive_case(flip_index("steps/num_tokens")), "inspect", 0, "unreadable"),
     Case("archive_flip_scalar", _archive_case(flip_index("scalars/grad_norm")), "inspect", 0, "unreadable"),
