@@ -31,8 +31,10 @@ from _corpus import (
     filter_not_installed,
     measure,
     packed,
+    read_step,
     replace_dataset,
     retyped_index,
+    rewrite_step,
     step_path,
     tiny_run,
     widened_shape,
@@ -124,6 +126,24 @@ def test_sample_in_a_child_process_is_fast_and_small(name: str, tmp_path: Path) 
     if case.code:
         assert measured.seconds < _archive_probe.PROBE_SECONDS / 4
     assert measured.extra_rss_mb < 300
+
+
+def test_a_step_file_larger_than_memory_is_a_finding_not_a_crash(tmp_path: Path) -> None:
+    """A step file whose data no buffer can hold (a sparse file: 8 GB that take 4 KB on disk,
+    its header valid) made inspect, replay and pack exit 70 ("internal error: MemoryError")
+    under a 3 GB address-space cap. It is now an unreadable step, named, the others read."""
+    run = tiny_run(tmp_path / "run")
+    path = step_path(run, 1)
+    header, data = read_step(path)
+    size = 8 << 30
+    header["zzz"] = {"dtype": "U8", "shape": [size], "data_offsets": [len(data), len(data) + size]}
+    rewrite_step(path, header, data)  # the data's CRC is checked once it is read: never
+    with path.open("r+b") as fh:
+        fh.truncate(path.stat().st_size + size)
+    measured = measure(["replay", str(run), "-p", "grpo"], tmp_path / "cost.json")
+    assert measured.code == 0, measured.stderr
+    assert "(step 1: unreadable: its data of 8,589,934," in measured.stderr, measured.stderr
+    assert "does not fit in memory); replayed 3" in measured.stderr, measured.stderr
 
 
 def test_a_text_of_a_huge_fixed_length_is_refused_before_it_is_read(tmp_path: Path) -> None:

@@ -338,8 +338,14 @@ def _check_metadata(metadata: object) -> dict[str, str]:
 
 
 def _read_exactly(fh: BinaryIO, size: int) -> bytearray:
-    """`size` bytes from `fh` into one buffer; StepReadError("torn") if the file ends first."""
-    data = bytearray(size)
+    """`size` bytes from `fh` into one buffer; StepReadError("torn") if the file ends first,
+    "unreadable" if no buffer of that size can be had (a sparse file of 8 GB takes 4 KB)."""
+    try:
+        data = bytearray(size)
+    except MemoryError:
+        raise StepReadError(
+            "unreadable", f"its data of {size:,} bytes does not fit in memory"
+        ) from None
     view, got = memoryview(data), 0
     while got < size:
         count = fh.readinto(view[got:])  # type: ignore[attr-defined]  # every binary file has it
