@@ -108,6 +108,7 @@ SAMPLE = (
     "archive_chunk_of_zero_bytes_replay",
     "archive_step_in_unwritten_chunks",
     "archive_unwritten_chunks_past_the_steps",
+    "archive_unknown_dataset_of_unwritten_chunks",
 )
 
 
