@@ -40,6 +40,23 @@ def test_a_run_path_that_is_a_symlink_loop_is_named_as_one(loop: Path, args: lis
     assert result.stderr == f"error: cannot read {given}: {LOOP}\n"
 
 
+@pytest.mark.parametrize("command", [["inspect"], ["replay", "-p", "grpo"]])
+def test_a_file_url_of_a_symlink_loop_is_exit_3_as_its_path(
+    loop: Path, tmp_path: Path, command: list[str]
+) -> None:
+    """At its file:// URL the same loop was a usage error (exit 2), and a URL under a regular
+    file too, where the path says `no such run` (exit 3): the local filesystem's errors are
+    the input's, not a host that cannot be reached."""
+    (tmp_path / "file").write_text("x")
+    for url, said in (
+        (loop.as_uri(), f"cannot read {loop.as_uri()}: {LOOP}"),
+        (f"{(tmp_path / 'file').as_uri()}/run", f"no such run: {(tmp_path / 'file').as_uri()}/run"),
+    ):
+        result = runner.invoke(app, [command[0], url, *command[1:]])
+        assert result.exit_code == 3, result.output
+        assert result.stderr == f"error: {said}\n"
+
+
 def test_watch_refuses_a_symlink_loop_at_once(loop: Path) -> None:
     """A live watch waits for a path with nothing there yet; a loop never becomes a run."""
     start = time.monotonic()

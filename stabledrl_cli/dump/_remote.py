@@ -467,9 +467,10 @@ def _missing_hint(url: str, fs: Any, root: str) -> str:
 
 def open_url(url: str, *, verify: bool = True) -> Run:
     """The run (a directory or a packed .h5) at an fsspec URL; InputError (exit 3) for a
-    missing run, one that is neither, or one the store refuses to let this user read (as for a
-    local path), UsageError (exit 2) for a URL that cannot be read at all (its host refuses the
-    connection, cannot be found, its filesystem's code fails on it...)."""
+    missing run, one that is neither, or one the store refuses to let this user read, or a
+    local URL's path the system cannot read (a symlink loop: as for a local path), UsageError
+    (exit 2) for a URL that cannot be read at all (its host refuses the connection, cannot be
+    found, its filesystem's code fails on it...)."""
     fs, root = url_filesystem(url)
     name = redacted(url)
     try:
@@ -488,7 +489,12 @@ def open_url(url: str, *, verify: bool = True) -> Run:
     except PermissionError as exc:
         raise InputError(f"cannot read {name}: {_said(exc, root, url)}") from None
     except OSError as exc:
-        raise UsageError(f"cannot read {name}: {one_line(_said(exc, root, url))}") from None
+        said = one_line(_said(exc, root, url))
+        if local_path(url) is None:
+            raise UsageError(f"cannot read {name}: {said}") from None
+        if isinstance(exc, NotADirectoryError):  # a path under a file names nothing, as local
+            raise InputError(f"no such run: {name}{_missing_hint(url, fs, root)}") from None
+        raise InputError(f"cannot read {name}: {said}") from None  # a loop, EIO: as local
     except Exception as exc:  # the filesystem's own code (huggingface_hub's httpx errors...)
         why = f"{type(exc).__name__}: {redacted_in(one_line(exc), url)}"
         raise UsageError(f"cannot read {name}: the filesystem fails on it ({why})") from None
