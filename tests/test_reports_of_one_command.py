@@ -152,3 +152,34 @@ def test_a_report_replaces_its_file_but_never_a_packed_run(tmp_path):
     replayed = runner.invoke(app, ["replay", str(GRPO), "-p", "grpo", "--out", str(report)])
     assert replayed.exit_code == 0, replayed.stderr
     assert report.read_bytes().startswith(b"\x89HDF")
+
+
+def test_a_packed_run_this_version_cannot_read_is_not_replaced_by_a_report(tmp_path):
+    """A packed run of a newer format, or one cut short (an interrupted copy), failed to open
+    here, so `replay --out` replaced it with a report (exit 0; inspect then: 'a replay report,
+    not a run'): it may be the run's only copy. Refused as a readable one is; an HDF5 file of
+    another kind is still replaced."""
+    import h5py
+
+    run = tmp_path / "run.h5"
+    assert runner.invoke(app, ["pack", str(GRPO), str(run)]).exit_code == 0
+    newer = tmp_path / "newer.h5"
+    newer.write_bytes(run.read_bytes())
+    with h5py.File(newer, "r+") as handle:
+        handle.attrs["format_version"] = "99.0"
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(run.read_bytes()[:200_000])
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as handle:
+        handle.attrs["kind"] = "something-else"
+    for given in (newer, cut):
+        before = given.read_bytes()
+        result = runner.invoke(app, ["replay", str(GRPO), "-p", "grpo", "--out", str(given)])
+        assert (result.exit_code, result.stderr) == (
+            2,
+            f"error: --out {given} is a packed run (stabledrl pack); a report replaces "
+            "its file, never a run: give another file\n",
+        ), result.output
+        assert given.read_bytes() == before
+    replayed = runner.invoke(app, ["replay", str(GRPO), "-p", "grpo", "--out", str(other)])
+    assert replayed.exit_code == 0, replayed.stderr

@@ -76,6 +76,10 @@ _INTEGRITY_LIMIT = 64 << 20
 an archive is refused rather than parsed)."""
 
 
+class NotARun(InputError):
+    """An HDF5 file whose root names it something other than a run (a replay report)."""
+
+
 def _chunk_count(dataset: h5py.Dataset) -> int | None:
     """Chunks of a chunked one-dimensional dataset (None for any other)."""
     if dataset.chunks is None or dataset.ndim != 1:
@@ -349,13 +353,13 @@ class ArchiveRun(Run):
         location = self.location
         kind = self._root_attribute("kind")
         if isinstance(kind, str) and kind == REPLAY_REPORT_KIND:
-            raise InputError(f"{location} is a replay report, not a run (open it with read_hdf5)")
+            raise NotARun(f"{location} is a replay report, not a run (open it with read_hdf5)")
         if not isinstance(kind, str) or kind != RUN_KIND:
             if kind is None or isinstance(kind, str):
                 shown = f"HDF5 kind {'none' if kind is None else quoted(kind)}"
             else:  # an array compares element by element, and would be printed whole
                 shown = f"HDF5 kind of type {type(kind).__name__}, not text"
-            raise InputError(f"{location} is not a run ({shown}, expected {RUN_KIND!r})")
+            raise NotARun(f"{location} is not a run ({shown}, expected {RUN_KIND!r})")
         version = self._root_attribute("format_version")
         if version is not None and not isinstance(version, str):  # an HDF5 number or array
             raise InputError(

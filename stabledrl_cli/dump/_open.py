@@ -10,12 +10,12 @@ from pathlib import Path
 
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli._url import is_url, slashless_hint
-from stabledrl_cli.dump._archive_reader import ArchiveRun
+from stabledrl_cli.dump._archive_reader import ArchiveRun, NotARun
 from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._remote import open_url
 from stabledrl_cli.dump._run import Run
 from stabledrl_cli.dump._schema import HDF5_SIGNATURE, path_argument, switch_argument
-from stabledrl_cli.errors import InputError, StabledrlError, UsageError
+from stabledrl_cli.errors import InputError, UsageError
 
 
 def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
@@ -45,24 +45,27 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
         with fh:
             signature = fh.read(len(HDF5_SIGNATURE))
     except NotRegularFile:
-        raise InputError(f"{given} is not a run (not a directory nor a regular file)") from None
+        raise NotARun(f"{given} is not a run (not a directory nor a regular file)") from None
     except OSError as exc:
         raise InputError(f"cannot read {given}: {exc.strerror or exc}") from None
     if signature == HDF5_SIGNATURE:
         return ArchiveRun(run_path, verify=verify)
-    raise InputError(f"{given} is not a run (expected a run directory or a .h5 archive)")
+    raise NotARun(f"{given} is not a run (expected a run directory or a .h5 archive)")
 
 
 def is_packed_run(path: Path) -> bool:
     """Whether `path` is a regular file that opens as a run: `pack`'s archive, which a report
-    written there would replace, and which may be the run's only copy (a replay report, a
-    device, a link to nothing or any other file is none)."""
+    written there would replace, and which may be the run's only copy; one this version
+    cannot read (newer, damaged, cut short) is kept too. A replay report, an HDF5 file of
+    another kind, a device, a link to nothing or any other file is none."""
     try:
         if not path.is_file():
             return False
         open_run(path).close()
-    except (OSError, StabledrlError):
+    except (OSError, NotARun):
         return False
+    except InputError:  # a run this version cannot read
+        pass
     return True
 
 
