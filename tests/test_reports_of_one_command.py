@@ -183,3 +183,25 @@ def test_a_packed_run_this_version_cannot_read_is_not_replaced_by_a_report(tmp_p
         assert given.read_bytes() == before
     replayed = runner.invoke(app, ["replay", str(GRPO), "-p", "grpo", "--out", str(other)])
     assert replayed.exit_code == 0, replayed.stderr
+
+
+def test_a_report_over_an_hdf5_file_of_another_kind_reads_its_kind_alone(tmp_path, monkeypatch):
+    """Telling a packed run from another HDF5 file walked all its objects in a child first:
+    100,000 datasets took 6.6 s per report, and one past the 20 s bound was taken for a run
+    this version cannot read and kept. The kind is read first: the walk never runs."""
+    import time
+
+    import h5py
+
+    from stabledrl_cli.dump import _archive_probe
+
+    def slow_walk(*args, **kwargs):
+        time.sleep(30)
+
+    monkeypatch.setattr(_archive_probe, "walk_objects", slow_walk)
+    monkeypatch.setattr(_archive_probe, "PROBE_SECONDS", 1.0)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as handle:
+        handle.create_dataset("data", data=[1.0, 2.0])
+    replayed = runner.invoke(app, ["replay", str(GRPO), "-p", "grpo", "--out", str(other)])
+    assert replayed.exit_code == 0, replayed.stderr

@@ -33,6 +33,8 @@ from stabledrl_cli.dump._archive_checks import (
     walk_objects,
 )
 from stabledrl_cli.dump._archive_prefetch import Prefetch, Prefetched, decode_prefetched
+from stabledrl_cli.dump._layout import decode
+from stabledrl_cli.dump._schema import RUN_KIND
 from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.errors import InputError, described, one_line
 
@@ -116,24 +118,32 @@ def _child_report(source: Path | StoreFile, where: str, file_size: int) -> bytes
             attrs = dict(handle.attrs.items())
             if prefetch is not None:
                 prefetch.root(attrs)
-            try:
-                datasets = walk_objects(
-                    handle, where, file_size, None if prefetch is None else prefetch.dataset
-                )
-            except InputError as exc:
-                return _report({"refusal": str(exc), "identity": identity})
-            for name in TEXT_DATASETS:
-                found = handle.get(name)
-                if isinstance(found, h5py.Dataset):  # else the reader names what is missing
-                    text = found[()]
-                    if prefetch is not None:
-                        prefetch.text(name, text)
+            datasets = None  # a file of another kind the reader refuses by its kind alone
+            if _names_a_run(attrs):
+                try:
+                    datasets = walk_objects(
+                        handle, where, file_size, None if prefetch is None else prefetch.dataset
+                    )
+                except InputError as exc:
+                    return _report({"refusal": str(exc), "identity": identity})
+                for name in TEXT_DATASETS:
+                    found = handle.get(name)
+                    if isinstance(found, h5py.Dataset):  # else the reader names what is missing
+                        text = found[()]
+                        if prefetch is not None:
+                            prefetch.text(name, text)
     except (SystemError, *H5_ERRORS) as exc:
         return _report({"error": f"{where}: corrupt run archive ({described(exc)})"})
     if prefetch is None:
         return _report({"datasets": datasets, "identity": identity})
     header, payload = prefetch.encode()
     return _report({"datasets": datasets, "identity": identity, "prefetch": header}, payload)
+
+
+def _names_a_run(attrs: dict[str, object]) -> bool:
+    """Whether root attributes `attrs` name a run archive (a replay report's do not)."""
+    kind = decode(attrs.get("kind"))
+    return isinstance(kind, str) and kind == RUN_KIND
 
 
 _TOO_LARGE = "reading its HDF5 metadata took more memory than the file's size can explain"
