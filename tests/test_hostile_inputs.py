@@ -900,3 +900,26 @@ def test_an_archive_text_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path,
     _every_reader_refuses(
         archive, good, tmp_path, f"{archive} ({name}): unreadable {name}: not UTF-8 JSON"
     )
+
+
+def test_a_step_file_at_a_url_larger_than_memory_is_named_as_a_local_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read through fsspec (file://), a step file no buffer could hold was named 'cannot
+    read: MemoryError' (measured under a 3.5 GB address-space cap on an 8 GB sparse step),
+    where its local path says how large it is."""
+    import fsspec.implementations.local as local
+
+    run = tiny_run(tmp_path / "run")
+    whole = local.LocalFileSystem.cat_file
+
+    def cat_file(self: Any, path: str, start: Any = None, end: Any = None, **kw: Any) -> Any:
+        if path.endswith("step-00000001.safetensors") and start is None:
+            raise MemoryError
+        return whole(self, path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(local.LocalFileSystem, "cat_file", cat_file)
+    size = step_path(run, 1).stat().st_size
+    result = CliRunner().invoke(app, ["replay", f"file://{run}", "-p", "grpo"])
+    assert result.exit_code == 0, result.output
+    assert f"(step 1: unreadable: its {size:,} bytes do not fit in memory)" in result.stderr

@@ -359,7 +359,14 @@ class RemoteRun(_AtUrl, DirectoryRun):
                 header = self._ranged_header(path, size, known)
                 if not (deep or keep):
                     return replace(header, key=key)
-            data = self.fs.cat_file(str(path))
+            try:
+                data = self.fs.cat_file(str(path))
+            except OSError as exc:
+                if isinstance(exc.__cause__, MemoryError):  # a sparse file: 8 GB take 4 KB
+                    raise StepReadError(
+                        "unreadable", f"its {size:,} bytes do not fit in memory"
+                    ) from None
+                raise
             header = parse_header(
                 io.BytesIO(data), len(data), deep=deep, keep_data=keep, known=known
             )
