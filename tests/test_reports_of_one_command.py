@@ -177,8 +177,8 @@ def test_a_packed_run_this_version_cannot_read_is_not_replaced_by_a_report(tmp_p
         result = runner.invoke(app, ["replay", str(GRPO), "-p", "grpo", "--out", str(given)])
         assert (result.exit_code, result.stderr) == (
             2,
-            f"error: --out {given} is a packed run (stabledrl pack); a report replaces "
-            "its file, never a run: give another file\n",
+            f"error: --out {given} is maybe a packed run this version cannot read (stabledrl "
+            "pack); a report replaces its file, never a run: give another file\n",
         ), result.output
         assert given.read_bytes() == before
     replayed = runner.invoke(app, ["replay", str(GRPO), "-p", "grpo", "--out", str(other)])

@@ -50,7 +50,7 @@ from stabledrl_cli.cli._output import err, is_standard_output, out, progress, st
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump import Run
-from stabledrl_cli.dump._open import is_packed_run, open_snapshot
+from stabledrl_cli.dump._open import open_snapshot, packed_run
 from stabledrl_cli.dump._remote import inside_local_run
 from stabledrl_cli.errors import ConfigError, UsageError, counted
 from stabledrl_cli.policies._registry import resolve_spec
@@ -120,9 +120,9 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
             )
         if directory:
             raise UsageError(f"{flag} {target} is a directory; give a file name")
-        if is_packed_run(target):
+        if (packed := packed_run(target)) is not None:
             raise UsageError(
-                f"{flag} {target} is a packed run (stabledrl pack); a report replaces its file, "
+                f"{flag} {target} is {packed} (stabledrl pack); a report replaces its file, "
                 "never a run: give another file"
             )
         if flag in BINARY_REPORTS and is_standard_output(target):

@@ -53,20 +53,21 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     raise NotARun(f"{given} is not a run (expected a run directory or a .h5 archive)")
 
 
-def is_packed_run(path: Path) -> bool:
-    """Whether `path` is a regular file that opens as a run: `pack`'s archive, which a report
-    written there would replace, and which may be the run's only copy; one this version
-    cannot read (newer, damaged, cut short) is kept too. A replay report, an HDF5 file of
-    another kind, a device, a link to nothing or any other file is none."""
+def packed_run(path: Path) -> str | None:
+    """What `path` is when it is a regular file that opens as a run, `pack`'s archive, which a
+    report written there would replace, and which may be the run's only copy: "a packed run",
+    or "maybe a packed run this version cannot read" (newer, damaged, cut short: kept too).
+    None for a replay report, an HDF5 file of another kind, a device, a link to nothing or
+    any other file."""
     try:
         if not path.is_file():
-            return False
+            return None
         open_run(path).close()
     except (OSError, NotARun):
-        return False
-    except InputError:  # a run this version cannot read
-        pass
-    return True
+        return None
+    except InputError:
+        return "maybe a packed run this version cannot read"
+    return "a packed run"
 
 
 @contextmanager
