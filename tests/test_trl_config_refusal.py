@@ -111,3 +111,21 @@ def test_a_cispo_cap_under_1_is_warned_of_and_recorded_as_trl_trains(
         (line,) = lines
         assert line.startswith("stabledrl: warning: loss_type='cispo' with ") and warned in line
         assert "epsilon_high=5.0" in line
+
+
+def test_the_cispo_warning_is_one_line_a_run_not_one_a_rank(
+    tiny: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun every rank printed the same cispo warning (one line per rank); only the
+    main process prints it now."""
+    from accelerate import Accelerator
+
+    from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
+
+    monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: False))
+    RecordingGRPOTrainer(
+        **tiny.tiny_parts(),
+        args=tiny.tiny_config(str(tmp_path / "trl_out"), loss_type="cispo"),
+        stabledrl_out=tmp_path / "run",
+    )
+    assert "cispo" not in capsys.readouterr().err

@@ -491,7 +491,7 @@ class RecordingGRPOTrainer(RecordingTrainer, TRL.GRPOTrainer):  # type: ignore[m
 
     def _sd_policy(self) -> Policy:
         capped = cispo_cap_warning(self.args)
-        if capped is not None:
+        if capped is not None and self.accelerator.is_main_process:  # one line a run
             warn(capped)
         return policy_for_config(self.args, rollout_func=self.rollout_func is not None)
 
