@@ -145,6 +145,26 @@ def test_another_optimizers_steps_after_the_run_optimizers_last_are_named_at_exi
     ]
 
 
+@pytest.mark.parametrize(("world_size", "prefix"), [("2", "rank 1: "), ("1", "")])
+def test_the_unrecorded_note_names_its_rank_in_a_run_of_several(
+    monkeypatch, capsys, world_size, prefix
+):
+    """Under torchrun each rank printed the same 'not recorded' line, the ranks' lines not
+    told apart though each rank's lost steps may differ; a rank of several names itself."""
+    from stabledrl_cli.capture import optimizer_hooks
+    from stabledrl_cli.capture._hook_state import OtherSteps
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setattr(optimizer_hooks.state, "on", True)
+    monkeypatch.setattr(optimizer_hooks.state, "others", {1: OtherSteps(last=None, steps=2)})
+    monkeypatch.setattr(bootstrap, "hooks_wanted", lambda: True)
+    optimizer_hooks._unrecorded_note()
+    assert capsys.readouterr().err.startswith(
+        f"stabledrl: note: {prefix}not recorded: optimizer_1's last 2 steps, taken after"
+    )
+
+
 def test_inspect_shows_a_run_of_optimizer_steps(plain_run):
     run_dir, _ = plain_run
     result = CliRunner().invoke(app, ["inspect", str(run_dir), "--format", "json"])

@@ -236,9 +236,7 @@ def uncaught_error(exc: BaseException) -> bool:
         report_failure(exc.exit_code, message, fatal=True)
         if debug:
             return False
-        world_size = os.environ.get(ENV_TORCH_WORLD_SIZE, "1")
-        rank = f"rank {os.environ.get(ENV_TORCH_RANK)}: " if world_size not in ("", "1") else ""
-        warn(f"error: {rank}{message}\n")
+        warn(f"error: {rank_prefix()}{message}\n")
         return True
     kind = type(exc)
     child_failed = f"{kind.__module__}.{kind.__qualname__}" == _CHILD_FAILED
@@ -312,6 +310,13 @@ def reported_exit(handled: BaseException, status: object) -> SystemExit | None:
 
 HOOKS_SOURCE = {"kind": "optimizer-hooks"}
 """The manifest's `source` of a run that the optimizer hooks opened."""
+
+
+def rank_prefix() -> str:
+    """`rank R: ` for a line on stderr of one rank of a run of several (torchrun's RANK and
+    WORLD_SIZE), which tells the ranks' lines apart; else ''."""
+    world_size = os.environ.get(ENV_TORCH_WORLD_SIZE, "1")
+    return f"rank {os.environ.get(ENV_TORCH_RANK)}: " if world_size not in ("", "1") else ""
 
 
 def _launcher_rank() -> dict[str, int]:

@@ -143,7 +143,8 @@ def install() -> None:
 
 def _unrecorded_note() -> None:
     """At exit: the steps other optimizers took after the run optimizer's last step, which no
-    recorded step holds, are named in one line on stderr."""
+    recorded step holds, are named in one line on stderr (a line a rank: each rank's may
+    differ)."""
     if not state.on or not state.others or not bootstrap.hooks_wanted():
         return
     lost = ", ".join(
@@ -151,7 +152,8 @@ def _unrecorded_note() -> None:
         for index, other in sorted(state.others.items())
     )
     warn(
-        f"stabledrl: note: not recorded: {lost}, taken after the run optimizer's last step "
+        f"stabledrl: note: {bootstrap.rank_prefix()}not recorded: {lost}, taken after the run "
+        "optimizer's last step "
         "(another optimizer's steps are recorded with the run optimizer's next step)\n"
     )
 
