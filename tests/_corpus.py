@@ -365,23 +365,49 @@ def _stored_chunk(
     return make
 
 
-def filter_not_installed(name: str) -> Callable[[Path], Path]:
+def filter_not_installed(name: str, skipped: tuple[bool, ...] = (False,)) -> Callable[[Path], Path]:
     """Dataset `name` stored through an HDF5 filter no libhdf5 has: written through LZF, then
     its filter id made 511 (reserved for testing): an archive recompressed with a plugin's
     filter (Blosc's, zstd's) read where that plugin is not installed. LZF's pipeline entry
-    is its id, its name's length, flags and values count (2 bytes each), then its name."""
+    is its id, its name's length, flags and values count (2 bytes each), then its name; h5py
+    flags it optional. `skipped`: for each of its chunks (split along the first axis),
+    whether it is written unfiltered, the filter's bit set in its filter mask, as libhdf5
+    stores a chunk an optional filter failed on."""
 
     def make(tmp: Path) -> Path:
         def recompress(handle: h5py.File) -> None:
             values = handle[name][()]
-            replace_dataset(
-                handle, name, data=values, chunks=values.shape, compression="lzf", fletcher32=True
+            width = -(-len(values) // len(skipped))
+            dataset = replace_dataset(
+                handle,
+                name,
+                shape=values.shape,
+                dtype=values.dtype,
+                chunks=(width, *values.shape[1:]),
+                compression="lzf",
+                fletcher32=True,
             )
+            # A chunk LZF skipped is its values and their Fletcher32 sum: as stored by a
+            # dataset through Fletcher32 alone.
+            plain = handle.create_dataset(
+                "plain", data=values, chunks=dataset.chunks, fletcher32=True
+            )
+            for index, skip in enumerate(skipped):
+                start = index * width
+                offset = (start,) + (0,) * (values.ndim - 1)
+                if skip:
+                    _, stored = plain.id.read_direct_chunk(offset)
+                    dataset.id.write_direct_chunk(offset, stored, filter_mask=1)
+                else:
+                    dataset[start : start + width] = values[start : start + width]
+                assert dataset.id.get_chunk_info(index).filter_mask == int(skip)
+            del handle["plain"]
 
         out = edit_archive(tmp, recompress)
         raw = bytearray(out.read_bytes())
         at = raw.index(b"lzf\0") - 8
         assert raw[at : at + 2] == struct.pack("<H", 32000)
+        assert raw[at + 4 : at + 6] == struct.pack("<H", h5py.h5z.FLAG_OPTIONAL)
         raw[at : at + 2] = struct.pack("<H", 511)
         out.write_bytes(bytes(raw))
         return out

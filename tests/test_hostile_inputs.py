@@ -561,6 +561,34 @@ def test_a_dataset_stored_through_a_filter_not_installed_is_refused_naming_it(
     _every_reader_refuses(bad, good, tmp_path, said)
 
 
+def test_a_dataset_whose_missing_optional_filter_every_chunk_skipped_is_read(
+    tmp_path: Path,
+) -> None:
+    """A filter flagged optional that failed on every chunk (libhdf5 stored them unfiltered,
+    the filter's bit set in each chunk's mask) is not needed to read them: h5py reads all
+    the values without the plugin, but the archive was refused as "stored through HDF5
+    filter 511, which this libhdf5 does not have". It reads as the packed run does."""
+    import stabledrl_cli as sd
+
+    native = sd.open_run(packed(tmp_path / "native"))
+    skipped = sd.open_run(filter_not_installed("tokens/mask", (True, True))(tmp_path / "bad"))
+    assert skipped.step_numbers == native.step_numbers
+    for mine, theirs in zip(skipped.steps(), native.steps(), strict=True):
+        assert np.array_equal(mine.array("mask"), theirs.array("mask"))
+
+
+def test_a_missing_optional_filter_one_chunk_went_through_is_refused(tmp_path: Path) -> None:
+    """A filter flagged optional that one chunk skipped but another went through: that one
+    cannot be read without the plugin, so the dataset is refused as a required one is."""
+    good = packed(tmp_path / "good")
+    bad = filter_not_installed("tokens/mask", (True, False))(tmp_path / "bad")
+    said = (
+        f"{bad}: refused: dataset tokens/mask is stored through HDF5 filter 511, which this "
+        "libhdf5 does not have (a compression plugin not installed here; pack writes gzip only)"
+    )
+    _every_reader_refuses(bad, good, tmp_path, said)
+
+
 @pytest.mark.parametrize(
     "name", ["manifest", "steps/step", "tokens/logp", "checksums/tokens/logp", "scalars/loss"]
 )

@@ -182,28 +182,35 @@ def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, where: str, file_size
         chunk = math.prod(plist.get_chunk()) * dtype.itemsize
         if chunk > CHUNK_LIMIT:
             raise refuse(f"has {chunk}-byte chunks")
-        missing = _missing_filter(plist)
-        if missing is not None:
-            raise refuse(
-                f"is stored through HDF5 filter {missing}, which this libhdf5 does not have "
-                "(a compression plugin not installed here; pack writes gzip only)"
-            )
-        bad = _bad_stored_chunk(dataset, plist, chunk, file_size)
+        missing = _missing_filters(plist)
+        required = [code for code, optional in missing.values() if not optional]
+        if required:
+            raise refuse(_no_filter(required[0]))
+        bad = _bad_stored_chunk(dataset, plist, chunk, file_size, missing)
         if bad is not None:
             raise refuse(bad)
         if read_whole and chunks_unwritten(dataset):
             raise refuse("is read whole but has chunks never written (pack stores it whole)")
 
 
-def _missing_filter(plist: h5py.h5p.PropDCID) -> int | None:
-    """The id of a filter of the dataset's pipeline that libhdf5 cannot apply here (a plugin's,
-    such as Blosc's 32001, not installed), or None: every read of it would fail, each as a
-    corrupt chunk."""
+def _missing_filters(plist: h5py.h5p.PropDCID) -> dict[int, tuple[int, bool]]:
+    """The filters of the dataset's pipeline that libhdf5 cannot apply here (a plugin's, such
+    as Blosc's 32001, not installed), by their place in it: each one's id and whether it is
+    flagged optional. A chunk through one of them cannot be read, but libhdf5 stores a chunk
+    an optional filter failed on unfiltered, that filter's bit set in its filter mask."""
+    missing = {}
     for i in range(plist.get_nfilters()):
-        code = int(plist.get_filter(i)[0])
+        code, flags = (int(value) for value in plist.get_filter(i)[:2])
         if not h5py.h5z.filter_avail(code):
-            return code
-    return None
+            missing[i] = (code, bool(flags & h5py.h5z.FLAG_OPTIONAL))
+    return missing
+
+
+def _no_filter(code: int) -> str:
+    return (
+        f"is stored through HDF5 filter {code}, which this libhdf5 does not have "
+        "(a compression plugin not installed here; pack writes gzip only)"
+    )
 
 
 CHUNK_SLACK = 1 << 12
@@ -212,17 +219,23 @@ CHUNK_SLACK = 1 << 12
 
 
 def _bad_stored_chunk(
-    dataset: h5py.h5d.DatasetID, plist: h5py.h5p.PropDCID, chunk: int, file_size: int
+    dataset: h5py.h5d.DatasetID,
+    plist: h5py.h5p.PropDCID,
+    chunk: int,
+    file_size: int,
+    missing: dict[int, tuple[int, bool]],
 ) -> str | None:
     """How one of the dataset's stored chunks is impossible, from the chunk index alone (no
     data read), or None: a chunk of fewer bytes than its checksum (libhdf5 crashes reading
-    one of 0 bytes), more than its raw size allows, past the end of the file, or with its
-    filters skipped (its checksum among them). A chunk index that cannot be walked is left
-    to the reader, whose reads fail on it as findings."""
+    one of 0 bytes), more than its raw size allows, past the end of the file, with its
+    filters skipped (its checksum among them) other than the `missing` optional ones
+    (`_missing_filters`), or stored through one of those. A chunk index that cannot be
+    walked is left to the reader, whose reads fail on it as findings."""
     fletcher = any(
         plist.get_filter(i)[0] == h5py.h5z.FILTER_FLETCHER32 for i in range(plist.get_nfilters())
     )
     smallest, largest = (4 if fletcher else 1), chunk + CHUNK_SLACK
+    skipped = sum(1 << i for i in missing)
     found: list[str] = []
 
     def check(info: h5py.h5d.StoreInfo) -> None:
@@ -230,9 +243,12 @@ def _bad_stored_chunk(
         # for a bad one.
         if found:
             return
-        size = info.size
-        if info.filter_mask:
-            found.append(f"{_chunk_at(info)} that skips its filters (mask {info.filter_mask})")
+        size, mask = info.size, info.filter_mask
+        if mask & skipped != skipped:
+            applied = next(code for i, (code, _) in missing.items() if not mask >> i & 1)
+            found.append(_no_filter(applied))
+        elif mask & ~skipped:
+            found.append(f"{_chunk_at(info)} that skips its filters (mask {mask})")
         elif not smallest <= size <= largest:
             found.append(f"{_chunk_at(info)} of {size} bytes (expected {smallest} to {largest})")
         elif info.byte_offset + size > file_size:
