@@ -42,6 +42,7 @@ class _Accelerator:
 
     num_processes = 1
     process_index = 0
+    is_main_process = True
     sync_gradients = True
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
