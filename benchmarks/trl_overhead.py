@@ -25,21 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "trl_scripts"))
-
-from tiny_grpo import (  # type: ignore[import-not-found]
-    count_b,
-    tiny_config,
-    tiny_dataset,
-    tiny_model,
-    tiny_tokenizer,
-)
-from trl.trainer.grpo_trainer import GRPOTrainer
-
-from stabledrl_cli.integrations._trl_capture import StepBuffer
-from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
 
 RECORDING_TIME = [0.0]
 """Seconds spent in the integration's own work (capture of micro-batches, step assembly and
@@ -57,34 +44,55 @@ def _timed(function: Any) -> Any:
     return wrapper
 
 
-StepBuffer.log = _timed(StepBuffer.log)  # type: ignore[method-assign]
-RecordingGRPOTrainer._sd_micro_batch = _timed(RecordingGRPOTrainer._sd_micro_batch)  # type: ignore[method-assign]
+def trl_trainers() -> tuple[dict[bool, Any], Any]:
+    """({recorded: trainer class}, a callback class timing each optimizer step), the recording
+    trainer's own work timed into RECORDING_TIME. Imported once the options are parsed:
+    `--help` needs no trl extra."""
+    from transformers import TrainerCallback
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    from stabledrl_cli.integrations._trl_capture import StepBuffer
+    from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
+
+    StepBuffer.log = _timed(StepBuffer.log)  # type: ignore[method-assign]
+    RecordingGRPOTrainer._sd_micro_batch = _timed(RecordingGRPOTrainer._sd_micro_batch)  # type: ignore[method-assign]
+
+    class StepTimer(TrainerCallback):  # type: ignore[misc]
+        """Wall time of each optimizer step, on_step_begin to on_step_end."""
+
+        def __init__(self) -> None:
+            self.start = 0.0
+            self.times: list[float] = []
+
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.times.append(time.perf_counter() - self.start)
+
+    return {False: GRPOTrainer, True: RecordingGRPOTrainer}, StepTimer
 
 
-class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step, on_step_begin to on_step_end."""
+def step_times(
+    trainers: dict[bool, Any],
+    timer_class: Any,
+    recorded: bool,
+    steps: int,
+    loss_type: str,
+    work: Path,
+) -> list[float]:
+    """Step times of one tiny run, `recorded` or not (`trl_trainers`; the first step left
+    out)."""
+    import tiny_grpo  # type: ignore[import-not-found]
 
-    def __init__(self) -> None:
-        self.start = 0.0
-        self.times: list[float] = []
-
-    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-        self.start = time.perf_counter()
-
-    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-        self.times.append(time.perf_counter() - self.start)
-
-
-def step_times(recorded: bool, steps: int, loss_type: str, work: Path) -> list[float]:
-    """Step times of one tiny run (the first step left out)."""
-    timer = StepTimer()
+    timer = timer_class()
     kwargs: dict[str, Any] = {"stabledrl_out": work / "run", "stabledrl_overwrite": True}
-    trainer = (RecordingGRPOTrainer if recorded else GRPOTrainer)(
-        model=tiny_model(),
-        reward_funcs=count_b,
-        args=tiny_config(str(work / "trl_out"), max_steps=steps, loss_type=loss_type),
-        train_dataset=tiny_dataset(64),
-        processing_class=tiny_tokenizer(),
+    trainer = trainers[recorded](
+        model=tiny_grpo.tiny_model(),
+        reward_funcs=tiny_grpo.count_b,
+        args=tiny_grpo.tiny_config(str(work / "trl_out"), max_steps=steps, loss_type=loss_type),
+        train_dataset=tiny_grpo.tiny_dataset(64),
+        processing_class=tiny_grpo.tiny_tokenizer(),
         callbacks=[timer],
         **(kwargs if recorded else {}),
     )
@@ -100,11 +108,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    trainers, timer_class = trl_trainers()
     times: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             for recorded in (False, True):
-                times[recorded] += step_times(recorded, args.steps, args.loss_type, Path(tmp))
+                times[recorded] += step_times(
+                    trainers, timer_class, recorded, args.steps, args.loss_type, Path(tmp)
+                )
     plain, with_recording = statistics.median(times[False]), statistics.median(times[True])
     own = RECORDING_TIME[0] / (args.repeats * args.steps)
     print(f"tiny TRL run ({args.loss_type}, {args.repeats} x {args.steps} steps, "

@@ -24,24 +24,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "trl_scripts"))
 
 from tiny_configs import PARITY, RLOO_PARITY  # type: ignore[import-not-found]
-from tiny_grpo import (  # type: ignore[import-not-found]
-    count_b,
-    tiny_config,
-    tiny_dataset,
-    tiny_model,
-    tiny_model_dir,
-    tiny_rloo_config,
-    tiny_tokenizer,
-)
 
 import stabledrl_cli as sd
-from stabledrl_cli.integrations.trl import RecordingGRPOTrainer, RecordingRLOOTrainer
 
 CONFIGS = {**PARITY, **RLOO_PARITY}
 
 
 def parity(name: str, where: Path) -> tuple[str, float, float]:
-    """(recorded spec, worst relative error, worst absolute error) of one configuration."""
+    """(recorded spec, worst relative error, worst absolute error) of one configuration. TRL's
+    pieces are imported here, once the options are parsed: `--help` needs no trl extra."""
+    from tiny_grpo import (  # type: ignore[import-not-found]
+        count_b,
+        tiny_config,
+        tiny_dataset,
+        tiny_model,
+        tiny_model_dir,
+        tiny_rloo_config,
+        tiny_tokenizer,
+    )
+
+    from stabledrl_cli.integrations.trl import RecordingGRPOTrainer, RecordingRLOOTrainer
+
     config = CONFIGS[name]
     with contextlib.redirect_stdout(sys.stderr):  # TRL prints each logged step
         model = tiny_model_dir(str(where / "model")) if config.get("beta") else tiny_model()
