@@ -5,7 +5,7 @@ Each input is a step file (target `step`: steps/step-00000001.safetensors of a s
 run), a whole archive (target `archive`: a packed small run), a manifest (target `manifest`:
 the good run's, its fields set to crafted JSON values, the recorder's notes `recording_closed`
 and `recording_stopped`, `source` and the TRL `meta` keys among them) or a status file (target
-`status`: what `record -- CMD` reads after its command, capture/bootstrap.read_status). The
+`status`: what `record -- CMD` reads after its command, capture/_status.read_status). The
 reader must open it, check it (`run.integrity`), read every readable step's every field,
 summarize it as `inspect` does, follow it as `watch` does and (archives) pack it again,
 raising nothing but InputError: a bad step is a finding, never an exception of another kind,
@@ -42,7 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from _corpus import packed, step_path, tiny_run  # noqa: E402
 
-from stabledrl_cli.capture.bootstrap import read_status  # noqa: E402
+from stabledrl_cli.capture._status import read_status  # noqa: E402
 from stabledrl_cli.dump import RunIntegrityWarning, open_run, pack_run  # noqa: E402
 from stabledrl_cli.errors import InputError  # noqa: E402
 from stabledrl_cli.replay.config import ReplayConfig  # noqa: E402

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from stabledrl_cli.capture import bootstrap
+from stabledrl_cli.capture import _uncaught, bootstrap
+from stabledrl_cli.capture._status import ENV_STATUS_FILE, RecordingFailure
 
 FRESH = {
     "_recorder": None,
-    "_interrupted": None,
     "_last": None,
     "_hooks_first": None,
     "_held": None,
@@ -31,6 +31,7 @@ def fresh_recording(monkeypatch: pytest.MonkeyPatch, run: Path, status: Path, **
     `status`, made here), from a fresh state, with `more` of its names set too."""
     status.touch()
     monkeypatch.setenv(bootstrap.ENV_RUN_DIR, str(run))
-    monkeypatch.setenv(bootstrap.ENV_STATUS_FILE, str(status))
-    for name, value in {**FRESH, "_failure": bootstrap.RecordingFailure(), **more}.items():
+    monkeypatch.setenv(ENV_STATUS_FILE, str(status))
+    monkeypatch.setattr(_uncaught, "interrupted", None)
+    for name, value in {**FRESH, "_failure": RecordingFailure(), **more}.items():
         monkeypatch.setattr(bootstrap, name, value)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from fuzz_readers import CRAFTED, MANIFEST_NOTES, exercise, exercise_followed
 from test_import_wandb import proto_field
 
-from stabledrl_cli.capture.bootstrap import read_status
+from stabledrl_cli.capture._status import read_status
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
 from stabledrl_cli.errors import StabledrlError
 from stabledrl_cli.importers import import_log, read_log

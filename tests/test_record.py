@@ -1495,7 +1495,8 @@ def test_the_exit_that_reports_a_handled_error_pickles_as_pythons_own(tmp_path, 
     """A SystemExit may be pickled to another process (concurrent.futures' process pool sends
     a worker's back): the copy is a plain SystemExit with the same code, never an error of
     its own when it is loaded."""
-    from stabledrl_cli.capture.bootstrap import ENV_STATUS_FILE, reported_exit
+    from stabledrl_cli.capture._status import ENV_STATUS_FILE
+    from stabledrl_cli.capture._uncaught import reported_exit
     from stabledrl_cli.errors import UsageError
 
     monkeypatch.setenv(ENV_STATUS_FILE, str(tmp_path / "status"))

@@ -42,76 +42,45 @@ Recording must never break training: the first failure is reported once on stder
 warning, recording is off from then on (`log_policy_batch` returns False at once, the hooks
 are removed), and training goes on.
 
-How the parent learns of a failure: `report_failure` appends one line `CODE<TAB>MESSAGE` to
-the status file (CODE is the exit code the failure maps to: 2 for a usage error such as a
-missing policy or arrays log_step refuses, 3 for unreadable input or an exception that is not
-the tool's, 4 for a run that could not be written). After the command exits, `record` reads
-that file (`read_status`): a reported failure, or a command that wrote no step file, makes it
-exit non-zero with the reason, unless the command's own non-zero exit code wins.
-
-A tool error that ends the command: a stabledrl error (UsageError, InputError, WriteError)
-that a process of the command does not catch, say an integration refusing a configuration,
-is bad input, not a bug of the script. The sitecustomize's audit hook, which sees every
-uncaught exception whatever sys.excepthook the script set (`rich.traceback.install()`), hands
-it to `uncaught_error`, which prints it as one line `error: ...` (`rank R: ` first in a multi-rank
-run; the traceback instead under STABLEDRL_DEBUG=1, which `record --debug` sets) and appends
-`E<CODE><TAB>MESSAGE` to the status file. The process still exits 1, as after any uncaught
-exception; `record` then exits with CODE. torchrun's own ChildFailedError, raised when such a
-rank failed, is silenced the same way (the ranks said why). Every other exception keeps its
-traceback. A framework that catches the error, prints its own report and calls `sys.exit(1)`
-in its except block (hydra's `@hydra.main`) ends the process the same way: the sitecustomize's
-`sys.exit` raises `reported_exit`'s SystemExit, which hands the error to `uncaught_error`
-when the interpreter ends the process with it (the framework's report stays, before the line).
+How the parent learns of a failure, and of a tool error that ended a process of the
+command: the status file (`_status`, `_uncaught`).
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import errno
-import io
 import os
-import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli._run_env import ENV_FORCE as ENV_FORCE  # record exports them (module doc)
 from stabledrl_cli._run_env import ENV_RANKS_DIR as ENV_RANKS_DIR
 from stabledrl_cli._run_env import ENV_RUN_DIR as ENV_RUN_DIR
 from stabledrl_cli._run_env import env_force as env_force
 from stabledrl_cli._run_env import records_out
 from stabledrl_cli._sigterm import WRITE_SECONDS, steps_written_on_sigterm
-from stabledrl_cli.errors import (
-    InputError,
-    StabledrlError,
-    UsageError,
-    WriteError,
-    task_cause,
-    warn,
+from stabledrl_cli.capture import _uncaught
+from stabledrl_cli.capture._child_processes import refuse_child_of_recording
+from stabledrl_cli.capture._process_rank import launcher_rank
+from stabledrl_cli.capture._recorder_args import refuse_unknown, warn_policies_differ
+from stabledrl_cli.capture._status import RecordingFailure
+from stabledrl_cli.capture._step_pairing import (
+    Step,
+    refuse_parted,
+    snapshot,
+    warn_numbered_from_1,
+    warn_order_turned,
 )
+from stabledrl_cli.errors import UsageError, WriteError, warn
 
 if TYPE_CHECKING:
     from stabledrl_cli.dump import Recorder
     from stabledrl_cli.dump._policy import PolicyLike
 
 ENV_POLICY = "STABLEDRL_POLICY"
-ENV_STATUS_FILE = "STABLEDRL_STATUS_FILE"
-ENV_TORCH_RANK = "RANK"
-ENV_TORCH_WORLD_SIZE = "WORLD_SIZE"
-ENV_DEBUG = "STABLEDRL_DEBUG"
 ENV_OPTIMIZER_HOOKS = "STABLEDRL_OPTIMIZER_HOOKS"
 """"0": the sitecustomize installs no optimizer hooks (`record --no-optimizer-hooks`)."""
-ENV_HOOKS_RECORDER = "STABLEDRL_HOOKS_RECORDER"
-"""The pid of the process whose optimizer became the run's under the hooks, set by it at that
-optimizer's first step: a process started from it later (forked, spawned, a subprocess)
-inherits it and records none of its own optimizer steps (`optimizer_hooks._step_stats`)."""
-FATAL = "E"
-"""Marks a status line of a tool error that ended a process of the command (module docstring)."""
-_CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
-
 NO_POLICY = (
     "no policy to record: pass one to `stabledrl record`, e.g. `--policy grpo`, or to the "
     "first call, e.g. `log_policy_batch(step, policy='grpo', ...)`"
@@ -119,258 +88,18 @@ NO_POLICY = (
 
 _lock = threading.Lock()
 _recorder: Recorder | None = None
-_interrupted: BaseException | None = None
-"""The first exception that went uncaught in this process (Ctrl-C, an error): it ends, and
-`close` notes in the run how its training was cut short (`Recorder.note_interrupted`)."""
-
-
-def report_failure(code: int, message: str, *, fatal: bool = False) -> None:
-    """Tell the parent `record` that recording failed, or (`fatal`) that a tool error ended a
-    process of the command (a no-op outside `record -- CMD`)."""
-    path = os.environ.get(ENV_STATUS_FILE)
-    if not path:
-        return
-    line = f"{FATAL if fatal else ''}{code}\t{' '.join(message.split())}\n"
-    try:  # a lone surrogate (a name from a non-UTF-8 file name) is written escaped
-        with open(path, "a", encoding="utf-8", errors="backslashreplace") as status:
-            status.write(line)
-    except OSError as exc:
-        warn(f"stabledrl: warning: cannot report to {path}: {exc}\n")
-
-
-class RecordingFailure:
-    """Recording must never break the training it observes: the first failure of a recording
-    is reported once, as a warning on stderr and to the parent `stabledrl record`
-    (`report_failure`); from then on recording is off and training goes on. `log_policy_batch`,
-    the TRL integration and the verl integration all report through one of these."""
-
-    def __init__(self) -> None:
-        self.off = False
-
-    def fail(self, exc: BaseException, context: str) -> str | None:
-        """Warns once and tells `stabledrl record`; recording is off from now on. A tool
-        error keeps its exit code; anything else the Recorder could not take is bad input.
-        -> the message reported, None when recording was off already."""
-        if self.off:
-            return None
-        self.off = True
-        if isinstance(exc, StabledrlError):
-            code, reason = exc.exit_code, str(exc)
-        else:
-            code, reason = InputError.exit_code, f"{type(exc).__name__}: {exc}"
-        message = f"{context}: {reason}"
-        warn(f"stabledrl: warning: {message}; recording is off, training continues\n")
-        report_failure(code, message)
-        return message
-
-    def stopped(self, reason: str | None, context: str) -> bool:
-        """After a `log_step`: when the Recorder stopped itself (`on_write_error="warn"`: it
-        has warned already and noted it in the manifest), recording is off and `stabledrl
-        record` is told, with no second warning. -> whether recording is off."""
-        if reason is not None and not self.off:
-            self.off = True
-            report_failure(WriteError.exit_code, f"{context}: {reason}")
-        return self.off
-
-
 _failure = RecordingFailure()
-
-
-STATUS_LIMIT = 1 << 20
-"""Characters of the status file `read_status` reads: its lines, one a failing process, take
-far less."""
-
-
-def _exit_code(text: str) -> int | None:
-    """The exit code (1 to 255) that `text` spells in ASCII digits, else None."""
-    if not (text.isascii() and text.isdigit() and len(text) <= 3):
-        return None
-    return int(text) if 0 < int(text) < 256 else None
-
-
-def read_status(path: str | os.PathLike[str]) -> tuple[list[tuple[int, str]], list[int]]:
-    """The status file `report_failure` writes: the (exit code, reason) of each recording
-    failure, and the exit code of each tool error that ended a process of the command. The
-    command may write to the file too: a line that is not of that form is left out, and
-    nothing past STATUS_LIMIT is read. OSError when the file cannot be read or is no regular
-    file (a FIFO put in its place is never waited on)."""
-    failures, fatal = [], []
-    try:
-        handle, _ = open_regular(path)  # a FIFO with no writer: no wait
-    except NotRegularFile:
-        raise OSError(errno.EINVAL, "not a regular file") from None
-    with io.TextIOWrapper(handle, encoding="utf-8", errors="replace") as status:
-        text = status.read(STATUS_LIMIT)
-    for line in text.splitlines():
-        mark, _, reason = line.partition("\t")
-        code = _exit_code(mark[len(FATAL) :] if mark.startswith(FATAL) else mark)
-        if code is not None and mark.startswith(FATAL):
-            fatal.append(code)
-        elif code is not None and reason:
-            failures.append((code, reason))
-    return failures, fatal
-
-
-def _reported_fatal(path: str) -> bool:
-    """Whether a process of the command reported a tool error that ended it."""
-    try:
-        return bool(read_status(path)[1])
-    except OSError:
-        return False
-
-
-def uncaught_error(exc: BaseException) -> bool:
-    """The sitecustomize audit hook's part under `record -- CMD` (module docstring): a
-    stabledrl error is reported and, unless STABLEDRL_DEBUG is set, printed as one line;
-    torchrun's failure after such a rank is silenced. -> whether sys.excepthook (the
-    traceback) is to be skipped."""
-    global _interrupted
-    path = os.environ.get(ENV_STATUS_FILE)
-    if not path:
-        return False
-    _interrupted = exc if _interrupted is None else _interrupted
-    debug = os.environ.get(ENV_DEBUG, "") not in ("", "0")
-    if isinstance(exc, StabledrlError):
-        exc = task_cause(exc) or exc
-        message = " ".join(str(exc).split())
-        report_failure(exc.exit_code, message, fatal=True)
-        if debug:
-            return False
-        warn(f"error: {rank_prefix()}{message}\n")
-        return True
-    kind = type(exc)
-    child_failed = f"{kind.__module__}.{kind.__qualname__}" == _CHILD_FAILED
-    return child_failed and not debug and _reported_fatal(path)
-
-
-def _tool_error(handled: BaseException) -> StabledrlError | None:
-    """The stabledrl error that `handled` is, or that is its direct cause (`raise X from
-    error`, as far down as such causes go), else None. An exception raised while handling
-    one (its `__context__` alone) is a failure of its own, not the tool's error."""
-    seen: set[int] = set()
-    exc: BaseException | None = handled
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, StabledrlError):
-            return task_cause(exc) or exc
-        seen.add(id(exc))
-        exc = exc.__cause__
-    return None
-
-
-_SYSTEM_EXIT_CODE: Any = SystemExit.__dict__["code"]
-"""SystemExit's own `code` attribute (a member descriptor), which `_ReportedExit` wraps."""
-
-
-class _ReportedExit(SystemExit):
-    """The SystemExit of `sys.exit(1)` called while a stabledrl error was being handled
-    (`reported_exit`): the interpreter reads its `code` when it ends the process with it,
-    with no Python frame left on the stack; the error is then reported as uncaught
-    (`uncaught_error`). A read from Python code (a script that caught it) reports nothing."""
-
-    def __init__(self, status: object, error: StabledrlError) -> None:
-        super().__init__(status)
-        self.error = error
-        self._reported = False
-
-    @property  # type: ignore[override]
-    def code(self) -> object:
-        if not self._reported:
-            try:
-                sys._getframe(1)  # the caller is Python code: the exit was caught
-            except ValueError:  # the interpreter itself, ending the process
-                self._reported = True
-                with contextlib.suppress(Exception):  # never stand in the way of the exit
-                    uncaught_error(self.error)
-        return _SYSTEM_EXIT_CODE.__get__(self)
-
-    @code.setter
-    def code(self, value: object) -> None:
-        _SYSTEM_EXIT_CODE.__set__(self, value)
-
-    def __reduce__(self) -> tuple[type[SystemExit], tuple[Any, ...]]:
-        """A copy (pickled to another process, say) is Python's own SystemExit: the report
-        is this process's end."""
-        return SystemExit, self.args
-
-
-def reported_exit(handled: BaseException, status: object) -> SystemExit | None:
-    """The sitecustomize's sys.exit under `record -- CMD` (module docstring): when `status`
-    ends the process with 1 while `handled`, the exception being handled, is a stabledrl
-    error (`_tool_error`), the SystemExit to raise in place of Python's, which reports that
-    error when the process ends with it; else None (Python's own sys.exit). Also None in any
-    thread but the main one: a SystemExit there ends that thread alone, and threading ignores
-    it silently only when its type is SystemExit itself."""
-    if not os.environ.get(ENV_STATUS_FILE) or not (isinstance(status, int) and status == 1):
-        return None
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    error = _tool_error(handled)
-    return _ReportedExit(status, error) if error is not None else None
-
 
 HOOKS_SOURCE = {"kind": "optimizer-hooks"}
 """The manifest's `source` of a run that the optimizer hooks opened."""
 
 
-def rank_prefix() -> str:
-    """`rank R: ` for a line on stderr of one rank of a run of several (torchrun's RANK and
-    WORLD_SIZE), which tells the ranks' lines apart; else ''."""
-    world_size = os.environ.get(ENV_TORCH_WORLD_SIZE, "1")
-    return f"rank {os.environ.get(ENV_TORCH_RANK)}: " if world_size not in ("", "1") else ""
-
-
-def _launcher_rank() -> dict[str, int]:
-    """{"rank", "world_size"} from torch.distributed's RANK and WORLD_SIZE (set by torchrun),
-    else from the default process group this process initialized (ranks that
-    torch.multiprocessing.spawn started, which gave init_process_group their rank
-    themselves), else {} (one process). A value that is not an integer is a UsageError."""
-    rank, world_size = os.environ.get(ENV_TORCH_RANK), os.environ.get(ENV_TORCH_WORLD_SIZE)
-    if rank is None or world_size is None:
-        dist = sys.modules.get("torch.distributed")  # (never imported here)
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
-        return {}
-    try:
-        return {"rank": int(rank), "world_size": int(world_size)}
-    except ValueError:
-        raise UsageError(
-            f"{ENV_TORCH_RANK}={rank!r} and {ENV_TORCH_WORLD_SIZE}={world_size!r} must be integers"
-        ) from None
-
-
-@dataclass
-class _Step:
-    """A step being written: its number and its two halves (Recorder.log_step keywords)."""
-
-    number: Any
-    batch: dict[str, Any] | None = None
-    hooks: dict[str, Any] | None = None
-    hooks_first: bool = field(init=False)
-    """Whether the optimizer's half came first (the step was made with it)."""
-
-    def __post_init__(self) -> None:
-        self.hooks_first = self.hooks is not None
-
-    def fields(self) -> dict[str, Any]:
-        """Both halves as one set of log_step keywords; the batch's win, scalars merged: a
-        scalar the batch gives in `scalars` (step_time, say) that the hooks give as a keyword
-        is the batch's alone (log_step refuses one given both ways)."""
-        hooks, batch = dict(self.hooks or {}), dict(self.batch or {})
-        batch_scalars = dict(batch.pop("scalars", None) or {})
-        scalars = {**(hooks.pop("scalars", None) or {}), **batch_scalars}
-        merged = {name: v for name, v in hooks.items() if name not in batch_scalars}
-        merged.update(batch)
-        if scalars:
-            merged["scalars"] = scalars
-        return merged
-
-
-_last: _Step | None = None
+_last: Step | None = None
 """The last step written (its halves are kept until the next step starts)."""
 _hooks_first: bool | None = None
 """Whether the loop's optimizer step comes before its batch: the order of the first step
 that paired both halves (None until one has)."""
-_held: _Step | None = None
+_held: Step | None = None
 """The hooks' first step, waiting for the next event to open the run (module docstring)."""
 _integration = False
 """Whether an integration records this process (`integration_records`)."""
@@ -427,46 +156,6 @@ def _records_its_out() -> str:
     return f"`stabledrl record` records its --out with {how}"
 
 
-def _child_stepped(started: str, recorded_by: str) -> UsageError:
-    """What a process of the command that is not the rank's recording one is told when it
-    steps an optimizer under the hooks: `started`, how it came to be; `recorded_by`, who
-    records the run."""
-    return UsageError(
-        f"a child process of the command (pid {os.getpid()}, {started}) stepped an optimizer "
-        f"under `stabledrl record`'s optimizer hooks while {recorded_by}: its steps are not "
-        "recorded. Record with --no-optimizer-hooks, or have the workers not step optimizers, "
-        "or record them as ranks of their own (Recorder(path, world_size=N, rank=R))"
-    )
-
-
-def descendant_stepped(recording_pid: int) -> UsageError:
-    """The error of an optimizer step under the hooks in a process started (forked, spawned)
-    from `recording_pid`, whose optimizer is the run's (`ENV_HOOKS_RECORDER`)."""
-    return _child_stepped(
-        f"started from pid {recording_pid}", f"pid {recording_pid} records the run's optimizer"
-    )
-
-
-def _refuse_child_of_recording(run_dir: str, rank: int) -> None:
-    """UsageError when this process is a child of `multiprocessing` (a Pool's worker, say)
-    whose optimizer steps under the hooks while another process, the one that started it,
-    records the rank: a run takes one process a rank, so the child's steps are not recorded.
-    Says so, and the ways out, where the Recorder would only say that another one holds it."""
-    import multiprocessing
-    from pathlib import Path
-
-    from stabledrl_cli.dump._writer_lock import writer_states
-
-    parent = multiprocessing.parent_process()
-    if parent is None or (writer_states(Path(run_dir) / "steps") or {}).get(rank) != "held":
-        return
-    error = _child_stepped(
-        f"started by multiprocessing from pid {parent.pid}",
-        f"rank {rank} of the run is recorded by another process",
-    )
-    raise UsageError(f"{run_dir}: {error}")
-
-
 def _open(
     policy: str | PolicyLike | None,
     recorder_kwargs: dict[str, Any],
@@ -491,7 +180,7 @@ def _open(
     refuse_in_the_way(Path(run_dir))
     given = os.environ.get(ENV_POLICY) or None
     if policy is not None and given is not None:
-        _warn_policies_differ(policy, given)
+        warn_policies_differ(policy, given)
     policy = policy or given
     if policy is None and batch:
         raise UsageError(NO_POLICY)
@@ -499,9 +188,9 @@ def _open(
     from stabledrl_cli.dump._writer_lock import holds_in_this_process
 
     holds_in_this_process(run_dir, _records_its_out())
-    _refuse_unknown(recorder_kwargs, "__init__", "a key of recorder_kwargs")
+    refuse_unknown(recorder_kwargs, "__init__", "a key of recorder_kwargs")
     recorder_kwargs.setdefault("on_write_error", "warn")  # a full disk never stops training
-    for name, value in _launcher_rank().items():
+    for name, value in launcher_rank().items():
         recorder_kwargs.setdefault(name, value)
     if hooks:
         from stabledrl_cli._child_end import in_pool_worker  # (multiprocessing: not at start-up)
@@ -516,7 +205,7 @@ def _open(
         _recorder = Recorder(run_dir, policy=policy, **recorder_kwargs)
     except UsageError as exc:
         if hooks:
-            _refuse_child_of_recording(run_dir, recorder_kwargs.get("rank", 0))
+            refuse_child_of_recording(run_dir, recorder_kwargs.get("rank", 0))
         if isinstance(exc, RunNotEmpty) and records_out(run_dir):
             raise exc.for_record() from None  # the user typed a command: name record's --force
         raise
@@ -532,145 +221,24 @@ def _open(
     return _recorder
 
 
-RECORD_SETS = ("path", "policy", "overwrite")
-"""The Recorder's arguments that `record` gives it itself: the run directory (--out), the
-policy (log_policy_batch's `policy`, else --policy) and overwrite (--force)."""
-
-
-def _refuse_unknown(given: Iterable[str], method: str, what: str) -> None:
-    """UsageError naming the first of `given` that is no keyword of `Recorder.<method>` a
-    script may pass (a misspelt field: `logpp=`), with the name it resembles if any."""
-    import difflib
-    import inspect
-
-    from stabledrl_cli.dump._writer import Recorder
-
-    parameters = inspect.signature(getattr(Recorder, method)).parameters
-    taken = [n for n in parameters if n not in ("self", "step", *RECORD_SETS)]
-    unknown = sorted(set(given).difference(taken))
-    if not unknown:
-        return
-    name = unknown[0]
-    close = difflib.get_close_matches(name, taken, n=1)
-    if name in RECORD_SETS:
-        hint = "record sets it: --out, log_policy_batch's policy or --policy, --force"
-    elif close:
-        hint = f"did you mean {close[0]!r}?"
-    else:
-        hint = f"one of: {', '.join(taken)}"
-    raise UsageError(f"{name!r} is not {what} ({hint})")
-
-
-def _write(step: _Step, recorder: Recorder, *, replace: bool) -> bool:
+def _write(step: Step, recorder: Recorder, *, replace: bool) -> bool:
     """Logs the step (a rewrite of the last one when `replace`); False when recording is off."""
     global _last, _hooks_first
     if not replace and _last is not None:
-        _refuse_parted(step, _last, recorder.resumed_after)
+        refuse_parted(step, _last, recorder.resumed_after)
     if step.batch is not None and step.hooks is not None:
         if _hooks_first is None:
             _hooks_first = step.hooks_first
         elif _hooks_first and not step.hooks_first:
-            _warn_order_turned(step.number)
+            warn_order_turned(step.number)
     _last = step
     log = recorder.rewrite_step if replace else recorder.log_step
     log(step.number, **step.fields())
     return not _failure.stopped(recorder.stopped, _stopped_at(recorder, step.number))
 
 
-_NUMBERED_BY_STEPS = (
-    "under the optimizer hooks, a batch's number is its optimizer step's (the run optimizer's "
-    "step() calls, from 0): number the batches so, or record with --no-optimizer-hooks"
-)
-
-
-_warned_order = False
-
-
-def _warn_policies_differ(scripts: str | PolicyLike, given: str) -> None:
-    """Warns when the script's `log_policy_batch(policy=...)` names another policy than
-    `record --policy` (`$STABLEDRL_POLICY`): the script's is recorded. Specs that do not
-    resolve are left to the Recorder's refusal."""
-    from stabledrl_cli.policies import resolve_spec
-
-    ours = scripts if isinstance(scripts, str) else scripts.spec
-    try:
-        (entry, config), (other, other_config) = resolve_spec(ours), resolve_spec(given)
-    except UsageError:
-        return
-    if (entry.name, config) != (other.name, other_config):
-        warn(
-            f"stabledrl: warning: log_policy_batch(policy=...) names {ours}, record --policy "
-            f"{given}: the run records the script's, {ours}\n"
-        )
-
-
-def _warn_order_turned(number: Any) -> None:
-    """Warns once that step `number` paired its batch before its optimizer step, where the
-    loop's first step paired it after: what a loop that logs after the step and skipped one
-    shows (each later batch then pairs with the next iteration's step), or one that changed
-    its order."""
-    global _warned_order
-    if _warned_order:
-        return
-    _warned_order = True
-    warn(
-        f"stabledrl: warning: log_policy_batch({number}) came before its optimizer step, where "
-        "the loop's first batch came after its own: if the loop skipped an optimizer.step() "
-        "(an inf gradient, without a GradScaler), each batch from there on is recorded with "
-        f"the next iteration's optimizer step; {_NUMBERED_BY_STEPS}\n"
-    )
-
-
 _first_batch_logged = False
 """Whether log_policy_batch was called (`_warn_numbered_from_1` looks at the first batch)."""
-
-
-def _warn_numbered_from_1(number: int) -> None:
-    """Warns when the run's first batch, `number`, which pairs with no optimizer step yet,
-    comes right after the optimizer step before it, which had no batch: what a loop shows
-    whose batches are numbered from 1 (a global_step counted after the update) and logged
-    after the step (each batch then pairs with the next iteration's optimizer step), or one
-    that logs its first batch at step 1, before its step."""
-    if _last is None or _last.batch is not None or _last.number != number - 1:
-        return
-    warn(
-        f"stabledrl: warning: the loop's first batch, log_policy_batch({number}), came after "
-        f"optimizer step {number - 1}, which had none: a loop that numbers its batches from 1 "
-        "(a global_step counted after the update) has each batch recorded with the next "
-        f"iteration's optimizer step; {_NUMBERED_BY_STEPS}\n"
-    )
-
-
-def _refuse_parted(step: _Step, last: _Step, resumed_after: int | None) -> None:
-    """UsageError when `step`, one half alone, does not follow `last`, the run's last step,
-    which holds only the other half: the loop's batch numbers and its optimizer steps have
-    parted (an optimizer.step() the loop skipped, optimizer steps before its first batch, a
-    training resumed from a checkpoint before `resumed_after`, the last step of the run the
-    Recorder resumed without resume_from), or when `step` is a batch of the number `last`'s
-    batch has (a loop that logs each micro-batch or accumulation round of a step). Another half
-    behind one of its own kind is left to the Recorder's refusal."""
-    from stabledrl_cli.dump._schema import step_number  # loaded with the Recorder already
-    from stabledrl_cli.dump._writer import resumed_before
-
-    number, behind = step_number(step.number), step_number(last.number)
-    if number > behind:
-        return
-    if number == behind and step.batch is not None and last.batch is not None:
-        raise UsageError(
-            f"log_policy_batch({number}) was called twice: a step is one call, after its last "
-            "backward(), its micro-batches' (or accumulation rounds') arrays concatenated, "
-            "micro_batch= naming each sequence's"
-        )
-    if step.hooks is not None and last.hooks is None:
-        parted = f"optimizer step {number} comes after log_policy_batch({behind})"
-    elif step.batch is not None and last.batch is None:
-        parted = f"log_policy_batch({number}) comes after optimizer step {behind}"
-    else:
-        return
-    if resumed_after is not None and number <= resumed_after:
-        keyword = "recorder_kwargs resume_from"
-        raise UsageError(parted + resumed_before(resumed_after, number, keyword))
-    raise UsageError(f"{parted}: {_NUMBERED_BY_STEPS}")
 
 
 def _stopped_at(recorder: Recorder, noticed: int | None) -> str:
@@ -679,26 +247,6 @@ def _stopped_at(recorder: Recorder, noticed: int | None) -> str:
     background fails unseen until a later step is logged, or the run closes."""
     step = noticed if recorder.stopped_step is None else recorder.stopped_step
     return "recording stopped " + ("at the end of the run" if step is None else f"at step {step}")
-
-
-def _snapshot(fields: dict[str, Any]) -> dict[str, Any]:
-    """`fields` (log_step keywords) with each array, tensor and list copied into a numpy
-    array of its own: a batch that waits for its optimizer step's half is written again then,
-    and the script may have reused its buffers since `log_policy_batch` returned."""
-    from stabledrl_cli.dump._inputs import to_numpy  # loaded with the Recorder already
-
-    def copy(name: str, value: Any) -> Any:
-        return (
-            value
-            if value is None or isinstance(value, (int, float))
-            else to_numpy(value, name).copy()
-        )
-
-    out = {name: copy(name, value) for name, value in fields.items() if name != "scalars"}
-    scalars = fields.get("scalars")
-    if scalars is not None:
-        out["scalars"] = {k: copy(f"scalars[{k!r}]", v) for k, v in dict(scalars).items()}
-    return out
 
 
 def _release_held(policy: str | PolicyLike | None, recorder_kwargs: dict[str, Any]) -> None:
@@ -762,7 +310,7 @@ def log_policy_batch(
         return False
     held = None  # a held optimizer step before this one, written (and the run opened) first
     try:
-        _refuse_unknown(fields, "log_step", "a field of log_policy_batch")
+        refuse_unknown(fields, "log_step", "a field of log_policy_batch")
         if recorder_kwargs is not None and not isinstance(recorder_kwargs, Mapping):
             raise UsageError(
                 f"recorder_kwargs must be a dict, got {type(recorder_kwargs).__name__}"
@@ -787,8 +335,8 @@ def log_policy_batch(
                 _last.batch = fields
                 return _write(_last, recorder, replace=True)
             if first_batch:
-                _warn_numbered_from_1(step)
-            return _write(_Step(step, batch=_snapshot(fields)), recorder, replace=False)
+                warn_numbered_from_1(_last, step)
+            return _write(Step(step, batch=snapshot(fields)), recorder, replace=False)
     except Exception as exc:  # named by the first step it loses: the held one's, if not written
         _failure.fail(
             exc,
@@ -815,7 +363,7 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
                 # SIGSEGV in libhdf5's exit handler).
                 import stabledrl_cli.dump._writer  # noqa: F401
 
-                _held = _Step(step, hooks=fields)
+                _held = Step(step, hooks=fields)
                 return
             held = _held
             _release_held(None, {})
@@ -826,7 +374,7 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
                 _last.hooks = fields
                 _write(_last, recorder, replace=True)
             else:
-                _write(_Step(step, hooks=fields), recorder, replace=False)
+                _write(Step(step, hooks=fields), recorder, replace=False)
     except Exception as exc:  # named by the first step it loses: the held one's, if not written
         _failure.fail(exc, f"recording optimizer step {step if held is None else held.number}")
 
@@ -964,8 +512,8 @@ def close() -> None:
     with _lock:
         recorder, _recorder, _closed = _recorder, None, True
     if recorder is not None:
-        if _interrupted is not None:  # after the held step: it is whole, and recorded
-            recorder.note_interrupted(_interrupted)
+        if _uncaught.interrupted is not None:  # after the held step: it is whole, and recorded
+            recorder.note_interrupted(_uncaught.interrupted)
         try:
             try:
                 recorder.close()

@@ -64,7 +64,7 @@ Sharded gradients count whole: a DTensor's (FSDP2) over its mesh, an FSDP1 shard
 original parameter over its process group (`_norms`), so every rank records the same norms.
 
 Recording never breaks training: a failure here warns once, turns recording off and is
-reported to `record` (bootstrap.RecordingFailure); the hooks are removed at the next step,
+reported to `record` (`_status.RecordingFailure`); the hooks are removed at the next step,
 once it has made that step's collective of a sharded run, flagged as this rank's stop, so
 that every rank stops recording at that step and none waits for the others (`_ranks`).
 """
@@ -94,6 +94,7 @@ from torch.optim.optimizer import (
 )
 
 from stabledrl_cli.capture import _fsdp1, _norms, bootstrap
+from stabledrl_cli.capture._child_processes import ENV_HOOKS_RECORDER, descendant_stepped
 from stabledrl_cli.capture._clip_records import (
     clip_totals,
     grad_states,
@@ -111,6 +112,7 @@ from stabledrl_cli.capture._hook_state import (
     state,
     uninstall,
 )
+from stabledrl_cli.capture._process_rank import rank_prefix
 from stabledrl_cli.errors import warn
 
 TOP_MODULES = 5
@@ -152,7 +154,7 @@ def _unrecorded_note() -> None:
         for index, other in sorted(state.others.items())
     )
     warn(
-        f"stabledrl: note: {bootstrap.rank_prefix()}not recorded: {lost}, taken after the run "
+        f"stabledrl: note: {rank_prefix()}not recorded: {lost}, taken after the run "
         "optimizer's last step "
         "(another optimizer's steps are recorded with the run optimizer's next step)\n"
     )
@@ -474,13 +476,13 @@ def _leave(optimizer: Optimizer) -> None:
 def _step_stats(optimizer: Optimizer) -> Stats | None:
     """The statistics of the step `optimizer` is about to take, or None when recording is off
     here (`_leave`) or this process was started from the recording one
-    (`bootstrap.ENV_HOOKS_RECORDER`)."""
+    (`_child_processes.ENV_HOOKS_RECORDER`)."""
     if not bootstrap.hooks_wanted():
         _leave(optimizer)
         return None
-    recording = os.environ.get(bootstrap.ENV_HOOKS_RECORDER, "")
+    recording = os.environ.get(ENV_HOOKS_RECORDER, "")
     if recording.isdigit() and int(recording) != os.getpid():
-        fail(bootstrap.descendant_stepped(int(recording)), "an optimizer step in a child process")
+        fail(descendant_stepped(int(recording)), "an optimizer step in a child process")
         uninstall()
         return None
     return _stats(optimizer, _measured_view(optimizer))
@@ -559,7 +561,7 @@ def _is_run_optimizer(optimizer: Optimizer) -> bool:
     run = _run_optimizer()
     if run is None:
         state.run_optimizer = weakref.ref(optimizer)
-        os.environ[bootstrap.ENV_HOOKS_RECORDER] = str(os.getpid())
+        os.environ[ENV_HOOKS_RECORDER] = str(os.getpid())
         return True
     return run is optimizer
 

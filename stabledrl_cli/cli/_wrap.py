@@ -32,17 +32,16 @@ from rich.markup import escape
 from stabledrl_cli._atomic import write_error
 from stabledrl_cli._process import SIGNALLED, how_it_ended, shell_exit_code
 from stabledrl_cli._regular import NotRegularFile, open_regular
+from stabledrl_cli.capture._child_processes import ENV_HOOKS_RECORDER
 from stabledrl_cli.capture._site.stabledrl_ranks import announced_rank
+from stabledrl_cli.capture._status import ENV_STATUS_FILE, read_status
+from stabledrl_cli.capture._uncaught import ENV_DEBUG
 from stabledrl_cli.capture.bootstrap import (
-    ENV_DEBUG,
     ENV_FORCE,
-    ENV_HOOKS_RECORDER,
     ENV_OPTIMIZER_HOOKS,
     ENV_POLICY,
     ENV_RANKS_DIR,
     ENV_RUN_DIR,
-    ENV_STATUS_FILE,
-    read_status,
 )
 from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, CHECKPOINTS_DIR
 from stabledrl_cli.cli._output import err

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stabledrl_cli.capture.bootstrap import RecordingFailure
+from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._schema import LOSS_AUX
 from stabledrl_cli.errors import UsageError

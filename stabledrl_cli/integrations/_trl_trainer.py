@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
+from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.capture.bootstrap import (
     ENV_POLICY,
     ENV_RUN_DIR,
-    RecordingFailure,
     env_force,
     integration_records,
     recorded_into,

@@ -22,7 +22,7 @@ from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 from verl.workers.config import ActorConfig
 
-from stabledrl_cli.capture.bootstrap import RecordingFailure
+from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._policy import policy_entry
 from stabledrl_cli.dump._setup import change_manifest

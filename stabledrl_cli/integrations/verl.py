@@ -75,9 +75,9 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.capture.bootstrap import (
     ENV_RUN_DIR,
-    RecordingFailure,
     env_force,
     integration_records,
     refuse_another_run_dir,

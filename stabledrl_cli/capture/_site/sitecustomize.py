@@ -3,7 +3,7 @@
 their FSDP1 clip wrapper the moment it finishes importing torch.distributed.fsdp, and keeps
 them out of torch.compile's code once it imports torch._dynamo (all unless
 STABLEDRL_OPTIMIZER_HOOKS is "0": `--no-optimizer-hooks`), and an audit hook that makes an
-uncaught stabledrl error one line (`stabledrl_cli.capture.bootstrap.uncaught_error`), and a
+uncaught stabledrl error one line (`stabledrl_cli.capture._uncaught.uncaught_error`), and a
 sys.exit that does the same for one a framework caught, reported and exited 1 on, then runs
 the sitecustomize module this one hides, if there is one.
 
@@ -22,7 +22,7 @@ A framework may catch the tool's error itself, print its own report and end the 
 uses): no exception is uncaught, and the audit hook never hears of it. So `sys.exit` is
 wrapped too, and so are site's `exit` and `quit` builtins, which a script may call instead:
 called with 1 in the main thread while a stabledrl error is being handled, it raises
-`bootstrap.reported_exit`'s SystemExit, which reports that error as if uncaught once the
+`_uncaught.reported_exit`'s SystemExit, which reports that error as if uncaught once the
 interpreter reads its code to end the process (nothing when the script catches that
 SystemExit and goes on). Every other call is Python's own `sys.exit`. A `raise SystemExit(1)`
 is not seen.
@@ -149,7 +149,7 @@ class _Reported(RuntimeError):
 
 def _on_uncaught(event: str, args: tuple[object, ...]) -> None:
     """The audit hook (module docstring): an uncaught exception goes to
-    `bootstrap.uncaught_error` when it can be the tool's (stabledrl is imported) or is
+    `_uncaught.uncaught_error` when it can be the tool's (stabledrl is imported) or is
     torchrun's report of failed ranks (its process imports stabledrl only with the optimizer
     hooks on); sys.excepthook is skipped when that says so. Called for every audit event of
     the process: any other returns at once."""
@@ -161,7 +161,7 @@ def _on_uncaught(event: str, args: tuple[object, ...]) -> None:
     if _ERRORS not in sys.modules and name != _CHILD_FAILED:  # not the tool's error
         return
     try:
-        from stabledrl_cli.capture.bootstrap import uncaught_error
+        from stabledrl_cli.capture._uncaught import uncaught_error
 
         reported = isinstance(value, BaseException) and uncaught_error(value)
     except Exception:  # never hide the exception behind one of ours
@@ -179,7 +179,7 @@ def _exit(status: str | int | None = None, /) -> NoReturn:
     handled = sys.exc_info()[1]
     if handled is not None and _ERRORS in sys.modules:  # else it cannot be the tool's error
         try:
-            from stabledrl_cli.capture.bootstrap import reported_exit
+            from stabledrl_cli.capture._uncaught import reported_exit
 
             exiting = reported_exit(handled, status)
         except Exception:  # never hide the exit behind an error of ours

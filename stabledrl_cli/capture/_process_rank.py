@@ -1,0 +1,37 @@
+"""The rank this process of the command runs as, for its run and its lines on stderr."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from stabledrl_cli.errors import UsageError
+
+ENV_TORCH_RANK = "RANK"
+ENV_TORCH_WORLD_SIZE = "WORLD_SIZE"
+
+
+def rank_prefix() -> str:
+    """`rank R: ` for a line on stderr of one rank of a run of several (torchrun's RANK and
+    WORLD_SIZE), which tells the ranks' lines apart; else ''."""
+    world_size = os.environ.get(ENV_TORCH_WORLD_SIZE, "1")
+    return f"rank {os.environ.get(ENV_TORCH_RANK)}: " if world_size not in ("", "1") else ""
+
+
+def launcher_rank() -> dict[str, int]:
+    """{"rank", "world_size"} from torch.distributed's RANK and WORLD_SIZE (set by torchrun),
+    else from the default process group this process initialized (ranks that
+    torch.multiprocessing.spawn started, which gave init_process_group their rank
+    themselves), else {} (one process). A value that is not an integer is a UsageError."""
+    rank, world_size = os.environ.get(ENV_TORCH_RANK), os.environ.get(ENV_TORCH_WORLD_SIZE)
+    if rank is None or world_size is None:
+        dist = sys.modules.get("torch.distributed")  # (never imported here)
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+        return {}
+    try:
+        return {"rank": int(rank), "world_size": int(world_size)}
+    except ValueError:
+        raise UsageError(
+            f"{ENV_TORCH_RANK}={rank!r} and {ENV_TORCH_WORLD_SIZE}={world_size!r} must be integers"
+        ) from None
