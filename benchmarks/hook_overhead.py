@@ -112,7 +112,7 @@ def paired(steps: int, block: int, clip: bool, work: Path) -> tuple[list[float],
     """In one process, blocks of `block` steps with the hooks installed and removed in turn
     (load drift cancels): (step times without, step times with)."""
     os.environ.update({"STABLEDRL_RUN_DIR": str(work / "paired"), "STABLEDRL_FORCE": "1"})
-    from stabledrl_cli.capture import bootstrap, optimizer_hooks
+    from stabledrl_cli.capture import _hook_state, bootstrap, optimizer_hooks
 
     # The hooks' own work: what the registered hooks call (`_step_hooks`), timed.
     for name, hook in optimizer_hooks._step_hooks.items():
@@ -129,14 +129,14 @@ def paired(steps: int, block: int, clip: bool, work: Path) -> tuple[list[float],
         if hooked:
             optimizer_hooks.install()
         else:
-            optimizer_hooks.uninstall()
+            _hook_state.uninstall()
         start = HOOK_TIME[0]
         step, _ = _step(model, optimizer, inputs, targets, clip)
         if i % block:  # the first step of a block carries the switch
             times[hooked].append(step)
             if hooked:
                 OWN_TIMES.append(HOOK_TIME[0] - start)
-    optimizer_hooks.uninstall()
+    _hook_state.uninstall()
     bootstrap.close()
     return times
 

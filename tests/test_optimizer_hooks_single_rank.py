@@ -24,7 +24,7 @@ from _cli import cli_command, close, record, record_env
 from typer.testing import CliRunner
 
 from stabledrl_cli.capture import bootstrap
-from stabledrl_cli.capture.optimizer_hooks import _module_norms
+from stabledrl_cli.capture._step_stats import _module_norms
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
 

@@ -11,7 +11,7 @@ from stabledrl_cli.errors import UsageError
 ENV_HOOKS_RECORDER = "STABLEDRL_HOOKS_RECORDER"
 """The pid of the process whose optimizer became the run's under the hooks, set by it at that
 optimizer's first step: a process started from it later (forked, spawned, a subprocess)
-inherits it and records none of its own optimizer steps (`optimizer_hooks._step_stats`)."""
+inherits it and records none of its own optimizer steps (`_step_stats.step_stats`)."""
 
 
 def child_stepped(started: str, recorded_by: str) -> UsageError:

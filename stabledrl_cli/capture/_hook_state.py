@@ -117,11 +117,11 @@ class OptimizerView:
     steps_taken: int = 0
     """Its `step()` calls that ran (the post-hook's count)."""
     closure_at: int | None = None
-    """Where its step()'s arguments hold the closure (`_closure_position`)."""
+    """Where its step()'s arguments hold the closure (`_optimizers._closure_position`)."""
     stepping: bool = False
-    """A step() is under way: its pre-hook ran, its post-hook not yet (`_raised`)."""
+    """A step() is under way: its pre-hook ran, its post-hook not yet (`_step_watchers._raised`)."""
     closure: bool = False
-    """The step under way was given a closure (`_measured`)."""
+    """The step under way was given a closure (`optimizer_hooks._measured`)."""
     awaiting: bool = False
     """That closure has not returned yet: the step's statistics are still to take."""
 
@@ -149,24 +149,24 @@ class HookState:
     run_optimizer: weakref.ref[Optimizer] | None = None
     under_way: threading.local = field(default_factory=threading.local)
     """In each thread, `step`: the optimizer whose step() is under way there, weakly held
-    (`optimizer_hooks._nested`)."""
+    (`_step_end.nested`)."""
     optimizers_seen: int = 0
     indices: dict[tuple[str, tuple[tuple[torch.Size, ...], ...]], list[int]] = field(
         default_factory=dict
     )
     """An optimizer's class and its parameters' shapes, group by group -> the index of each
-    optimizer of them that stepped (`optimizer_hooks._index`)."""
+    optimizer of them that stepped (`_optimizers._index`)."""
     others: dict[int, OtherSteps] = field(default_factory=dict)
     """Index -> another optimizer's steps that no recorded step holds yet."""
     rooted: tuple[list[weakref.ref[torch.Tensor]], dict[int, str]] | None = None
     """The parameters the root modules last named, and their names
-    (`optimizer_hooks._root_names`)."""
+    (`_param_names._root_names`)."""
     next_step: int = 0
     installed_at: float = 0.0
     """When (time.perf_counter) `install` last installed the hooks."""
     collect_seconds: float = 0.0
     """The time the garbage collections that looked for a dropped run optimizer took
-    (`optimizer_hooks._collected_run_optimizer`)."""
+    (`_optimizers.collected_run_optimizer`)."""
     clips: list[Clip] = field(default_factory=list)
     clip_wrapper: Callable[..., torch.Tensor] | None = None
     torch_clipping: int = 0
@@ -196,7 +196,7 @@ def uninstall() -> None:
 
 def fail(exc: BaseException, context: str) -> None:
     """Recording is off here: the hooks go at this rank's next step, after its last collective
-    (`_leave`); at once when another rank stopped (RankStopped)."""
+    (`_step_stats._leave`); at once when another rank stopped (RankStopped)."""
     if isinstance(exc, RankStopped):  # that rank reported its failure; this one stops
         uninstall()
         warn(f"stabledrl: warning: {context}: {exc}; recording is off here too\n")

@@ -238,7 +238,8 @@ def _write(step: Step, recorder: Recorder, *, replace: bool) -> bool:
 
 
 _first_batch_logged = False
-"""Whether log_policy_batch was called (`_warn_numbered_from_1` looks at the first batch)."""
+"""Whether log_policy_batch was called (`_step_pairing.warn_numbered_from_1` looks at the
+first batch)."""
 
 
 def _stopped_at(recorder: Recorder, noticed: int | None) -> str:
