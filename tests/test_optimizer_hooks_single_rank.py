@@ -165,6 +165,33 @@ def test_the_unrecorded_note_names_its_rank_in_a_run_of_several(
     )
 
 
+def test_a_rank_that_spawn_started_names_itself_as_it_records(monkeypatch, capsys, tmp_path):
+    """torch.multiprocessing.spawn sets no RANK or WORLD_SIZE: each rank gives
+    init_process_group its own, and records as it (its process group says so). Its lines on
+    stderr named no rank: rank 1 of 2's note and error line read as one process's."""
+    import torch.distributed as dist
+
+    from stabledrl_cli.capture import _uncaught, optimizer_hooks
+    from stabledrl_cli.capture._hook_state import OtherSteps
+    from stabledrl_cli.errors import UsageError
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as rank 1 of 2's group
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setenv("STABLEDRL_STATUS_FILE", str(tmp_path / "status"))
+    monkeypatch.setattr(optimizer_hooks.state, "on", True)
+    monkeypatch.setattr(optimizer_hooks.state, "others", {1: OtherSteps(last=None, steps=2)})
+    monkeypatch.setattr(bootstrap, "hooks_wanted", lambda: True)
+    monkeypatch.setattr(_uncaught, "interrupted", None)
+    optimizer_hooks._unrecorded_note()
+    assert _uncaught.uncaught_error(UsageError("no policy"))
+    note, error = capsys.readouterr().err.splitlines()
+    assert note.startswith("stabledrl: note: rank 1: not recorded: optimizer_1's last 2 steps")
+    assert error == "error: rank 1: no policy"
+
+
 def test_inspect_shows_a_run_of_optimizer_steps(plain_run):
     run_dir, _ = plain_run
     result = CliRunner().invoke(app, ["inspect", str(run_dir), "--format", "json"])

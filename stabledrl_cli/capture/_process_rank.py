@@ -12,10 +12,13 @@ ENV_TORCH_WORLD_SIZE = "WORLD_SIZE"
 
 
 def rank_prefix() -> str:
-    """`rank R: ` for a line on stderr of one rank of a run of several (torchrun's RANK and
-    WORLD_SIZE), which tells the ranks' lines apart; else ''."""
-    world_size = os.environ.get(ENV_TORCH_WORLD_SIZE, "1")
-    return f"rank {os.environ.get(ENV_TORCH_RANK)}: " if world_size not in ("", "1") else ""
+    """`rank R: ` for a line on stderr of one rank of a run of several (`launcher_rank`),
+    which tells the ranks' lines apart; else '' (also for a RANK that is no integer)."""
+    try:
+        ranks = launcher_rank()
+    except UsageError:
+        return ""
+    return f"rank {ranks['rank']}: " if ranks.get("world_size", 1) > 1 else ""
 
 
 def launcher_rank() -> dict[str, int]:
