@@ -16,6 +16,7 @@ FRESH = {
     "_last": None,
     "_hooks_first": None,
     "_held": None,
+    "_opening": False,
     "_hooks_start": 0,
     "_closed": False,
     "_integration": False,

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1563,3 +1564,46 @@ def test_os_exit_after_the_first_optimizer_step_writes_that_step(tmp_path, monke
     assert run.step_numbers == [0] and run.step(0).scalars["grad_norm"] == 1.5
     bootstrap.close()
     assert status.read_text() == ""
+
+
+def test_os_exit_in_a_signal_handler_inside_a_hook_writes_the_held_step_at_once(
+    tmp_path, monkeypatch
+):
+    """A signal handler runs in the main thread between two instructions; when they were a
+    hook's, the recording lock is held by the thread that os._exit's. os._exit waited
+    WRITE_SECONDS (10 s) for a lock that thread never gave back, then ended with the held
+    step unwritten (`record`: "the command recorded no step"). That thread never goes on:
+    the step, whole in memory, is written without the lock."""
+    status, ended = tmp_path / "status", []
+    fresh_recording(
+        monkeypatch, tmp_path / "run", status, _python_os_exit=ended.append, WRITE_SECONDS=2.0
+    )
+    bootstrap.log_hook_step(0, {"grad_norm": 1.5, "scalars": {}})
+    with bootstrap._lock:  # the hook the signal came in
+        start = time.perf_counter()
+        bootstrap._os_exit(3)
+        waited = time.perf_counter() - start
+        assert ended == [3]
+        run = open_run(tmp_path / "run")
+    assert waited < 1.0
+    assert run.step_numbers == [0] and run.step(0).scalars["grad_norm"] == 1.5
+    bootstrap.close()
+    assert status.read_text() == ""
+
+
+def test_os_exit_in_a_signal_handler_while_the_run_opens_ends_at_once(tmp_path, monkeypatch):
+    """The one window left (docs/recording.md): the signal came while the hook was making the
+    run's Recorder. The held step cannot be written then (a second Recorder of the run would
+    be refused): the process ends at once, without it."""
+    status, ended = tmp_path / "status", []
+    fresh_recording(
+        monkeypatch, tmp_path / "run", status, _python_os_exit=ended.append, WRITE_SECONDS=2.0
+    )
+    bootstrap.log_hook_step(0, {"grad_norm": 1.5, "scalars": {}})
+    monkeypatch.setattr(bootstrap, "_opening", True)
+    with bootstrap._lock:
+        start = time.perf_counter()
+        bootstrap._os_exit(3)
+        waited = time.perf_counter() - start
+    assert waited < 1.0 and ended == [3]
+    assert not (tmp_path / "run").exists() and status.read_text() == ""

@@ -49,6 +49,7 @@ command: the status file (`_status`, `_uncaught`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -64,6 +65,7 @@ from stabledrl_cli.capture import _uncaught
 from stabledrl_cli.capture._child_processes import refuse_child_of_recording
 from stabledrl_cli.capture._process_rank import launcher_rank
 from stabledrl_cli.capture._recorder_args import refuse_unknown, warn_policies_differ
+from stabledrl_cli.capture._run_lock import RunLock
 from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.capture._step_pairing import (
     Step,
@@ -86,7 +88,7 @@ NO_POLICY = (
     "first call, e.g. `log_policy_batch(step, policy='grpo', ...)`"
 )
 
-_lock = threading.Lock()
+_lock = RunLock()
 _recorder: Recorder | None = None
 _failure = RecordingFailure()
 
@@ -112,6 +114,8 @@ process exits) is left out, where it opened the run again, which the closing Rec
 run it closed) refused: a recording failure after a training that ended well."""
 
 
+_opening = False
+"""Whether the run's Recorder is being made (`_open`)."""
 _closed_at_child_end = False
 """Whether `close` runs as this process's target returns, in a child of multiprocessing."""
 
@@ -122,7 +126,7 @@ def _forked() -> None:
     steps that `_written_at_exit` writes (the Recorder refuses a child's flush), and the lock
     may have been held by another thread of the parent, which the child does not have."""
     global _held, _lock, _closed_at_child_end
-    _held, _lock, _closed_at_child_end = None, threading.Lock(), False
+    _held, _lock, _closed_at_child_end = None, RunLock(), False
     atexit.unregister(_written_at_exit)
 
 
@@ -166,7 +170,7 @@ def _open(
     """The run's Recorder, opened by the first step to write: a step with a policy `batch`
     needs a policy; one with the `hooks`' half marks the run's source and writes its steps
     from the Recorder's thread (`async_writes`)."""
-    global _recorder, _hooks_start
+    global _recorder, _hooks_start, _opening
     if _recorder is not None:
         return _recorder
     _close_at_child_end()
@@ -201,6 +205,7 @@ def _open(
         recorder_kwargs.setdefault("async_writes", not in_pool_worker())
     # --force lets the command record into a non-empty directory: the Recorder replaces the
     # run, or continues the one the script resumes (resume=True), and takes the switch.
+    _opening = True
     try:
         _recorder = Recorder(run_dir, policy=policy, **recorder_kwargs)
     except UsageError as exc:
@@ -209,6 +214,8 @@ def _open(
         if isinstance(exc, RunNotEmpty) and records_out(run_dir):
             raise exc.for_record() from None  # the user typed a command: name record's --force
         raise
+    finally:
+        _opening = False
     if recorder_kwargs.get("resume") and _recorder.last_step is not None:
         _hooks_start = _recorder.last_step + 1
     if _announce_rank is not None:
@@ -435,10 +442,16 @@ _python_os_exit = os._exit
 def _os_exit(status: int) -> NoReturn:
     """os._exit under the optimizer hooks: a script that ends so after its first optimizer
     step (no exit handler runs) has the step the hooks hold written first, from a thread of
-    its own (the caller may hold the recording lock: a signal handler that calls it), for
-    WRITE_SECONDS at most. Written steps are on disk already."""
+    its own, for WRITE_SECONDS at most. Written steps are on disk already. A signal handler
+    that calls it in a step being recorded holds the recording lock, which its thread never
+    gives back: the held step, whole, is written without it (`_written_at_exit`)."""
     if _held is not None:
-        writing = threading.Thread(target=_written_at_exit, name="stabledrl-exit", daemon=True)
+        writing = threading.Thread(
+            target=_written_at_exit,
+            kwargs={"unlocked": _lock.held_here()},
+            name="stabledrl-exit",
+            daemon=True,
+        )
         writing.start()
         writing.join(WRITE_SECONDS)
     _python_os_exit(status)
@@ -472,16 +485,19 @@ def closed_last() -> None:
     _closed_last = True
 
 
-def _written_at_exit() -> None:
+def _written_at_exit(*, unlocked: bool = False) -> None:
     """Under `closed_last`, the exit handler registered as the hooks are installed and as the
     run opens: the held step and every queued one are written, the run left open. An exit
     handler registered before it that ends the process (`os._exit`) or never returns then
     loses no finished step, and one that logs a step still has it recorded (the run is
-    closed last). A SIGTERM that ends the process writes its steps with it too."""
-    if _failure.off:
+    closed last). A SIGTERM that ends the process writes its steps with it too. `unlocked`:
+    for `_os_exit` in a signal handler of the thread holding the lock, which never goes on;
+    nothing is written while that thread was opening the run (`_opening`: a second
+    Recorder would be refused)."""
+    if _failure.off or (unlocked and _opening):
         return
     try:
-        with _lock:
+        with contextlib.nullcontext() if unlocked else _lock:
             _release_held(None, {})
             recorder = _recorder
         if recorder is not None:
