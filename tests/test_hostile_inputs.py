@@ -143,7 +143,7 @@ def test_a_step_file_larger_than_memory_is_a_finding_not_a_crash(tmp_path: Path)
         fh.truncate(path.stat().st_size + size)
     measured = measure(["replay", str(run), "-p", "grpo"], tmp_path / "cost.json")
     assert measured.code == 0, measured.stderr
-    assert "(step 1: unreadable: its data of 8,589,934," in measured.stderr, measured.stderr
+    assert "(step 1: unreadable: a read of 8,589,934," in measured.stderr, measured.stderr
     assert "does not fit in memory); replayed 3" in measured.stderr, measured.stderr
 
 
@@ -950,4 +950,5 @@ def test_a_step_file_at_a_url_larger_than_memory_is_named_as_a_local_one(
     size = step_path(run, 1).stat().st_size
     result = CliRunner().invoke(app, ["replay", f"file://{run}", "-p", "grpo"])
     assert result.exit_code == 0, result.output
-    assert f"(step 1: unreadable: its {size:,} bytes do not fit in memory)" in result.stderr
+    said = f"(step 1: unreadable: a read of {size:,} bytes of it does not fit in memory)"
+    assert said in result.stderr

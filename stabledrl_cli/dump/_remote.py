@@ -47,7 +47,13 @@ from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
     STOP_NOTE_LIMIT,
 )
-from stabledrl_cli.dump._stfile import HEADER_LIMIT, FileKey, StepHeader, parse_header
+from stabledrl_cli.dump._stfile import (
+    HEADER_LIMIT,
+    FileKey,
+    StepHeader,
+    parse_header,
+    too_large_to_read,
+)
 from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.dump._writer_lock import WriterState
 from stabledrl_cli.errors import (
@@ -362,10 +368,8 @@ class RemoteRun(_AtUrl, DirectoryRun):
             try:
                 data = self.fs.cat_file(str(path))
             except OSError as exc:
-                if isinstance(exc.__cause__, MemoryError):  # a sparse file: 8 GB take 4 KB
-                    raise StepReadError(
-                        "unreadable", f"its {size:,} bytes do not fit in memory"
-                    ) from None
+                if isinstance(exc.__cause__, MemoryError):
+                    raise too_large_to_read(size) from None
                 raise
             header = parse_header(
                 io.BytesIO(data), len(data), deep=deep, keep_data=keep, known=known

@@ -337,15 +337,19 @@ def _check_metadata(metadata: object) -> dict[str, str]:
     return metadata
 
 
+def too_large_to_read(size: int) -> StepReadError:
+    """The error of a step file of which a read of `size` bytes (its data, or the whole file)
+    finds no buffer to hold them (a sparse file of 8 GB takes 4 KB on disk)."""
+    return StepReadError("unreadable", f"a read of {size:,} bytes of it does not fit in memory")
+
+
 def _read_exactly(fh: BinaryIO, size: int) -> bytearray:
     """`size` bytes from `fh` into one buffer; StepReadError("torn") if the file ends first,
-    "unreadable" if no buffer of that size can be had (a sparse file of 8 GB takes 4 KB)."""
+    "unreadable" if no buffer of that size can be had (`too_large_to_read`)."""
     try:
         data = bytearray(size)
     except MemoryError:
-        raise StepReadError(
-            "unreadable", f"its data of {size:,} bytes does not fit in memory"
-        ) from None
+        raise too_large_to_read(size) from None
     view, got = memoryview(data), 0
     while got < size:
         count = fh.readinto(view[got:])  # type: ignore[attr-defined]  # every binary file has it
