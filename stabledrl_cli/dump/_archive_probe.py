@@ -119,7 +119,7 @@ def _child_report(source: Path | StoreFile, where: str, file_size: int) -> bytes
             if prefetch is not None:
                 prefetch.root(attrs)
             datasets = None  # a file of another kind the reader refuses by its kind alone
-            if _names_a_run(attrs):
+            if names_a_run(decode(attrs.get("kind"))):
                 try:
                     datasets = walk_objects(
                         handle, where, file_size, None if prefetch is None else prefetch.dataset
@@ -140,9 +140,9 @@ def _child_report(source: Path | StoreFile, where: str, file_size: int) -> bytes
     return _report({"datasets": datasets, "identity": identity, "prefetch": header}, payload)
 
 
-def _names_a_run(attrs: dict[str, object]) -> bool:
-    """Whether root attributes `attrs` name a run archive (a replay report's do not)."""
-    kind = decode(attrs.get("kind"))
+def names_a_run(kind: object) -> bool:
+    """Whether an HDF5 file's root `kind` attribute, decoded, names a run archive (a replay
+    report's does not; a crafted one may be a number or an array, never equal to it)."""
     return isinstance(kind, str) and kind == RUN_KIND
 
 

@@ -32,7 +32,7 @@ from stabledrl_cli.dump._archive_checks import (
     index_type,
     stored_chunks,
 )
-from stabledrl_cli.dump._archive_probe import probe
+from stabledrl_cli.dump._archive_probe import names_a_run, probe
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError
 from stabledrl_cli.dump._layout import (
@@ -354,7 +354,7 @@ class ArchiveRun(Run):
         kind = self._root_attribute("kind")
         if isinstance(kind, str) and kind == REPLAY_REPORT_KIND:
             raise NotARun(f"{location} is a replay report, not a run (open it with read_hdf5)")
-        if not isinstance(kind, str) or kind != RUN_KIND:
+        if not names_a_run(kind):
             if kind is None or isinstance(kind, str):
                 shown = f"HDF5 kind {'none' if kind is None else quoted(kind)}"
             else:  # an array compares element by element, and would be printed whole
