@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -25,7 +26,14 @@ from stabledrl_cli import _atomic
 from stabledrl_cli.cli import pack as pack_cli
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.cli.pack import _size_change
-from stabledrl_cli.dump import RunIntegrityWarning, _layout, _packer, open_run, pack_run
+from stabledrl_cli.dump import (
+    RunIntegrityWarning,
+    _archive_reader,
+    _layout,
+    _packer,
+    open_run,
+    pack_run,
+)
 from stabledrl_cli.dump._schema import check_readable_version
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 
@@ -1114,6 +1122,36 @@ def test_a_field_its_first_steps_lack_leaves_chunks_unwritten_and_reads_as_its_d
     report = _cli_json(["inspect", str(out), "--format", "json"])
     assert report["integrity"]["ok"], report["integrity"]
     assert _replay_json(out) == _replay_json(run)
+
+
+def test_the_chunk_index_of_a_field_with_unwritten_chunks_is_walked_once(tmp_path, monkeypatch):
+    """Reading every step and then the integrity of an archive whose Fletcher32 dataset has
+    chunks never written walked its chunk index twice: once to find the steps in them, again
+    in the integrity check (its Python callback a chunk: 0.2 s at 51,200 chunks, and 0.67 s
+    making their selections). The check reuses the first walk."""
+    monkeypatch.setattr(_packer, "CHUNK_ELEMENTS", 16)
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as recorder:
+        for step in range(6):
+            logp = -torch.rand(4, 5, generator=torch.Generator().manual_seed(step))
+            ref = None if step < 3 else logp - 0.02
+            recorder.log_step(
+                step, logp=logp, logp_old=logp + 0.01, logp_ref=ref, advantages=torch.ones(4)
+            )
+    out = tmp_path / "run.h5"
+    pack_run(run, out, compression="small")
+    walked: list[str] = []
+    real = _archive_reader.stored_chunks
+
+    def stored_chunks(dataset: h5py.h5d.DatasetID, visit: Any) -> None:
+        walked.append(h5py.h5i.get_name(dataset).decode())
+        real(dataset, visit)
+
+    monkeypatch.setattr(_archive_reader, "stored_chunks", stored_chunks)
+    with open_run(out) as archive:
+        assert [step.step for step in archive.steps()] == list(range(6))
+        assert archive.integrity.ok
+    assert walked == ["/tokens/logp_ref"]
 
 
 def test_a_compact_manifest_near_the_bound_packs_into_an_archive_that_reads(tmp_path):

@@ -88,11 +88,15 @@ def _chunk_count(dataset: h5py.Dataset) -> int | None:
 
 
 def _written_chunks(dataset: h5py.Dataset) -> np.ndarray | None:
-    """The indexes of a chunked one-dimensional dataset's written chunks, ascending, when it
-    has chunks never written (pack leaves unwritten the chunks of steps without the field);
-    None when every chunk is written, or its chunk index cannot be walked (its reads fail)."""
-    if _chunk_count(dataset) is None or not chunks_unwritten(dataset.id):
+    """The indexes of a chunked one-dimensional dataset's written chunks, ascending: all of
+    them, or, when it has chunks never written (pack leaves unwritten the chunks of steps
+    without the field), those its chunk index lists; None for any other dataset, or one whose
+    chunk index cannot be walked (its reads fail)."""
+    count = _chunk_count(dataset)
+    if count is None:
         return None
+    if not chunks_unwritten(dataset.id):
+        return np.arange(count, dtype=np.int64)
     size = int(dataset.chunks[0])
     found: list[int] = []
     try:
@@ -119,6 +123,16 @@ def _chunks_to_check(dataset: h5py.Dataset) -> list[tuple[slice, ...]]:
         )
         for offset in sorted(found)
     ]
+
+
+def _unread_chunks(
+    dataset: h5py.Dataset, written: np.ndarray, read: set[int]
+) -> list[tuple[slice, ...]]:
+    """The selections of the `written` chunks (`_written_chunks`) of a chunked one-dimensional
+    dataset that are not among those `read`."""
+    size, length = int(dataset.chunks[0]), int(dataset.shape[0])
+    unread = written[~np.isin(written, np.fromiter(read, np.int64, len(read)))]
+    return [(slice(at, min(at + size, length)),) for at in (unread * size).tolist()]
 
 
 def _data_dataset(name: str) -> str:
@@ -229,8 +243,9 @@ class ArchiveRun(Run):
         """The index and text datasets read whole when the archive was opened: the integrity
         check does not read them again either."""
         self._written: dict[str, np.ndarray] = {}
-        """Per data dataset with chunks never written, the indexes of those written
-        (`_written_chunks`): a step whose slice lies in another holds no data."""
+        """Per chunked data dataset, the indexes of its written chunks (`_written_chunks`): a
+        step whose slice lies in another holds no data, and the integrity check reads these
+        without walking the chunk index again."""
         where = self.location
         try:
             if size is None:
@@ -707,9 +722,10 @@ class ArchiveRun(Run):
         never written: they hold no data (the fill value, unchecked)."""
         written = self._written.get(where)
         begin, end = offsets[:-1].astype(np.int64), offsets[1:].astype(np.int64)
-        if written is None:
+        dataset = self._dataset(where)
+        if written is None or len(written) == _chunk_count(dataset):
             return np.zeros(len(begin), dtype=bool)
-        size = int(self._dataset(where).chunks[0])
+        size = int(dataset.chunks[0])
         first, last = begin // size, (end - 1) // size
         held = np.searchsorted(written, last, "right") - np.searchsorted(written, first, "left")
         unwritten: np.ndarray = (end > begin) & (held != last - first + 1)
@@ -931,9 +947,12 @@ class ArchiveRun(Run):
             read = self._read_chunks.get(name, set())
             try:
                 dataset = self._file[name]
-                if read and len(read) == _chunk_count(dataset):
+                if name in self._written:
+                    chunks = _unread_chunks(dataset, self._written[name], read)
+                elif read and len(read) == _chunk_count(dataset):
                     continue
-                chunks = _chunks_to_check(dataset)
+                else:
+                    chunks = _chunks_to_check(dataset)
             except H5_ERRORS as exc:
                 findings.extend(self._bad_chunk(name, (slice(0, None),), exc))
                 continue
