@@ -26,7 +26,7 @@ import numpy as np
 from synthetic_runs import Shape, add_step_options, cached_run
 from timing import median_seconds
 
-from stabledrl_cli.dump._archive_reader import _data_dataset
+from stabledrl_cli.dump._archive_index import data_dataset
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._layout import RAGGED_FIELDS, SEQUENCE_FIELDS, TOKEN_FIELDS
 
@@ -36,7 +36,7 @@ DEFAULT_SHAPE = "50,64,512,128"
 def _data_datasets(archive: h5py.File) -> list[str]:
     """The archive's per-entry data datasets (where `_layout`'s fields are stored), by name."""
     fields = (*TOKEN_FIELDS, *SEQUENCE_FIELDS, *RAGGED_FIELDS)
-    return sorted(where for where in map(_data_dataset, fields) if where in archive)
+    return sorted(where for where in map(data_dataset, fields) if where in archive)
 
 
 def _step_bounds(archive: h5py.File, name: str, steps: int) -> np.ndarray:

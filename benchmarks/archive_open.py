@@ -26,7 +26,7 @@ import torch  # noqa: F401  # loaded before the open, as in a replay: the fork c
 from synthetic_runs import Shape, add_step_options, cached_run
 from timing import median_seconds
 
-from stabledrl_cli.dump import _archive_probe, _archive_reader, open_run
+from stabledrl_cli.dump import _archive_file, _archive_probe, open_run
 
 
 def _median_ms(action: Callable[[], object], repeats: int) -> float:
@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     shapes = [args.shape] if args.shape else [Shape.parse(s) for s in ("50,64,512", "2000,8,64")]
     probe_times: list[float] = []
-    real_probe = _archive_reader.probe
+    real_probe = _archive_file.probe
 
     def timed_probe(*probe_args: object, **kwargs: object) -> object:
         started = time.perf_counter()
@@ -92,7 +92,7 @@ def main() -> None:
         finally:
             probe_times.append(time.perf_counter() - started)
 
-    _archive_reader.probe = timed_probe  # type: ignore[assignment]
+    _archive_file.probe = timed_probe  # type: ignore[assignment]
     columns = ("dir ms", "h5 ms", "probe ms", "fork ms", "unforked ms", "h5 cpu", "child cpu")
     print(f"{'run':16s}" + "".join(f"{c:>12s}" for c in columns))
     for shape in shapes:

@@ -72,7 +72,7 @@ def test_a_file_swapped_after_the_probe_is_walked_by_the_reader(
         os.replace(tmp_path / "swap.h5", target)
         return probed
 
-    monkeypatch.setattr("stabledrl_cli.dump._archive_reader.probe", probe_then_swap)
+    monkeypatch.setattr("stabledrl_cli.dump._archive_file.probe", probe_then_swap)
     shutil.copy(honest, tmp_path / "swap.h5")
     sd.open_run(target)
     assert walks_here == [str(target)]

@@ -28,7 +28,7 @@ from stabledrl_cli.cli.app import app
 from stabledrl_cli.cli.pack import _size_change
 from stabledrl_cli.dump import (
     RunIntegrityWarning,
-    _archive_reader,
+    _archive_chunks,
     _layout,
     _packer,
     open_run,
@@ -1141,13 +1141,13 @@ def test_the_chunk_index_of_a_field_with_unwritten_chunks_is_walked_once(tmp_pat
     out = tmp_path / "run.h5"
     pack_run(run, out, compression="small")
     walked: list[str] = []
-    real = _archive_reader.stored_chunks
+    real = _archive_chunks.stored_chunks
 
     def stored_chunks(dataset: h5py.h5d.DatasetID, visit: Any) -> None:
         walked.append(h5py.h5i.get_name(dataset).decode())
         real(dataset, visit)
 
-    monkeypatch.setattr(_archive_reader, "stored_chunks", stored_chunks)
+    monkeypatch.setattr(_archive_chunks, "stored_chunks", stored_chunks)
     with open_run(out) as archive:
         assert [step.step for step in archive.steps()] == list(range(6))
         assert archive.integrity.ok

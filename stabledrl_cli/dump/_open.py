@@ -10,7 +10,8 @@ from pathlib import Path
 
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli._url import is_url, slashless_hint
-from stabledrl_cli.dump._archive_reader import ArchiveRun, NotARun
+from stabledrl_cli.dump._archive_file import NotARun
+from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._remote import open_url
 from stabledrl_cli.dump._run import Run
