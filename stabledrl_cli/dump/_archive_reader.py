@@ -285,14 +285,14 @@ class ArchiveRun(ArchiveMarks):
         return findings
 
     def _steps_of_chunk(self, name: str, chunk: tuple[slice, ...]) -> list[int]:
+        """The indexes of the steps whose slice of data dataset `name` overlaps `chunk`."""
         offsets = self._offsets_of(name)
         if not chunk or offsets is None:
             return []
         start = chunk[0].start or 0
         stop = np.iinfo(np.int64).max if chunk[0].stop is None else chunk[0].stop
-        return [
-            i for i in range(len(self._numbers)) if offsets[i] < stop and offsets[i + 1] > start
-        ]
+        held: list[int] = np.flatnonzero((offsets[:-1] < stop) & (offsets[1:] > start)).tolist()
+        return held
 
     def checks(self) -> _ArchiveChecks | None:
         if self._key is None:
