@@ -98,6 +98,7 @@ class ArchiveRun(ArchiveMarks):
         the integrity check does not read them again."""
         self._read_steps: dict[str, set[int]] = {}
         """Per data dataset with per-step CRC-32s, the steps whose slice a read has checked."""
+        self._chunk_widths: dict[str, int] = {}
 
     def __reduce__(self) -> tuple[Callable[..., Run], tuple[str]]:
         """Pickled as the way to open it again, from its `source` (its HDF5 file cannot be),
@@ -122,14 +123,22 @@ class ArchiveRun(ArchiveMarks):
                 step = int(self._numbers[index])
                 raise OSError(f"{where}: step {step}'s slice fails its CRC-32")
             self._read_steps.setdefault(where, set()).add(index)
-        elif end > begin and dataset.chunks:
-            size = dataset.chunks[0]
+        elif end > begin and (size := self._chunk_width(where)):
             self._read_chunks.setdefault(where, set()).update(
                 range(begin // size, (end - 1) // size + 1)
             )
         if not part.dtype.isnative:  # written on a machine of the other byte order
             part = part.astype(part.dtype.newbyteorder("="))
         return part
+
+    def _chunk_width(self, where: str) -> int:
+        """Entries a chunk of data dataset `where` holds (0: not chunked), asked of h5py once
+        (it reads the dataset's creation properties at each ask: a tenth of a step's read)."""
+        width = self._chunk_widths.get(where)
+        if width is None:
+            chunks = self._dataset(where).chunks
+            width = self._chunk_widths[where] = int(chunks[0]) if chunks else 0
+        return width
 
     def read_field(self, index: int, name: str) -> np.ndarray:
         """Step `index`'s array `name` from the archive (token [T], sequence [N], or ragged)."""
