@@ -314,6 +314,20 @@ def test_inspect_tells_a_step_in_flight_from_a_lost_one(tmp_path):
     assert [f["step"] for f in closed["integrity"]["findings"]] == [1, 4, 5]
 
 
+def test_an_intact_archive_is_not_said_to_hold_step_files(tmp_path, run_dir):
+    """Integrity ok of a packed run said 'every step file complete', words of a run directory:
+    an archive holds no step file. The line names steps, true of both."""
+    from stabledrl_cli.dump._packer import pack_run
+
+    archive = tmp_path / "run.h5"
+    pack_run(sd.open_run(run_dir), archive)
+    for run in (run_dir, archive):
+        result = runner.invoke(app, ["inspect", str(run)])
+        assert result.exit_code == 0, result.output
+        assert "Integrity: ok (every step whole, checksums match, no gaps)" in result.stdout
+        assert "step file" not in result.stdout
+
+
 def test_inspect_shows_the_run_identity_a_pack_keeps(tmp_path, run_dir, grpo_fixture):
     """The manifest's run_id, in the table and the JSON, of the run and of its packed archive;
     a run recorded before run ids (the committed fixture) reads, its identity not recorded."""

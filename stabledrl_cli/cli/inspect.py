@@ -400,7 +400,7 @@ def _print_integrity(s: RunSummary) -> None:
     findings, groups = s.integrity.get("findings"), s.integrity.get("groups")
     if not isinstance(findings, list) or not isinstance(groups, list) or not findings:
         out.print(
-            "Integrity: ok (every step file complete, checksums match, no gaps)",
+            "Integrity: ok (every step whole, checksums match, no gaps)",
             highlight=False,
             soft_wrap=False,  # wrapped to the width
         )
