@@ -118,3 +118,22 @@ def test_each_gate_that_trips_unjudged_says_so_in_its_help(command):
     for option in ("--max-collapsed", "--max-nonfinite", "--max-spikes", "--fail-on-collapse"):
         shown = text.split(f" {option} ", 1)[1].split(" --", 1)[0]
         assert "judge" in shown, (option, shown)
+
+
+REPORTS = {"replay": {"--out", "--plot"}, "check": {"--write-baseline", "--junit", "--plot"},
+           "tune": {"--plot"}}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(REPORTS))
+def test_each_report_option_says_it_replaces_its_file(name):
+    """docs/ci.md says a report replaces its file (a CI job rewrites it on every run); the
+    options' help said only 'Write ... to this file'."""
+    helps = {
+        option: param.help
+        for param in load_command(name).params
+        for option in param.opts
+        if option in REPORTS[name]
+    }
+    assert set(helps) == REPORTS[name]
+    for option, text in helps.items():
+        assert "replaced if it exists" in (text or ""), option

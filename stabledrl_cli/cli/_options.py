@@ -178,7 +178,8 @@ PlotOpt = Annotated[
         "--plot",
         metavar="FILE.png",
         parser=report_path,
-        help="Draw the reward and each policy's update norms to this PNG (needs the plot extra).",
+        help="Draw the reward and each policy's update norms to this PNG, replaced if it "
+        "exists (needs the plot extra).",
     ),
 ]
 _OR_BASELINE = ", or the baseline's"

@@ -394,13 +394,15 @@ def command(
         typer.Option(
             "--write-baseline",
             parser=report_path,
-            help="Record today's figures per policy to this file.",
+            help="Record today's figures per policy to this file (replaced if it exists).",
         ),
     ] = None,
     junit: Annotated[
         Path | None,
         typer.Option(
-            "--junit", parser=report_path, help="Write a JUnit XML report (one case a gate)."
+            "--junit",
+            parser=report_path,
+            help="Write a JUnit XML report, one case a gate (replaced if it exists).",
         ),
     ] = None,
     plot: PlotOpt = None,

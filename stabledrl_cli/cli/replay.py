@@ -399,7 +399,10 @@ def command(
     out_path: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", parser=report_path, help="Write the per-step arrays to this .h5."
+            "--out",
+            "-o",
+            parser=report_path,
+            help="Write the per-step arrays to this .h5 (replaced if it exists).",
         ),
     ] = None,
     spike_factor: Annotated[

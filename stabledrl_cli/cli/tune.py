@@ -152,7 +152,7 @@ def command(
             metavar="FILE.png",
             parser=report_path,
             help="Draw the settings' discarded gradient against risk steps, the front and the "
-            "recommendation (needs the plot extra).",
+            "recommendation, replaced if it exists (needs the plot extra).",
         ),
     ] = None,
     keep_own: Annotated[
