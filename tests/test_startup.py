@@ -2,9 +2,10 @@
 and the help of `replay`, `check`, `tune`, `inspect`, `diff` and `watch`; `import` and `pack`
 (their help and their input checks), and `pack` of a run; a Recorder of numpy arrays and its
 run read back, and its refusal of a step without a field its policy needs; `diff` of two
-runs that never part; `replay`, `check` and `tune` refusing an unknown policy; `check` and
-`inspect` of a scalar run (inspect of a run with a policy batch checks each step with
-replay's own code, torch's); and the refusals of bad input by these, `watch` and `branch`."""
+runs that never part; `replay`, `check` and `tune` refusing an unknown policy (on any
+engine); `check` and `inspect` of a scalar run (inspect of a run with a policy batch checks
+each step with replay's own code, torch's); and the refusals of bad input by these, `watch`
+and `branch`."""
 
 from __future__ import annotations
 
@@ -113,8 +114,11 @@ PROBES = {
         bad = CliRunner().invoke(app, ["diff", home + "/a", home + "/b", "--atol", "-1"])
         assert bad.exit_code == 2, bad.output
         for command in (["replay"], ["check", "--max-spikes", "0"], ["tune"]):
-            bad = CliRunner().invoke(app, [*command, home + "/a", "-p", "nonsense"])
-            assert bad.exit_code == 2 and "unknown policy 'nonsense'" in bad.stderr, bad.output
+            for engine in ("local", "processes"):  # an engine's module imports torch
+                bad = CliRunner().invoke(
+                    app, [*command, home + "/a", "-p", "nonsense", "--engine", engine]
+                )
+                assert bad.exit_code == 2 and "unknown policy 'nonsense'" in bad.stderr, bad.output
     """,
     "check and inspect of a scalar run, and check of a missing run": """
         import tempfile

@@ -65,6 +65,7 @@ from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.cli.inspect import series_table
 from stabledrl_cli.cli.replay import (
     check_outputs,
+    check_policy_specs,
     note_skipped,
     note_stopped,
     option_names,
@@ -481,6 +482,7 @@ def command(
             collapse_window=settings.collapse_window,
         )
     specs = list(policy or (baseline.policies if baseline else ())) or None
+    check_policy_specs(policy)
     chosen = replay_engine(engine, workers, ray_address)
 
     opened = open_snapshot(run)

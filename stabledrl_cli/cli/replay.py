@@ -261,6 +261,13 @@ def metric_groups(names: Sequence[str] | None) -> tuple[MetricGroup, ...]:
     return tuple(groups)
 
 
+def check_policy_specs(policies: Sequence[str] | None) -> None:
+    """A bad policy spec refused (exit 2) before an engine's module or a replay loads torch,
+    which takes a second or more."""
+    for spec in policies or ():
+        resolve_spec(spec)
+
+
 def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None) -> Engine | None:
     """The --engine's engine, None for the local one (the replay's default, loading torch only
     when a step is replayed): --workers or --ray-address on the command line without --engine
@@ -306,8 +313,6 @@ def replay_with_progress(
     workers than CPUs) is named by its option. `header`, a line on stderr, comes once the
     first step is computed (or the replay returns): a run refused before, such as a run with
     nothing to replay, gets its one error line alone."""
-    for spec in policies or ():  # a bad spec is refused before the engine loads torch
-        resolve_spec(spec)
     from stabledrl_cli.replay.engine import replay_run
     from stabledrl_cli.replay.ray_engine import RayEngine
 
@@ -482,6 +487,7 @@ def command(
             detail=detail,
             guards=guard_specs(guard),
         )
+    check_policy_specs(policy)
     chosen = replay_engine(engine, workers, ray_address)
     opened = open_snapshot(run)
     result = replay_with_progress(opened, policy, config, chosen)
