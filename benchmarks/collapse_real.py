@@ -50,6 +50,7 @@ from collapse_suite import (  # type: ignore[import-not-found]
     record_options,
     recorded_as,
 )
+from extras import require_extra
 
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r for r in corpus(args.steps, args.trl_steps, args.seeds)
             if args.only is None or r[0] in args.only]  # fmt: skip
     if args.phase == "record":
+        if any(kind == "trl" for _, kind, _ in runs):  # before the example runs, minutes long
+            require_extra("trl", "trl", "datasets")
         args.cache.mkdir(parents=True, exist_ok=True)
         for i, (name, kind, what) in enumerate(runs, 1):
             started = time.perf_counter()

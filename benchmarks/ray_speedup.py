@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from extras import require_extra
 
 
 def synthesize(path: Path, steps: int, sequences: int, tokens: int, seed: int = 0) -> None:
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    require_extra("ray", "ray")
 
     import ray
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from extras import require_extra
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "trl_scripts"))
 
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--loss-type", default="dapo")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    require_extra("trl", "trl", "datasets")
     torch.set_num_threads(args.threads)
     trainers, timer_class = trl_trainers()
     times: dict[bool, list[float]] = {False: [], True: []}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "trl_scripts"))
 
+from extras import require_extra
 from tiny_configs import PARITY, RLOO_PARITY  # type: ignore[import-not-found]
 
 import stabledrl_cli as sd
@@ -78,6 +79,7 @@ def main() -> None:
         "--trainer", choices=["grpo", "rloo"], help="the configurations of this trainer only"
     )
     args = parser.parse_args()
+    require_extra("trl", "trl", "datasets")
     names = args.only or {None: CONFIGS, "grpo": PARITY, "rloo": RLOO_PARITY}[args.trainer]
     width = max(len("configuration"), *map(len, names))
     print(f"{'configuration':<{width}} {'worst rel':>10} {'worst abs':>10}  policy spec recorded")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from stabledrl_cli.errors import install_command
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,6 +47,7 @@ def test_trl_parity_aligns_its_columns_under_the_longest_configuration_name(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("trl")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as `python benchmarks/...` has it
     spec = importlib.util.spec_from_file_location(
         "trl_parity", ROOT / "benchmarks" / "trl_parity.py"
     )
@@ -219,3 +222,39 @@ def test_a_benchmarks_help_says_its_whole_first_paragraph(
     paragraph = " ".join(docstring.split("\n\n")[0].split())
     shown = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
     assert paragraph.replace("- ", "-") in shown
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "module", "extra"),
+    [
+        ("trl_overhead.py", [], "trl", "trl"),
+        ("trl_parity.py", ["--only", "grpo"], "datasets", "trl"),
+        ("collapse_real.py", ["record", "--only", "trl_grpo_s0"], "trl", "trl"),
+        ("ray_speedup.py", ["--repeats", "1"], "ray", "ray"),
+    ],
+)
+def test_a_benchmark_without_its_extra_names_the_install_command(
+    script: str,
+    args: list[str],
+    module: str,
+    extra: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without its extra, a benchmark ended in a ModuleNotFoundError traceback once its work
+    had started (collapse_real.py record: after the example runs, minutes in). It says so in
+    one line with the install command, exit 2, as a stabledrl command does."""
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(ROOT / "benchmarks"), *sys.path])
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "benchmarks" / script), *args])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    assert done.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"error: {script} needs {module}, which is not installed: {install_command(extra)}\n"
+    )
+    assert captured.out == ""
+    assert not any(tmp_path.iterdir())
