@@ -23,6 +23,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from arguments import at_least
 from synthetic_runs import Shape, add_step_options, cached_run
 from timing import median_seconds
 
@@ -89,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_options(parser)
     parser.set_defaults(shape=Shape.parse(DEFAULT_SHAPE))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
     args = parser.parse_args()
     _, archive = cached_run(args.shape, args.seed, args.cache)
     with tempfile.TemporaryDirectory() as scratch:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch  # noqa: F401  # loaded before the open, as in a replay: the fork copies it
+from arguments import at_least
 from synthetic_runs import Shape, add_step_options, cached_run
 from timing import median_seconds
 
@@ -79,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_options(parser)
     parser.set_defaults(shape=None)
-    parser.add_argument("--repeats", type=int, default=41)
+    parser.add_argument("--repeats", type=at_least(1), default=41)
     args = parser.parse_args()
     shapes = [args.shape] if args.shape else [Shape.parse(s) for s in ("50,64,512", "2000,8,64")]
     probe_times: list[float] = []

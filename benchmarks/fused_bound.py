@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from arguments import at_least
 from synthetic_runs import add_step_options, open_cached
 
 from stabledrl_cli._memory import heap_kept
@@ -240,7 +241,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_options(parser)
     parser.add_argument("--policies", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     run = open_cached(args)

@@ -54,6 +54,7 @@ import inspect
 import math
 
 import torch
+from arguments import at_least
 from fused_bound import LANES, ahead_of_time, least_ms, load_ms
 from synthetic_runs import add_step_options, open_cached
 
@@ -230,7 +231,7 @@ def damaged(arrays: Arrays) -> list[Arrays]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_options(parser)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     run = open_cached(args)

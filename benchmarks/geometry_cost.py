@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from arguments import at_least
 from timing import median_seconds
 
 from stabledrl_cli.capture.geometry import (
@@ -50,8 +51,8 @@ from stabledrl_cli.policies import get_policy
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--repeats", type=at_least(1), default=5)
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch intra-op threads")
     parser.add_argument("--seqs", type=int, default=64, help="sequences per step")
     parser.add_argument("--chunk", type=int, default=64, help="GeometryConfig.chunk_size")
     parser.add_argument(
@@ -59,7 +60,7 @@ def main() -> None:
     )
     parser.add_argument("--part", choices=("capture", "trainer", "both"), default="both")
     parser.add_argument("--trainer-steps", type=int, default=16, help="RL steps per case")
-    parser.add_argument("--trainer-repeats", type=int, default=3, help="runs per case")
+    parser.add_argument("--trainer-repeats", type=at_least(1), default=3, help="runs per case")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.part in ("capture", "both"):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from arguments import at_least
 from extras import require_extra
 
 
@@ -79,11 +80,11 @@ def timed(fn, repeats: int) -> tuple[float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=160)
-    parser.add_argument("--sequences", type=int, default=128)
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--chunk-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=at_least(1), default=160)
+    parser.add_argument("--sequences", type=at_least(1), default=128)
+    parser.add_argument("--tokens", type=at_least(1), default=1024)
+    parser.add_argument("--chunk-size", type=at_least(1), default=4)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     args = parser.parse_args()
     require_extra("ray", "ray")
 

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from arguments import at_least
 from synthetic_runs import Shape, cached_run, step_arrays
 
 TASKS = ("floor", "one", "catalogue")
@@ -349,10 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="STEPS,SEQS,LEN[,K]",
         help=f"a run to measure (repeatable; default {' '.join(DEFAULT_SHAPES)})",
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, help="replay's --threads (default: replay's own, 1)")
+    parser.add_argument(
+        "--threads", type=at_least(1), help="replay's --threads (default: replay's own, 1)"
+    )
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "stabledrl-bench"
     )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from arguments import at_least
 
 if TYPE_CHECKING:
     from stabledrl_cli.dump import Run
@@ -153,7 +154,7 @@ def cached_run(shape: Shape, seed: int, cache: Path, log: object = None) -> tupl
 def add_step_options(parser: argparse.ArgumentParser) -> None:
     """--shape, --steps, --seed and --cache of a script that measures a few steps of one run."""
     parser.add_argument("--shape", type=Shape.parse, default=Shape.parse("200,256,1024"))
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=at_least(1), default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "stabledrl-bench"

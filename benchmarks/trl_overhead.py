@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from arguments import at_least
 from extras import require_extra
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "trl_scripts"))
@@ -103,10 +104,12 @@ def step_times(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument(
+        "--steps", type=at_least(2), default=8, help="steps a run (its first is not timed)"
+    )
     parser.add_argument("--loss-type", default="dapo")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     args = parser.parse_args()
     require_extra("trl", "trl", "datasets")
     torch.set_num_threads(args.threads)

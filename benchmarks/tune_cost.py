@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import at_least
 
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.policies import STANDARD_CATALOGUE
@@ -50,8 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=HERE.parent / "fixtures" / "grpo")
     parser.add_argument("--shape", help="STEPS,SEQS,LEN: a synthetic run instead of --run")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "sdrl-bench")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -258,3 +258,34 @@ def test_a_benchmark_without_its_extra_names_the_install_command(
     )
     assert captured.out == ""
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "words"),
+    [
+        ("trl_overhead.py", ["--steps", "1"], "--steps: must be >= 2, got 1"),
+        ("trl_overhead.py", ["--threads", "0"], "--threads: must be >= 1, got 0"),
+        ("tune_cost.py", ["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+        ("ray_speedup.py", ["--repeats", "0"], "--repeats: must be >= 1, got 0"),
+        ("replay_speed.py", ["--repeats", "-1"], "--repeats: must be >= 1, got -1"),
+        ("geometry_cost.py", ["--trainer-repeats", "0"], "--trainer-repeats: must be >= 1"),
+        ("archive_open.py", ["--repeats", "x"], "--repeats: expected an integer, got 'x'"),
+        ("fused_policy.py", ["--steps", "0"], "--steps: must be >= 1, got 0"),
+    ],
+)
+def test_a_benchmark_refuses_a_count_that_measures_nothing(
+    script: str,
+    args: list[str],
+    words: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--repeats 0 (tune_cost, ray_speedup, replay_speed...), trl_overhead's --steps 1 (its
+    first step is not timed) or --threads 0 ran, then ended in 'StatisticsError: no median
+    for empty data' (or torch's RuntimeError) after the work: argparse's usage line now."""
+    monkeypatch.setattr(sys, "path", [str(ROOT / "benchmarks"), *sys.path])
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "benchmarks" / script), *args])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    assert done.value.code == 2
+    assert words in capsys.readouterr().err.splitlines()[-1]
