@@ -512,12 +512,12 @@ def test_absolute_gates(runs):
     assert data["gates_checked"] == 10  # 3 gates a policy, and the run's non-finite steps
     run_nonfinite = _gate(data, None, "max_nonfinite")
     assert not run_nonfinite["ok"] and run_nonfinite["figure"] == 1
-    assert "1 non-finite recorded step, limit 0 (steps 36)" in run_nonfinite["message"]
+    assert "1 non-finite recorded step, limit 0 (step 36)" in run_nonfinite["message"]
     collapsed = _gate(data, "is", "max_collapsed")
     assert not collapsed["ok"] and collapsed["figure"] == 3
     assert "3 collapsed steps, limit 1 (steps 25, 33, 36)" in collapsed["message"]
     grpo = _gate(data, "grpo", "max_collapsed")
-    assert grpo["ok"] and grpo["message"] == "1 collapsed step, limit 1 (steps 36)"
+    assert grpo["ok"] and grpo["message"] == "1 collapsed step, limit 1 (step 36)"
     assert all(not _gate(data, p, "max_nonfinite")["ok"] for p in ("grpo", "is", "stabledrl"))
     assert not _gate(data, "grpo", "max_discard_frac")["ok"]
     stabledrl = _gate(data, "stabledrl", "max_discard_frac")

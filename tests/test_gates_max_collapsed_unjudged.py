@@ -69,7 +69,7 @@ def test_max_collapsed_over_its_limit_on_non_finite_updates_alone_trips_judged(t
     run = _policy_run(tmp_path / "nan", 3, nonfinite_at=1)
     code, gate = _gate(run, "--max-collapsed", "0")
     assert code == 1 and not gate["ok"] and gate["figure"] == 1
-    assert gate["message"] == "1 collapsed step, limit 0 (steps 1)"
+    assert gate["message"] == "1 collapsed step, limit 0 (step 1)"
 
 
 def test_max_collapsed_on_judged_spikes_still_passes(tmp_path):

@@ -171,7 +171,7 @@ def test_check_gates_a_scalar_run_without_a_baseline(tmp_path):
     assert failed.exit_code == 1, failed.stderr
     tripped = {name for name, g in _gates(json.loads(failed.stdout)).items() if not g["ok"]}
     assert tripped == {"(run) reward_collapse", "(run) max_spikes", "(run) max_nonfinite"}
-    assert "1 grad-norm spike step, limit 0 (steps 40)" in failed.stderr
+    assert "1 grad-norm spike step, limit 0 (step 40)" in failed.stderr
 
 
 def test_check_with_a_baseline_passes_and_trips_on_a_scalar_run(tmp_path):

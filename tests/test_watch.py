@@ -1388,7 +1388,7 @@ def test_a_watch_run_from_another_thread_than_the_main_one(tmp_path):
     worker = threading.Thread(target=watch)
     worker.start()
     worker.join()
-    tripped = "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0 (steps 25)"
+    tripped = "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0 (step 25)"
     assert codes == {"once": (1, tripped), "live": (1, tripped)}
 
 

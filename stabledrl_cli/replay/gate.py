@@ -136,9 +136,12 @@ class Gates:
         ]
 
 
-def _steps_shown(steps: list[int]) -> str:
+def _steps_shown(steps: list[int], unit: str = "step") -> str:
+    """The first `STEP_LIST_LIMIT` of `steps` after their `unit`, singular for one step:
+    'step 5', 'steps 29, 30, ...'."""
     shown = ", ".join(str(s) for s in steps[:STEP_LIST_LIMIT])
-    return shown + (", ..." if len(steps) > STEP_LIST_LIMIT else "")
+    more = ", ..." if len(steps) > STEP_LIST_LIMIT else ""
+    return f"{unit}{'' if len(steps) == 1 else 's'} {shown}{more}"
 
 
 def _count_gate(gate: str, steps: list[int], limit: int, what: str) -> GateResult:
@@ -151,7 +154,7 @@ def _count_gate(gate: str, steps: list[int], limit: int, what: str) -> GateResul
         limit=float(limit),
         count=True,
         message=f"{counted(len(steps), f'{what} step')}, limit {limit}"
-        + (f" (steps {_steps_shown(steps)})" if steps else ""),
+        + (f" ({_steps_shown(steps)})" if steps else ""),
     )
 
 
@@ -343,7 +346,7 @@ def _collapsed_gate(p: PolicyResult, limit: int) -> GateResult:
         limit=float(limit),
         count=True,
         message=f"{counted(len(steps), 'collapsed step')}, limit {limit}"
-        + (f" (steps {_steps_shown(steps)})" if steps else ""),
+        + (f" ({_steps_shown(steps)})" if steps else ""),
     )
 
 
@@ -376,7 +379,7 @@ def _passed_at(steps: list[int], limit: float, unit: str = "step") -> str:
     if not steps or len(steps) <= limit:
         return ""
     past = steps[max(0, math.floor(limit))]
-    return f"; past it at {unit} {past} ({unit}s {_steps_shown(steps)})"
+    return f"; past it at {unit} {past} ({_steps_shown(steps, unit)})"
 
 
 def _regression(
