@@ -3,9 +3,9 @@ and the help of `replay`, `check`, `tune`, `inspect`, `diff` and `watch`; `impor
 (their help and their input checks), and `pack` of a run; a Recorder of numpy arrays and its
 run read back, and its refusal of a step without a field its policy needs; `diff` of two
 runs that never part; `replay`, `check` and `tune` refusing an unknown policy (on any
-engine); `check` and `inspect` of a scalar run (inspect of a run with a policy batch checks
-each step with replay's own code, torch's); and the refusals of bad input by these, `watch`
-and `branch`."""
+engine), or too many --workers or an empty --ray-address; `check` and `inspect` of
+a scalar run (inspect of a run with a policy batch checks each step with replay's own code,
+torch's); and the refusals of bad input by these, `watch` and `branch`."""
 
 from __future__ import annotations
 
@@ -119,6 +119,10 @@ PROBES = {
                     app, [*command, home + "/a", "-p", "nonsense", "--engine", engine]
                 )
                 assert bad.exit_code == 2 and "unknown policy 'nonsense'" in bad.stderr, bad.output
+        for engine in (["processes", "--workers", "1000"], ["ray", "--ray-address", ""]):
+            for command in (["replay"], ["check", "--max-spikes", "0"], ["tune", "-p", "grpo"]):
+                bad = CliRunner().invoke(app, [*command, home + "/a", "--engine", *engine])
+                assert bad.exit_code == 2 and engine[1] in bad.stderr, bad.output
     """,
     "check and inspect of a scalar run, and check of a missing run": """
         import tempfile

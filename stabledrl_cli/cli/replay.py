@@ -56,8 +56,10 @@ from stabledrl_cli.errors import ConfigError, UsageError, counted
 from stabledrl_cli.policies._registry import resolve_spec
 from stabledrl_cli.replay.config import (
     DEFAULT_SPIKE_FACTOR,
+    MAX_THREADS,
     SPIKE_HISTORY,
     ReplayConfig,
+    check_workers,
     format_size,
     format_step_range,
     guard_specs,
@@ -285,18 +287,19 @@ def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None
     if engine == "processes":
         if on_command_line("ray_address"):
             raise UsageError("--ray-address needs --engine ray")
+        with option_names():
+            check_workers(workers, MAX_THREADS)  # before the engine's module loads torch
         from stabledrl_cli.replay.process_engine import ProcessEngine
 
-        with option_names():
-            return ProcessEngine(workers=workers)
-    from stabledrl_cli.replay.ray_engine import RayEngine, require_ray
-
-    require_ray()
+        return ProcessEngine(workers=workers)
     if not address and on_command_line("ray_address"):
         raise UsageError(
             "--ray-address is empty: give the cluster's address (host:6379, or auto), or leave "
             "the option out for a local cluster started for this run"
         )
+    from stabledrl_cli.replay.ray_engine import RayEngine, require_ray
+
+    require_ray()
     return RayEngine(address=address, workers=workers)
 
 

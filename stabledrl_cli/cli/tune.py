@@ -173,11 +173,11 @@ def command(
             replay_config(device=device, threads=threads, memory_budget=budget), lean=True
         )
     check_outputs(run, plot, {})
+    chosen = replay_engine(engine, workers, ray_address)  # a bad value: before torch loads
     from stabledrl_cli._device import resolve_device
     from stabledrl_cli.replay.engine import own_policy
 
     resolve_device(config.device)  # refused before the header, as by replay
-    chosen = replay_engine(engine, workers, ray_address)
     opened = open_snapshot(run)
     specs = list(settings)
     own = own_policy(opened) if keep_own else None

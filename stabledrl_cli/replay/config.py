@@ -72,6 +72,20 @@ DEFAULT_TOP_K = 5
 CLIP_EPS = 1e-6
 """torch.nn.utils.clip_grad_norm_'s epsilon: scale = max_norm / (norm + 1e-6)."""
 
+
+def check_workers(workers: int | None, limit: int | None = None) -> None:
+    """ConfigError (a UsageError naming `workers`) unless `workers` (an engine's shards
+    computed at once) is None or an integer >= 1 (and at most `limit`, when given)."""
+    if workers is not None and (
+        isinstance(workers, bool)
+        or not isinstance(workers, int)
+        or workers < 1
+        or (limit is not None and workers > limit)
+    ):
+        bound = ">= 1" if limit is None else f"in [1, {limit}]"
+        raise ConfigError("workers", f"must be an integer {bound}, got {workers!r}")
+
+
 StepRange = tuple[int | None, int | None]
 """(start, stop) meaning start <= step < stop; None: open on that side."""
 

@@ -37,11 +37,10 @@ from stabledrl_cli._process import how_it_ended, usable_cpus
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import UsageError, WorkerDiedError
 from stabledrl_cli.policies import Policy
-from stabledrl_cli.replay.config import MAX_THREADS, ReplayConfig
+from stabledrl_cli.replay.config import MAX_THREADS, ReplayConfig, check_workers
 from stabledrl_cli.replay.shards import (
     WORKER_ADVICE,
     ShardTask,
-    check_workers,
     merge_streams,
     shard_named,
     shard_tasks,

@@ -48,11 +48,10 @@ from stabledrl_cli.errors import (
     task_cause,
 )
 from stabledrl_cli.policies import Policy
-from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.config import ReplayConfig, check_workers
 from stabledrl_cli.replay.shards import (
     WORKER_ADVICE,
     ShardTask,
-    check_workers,
     merge_streams,
     shard_named,
     shard_tasks,

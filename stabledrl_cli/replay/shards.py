@@ -26,7 +26,7 @@ from stabledrl_cli._device import resolve_device
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
-from stabledrl_cli.errors import ConfigError, StabledrlError, UsageError
+from stabledrl_cli.errors import StabledrlError, UsageError
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood
@@ -79,19 +79,6 @@ def plan_shards(
 SHARDS_PER_WORKER = 4
 """Shards per worker: enough to even out uneven steps, few enough that a shard's start-up (opening
 the run, importing torch once per worker) stays small."""
-
-
-def check_workers(workers: int | None, limit: int | None = None) -> None:
-    """ConfigError (a UsageError naming `workers`) unless `workers` (an engine's shards
-    computed at once) is None or an integer >= 1 (and at most `limit`, when given)."""
-    if workers is not None and (
-        isinstance(workers, bool)
-        or not isinstance(workers, int)
-        or workers < 1
-        or (limit is not None and workers > limit)
-    ):
-        bound = ">= 1" if limit is None else f"in [1, {limit}]"
-        raise ConfigError("workers", f"must be an integer {bound}, got {workers!r}")
 
 
 def shard_tasks(
