@@ -211,6 +211,17 @@ def test_an_empty_path_is_refused_not_taken_for_the_working_directory(
     assert sorted(p.name for p in Path().iterdir()) == before
 
 
+@pytest.mark.parametrize("name", ["train.log", "metrics.json", "log"])
+def test_an_empty_log_is_named_empty_not_of_a_kind_to_pass(tmp_path: Path, name: str) -> None:
+    """A log a job left empty (it ended before its first line) was 'cannot tell what kind of
+    log this is (...); pass --format-in', where --format-in csv then said 'empty file'."""
+    log = tmp_path / name
+    log.write_bytes(b"")
+    result = runner.invoke(app, ["import", str(log), "--out", str(tmp_path / "run")])
+    assert (result.exit_code, result.stderr) == (3, f"error: {log}: empty file\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_foreign_manifest_is_named_without_the_force_hint(tmp_path: Path) -> None:
     """A directory whose manifest.json is another tool's was 'not empty; pass --force', and
     --force was then refused ('is not a stabledrl run's manifest'): the refusal now comes

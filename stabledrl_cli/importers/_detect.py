@@ -76,6 +76,8 @@ def detect_format(path: Path) -> ImportFormat:
         return "tfevents"
     with open_log(path) as handle:
         head = handle.read(_SNIFF)
+        if not head:  # a job that ended before it logged: no format to pass
+            raise InputError(f"{path}: empty file")
         if len(head) >= 12 and masked_crc32c(head[:8]) == int.from_bytes(head[8:12], "little"):
             return "tfevents"
         if head.startswith(HEADER):
