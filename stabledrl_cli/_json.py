@@ -191,7 +191,8 @@ def parse_strict(
     except (NotUtf8, _LongInteger, _RepeatedKey) as exc:
         raise InputError(f"{where}: unreadable {what}: {exc}") from None
     except ValueError as exc:
-        raise InputError(f"{where}: unreadable {what}: not valid JSON ({exc})") from None
+        why = "empty, no JSON" if not raw.strip() else f"not valid JSON ({exc})"
+        raise InputError(f"{where}: unreadable {what}: {why}") from None
     if lone:
         raise InputError(
             f"{where}: unreadable {what}: a string with a lone surrogate (not Unicode)"

@@ -26,6 +26,10 @@ FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "grpo"
         ("nested", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
         ("nan", json.dumps({"schema": "stabledrl-baseline"})[:-1] + ', "x": NaN}', "NaN"),
         ("huge", " " * (17 * 1024 * 1024) + "{}", "larger than"),
+        # a baseline a CI step truncated: it read 'not valid JSON (Expecting value: line 1
+        # column 1 (char 0))'
+        ("empty", "", "unreadable baseline: empty, no JSON"),
+        ("blank", " \n", "unreadable baseline: empty, no JSON"),
     ],
 )
 def test_a_hostile_baseline_exits_3_in_one_line(
