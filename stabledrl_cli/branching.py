@@ -285,7 +285,12 @@ def run_branches(
     """
     if not policies:
         raise UsageError("name at least one policy to branch with")
-    # first: a folder that is no run is not a run without checkpoints
+    # canonical specs from the catalogue (no torch), before the run is read: a usage error
+    # is one whatever the run holds, and a refused branch costs no torch import
+    specs = list(
+        dict.fromkeys(entry.spec_of(config) for entry, config in map(resolve_spec, policies))
+    )
+    # then: a folder that is no run is not a run without checkpoints
     original = open_snapshot(run_dir)
     at_step, checkpoint = checkpoint_for(run_dir, at)
     last = max(original.step_numbers, default=None)
@@ -298,10 +303,6 @@ def run_branches(
     skipped = sorted({f.step for f in findings if f.kind in SKIPPED_KINDS and f.step is not None})
     end = max([at_step if last is None else last, *skipped]) + 1  # a torn last step counts too
     count = _steps_to_end(run_dir, at_step, end) if steps is None else steps
-    # canonical specs from the catalogue (no torch): a refused branch costs no torch import
-    specs = list(
-        dict.fromkeys(entry.spec_of(config) for entry, config in map(resolve_spec, policies))
-    )
     for spec in specs:  # as record refuses it, before the replay asks the run for its fields
         refuse_untrainable(spec, original.unit)
     base = run_dir / BRANCHES_DIR if out is None else out

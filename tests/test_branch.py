@@ -170,6 +170,15 @@ def test_a_run_without_checkpoints_exits_3_saying_how_to_record_them(tmp_path):
     assert not (run / "branches").exists()
 
 
+def test_an_unknown_policy_is_a_usage_error_whatever_the_run_holds(tmp_path):
+    """`branch RUN -p nosuch` on a run without checkpoints said the run had none (exit 3): a
+    typo reported as the run's fault. The specs are resolved before the run is read."""
+    run = _record(tmp_path / "plain", ExampleConfig(seed=3, steps=2, pretrain_steps=1), None)
+    result = CliRunner().invoke(app, ["branch", str(run), "--at", "0", "-p", "nosuch"])
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith("error: unknown policy 'nosuch'; valid: ppo, grpo")
+
+
 @pytest.mark.parametrize("steps", [["--rl-steps", "2"], []], ids=["rl-steps", "default"])
 def test_a_run_with_no_step_after_the_checkpoint_exits_3_before_training(recorded, tmp_path, steps):
     """The original's steps from the checkpoint on are gone: there is no replay to set a branch
