@@ -191,7 +191,8 @@ def test_an_archive_step_of_a_batch_with_no_token_is_skipped(tmp_path, monkeypat
     """An archive packed from such a run before it joined as a scalar step holds a batch of
     no token: replay of it died with exit 70 (torch's 'amax(): Expected reduction dim').
     The archive's reader now refuses the step, as a run of one rank's reader does."""
-    from stabledrl_cli.dump._directory import DirectoryRun, DirectoryStep
+    from stabledrl_cli.dump._directory import DirectoryRun
+    from stabledrl_cli.dump._directory_step import DirectoryStep
 
     path = tmp_path / "run"
     recorders = [sd.Recorder(path, world_size=2, rank=r) for r in (0, 1)]

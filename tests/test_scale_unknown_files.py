@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import _directory
+from stabledrl_cli.dump import _listing
 
 
 def _run_with_junk(tmp_path: Path, count: int) -> Path:
@@ -28,7 +28,7 @@ def test_unknown_files_past_the_bound_are_one_finding(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = _run_with_junk(tmp_path, 25)
-    monkeypatch.setattr(_directory, "UNKNOWN_LISTED", 10)
+    monkeypatch.setattr(_listing, "UNKNOWN_LISTED", 10)
     result = CliRunner().invoke(app, ["inspect", str(run), "--format", "json"])
     assert result.exit_code == 0, result.output
     findings = json.loads(result.stdout)["integrity"]["findings"]

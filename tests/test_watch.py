@@ -896,16 +896,16 @@ def test_a_poll_parses_only_the_step_file_names_new_to_the_listing(tmp_path, mon
     """The steps directory is listed at each poll, but a name listed before is not parsed
     again: before, every poll within two seconds of a write (or after one) re-parsed every
     file name of the run, 0.27 s of a poll on a 20,000-step run."""
-    from stabledrl_cli.dump import _directory
+    from stabledrl_cli.dump import _listing
 
     parsed: list[str] = []
-    reason_of = _directory._unknown_reason
+    reason_of = _listing.unknown_reason
 
     def counted(name: str, regular: bool, world_size: int) -> str | None:
         parsed.append(name)
         return reason_of(name, regular, world_size)
 
-    monkeypatch.setattr(_directory, "_unknown_reason", counted)
+    monkeypatch.setattr(_listing, "unknown_reason", counted)
     live = _scalar_run(tmp_path / "live", range(60), policy=None)
     watcher = RunWatcher(live, CPU)
     watcher.poll()

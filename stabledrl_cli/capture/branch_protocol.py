@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stabledrl_cli.capture.bootstrap import ENV_RUN_DIR
-from stabledrl_cli.dump._directory import symlink_refused
+from stabledrl_cli.dump._run_files import symlink_refused
 from stabledrl_cli.dump._schema import STEPS_DIR
 from stabledrl_cli.errors import UsageError, quoted
 from stabledrl_cli.spec import INT_DIGITS, spec_int

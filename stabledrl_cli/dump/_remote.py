@@ -38,9 +38,10 @@ from urllib.parse import unquote
 
 from stabledrl_cli._url import URL_RE, redacted, redacted_in
 from stabledrl_cli.dump._archive_reader import ArchiveRun
-from stabledrl_cli.dump._directory import DirectoryRun, symlink_refused
+from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._run import Run
+from stabledrl_cli.dump._run_files import symlink_refused
 from stabledrl_cli.dump._schema import (
     HDF5_SIGNATURE,
     MANIFEST_LIMIT,

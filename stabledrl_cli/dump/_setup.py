@@ -55,14 +55,10 @@ from typing import Any
 
 from stabledrl_cli._atomic import fsync_dir, temp_name, write_atomic, write_error
 from stabledrl_cli._json import parse_strict
-from stabledrl_cli.dump._directory import (
-    DirectoryRun,
-    parse_stop_note,
-    read_manifest_bytes,
-    symlink_refused,
-)
+from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._policy import same_policy
+from stabledrl_cli.dump._run_files import parse_stop_note, read_manifest_bytes, symlink_refused
 from stabledrl_cli.dump._schema import (
     MANIFEST_LIMIT,
     MANIFEST_NAME,

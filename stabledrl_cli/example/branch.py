@@ -19,7 +19,7 @@ from stabledrl_cli._device import resolve_device
 from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, CHECKPOINTS_DIR, BranchRequest
 from stabledrl_cli.capture.geometry import GeometryConfig
 from stabledrl_cli.dump import Recorder
-from stabledrl_cli.dump._directory import symlink_refused
+from stabledrl_cli.dump._run_files import symlink_refused
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
     STEP_FILE_RE,
