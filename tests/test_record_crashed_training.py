@@ -14,7 +14,7 @@ from _cli import TIMEOUT, cli_command, cli_environment, torch_training
 
 from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED
-from stabledrl_cli.dump._writer import cut_short
+from stabledrl_cli.dump._training_end import cut_short
 
 
 def _train_until(tmp_path, error: BaseException, async_writes: bool = False) -> None:

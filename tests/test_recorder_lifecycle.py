@@ -370,7 +370,7 @@ def test_a_close_from_another_thread_marks_the_run_after_a_step_under_way(tmp_pa
     run is marked `recording_closed` only once that step is final (a watch that reads the
     mark then lists every step). Before, close marked it at once, the step landing after
     the mark; the async Recorder already waited for a log_step under way."""
-    from stabledrl_cli.dump import _setup, _writer
+    from stabledrl_cli.dump import _recorder_end, _setup, _writer
 
     run = tmp_path / "run"
     recorder = sd.Recorder(run, policy=None)
@@ -393,7 +393,7 @@ def test_a_close_from_another_thread_marks_the_run_after_a_step_under_way(tmp_pa
         amend(path, name, value)
 
     monkeypatch.setattr(_writer, "write_step_file", slow_write)
-    monkeypatch.setattr(_writer, "amend_manifest", telling_amend)
+    monkeypatch.setattr(_recorder_end, "amend_manifest", telling_amend)
     logging = threading.Thread(target=recorder.log_step, args=(1,), kwargs={"grad_norm": 1.0})
     logging.start()
     assert writing.wait(timeout=120)
@@ -598,7 +598,7 @@ def test_a_close_from_a_signal_handler_during_log_step_comes_after_the_step(
     through the Recorder's own lock at once: async, the writer thread was stopped before the
     step was queued, so a step whose log_step returned was never written; sync, the run was
     marked closed before the step landed."""
-    from stabledrl_cli.dump import _setup, _writer
+    from stabledrl_cli.dump import _recorder_end, _setup, _writer
 
     run = tmp_path / "run"
     recorder = sd.Recorder(run, policy=None, async_writes=mode == "async")
@@ -618,7 +618,7 @@ def test_a_close_from_a_signal_handler_during_log_step_comes_after_the_step(
         amend(path, name, value)
 
     monkeypatch.setattr(_writer, "encode_step", encode_then_signal)
-    monkeypatch.setattr(_writer, "amend_manifest", telling_amend)
+    monkeypatch.setattr(_recorder_end, "amend_manifest", telling_amend)
     recorder.log_step(1, grad_norm=1.0)
     assert step.exists()
     assert landed == [True]

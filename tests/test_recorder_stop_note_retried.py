@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import stabledrl_cli.dump._recorder_end as recorder_end
 import stabledrl_cli.dump._step_writes as step_writes
-import stabledrl_cli.dump._writer as writer
 from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED
 from stabledrl_cli.errors import WriteError
@@ -37,7 +37,7 @@ def _full_disk_at(monkeypatch: pytest.MonkeyPatch, step: int, manifest_refusals:
         return amend(path, name, value)
 
     monkeypatch.setattr(step_writes, "write_step", write_step)
-    for module in (step_writes, writer):
+    for module in (step_writes, recorder_end):
         monkeypatch.setattr(module, "amend_manifest", amend_manifest)
 
 

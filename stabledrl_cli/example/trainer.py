@@ -43,7 +43,7 @@ from stabledrl_cli.capture.geometry import (
     covered_parameters,
 )
 from stabledrl_cli.dump import Recorder
-from stabledrl_cli.dump._writer import cut_short
+from stabledrl_cli.dump._training_end import cut_short
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.example._model import ModelConfig, TinyDiffusionLM
 from stabledrl_cli.example.checkpoint import (

@@ -40,9 +40,10 @@ from stabledrl_cli.capture.bootstrap import (
     refuse_another_run_dir,
 )
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.dump._recorder_args import checked_reward_range
 from stabledrl_cli.dump._schema import MANIFEST_NAME, path_argument, switch_argument
 from stabledrl_cli.dump._setup import remove_stepless_run
-from stabledrl_cli.dump._writer import checked_reward_range, normal_end
+from stabledrl_cli.dump._training_end import normal_end
 from stabledrl_cli.errors import InputError, UsageError, WriteError, warn
 from stabledrl_cli.importers._trainer_state import bounded_json_document
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer

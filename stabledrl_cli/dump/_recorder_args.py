@@ -1,0 +1,158 @@
+"""The `Recorder`'s arguments checked, and the manifest of the run they describe
+(`new_manifest`)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from stabledrl_cli._version import __version__
+from stabledrl_cli.dump._policy import PolicyLike, policy_entry
+from stabledrl_cli.dump._schema import FIELDS, RUN_KIND, json_checked, written_version
+from stabledrl_cli.errors import UsageError, quoted
+from stabledrl_cli.spec import SpecValue, reads_as_zero, spec_float, whole_number
+from stabledrl_cli.vocab import GroupIds, LossNorm, Unit
+
+
+def fixed_time() -> float | None:
+    """SOURCE_DATE_EPOCH when set (the reproducible-builds convention): the time a recording
+    then gives every wall clock reading, so that it can be reproduced byte for byte; UsageError
+    naming it for a value that is no time (text, NaN, past the clock's range)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if not epoch:
+        return None
+    try:
+        seconds = float(epoch)
+        _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise UsageError(
+            f"SOURCE_DATE_EPOCH must be a time in seconds since 1970-01-01 UTC, got {quoted(epoch)}"
+        ) from None
+    return seconds
+
+
+def checked_reward_range(
+    value: Iterable[float | str], name: str = "reward_range"
+) -> tuple[float, float]:
+    """(low, high), two finite numbers (or their text) with low < high, else UsageError
+    naming `name`."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise UsageError(f"{name} must be (low, high), finite, low < high; got {value!r}")
+    return low, high
+
+
+def reward_range_text(text: str, name: str) -> tuple[float, float]:
+    """A reward range written LOW,HIGH (`name`: where it was given, say --reward-range), each
+    number in ASCII notation (`spec_float`: not `1_0` nor other scripts' digits, which float()
+    reads) and not one too small for a float (`1e-400` would read as 0), checked as
+    `checked_reward_range` checks one; else UsageError saying how to write it."""
+    try:
+        parts = [(part, spec_float(part.strip())) for part in text.split(",")]
+        if any(reads_as_zero(part, value) for part, value in parts):
+            raise ValueError("a number too small for a float")
+        return checked_reward_range([value for _, value in parts])
+    except (ValueError, UsageError):
+        raise UsageError(
+            f"{name} {quoted(text)}: give LOW,HIGH, two finite numbers with LOW < HIGH "
+            "(0,1 for a success rate)"
+        ) from None
+
+
+def whole_count(value: int) -> int:
+    """A count given as a numpy or 0-d torch integer as the int it holds; anything else as it
+    is, for the Recorder's checks to refuse."""
+    number = whole_number(value)
+    return value if number is None else number
+
+
+def param_name_list(value: Iterable[str]) -> list[str]:
+    """`param_names` as a list: any iterable of strings (a generator of a model's names), not
+    one string (its characters); else UsageError."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise UsageError(f"param_names must be a list of strings, got {type(value).__name__}")
+    names = list(value)
+    for index, name in enumerate(names):
+        if not isinstance(name, str):
+            raise UsageError(
+                f"param_names must be a list of strings; entry {index} is {type(name).__name__}"
+            )
+    return names
+
+
+def dict_argument(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    """`value` as a dict of its own (None: empty), else UsageError naming `what`."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise UsageError(f"{what} must be a dict, got {type(value).__name__}")
+    return dict(value)
+
+
+def sketch_seed(geometry: object) -> int | None:
+    """The Omega seed of a Recorder's `geometry` entry (`sketch.seed`, as
+    `GeometryConfig.to_manifest` writes it), None when it gives none: what each sketch of the
+    rank records as `_sketch_seed`."""
+    sketch = geometry.get("sketch") if isinstance(geometry, Mapping) else None
+    seed = sketch.get("seed") if isinstance(sketch, Mapping) else None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+        return None
+    return seed
+
+
+def new_manifest(
+    *,
+    policy: str | PolicyLike | None,
+    policy_params: dict[str, SpecValue] | None,
+    meta: Mapping[str, Any] | None,
+    unit: Unit,
+    estimator: Mapping[str, Any] | None,
+    reward_range: tuple[float, float] | None,
+    world_size: int,
+    group_ids: GroupIds,
+    loss_norm: LossNorm,
+    geometry: Mapping[str, Any] | None,
+    param_names: list[str] | None,
+    source: dict[str, Any] | None,
+    created: float,
+) -> dict[str, Any]:
+    """The manifest of a new run recorded with these arguments (checked by the Recorder),
+    made at `created` (seconds since 1970); UsageError for a bad policy (`policy_entry`), or
+    a `meta`, `estimator`, `geometry` or `source` that JSON cannot hold."""
+    manifest: dict[str, Any] = {
+        "format": RUN_KIND,
+        "format_version": written_version(
+            group_ids == "global",
+            policy is None or source is not None,
+            loss_norm=loss_norm,
+            world_size=world_size,
+        ),
+        "tool_version": __version__,
+        "created": _dt.datetime.fromtimestamp(created, _dt.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "meta": json_checked(dict_argument(meta, "meta"), "meta"),
+        "policy": policy_entry(policy, policy_params) if policy is not None else None,
+        "unit": unit,
+        "estimator": json_checked(dict_argument(estimator, "estimator"), "estimator"),
+        "reward_range": list(reward_range) if reward_range is not None else None,
+        "world_size": world_size,
+        "group_ids": group_ids,
+        **({"loss_norm": loss_norm} if loss_norm == "per_rank" else {}),
+        "geometry": (
+            json_checked(dict_argument(geometry, "geometry"), "geometry")
+            if geometry is not None
+            else None
+        ),
+        "param_names": param_names,
+        "fields": {name: {"per": s.per, "dtype": s.dtype} for name, s in FIELDS.items()},
+    }
+    if source is not None:
+        manifest["source"] = json_checked(dict(source), "source")
+    return manifest
