@@ -832,6 +832,29 @@ def test_multi_rank_arrays_whose_columns_differ_are_an_input_error(tmp_path):
     assert "different widths k (3, 5), which do not join" in replayed.stderr  # no token_ids read
 
 
+def test_an_empty_part_joins_whatever_the_width_of_its_token_ids(tmp_path):
+    """A rank whose part of the step holds no sequence has no row of token_ids: the width k
+    of its [0, k] says nothing. Before, an empty part logged with an [N] token_ids of N = 0
+    (stored [0, 1]) beside rank 0's [2, 3] was refused as ranks of different k, and pack of the run
+    stopped, exit 3 ("cannot join the ranks' token_ids: rank 0's has shape [2, 3], rank 1's
+    [0, 1]"). The join takes rank 0's rows."""
+    path = tmp_path / "run"
+    ids = np.arange(6, dtype=np.int64).reshape(2, 3)
+    with sd.Recorder(path, world_size=2, rank=0, unit="sequence") as rec:
+        rec.log_step(
+            0, logp=[-1.0, -2.0], logp_old=[-1.0, -2.0], advantages=[1.0, -1.0], token_ids=ids
+        )
+    with sd.Recorder(path, world_size=2, rank=1, unit="sequence") as rec:
+        empty = np.zeros(0, np.float32)
+        rec.log_step(
+            0, logp=empty, logp_old=empty, advantages=empty, token_ids=np.zeros(0, np.int64)
+        )
+    assert sd.open_run(path).step(0)["token_ids"].tolist() == ids.tolist()
+    packed = CliRunner().invoke(app, ["pack", str(path), str(tmp_path / "out.h5")])
+    assert packed.exit_code == 0, packed.stderr
+    assert sd.open_run(tmp_path / "out.h5").step(0)["token_ids"].tolist() == ids.tolist()
+
+
 def test_bfloat16_and_token_ids(tmp_path):
     path = tmp_path / "run"
     logp = torch.tensor([[-1.0, -0.5], [-0.25, -2.0]], dtype=torch.bfloat16)

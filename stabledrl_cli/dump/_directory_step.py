@@ -202,11 +202,16 @@ class DirectoryStep(Step):
                     else p
                     for p, r in zip(parts, self.records, strict=True)
                 ]
-        for rank, part in enumerate(parts[1:], start=1):
-            if part.shape[1:] != parts[0].shape[1:]:  # each rank's Recorder checks its own only
+        first = next((rank for rank, part in enumerate(parts) if len(part)), 0)
+        width = parts[first].shape[1:]
+        for rank, part in enumerate(parts):
+            if not len(part):  # an empty part: its width, of no row, says nothing
+                parts[rank] = part.reshape(0, *width)
+            elif part.shape[1:] != width:  # each rank's Recorder checks its own only
                 raise InputError(
-                    f"{self.named(self.paths[0])}: cannot join the ranks' {name}: rank 0's has "
-                    f"shape {list(parts[0].shape)}, rank {rank}'s {list(part.shape)}"
+                    f"{self.named(self.paths[first])}: cannot join the ranks' {name}: rank "
+                    f"{first}'s has shape {list(parts[first].shape)}, rank {rank}'s "
+                    f"{list(part.shape)}"
                 )
         return np.concatenate(parts)
 
