@@ -439,3 +439,19 @@ def test_a_rank_recorded_with_another_world_size_is_not_joined(tmp_path):
         "of the run's world_size 2"
         for n in (0, 1)
     ]
+
+
+def test_a_field_of_another_dtype_is_named_with_every_dtype_it_may_have(tmp_path):
+    """A sketch may be stored float32 or float16; the finding of one stored int32 said
+    'unit_grad_sketch: dtype I32, expected float32', as if float16 were refused too."""
+    path = tmp_path / "run"
+    with sd.Recorder(path, policy=None, unit="sequence") as rec:
+        sketch = np.ones((1, 2), np.float32)
+        rec.log_step(0, logp=[-1.0], logp_old=[-1.0], advantages=[1.0], unit_grad_sketch=sketch)
+    file = path / "steps" / "step-00000000.safetensors"
+    header = _stfile.read_header(file, deep=True, keep_data=True)
+    tensors = {name: header.array(name) for name in header.tensors}
+    tensors["unit_grad_sketch"] = tensors["unit_grad_sketch"].astype(np.int32)
+    file.write_bytes(b"".join(_stfile.encode_step(tensors, header.metadata)))
+    (finding,) = sd.open_run(path).integrity.findings
+    assert finding.message.endswith("unit_grad_sketch: dtype I32, expected float32 or float16")

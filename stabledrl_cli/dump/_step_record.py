@@ -63,7 +63,8 @@ def _check_fields(header: StepHeader, tokens: int, sequences: int, *, scalar: bo
         dtype, shape = header.tensors[name]
         allowed = {_STORED_DTYPES[d] for d in spec.dtypes}
         if dtype not in allowed:
-            raise StepReadError("unreadable", f"{name}: dtype {dtype}, expected {spec.dtype}")
+            stored = " or ".join(spec.dtypes)
+            raise StepReadError("unreadable", f"{name}: dtype {dtype}, expected {stored}")
         counts = {"tokens": (tokens,), "sequences": (sequences,), "units": (tokens, sequences)}
         expected = [None if dim is None else counts[dim] for dim in spec.dims]
         if (
