@@ -455,3 +455,19 @@ def test_a_field_of_another_dtype_is_named_with_every_dtype_it_may_have(tmp_path
     file.write_bytes(b"".join(_stfile.encode_step(tensors, header.metadata)))
     (finding,) = sd.open_run(path).integrity.findings
     assert finding.message.endswith("unit_grad_sketch: dtype I32, expected float32 or float16")
+
+
+def test_a_step_one_rank_finished_after_the_listing_reads_whole(tmp_path):
+    """`run.step(n)` of a step the last listing held partial (rank 1 still writing) read the
+    listing again only for a step it did not hold: once rank 1 had written it, the step was
+    still 'missing_rank: incomplete, no file for rank(s) [1]'."""
+    path = tmp_path / "run"
+    batch = {"logp": [-1.0], "logp_old": [-1.0], "advantages": [1.0]}
+    ranks = [sd.Recorder(path, world_size=2, rank=r, unit="sequence") for r in (0, 1)]
+    ranks[0].log_step(0, **batch)
+    run = sd.open_run(path)
+    assert run.step_numbers == []
+    ranks[1].log_step(0, **batch)
+    assert run.step(0).num_sequences == 2
+    for recorder in ranks:
+        recorder.close()

@@ -424,7 +424,11 @@ class DirectoryRun(Run):
         return lasts
 
     def _has_step(self, n: int) -> bool:
-        return n in self._listing.finals or n in self._scan().finals
+        """Whether the run holds step `n`: as the last listing holds it whole, else as the
+        directory is listed again (a rank may have written its file since), the listing
+        `step` then reads it from."""
+        listed = self._listing.finals.get(n, {})
+        return len(listed) == self.world_size or n in self._scan().finals
 
     def _step_findings(self, listing: Listing, *, deep: bool) -> list[Finding]:
         """A finding for each step missing a rank and each step file that fails its check (in
