@@ -725,3 +725,17 @@ def test_a_generator_of_steps_left_unfinished_at_exit_writes_nothing_more(tmp_pa
     taken.close()
     monkeypatch.undo()
     assert "recording_closed" not in sd.open_run(path).manifest
+
+
+def test_a_call_on_a_closed_recorder_is_named_in_its_refusal(tmp_path):
+    """rewrite_step on a closed Recorder was refused as 'log_step on a closed Recorder',
+    naming a call the script never made."""
+    from stabledrl_cli.errors import UsageError
+
+    recorder = sd.Recorder(tmp_path / "run", policy=None)
+    recorder.log_step(0, loss=1.0)
+    recorder.close()
+    with pytest.raises(UsageError, match=r"^rewrite_step on a closed Recorder$"):
+        recorder.rewrite_step(0, loss=2.0)
+    with pytest.raises(UsageError, match=r"^log_step on a closed Recorder$"):
+        recorder.log_step(1, loss=2.0)

@@ -324,7 +324,8 @@ class Recorder(RecorderEnd):
         self._check_process("log_step")  # (before the lock, which a fork may copy held)
         with self._step_under_way():
             if self._closed:
-                raise UsageError("log_step on a closed Recorder")
+                call = "rewrite_step" if self._rewriting else "log_step"
+                raise UsageError(f"{call} on a closed Recorder")
             if self.stopped is not None:
                 return
             step = step_number(step)
