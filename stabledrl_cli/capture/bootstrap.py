@@ -64,8 +64,8 @@ from stabledrl_cli._sigterm import WRITE_SECONDS, steps_written_on_sigterm
 from stabledrl_cli.capture import _uncaught
 from stabledrl_cli.capture._child_processes import refuse_child_of_recording
 from stabledrl_cli.capture._process_rank import launcher_rank
-from stabledrl_cli.capture._recorder_args import refuse_unknown, warn_policies_differ
 from stabledrl_cli.capture._run_lock import RunLock
+from stabledrl_cli.capture._script_args import refuse_unknown, warn_policies_differ
 from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.capture._step_pairing import (
     Step,
