@@ -13,7 +13,10 @@ and through `record`).
 Python runs a handler in the main thread, between two of its instructions: a main thread held
 in a C call (a collective waiting for a rank that died) would run it only once the call
 returns. So the signal also wakes a thread of ours (`signal.set_wakeup_fd`, when no one else
-uses it), which does the same at once; whichever comes first does it.
+uses it), which does the same at once; whichever comes first does it. A handler that comes
+while the main thread is in the middle of recording a step, holding the lock that the writing
+takes, does not wait for it there (the thread would never give it back): that thread finishes
+the step and stops as it gives the lock back, while the steps are written (`after_the_step`).
 
 The handler is hidden: `signal.getsignal` and `signal.signal` show the default action in its
 place. A framework that chains to the handler it replaces (PyTorch Lightning calls a previous
@@ -34,8 +37,9 @@ from typing import Any
 
 WRITE_SECONDS = 10.0
 """How long a SIGTERM waits at most for the steps to be written (a disk that hangs, or the
-training thread stopped inside the recording code while it holds its lock). Schedulers wait
-longer before they kill (SLURM's KillWait and Kubernetes' grace period default to 30 s)."""
+training thread held in a C call inside the recording code while it holds its lock).
+Schedulers wait longer before they kill (SLURM's KillWait and Kubernetes' grace period default
+to 30 s)."""
 
 _set_handler = signal.signal
 _get_handler = signal.getsignal
@@ -59,9 +63,13 @@ def _found_setsig() -> Any:
 _setsig: Any = None
 """`_found_setsig()`, once the handler is installed (every call of it comes after)."""
 
-_installed: tuple[int, list[Callable[[], None]]] | None = None
+AfterTheStep = Callable[[Callable[[], object]], bool]
+"""Given what ends the process, whether the calling thread is recording a step, holding the
+lock that writing the steps takes; if so, it runs it once the step is recorded."""
+
+_installed: tuple[int, list[tuple[Callable[[], None], AfterTheStep | None]]] | None = None
 """The process that installed the handler (a process forked from it has none of its steps),
-and what writes them, in the order they were given."""
+and what writes them, in the order they were given, each with its `AfterTheStep`."""
 
 _wakeup: tuple[int, int] | None = None
 """The pipe the signal wakes the watching thread through (read end, write end)."""
@@ -76,12 +84,15 @@ thread runs the handler (before SIGTERM is ignored) runs it again in that thread
 ends the process itself rather than wait for its own lock."""
 
 
-def steps_written_on_sigterm(write_steps: Callable[[], None]) -> Callable[[], None]:
+def steps_written_on_sigterm(
+    write_steps: Callable[[], None], after_the_step: AfterTheStep | None = None
+) -> Callable[[], None]:
     """Has `write_steps` write the held and queued steps on a SIGTERM that would end this
     process at once: adds it to the handler this process installed, or installs the handler
     when SIGTERM has its default action and this is the main thread (only it may set a
-    handler). Returns what takes `write_steps` back (a Recorder that closed has none left;
-    nothing to take back where no handler was installed)."""
+    handler). `after_the_step`: for writing that takes a lock the main thread holds while it
+    records a step. Returns what takes `write_steps` back (a Recorder that closed has none
+    left; nothing to take back where no handler was installed)."""
     global _installed, _wakeup, _setsig
     if _get_handler(signal.SIGTERM) is not _handled:
         if threading.current_thread() is not threading.main_thread():
@@ -94,12 +105,12 @@ def steps_written_on_sigterm(write_steps: Callable[[], None]) -> Callable[[], No
         _install()
     if _installed is None or _installed[0] != os.getpid():
         _installed = os.getpid(), []
-    writers = _installed[1]
-    writers.append(write_steps)
+    writers, writer = _installed[1], (write_steps, after_the_step)
+    writers.append(writer)
 
     def take_back() -> None:
         with contextlib.suppress(ValueError):
-            writers.remove(write_steps)
+            writers.remove(writer)
 
     return take_back
 
@@ -126,6 +137,16 @@ def _install() -> None:
 
 
 def _handled(signum: int, frame: FrameType | None) -> None:
+    """In the main thread; one in the middle of recording a step goes on to its end, then
+    stops there (`AfterTheStep`), while a thread of ours writes the steps and ends the
+    process (at most WRITE_SECONDS later, as the watching thread would)."""
+    writers = _installed[1] if _installed is not None and _installed[0] == os.getpid() else []
+    if any(after(_written_then_ended) for _, after in writers if after is not None):
+        with contextlib.suppress(Exception):  # (no thread to be had): the step's end does it
+            threading.Thread(
+                target=_written_then_ended, name="stabledrl-sigterm", daemon=True
+            ).start()
+        return
     _written_then_ended()
 
 
@@ -156,9 +177,9 @@ def _written_then_ended() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _each_written(writers: list[Callable[[], None]]) -> None:
+def _each_written(writers: list[tuple[Callable[[], None], AfterTheStep | None]]) -> None:
     """Each writer in turn: one that fails leaves the others theirs to write."""
-    for write_steps in writers:
+    for write_steps, _ in writers:
         with contextlib.suppress(Exception):
             write_steps()
 

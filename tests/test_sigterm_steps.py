@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from _cli import ROOT
+from _cli import ROOT, record_env
+
+from stabledrl_cli.dump import open_run
 
 HEAD = textwrap.dedent(
     """
@@ -165,3 +167,51 @@ def test_an_async_recorders_queued_steps_are_written_on_a_sigterm(
         f"step-{step:08d}.safetensors" for step in range(6)
     ]
     assert "recording_closed" not in (run / "manifest.json").read_text()
+
+
+SIGTERM_INSIDE_A_STEP = textwrap.dedent(
+    """
+    import functools, os, signal, time
+    import numpy as np
+    from stabledrl_cli import Recorder
+    from stabledrl_cli.capture import bootstrap
+
+    bootstrap.hooks_installed()
+    bootstrap.log_hook_step(0, {"grad_norm": 1.5, "scalars": {}})  # held: the run not open
+    log_step = Recorder.log_step
+    @functools.wraps(log_step)
+    def signalled(self, step, **fields):  # SIGTERM as the step is being written
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        return log_step(self, step, **fields)
+    Recorder.log_step = signalled
+    print("logging", flush=True)
+    bootstrap.log_policy_batch(
+        0, policy="grpo", logp=np.zeros(4, np.float32), logp_old=np.zeros(4, np.float32),
+        advantages=np.ones(4, np.float32), mask=np.ones(4, bool), seq_id=np.arange(4),
+    )
+    print("went on", flush=True)
+    time.sleep(30)
+    """
+)
+
+
+def test_a_sigterm_inside_a_step_being_recorded_has_it_written_at_once(tmp_path: Path) -> None:
+    """Under the optimizer hooks, SIGTERM came while the main thread recorded step 0 (the held
+    one, paired with its batch), holding the recording lock that the writing takes: the
+    handler, run there, waited WRITE_SECONDS (10 s) for it, then ended the process without
+    the step. Now that thread finishes the step, then the steps are written, at once."""
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_INSIDE_A_STEP],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**record_env(), "STABLEDRL_RUN_DIR": str(run)},
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert process.stdout.readline() == "logging\n"
+    start = time.monotonic()
+    stdout, stderr = process.communicate(timeout=30)
+    assert time.monotonic() - start < 5.0
+    assert (stdout, stderr, process.returncode) == ("", "", -signal.SIGTERM)
+    step = open_run(run).step(0)
+    assert step.num_tokens == 4 and step.scalars["grad_norm"] == 1.5

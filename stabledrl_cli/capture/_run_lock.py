@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 
 class RunLock:
     """A lock that knows its holder: a signal handler runs in the main thread between two of
-    its instructions, and one that ends the process (os._exit) while that thread holds the
-    lock, inside a step being recorded, must not wait for it: it is never given back."""
+    its instructions, and one that ends the process while that thread holds the lock, inside
+    a step being recorded, must not wait for it: os._exit writes without it (the thread never
+    goes on), a SIGTERM has the thread finish the step first (`after_release`). An RLock's
+    owner is set as it is taken, with no instruction between for a handler to run at; a thread
+    that takes it again (a handler of its own that logs a step) goes through."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._holder: int | None = None
+        self._lock = threading.RLock()
+        self._then: tuple[int, Callable[[], object]] | None = None
+        """What the holder runs once it gives the lock back, and that thread."""
 
     def __enter__(self) -> None:
         self._lock.acquire()
-        self._holder = threading.get_ident()
 
     def __exit__(self, *exc: object) -> None:
-        self._holder = None
         self._lock.release()
+        then = self._then
+        if then is not None and then[0] == threading.get_ident() and not self.held_here():
+            self._then = None
+            then[1]()
 
     def held_here(self) -> bool:
         """Whether the calling thread holds it (its signal handler interrupted it so)."""
-        return self._holder == threading.get_ident()
+        owned: bool = self._lock._is_owned()  # type: ignore[attr-defined]
+        return owned
+
+    def after_release(self, then: Callable[[], object]) -> bool:
+        """Whether the calling thread holds it; if so, it runs `then` once it gives it back."""
+        if not self.held_here():
+            return False
+        self._then = threading.get_ident(), then
+        return True

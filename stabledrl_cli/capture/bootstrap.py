@@ -430,9 +430,9 @@ def hooks_wanted() -> bool:
 def hooks_installed() -> None:
     """Called once the optimizer hooks are in: the held step (if any) is written at exit, by
     os._exit (`_os_exit`), and with the queued steps on a SIGTERM that would end the process
-    at once (`_sigterm`)."""
+    at once (`_sigterm`: the main thread in the middle of a step finishes it first)."""
     atexit.register(_written_at_exit if _closed_last else close)
-    steps_written_on_sigterm(_written_at_exit)
+    steps_written_on_sigterm(_written_at_exit, lambda then: _lock.after_release(then))
     os._exit = _os_exit
 
 
