@@ -855,6 +855,31 @@ def test_an_empty_part_joins_whatever_the_width_of_its_token_ids(tmp_path):
     assert sd.open_run(tmp_path / "out.h5").step(0)["token_ids"].tolist() == ids.tolist()
 
 
+def test_an_empty_part_joins_whatever_the_width_of_its_sketch(tmp_path):
+    """A rank whose part of the step holds no sequence has no row of unit_grad_sketch: the k of
+    its [0, k] says nothing of its Omega, as token_ids' k says nothing. Before, rank 0's empty
+    part logged with a [0, 1] sketch beside rank 1's [2, 3] left the sketch out of the step as
+    drawn with two Omegas ('sketch_widths_differ'), and its sketch_width read 1."""
+    path = tmp_path / "run"
+    rows = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with sd.Recorder(path, world_size=2, rank=0, unit="sequence") as rec:
+        empty = np.zeros(0, np.float32)
+        rec.log_step(
+            0, logp=empty, logp_old=empty, advantages=empty, unit_grad_sketch=np.zeros((0, 1))
+        )
+    with sd.Recorder(path, world_size=2, rank=1, unit="sequence") as rec:
+        rec.log_step(
+            0, logp=[-1.0, -2.0], logp_old=[-1.0, -2.0], advantages=[1.0, -1.0],
+            unit_grad_sketch=rows,
+        )  # fmt: skip
+    step = sd.open_run(path).step(0)
+    assert (step.unjoined, step.unjoined_why, step.sketch_width) == (frozenset(), None, 3)
+    assert step["unit_grad_sketch"].tolist() == rows.tolist()
+    packed = CliRunner().invoke(app, ["pack", str(path), str(tmp_path / "out.h5")])
+    assert packed.exit_code == 0, packed.stderr
+    assert sd.open_run(tmp_path / "out.h5").step(0)["unit_grad_sketch"].tolist() == rows.tolist()
+
+
 def test_bfloat16_and_token_ids(tmp_path):
     path = tmp_path / "run"
     logp = torch.tensor([[-1.0, -0.5], [-0.25, -2.0]], dtype=torch.bfloat16)

@@ -13,7 +13,8 @@ holds as many members as the trainer generated for each prompt (the manifest's
 `token_ids` [N, k] whose k differs between ranks cannot be joined (InputError);
 `unit_grad_gram` is left out (the cross-rank entries were never recorded), and so is a
 `unit_grad_sketch` some ranks did not record (a sketch of part of the step), or recorded with
-another seed (`_sketch_seed`) or width k (another Omega); `param_grad_norm`
+another seed (`_sketch_seed`) or width k (another Omega); a rank's part with no sequence has no
+row, so its k says nothing (of token_ids or a sketch): it joins whatever its k; `param_grad_norm`
 is rank 0's. Scalars: `nonfinite` sums the ranks' non-finite batch entries, plus the joined
 `loss` and `grad_norm` if not finite (one each, not one a rank), `reward_mean` weighted by the
 rewards each rank's mean is over (`_scored_rewards`: those not NaN; a file without the count,
@@ -264,8 +265,13 @@ def joined_step(
     seeds = tuple(r.sketch_seed for r in records) if sketched else ()
     widths = tuple(r.sketch_width or 0 for r in records) if sketched else ()
     # a Gram of each rank never combines; a sketch is the step's only with every rank's
-    # rows, drawn with one Omega (one seed, one k)
-    omega = omegas_differ(seeds, widths)
+    # rows, drawn with one Omega (one seed, one k): an empty part's [0, k] has no row
+    drawn = [r for r in records if r.num_tokens] or records
+    omega = (
+        omegas_differ([r.sketch_seed for r in drawn], [r.sketch_width or 0 for r in drawn])
+        if sketched
+        else None
+    )
     differ = {SKETCH_KEY} if omega else set()
     unjoined = frozenset((held - fields) | (held & {GRAM_KEY}) | differ)
     unjoined = unjoined if len(records) > 1 else frozenset()
@@ -286,7 +292,7 @@ def joined_step(
         unjoined=unjoined if batch else frozenset(),
         sketch_seeds=seeds if len(records) > 1 and batch else (),
         sketch_widths=widths if len(records) > 1 and batch else (),
-        sketch_width=records[0].sketch_width if SKETCH_KEY in fields and batch else None,
+        sketch_width=drawn[0].sketch_width if SKETCH_KEY in fields and batch else None,
         unjoined_why=unjoined_kind(unjoined, omega=omega) if batch else None,
         rank_sequences=tuple(sequences) if len(records) > 1 and batch else (),
         paths=paths,
