@@ -141,6 +141,18 @@ def test_param_names_that_are_not_names_are_refused_before_the_run_is_made(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("text", ["01", b"01"])
+def test_a_reward_range_given_as_text_is_refused_before_the_run_is_made(
+    tmp_path: Path, text: object
+) -> None:
+    """Before: a string was taken for its characters (reward_range="01": (0.0, 1.0)) and bytes
+    for their codes (b"01": (48.0, 49.0)), recorded as the run's reward range."""
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(tmp_path / "run", reward_range=text)  # type: ignore[arg-type]
+    assert str(refused.value) == f"reward_range must be (low, high), a pair, not text; got {text!r}"
+    assert not (tmp_path / "run").exists()
+
+
 def test_counts_that_are_numpy_or_torch_integers_are_taken_as_the_ints_they_hold(
     tmp_path: Path,
 ) -> None:

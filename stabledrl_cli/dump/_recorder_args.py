@@ -38,7 +38,9 @@ def checked_reward_range(
     value: Iterable[float | str], name: str = "reward_range"
 ) -> tuple[float, float]:
     """(low, high), two finite numbers (or their text) with low < high, else UsageError
-    naming `name`."""
+    naming `name`; not one text (`"01"`, whose characters would read as (0, 1))."""
+    if isinstance(value, (str, bytes)):
+        raise UsageError(f"{name} must be (low, high), a pair, not text; got {value!r}")
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
