@@ -63,3 +63,32 @@ def test_recording_over_a_run_leaves_a_file_that_is_not_its_own(tmp_path: Path) 
         pass
     assert user.read_text() == "mine"
     assert not list(run.glob("steps/step-0*"))  # the run's own step files went
+
+
+def test_a_temporary_name_that_no_rank_of_the_run_writes_is_an_unknown_file(
+    tmp_path: Path,
+) -> None:
+    """Before, a temporary step file of a rank the run does not have (rank 5 of world_size 2),
+    or spelled as the writer never spells it, or a directory, was a `temporary` finding, 'in
+    flight, or left by a killed writer', and its step no gap; each is a file that is not the
+    run's, named why as its final name would be."""
+    run = tiny_run(tmp_path / "run", world_size=2)
+    steps = run / "steps"
+    odd = {
+        ".step-00000004.rank-0005.safetensors.tmp-1": "rank 5 >= the run's world_size 2",
+        ".step-00000004.rank-00001.safetensors.tmp-1": "not spelled as the writer spells it",
+        ".step-000000004.rank-0001.safetensors.tmp-1": "not spelled as the writer spells it",
+        ".step-00000004.safetensors.tmp-1": "a step file of a run with another world_size",
+        ".step-00000004.rank-0001.safetensors.tmp-2": "not a regular file",
+    }
+    for name in odd:
+        (steps / name).write_text("x") if name.endswith("1") else (steps / name).mkdir()
+    (steps / ".step-00000005.rank-0001.safetensors.tmp-1").write_text("x")  # in flight
+    findings = sd.open_run(run).integrity.findings
+    assert [(f.kind, f.step) for f in findings if f.kind != "unknown_file"] == [
+        ("gap", 4),
+        ("temporary", 5),
+    ]
+    stray = {Path(str(f.path)).name: f.message for f in findings if f.kind == "unknown_file"}
+    assert stray.keys() == odd.keys()
+    assert all(why in stray[name] for name, why in odd.items())

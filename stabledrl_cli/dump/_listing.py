@@ -11,7 +11,6 @@ from typing import Any
 from stabledrl_cli.dump._integrity import Finding
 from stabledrl_cli.dump._schema import (
     STEP_FILE_RE,
-    STEP_LIMIT,
     STOP_NOTE_RE,
     TEMP_FILE_RE,
     TEMP_STOP_NOTE_RE,
@@ -101,10 +100,11 @@ def listed_entry(steps_dir: Path, name: str, regular: bool, world_size: int) -> 
             return Entry(path, reason=why)
         return Entry(path, rank=rank, note=True, temporary=name.startswith("."))
     temp = TEMP_FILE_RE.match(name)
-    if temp is not None:
-        step = int(temp.group(1))
-        if (temp.group(2) is not None) == (world_size > 1) and step <= STEP_LIMIT:
-            return Entry(path, step=step, temporary=True)
+    if temp is not None:  # in flight when its final name is a step file of this run
+        why = unknown_reason(name[1:].rsplit(".tmp-", 1)[0], regular, world_size)
+        if why is None:
+            return Entry(path, step=int(temp.group(1)), temporary=True)
+        return Entry(path, reason=why)
     reason = unknown_reason(name, regular, world_size)
     final = canonical_step(name)
     if reason is not None or final is None:
