@@ -425,10 +425,17 @@ class DirectoryRun(Run):
 
     def _has_step(self, n: int) -> bool:
         """Whether the run holds step `n`: as the last listing holds it whole, else as the
-        directory is listed again (a rank may have written its file since), the listing
-        `step` then reads it from."""
-        listed = self._listing.finals.get(n, {})
-        return len(listed) == self.world_size or n in self._scan().finals
+        directory is listed again (a rank may have written its file since; for a step the
+        listing holds partial, when `_relisting_due`), the listing `step` then reads it from."""
+        listed = self._listing.finals.get(n)
+        if listed is not None and (len(listed) == self.world_size or not self._relisting_due()):
+            return True
+        return n in self._scan().finals
+
+    def _relisting_due(self) -> bool:
+        """Whether a step the last listing holds partial is worth listing the directory again
+        for: always here, where a directory unchanged is not listed again (`_stamp`)."""
+        return True
 
     def _step_findings(self, listing: Listing, *, deep: bool) -> list[Finding]:
         """A finding for each step missing a rank and each step file that fails its check (in
