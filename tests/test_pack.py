@@ -639,6 +639,51 @@ def test_a_step_bad_in_two_datasets_is_counted_as_one_step_skipped(rich_run, tmp
     ), result.stderr
 
 
+def _partly_held_run(path: Path) -> Path:
+    """6 steps: step 1 without a batch (its grad_norm 7.0 only), logp_ref from step 3 on."""
+    gen = torch.Generator().manual_seed(0)
+    with sd.Recorder(path, policy="grpo") as recorder:
+        for step in range(6):
+            if step == 1:
+                recorder.log_step(step, grad_norm=7.0)
+                continue
+            logp = -torch.rand(4, 5, generator=gen)
+            ref = None if step < 3 else logp - 0.02
+            recorder.log_step(
+                step, logp=logp, logp_old=logp + 0.01, logp_ref=ref, advantages=torch.ones(4)
+            )
+    return path
+
+
+def test_a_corrupt_chunk_skips_only_the_steps_that_hold_data_in_it(tmp_path, fletcher32_everywhere):
+    """One chunk holds every step's logp_ref, corrupt: the integrity check marked all 6 steps
+    unreadable, where steps 0-2 hold no logp_ref (step 1 no batch: its grad_norm was lost from
+    the scalar series) and read whole. Only steps 3-5 are skipped."""
+    out = tmp_path / "run.h5"
+    pack_run(_partly_held_run(tmp_path / "run"), out)
+    with h5py.File(out, "r") as handle:
+        info = handle["tokens/logp_ref"].id.get_chunk_info(0)
+    with open(out, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(b"\xff\x00\xff\x00")
+    archive = open_run(out)
+    assert [f.step for f in archive.integrity.findings] == [3, 4, 5]
+    assert archive.step_numbers == [0, 1, 2]
+    steps, values = archive.scalar_series_many(["grad_norm"])["grad_norm"]
+    assert (steps.tolist(), values.tolist()) == ([1], [7.0])
+
+
+def test_a_flipped_byte_where_a_step_lacks_the_field_skips_no_step(tmp_path):
+    """Step 0 has no logp_ref: its slice of tokens/logp_ref is pack's fill value, which no read
+    of it touches. A byte flipped there made the integrity check skip step 0 (read whole by
+    steps())."""
+    out = tmp_path / "run.h5"
+    pack_run(_partly_held_run(tmp_path / "run"), out)
+    _flip_in_step(out, "tokens/logp_ref", "tokens/step_offsets", 0)
+    archive = open_run(out)
+    assert archive.integrity.findings == [] and archive.step_numbers == list(range(6))
+
+
 def test_open_run_refuses_reports_and_other_hdf5(tmp_path, rich_run):
     report = tmp_path / "report.h5"
     with h5py.File(report, "w") as handle:

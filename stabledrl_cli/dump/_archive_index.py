@@ -49,6 +49,10 @@ def data_dataset(name: str) -> str:
     return f"{'tokens' if name in TOKEN_FIELDS else 'sequences'}/{name}"
 
 
+_FIELD_AT = {data_dataset(name): name for name in FIELDS}
+"""The field whose values each data dataset stores (`data_dataset`)."""
+
+
 def _is_finding(value: object) -> bool:
     """Whether a carried finding has Finding's fields with their types."""
     return (
@@ -298,6 +302,16 @@ class ArchiveIndex(ArchiveFile):
         held = np.searchsorted(written, last, "right") - np.searchsorted(written, first, "left")
         unwritten: np.ndarray = (end > begin) & (held != last - first + 1)
         return unwritten
+
+    def _holds(self, where: str, offsets: np.ndarray) -> np.ndarray:
+        """Which steps hold data in data dataset `where` (by its step `offsets`): those with its
+        field and a slice that is not empty. Another step's slice, if any, holds the fill value
+        pack left there, which no read of that step touches: a bad byte in it loses no step."""
+        none = np.zeros(len(offsets) - 1, dtype=bool)
+        holds: np.ndarray = self._present.get(_FIELD_AT.get(where, ""), none) & (
+            offsets[1:] > offsets[:-1]
+        )
+        return holds
 
     def _fields_of(self, index: int) -> set[str]:
         return {name for name, mask in self._present.items() if mask[index]}

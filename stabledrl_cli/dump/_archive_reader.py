@@ -251,18 +251,19 @@ class ArchiveRun(ArchiveMarks):
         return findings
 
     def _check_steps(self, name: str) -> list[Finding]:
-        """Reads each step's slice of data dataset `name` (which has per-step CRC-32s) that no
-        read has checked yet, its CRC checked by `_slice`; a bad one marks its step. A slice
-        out of the dataset's range is left alone: `_mark_inconsistent_steps` marked its step."""
+        """Reads each step's slice of data dataset `name` (which has per-step CRC-32s) that
+        holds data there (`_holds`) and that no read has checked yet, its CRC checked by
+        `_slice`; a bad one marks its step. A slice out of the dataset's range, or in chunks
+        never written, is left alone: `_mark_inconsistent_steps` marked its step."""
         offsets = self._offsets_of(name)
         if offsets is None:
             return []
         read, length = self._read_steps.get(name, set()), self._dataset(name).shape[0]
-        unwritten = self._unwritten(name, offsets)  # a step's is marked, another's holds none
+        wanted = self._holds(name, offsets) & ~self._unwritten(name, offsets)
         findings = []
-        for index in range(len(self._numbers)):
+        for index in np.flatnonzero(wanted).tolist():
             begin, end = int(offsets[index]), int(offsets[index + 1])
-            if index in read or unwritten[index] or not 0 <= begin <= end <= length:
+            if index in read or not 0 <= begin <= end <= length:
                 continue
             try:
                 self._slice(name, index, begin, end)
@@ -294,13 +295,15 @@ class ArchiveRun(ArchiveMarks):
         return findings
 
     def _steps_of_chunk(self, name: str, chunk: tuple[slice, ...]) -> list[int]:
-        """The indexes of the steps whose slice of data dataset `name` overlaps `chunk`."""
+        """The indexes of the steps that hold data in data dataset `name` (`_holds`) whose
+        slice overlaps `chunk`."""
         offsets = self._offsets_of(name)
         if not chunk or offsets is None:
             return []
         start = chunk[0].start or 0
         stop = np.iinfo(np.int64).max if chunk[0].stop is None else chunk[0].stop
-        held: list[int] = np.flatnonzero((offsets[:-1] < stop) & (offsets[1:] > start)).tolist()
+        overlaps = (offsets[:-1] < stop) & (offsets[1:] > start)
+        held: list[int] = np.flatnonzero(self._holds(name, offsets) & overlaps).tolist()
         return held
 
     def checks(self) -> _ArchiveChecks | None:
