@@ -240,7 +240,7 @@ def least_ms(work: Callable[[], object], steps: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_options(parser)
-    parser.add_argument("--policies", type=int, default=10)
+    parser.add_argument("--policies", type=at_least(1), default=10)
     parser.add_argument("--repeats", type=at_least(1), default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)

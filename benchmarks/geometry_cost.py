@@ -53,13 +53,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=at_least(1), default=5)
     parser.add_argument("--threads", type=at_least(1), default=1, help="torch intra-op threads")
-    parser.add_argument("--seqs", type=int, default=64, help="sequences per step")
-    parser.add_argument("--chunk", type=int, default=64, help="GeometryConfig.chunk_size")
+    parser.add_argument("--seqs", type=at_least(1), default=64, help="sequences per step")
+    parser.add_argument("--chunk", type=at_least(1), default=64, help="GeometryConfig.chunk_size")
     parser.add_argument(
         "--batched", action="store_true", help="also time token units through BatchLogp (slow)"
     )
     parser.add_argument("--part", choices=("capture", "trainer", "both"), default="both")
-    parser.add_argument("--trainer-steps", type=int, default=16, help="RL steps per case")
+    parser.add_argument("--trainer-steps", type=at_least(1), default=16, help="RL steps per case")
     parser.add_argument("--trainer-repeats", type=at_least(1), default=3, help="runs per case")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

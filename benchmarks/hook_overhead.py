@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from arguments import at_least
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -159,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=at_least(0), default=3)
     parser.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--paired-steps", type=int, default=200)
     parser.add_argument("--block", type=int, default=5)

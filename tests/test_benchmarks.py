@@ -271,6 +271,10 @@ def test_a_benchmark_without_its_extra_names_the_install_command(
         ("geometry_cost.py", ["--trainer-repeats", "0"], "--trainer-repeats: must be >= 1"),
         ("archive_open.py", ["--repeats", "x"], "--repeats: expected an integer, got 'x'"),
         ("fused_policy.py", ["--steps", "0"], "--steps: must be >= 1, got 0"),
+        ("geometry_cost.py", ["--seqs", "0"], "--seqs: must be >= 1, got 0"),
+        ("geometry_cost.py", ["--trainer-steps", "0"], "--trainer-steps: must be >= 1, got 0"),
+        ("fused_bound.py", ["--policies", "0"], "--policies: must be >= 1, got 0"),
+        ("hook_overhead.py", ["--warmup", "-1"], "--warmup: must be >= 0, got -1"),
     ],
 )
 def test_a_benchmark_refuses_a_count_that_measures_nothing(
