@@ -211,14 +211,26 @@ def test_an_empty_path_is_refused_not_taken_for_the_working_directory(
     assert sorted(p.name for p in Path().iterdir()) == before
 
 
-@pytest.mark.parametrize("name", ["train.log", "metrics.json", "log"])
-def test_an_empty_log_is_named_empty_not_of_a_kind_to_pass(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "text", "said"),
+    [
+        ("train.log", b"", "empty file"),
+        ("metrics.json", b"", "empty file"),
+        ("log", b"", "empty file"),
+        ("train.log", b"\n\n  \r\n", "empty file (blank lines only)"),
+        ("metrics.json", b"\n", "empty file (blank lines only)"),
+    ],
+)
+def test_an_empty_log_is_named_empty_not_of_a_kind_to_pass(
+    tmp_path: Path, name: str, text: bytes, said: str
+) -> None:
     """A log a job left empty (it ended before its first line) was 'cannot tell what kind of
-    log this is (...); pass --format-in', where --format-in csv then said 'empty file'."""
+    log this is (...); pass --format-in', where --format-in csv then said 'empty file'; one
+    of blank lines only still was, and --format-in csv then said 'no step column'."""
     log = tmp_path / name
-    log.write_bytes(b"")
+    log.write_bytes(text)
     result = runner.invoke(app, ["import", str(log), "--out", str(tmp_path / "run")])
-    assert (result.exit_code, result.stderr) == (3, f"error: {log}: empty file\n")
+    assert (result.exit_code, result.stderr) == (3, f"error: {log}: {said}\n")
     assert not (tmp_path / "run").exists()
 
 

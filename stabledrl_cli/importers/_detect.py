@@ -83,6 +83,8 @@ def detect_format(path: Path) -> ImportFormat:
         if head.startswith(HEADER):
             return "wandb"
         text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+        if not text and len(head) < _SNIFF:  # a job that printed blank lines only
+            raise InputError(f"{path}: empty file (blank lines only)")
         if b"\n" not in text:  # a first line longer than the sniff (verl's rows often are)
             handle.seek(len(head) - len(text))
             text = handle.readline(LINE_LIMIT)
