@@ -237,13 +237,16 @@ class ArchiveRun(ArchiveMarks):
                 elif read and len(read) == chunk_count(dataset):
                     continue
                 else:
-                    chunks = chunks_to_check(dataset)
+                    width = self._chunk_width(name) if read else 0
+                    chunks = [
+                        chunk
+                        for chunk in chunks_to_check(dataset)
+                        if not width or chunk[0].start // width not in read
+                    ]
             except H5_ERRORS as exc:
                 findings.extend(self._bad_chunk(name, (slice(0, None),), exc))
                 continue
             for chunk in chunks:
-                if read and chunk[0].start // dataset.chunks[0] in read:
-                    continue
                 try:
                     dataset[chunk]
                 except H5_ERRORS as exc:
