@@ -3,7 +3,7 @@ and the help of `replay`, `check`, `tune`, `inspect`, `diff` and `watch`; `impor
 (their help and their input checks), and `pack` of a run; a Recorder of numpy arrays and its
 run read back, and its refusal of a step without a field its policy needs; `diff` of two
 runs that never part; `replay`, `check` and `tune` refusing an unknown policy (on any
-engine), or too many --workers or an empty --ray-address; `check` and `inspect` of
+engine), or too many --workers or an empty (or blank) --ray-address; `check` and `inspect` of
 a scalar run (inspect of a run with a policy batch checks each step with replay's own code,
 torch's); and the refusals of bad input by these, `watch` and `branch`."""
 
@@ -119,7 +119,11 @@ PROBES = {
                     app, [*command, home + "/a", "-p", "nonsense", "--engine", engine]
                 )
                 assert bad.exit_code == 2 and "unknown policy 'nonsense'" in bad.stderr, bad.output
-        for engine in (["processes", "--workers", "1000"], ["ray", "--ray-address", ""]):
+        for engine in (
+            ["processes", "--workers", "1000"],
+            ["ray", "--ray-address", ""],
+            ["ray", "--ray-address", " "],
+        ):
             for command in (["replay"], ["check", "--max-spikes", "0"], ["tune", "-p", "grpo"]):
                 bad = CliRunner().invoke(app, [*command, home + "/a", "--engine", *engine])
                 assert bad.exit_code == 2 and engine[1] in bad.stderr, bad.output

@@ -292,7 +292,7 @@ def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None
         from stabledrl_cli.replay.process_engine import ProcessEngine
 
         return ProcessEngine(workers=workers)
-    if not address and on_command_line("ray_address"):
+    if not (address or "").strip() and on_command_line("ray_address"):
         raise UsageError(
             "--ray-address is empty: give the cluster's address (host:6379, or auto), or leave "
             "the option out for a local cluster started for this run"
