@@ -1607,3 +1607,42 @@ def test_os_exit_in_a_signal_handler_while_the_run_opens_ends_at_once(tmp_path, 
         waited = time.perf_counter() - start
     assert waited < 1.0 and ended == [3]
     assert not (tmp_path / "run").exists() and status.read_text() == ""
+
+
+def test_a_step_logged_by_a_signal_handler_inside_another_step_is_refused(
+    tmp_path, monkeypatch, capsys
+):
+    """A handler of the script's own runs in the main thread between two instructions, and
+    the recording lock lets that thread through: its log_policy_batch(2), inside the
+    recording of step 1, wrote step 2 first, then step 1 was refused ('does not follow step
+    2') and recording stopped. (With a plain lock it hung for ever.) It is refused, named,
+    and the steps around it are recorded."""
+    import functools
+
+    import numpy as np
+
+    from stabledrl_cli.dump import Recorder
+
+    fresh_recording(monkeypatch, tmp_path / "run", tmp_path / "status")
+    batch = {
+        "policy": "grpo", "logp": np.zeros(4, np.float32), "logp_old": np.zeros(4, np.float32),
+        "advantages": np.ones(4, np.float32), "mask": np.ones(4, bool), "seq_id": np.arange(4),
+    }  # fmt: skip
+    handled, log_step = [], Recorder.log_step
+
+    @functools.wraps(log_step)
+    def signalled(self, step, **fields):  # the handler runs as step 1 is being written
+        if step == 1 and not handled:
+            handled.append(bootstrap.log_policy_batch(2, **batch))
+        return log_step(self, step, **fields)
+
+    monkeypatch.setattr(Recorder, "log_step", signalled)
+    assert [bootstrap.log_policy_batch(step, **batch) for step in (0, 1, 3)] == [True] * 3
+    assert handled == [False]
+    bootstrap.close()
+    assert open_run(tmp_path / "run").step_numbers == [0, 1, 3]
+    assert capsys.readouterr().err == (
+        "stabledrl: warning: log_policy_batch at step 2 came while this thread was recording "
+        "another step (a signal handler's call): not recorded; recording goes on\n"
+    )
+    assert (tmp_path / "status").read_text() == ""

@@ -12,7 +12,8 @@ class RunLock:
     a step being recorded, must not wait for it: os._exit writes without it (the thread never
     goes on), a SIGTERM has the thread finish the step first (`after_release`). An RLock's
     owner is set as it is taken, with no instruction between for a handler to run at; a thread
-    that takes it again (a handler of its own that logs a step) goes through."""
+    that takes it again goes through (a step a handler of its own logs is refused before:
+    `bootstrap._inside_a_step`)."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()

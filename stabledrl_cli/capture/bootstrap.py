@@ -267,6 +267,20 @@ def _release_held(policy: str | PolicyLike | None, recorder_kwargs: dict[str, An
         _write(held, recorder, replace=False)
 
 
+def _inside_a_step(call: str) -> bool:
+    """Whether this thread is recording a step already: `call` came from a signal handler (or
+    a finalizer) that ran in the middle of it, and the lock lets this thread through, but its
+    step would be written inside that one (out of order: recording would stop). It is
+    refused, one warning line each; recording goes on."""
+    if not _lock.held_here():
+        return False
+    warn(
+        f"stabledrl: warning: {call} came while this thread was recording another step (a "
+        "signal handler's call): not recorded; recording goes on\n"
+    )
+    return True
+
+
 _warned_no_token = False
 
 
@@ -310,11 +324,13 @@ def log_policy_batch(
     shows at a later call (False) and in `record`'s exit code. False also for a batch with no
     token in a one-rank run: the format has no such step, so it is skipped (the first one
     warns) and recording goes on; under the hooks its step stays the optimizer's scalar step.
+    False too for a call that comes while this thread records another step (a signal
+    handler's): it is refused with a warning, and recording goes on.
     A field or a `recorder_kwargs` key the Recorder does not take is a usage error (exit 2),
     named, as the steps `log_step` refuses are. Never raises.
     """
     global _first_batch_logged
-    if _failure.off or _closed:
+    if _failure.off or _closed or _inside_a_step(f"log_policy_batch at step {step}"):
         return False
     held = None  # a held optimizer step before this one, written (and the run opened) first
     try:
@@ -359,7 +375,7 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
     """Records the optimizer hooks' step `step` (Recorder.log_step keywords), paired with a
     `log_policy_batch` of the same number (module docstring). Never raises."""
     global _held
-    if not hooks_wanted() or _closed:
+    if not hooks_wanted() or _closed or _inside_a_step(f"optimizer step {step}"):
         return
     held = None  # the held first step, written (and the run opened) with this one
     try:
