@@ -172,12 +172,13 @@ def test_a_rank_that_spawn_started_names_itself_as_it_records(monkeypatch, capsy
     stderr named no rank: rank 1 of 2's note and error line read as one process's."""
     import torch.distributed as dist
 
-    from stabledrl_cli.capture import _uncaught, optimizer_hooks
+    from stabledrl_cli.capture import _process_rank, _uncaught, optimizer_hooks
     from stabledrl_cli.capture._hook_state import OtherSteps
     from stabledrl_cli.errors import UsageError
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(_process_rank, "_group_rank", {})  # (the rank it sees is kept)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as rank 1 of 2's group
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
@@ -1646,3 +1647,35 @@ def test_a_step_logged_by_a_signal_handler_inside_another_step_is_refused(
         "another step (a signal handler's call): not recorded; recording goes on\n"
     )
     assert (tmp_path / "status").read_text() == ""
+
+
+def test_a_spawned_rank_that_destroys_its_group_still_records_and_names_itself_as_it(
+    monkeypatch, capsys, tmp_path
+):
+    """A rank that torch.multiprocessing.spawn started knows its rank from its process group
+    alone, which a script destroys at its end, as torch asks. Its held first step, written at
+    exit, then opened the run as a one-process run (step-00000000.safetensors: rank 1 of 2
+    was refused 'already exists' after rank 0), and its note at exit named no rank."""
+    import torch.distributed as dist
+
+    from stabledrl_cli.capture import _process_rank, optimizer_hooks
+    from stabledrl_cli.capture._hook_state import OtherSteps
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(_process_rank, "_group_rank", {})
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as rank 1 of 2's group
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    fresh_recording(monkeypatch, tmp_path / "run", tmp_path / "status")
+    bootstrap.log_hook_step(0, {"grad_norm": 1.5, "scalars": {}})  # held
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # destroy_process_group()
+    bootstrap.close()
+    assert [path.name for path in (tmp_path / "run" / "steps").iterdir()] == [
+        "step-00000000.rank-0001.safetensors"
+    ]
+    monkeypatch.setattr(optimizer_hooks.state, "on", True)
+    monkeypatch.setattr(optimizer_hooks.state, "others", {1: OtherSteps(last=None, steps=1)})
+    monkeypatch.setattr(bootstrap, "hooks_wanted", lambda: True)
+    optimizer_hooks._unrecorded_note()
+    assert capsys.readouterr().err.startswith("stabledrl: note: rank 1: not recorded:")

@@ -384,9 +384,11 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
             if _recorder is None and _held is None:
                 # The Recorder imported now, not when the held step is written at exit: a
                 # library imported during the interpreter's exit may crash it (h5py did:
-                # SIGSEGV in libhdf5's exit handler).
+                # SIGSEGV in libhdf5's exit handler). The rank seen now: a spawned rank's
+                # process group may be destroyed by then.
                 import stabledrl_cli.dump._writer  # noqa: F401
 
+                launcher_rank()
                 _held = Step(step, hooks=fields)
                 return
             held = _held
