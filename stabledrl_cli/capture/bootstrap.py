@@ -511,7 +511,7 @@ def _written_at_exit(*, unlocked: bool = False) -> None:
     closed last). A SIGTERM that ends the process writes its steps with it too. `unlocked`:
     for `_os_exit` in a signal handler of the thread holding the lock, which never goes on;
     nothing is written while that thread was opening the run (`_opening`: a second
-    Recorder would be refused)."""
+    Recorder would be refused), nor while it wrote the held step (no longer held: lost)."""
     if _failure.off or (unlocked and _opening):
         return
     try:
