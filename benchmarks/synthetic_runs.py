@@ -39,7 +39,7 @@ ARCHIVE = "fast"
 PACKED = f"{ARCHIVE}, format 2, 256 KiB uncompressed chunks"
 """What a cached `run.h5` was packed as (`done.json`'s "archive"): its compression, the
 archive format (2: per-step CRC-32s instead of Fletcher32 on the uncompressed datasets) and
-the uncompressed datasets' chunks (256 KiB, `_packer.PLAIN_CHUNK_WIDTH`; 32 Ki entries before).
+the uncompressed datasets' chunks (256 KiB, `_pack_column.PLAIN_CHUNK_WIDTH`; 32 Ki entries before).
 A cached run packed otherwise is packed again."""
 GROUP_SIZE = 8
 

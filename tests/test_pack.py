@@ -30,7 +30,8 @@ from stabledrl_cli.dump import (
     RunIntegrityWarning,
     _archive_chunks,
     _layout,
-    _packer,
+    _pack_column,
+    _pack_steps,
     open_run,
     pack_run,
 )
@@ -202,7 +203,7 @@ def test_a_small_run_packs_into_chunks_of_its_own_size(tmp_path, monkeypatch):
     with h5py.File(tmp_path / "run.h5", "r") as handle:
         chunked = _chunked(handle)
     assert chunked and all(chunks == (length,) for length, chunks in chunked.values())
-    monkeypatch.setattr(_packer, "CHUNK_ELEMENTS", 16)
+    monkeypatch.setattr(_pack_column, "CHUNK_ELEMENTS", 16)
     pack_run(run, tmp_path / "small-chunks.h5")
     with h5py.File(tmp_path / "small-chunks.h5", "r") as handle:
         chunked = _chunked(handle)
@@ -360,7 +361,7 @@ def test_pack_cli_json_summary_and_refuses_overwrite(rich_run, tmp_path):
 
 def test_failed_pack_leaves_no_file_under_the_target(rich_run, tmp_path, monkeypatch):
     calls = []
-    real_add = _packer._Packer.add
+    real_add = _pack_steps.Packer.add
 
     def add_then_fail(self, step, where):
         calls.append(step.step)
@@ -368,7 +369,7 @@ def test_failed_pack_leaves_no_file_under_the_target(rich_run, tmp_path, monkeyp
             raise OSError("disk full (simulated)")
         real_add(self, step, where)
 
-    monkeypatch.setattr(_packer._Packer, "add", add_then_fail)
+    monkeypatch.setattr(_pack_steps.Packer, "add", add_then_fail)
     out = tmp_path / "run.h5"
     with pytest.raises(WriteError, match=r"run\.h5: cannot write it \(disk full \(simulated"):
         pack_run(open_run(rich_run), out)
@@ -385,14 +386,14 @@ def test_failed_pack_leaves_no_file_under_the_target(rich_run, tmp_path, monkeyp
 
 _KILLED_WORKER = """
 import sys, time
-from stabledrl_cli.dump import _packer, open_run, pack_run
-real_add = _packer._Packer.add
+from stabledrl_cli.dump import _pack_steps, open_run, pack_run
+real_add = _pack_steps.Packer.add
 def add(self, step, where):
     real_add(self, step, where)
     if step.step == 5:
         print("midway", flush=True)
         time.sleep(600)
-_packer._Packer.add = add
+_pack_steps.Packer.add = add
 pack_run(open_run(sys.argv[1]), sys.argv[2])
 """
 
@@ -1104,7 +1105,7 @@ def test_a_field_recorded_narrower_then_wider_is_widened_and_replays_as_its_dire
     now widened to float32 (every float16 is a float32 exactly: the entries already written
     are rewritten, also once the dataset is on disk, chunks of 16 here), a float16 step after
     it is cast to it, and the archive reads and replays as the directory does."""
-    monkeypatch.setattr(_packer, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(_pack_column, "CHUNK_ELEMENTS", chunk)
     run = tmp_path / "run"
     gen = torch.Generator().manual_seed(0)
     dtypes = (torch.float16, None, torch.float16, torch.float32, torch.float32, torch.float16)
@@ -1146,7 +1147,7 @@ def test_a_field_its_first_steps_lack_leaves_chunks_unwritten_and_reads_as_its_d
     """pack never writes the chunks of a field that only steps without it span (logp_ref from
     step 3 on, in chunks of 16 entries here): a reader takes those for no data only where a
     step holds the field, so such an archive reads with no finding, as its directory."""
-    monkeypatch.setattr(_packer, "CHUNK_ELEMENTS", 16)
+    monkeypatch.setattr(_pack_column, "CHUNK_ELEMENTS", 16)
     run = tmp_path / "run"
     gen = torch.Generator().manual_seed(0)
     with sd.Recorder(run, policy="grpo") as recorder:
@@ -1174,7 +1175,7 @@ def test_the_chunk_index_of_a_field_with_unwritten_chunks_is_walked_once(tmp_pat
     chunks never written walked its chunk index twice: once to find the steps in them, again
     in the integrity check (its Python callback a chunk: 0.2 s at 51,200 chunks, and 0.67 s
     making their selections). The check reuses the first walk."""
-    monkeypatch.setattr(_packer, "CHUNK_ELEMENTS", 16)
+    monkeypatch.setattr(_pack_column, "CHUNK_ELEMENTS", 16)
     run = tmp_path / "run"
     with sd.Recorder(run, policy="grpo") as recorder:
         for step in range(6):
@@ -1203,7 +1204,7 @@ def test_the_integrity_check_asks_a_dataset_its_chunks_not_once_a_chunk(tmp_path
     """After a step's read, the integrity check asked h5py each unread chunk's dataset for its
     chunk shape (the creation properties read again: 2.9 us, half a 16-entry chunk's read):
     155 asks for this archive of 5 datasets of 32 chunks, one a dataset now."""
-    monkeypatch.setattr(_packer, "CHUNK_ELEMENTS", 16)
+    monkeypatch.setattr(_pack_column, "CHUNK_ELEMENTS", 16)
     run = tmp_path / "run"
     with sd.Recorder(run, policy="grpo") as recorder:
         for step in range(16):

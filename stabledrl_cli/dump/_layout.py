@@ -78,7 +78,7 @@ CHUNK_ELEMENTS = 1 << 15
 """32 Ki elements (128 KiB of float32) a chunk: small enough that reading one step's slice
 decompresses little, large enough that gzip has something to work with. A data dataset of
 fewer entries is one chunk of its length (an uncompressed chunk takes its whole size). An
-uncompressed one of a narrower dtype holds 256 KiB of entries (`_packer.PLAIN_CHUNK_WIDTH`)."""
+uncompressed one of a narrower dtype holds 256 KiB of entries (`_pack_column.PLAIN_CHUNK_WIDTH`)."""
 FILTERS: dict[str, dict[str, Any]] = {
     "small": {"compression": "gzip", "compression_opts": 4, "shuffle": True, "fletcher32": True},
     "small-unshuffled": {"compression": "gzip", "compression_opts": 4, "fletcher32": True},
