@@ -34,7 +34,7 @@ from stabledrl_cli.capture.branch_protocol import (
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.dump._run_files import symlink_refused
-from stabledrl_cli.dump._setup import directory_or_nothing
+from stabledrl_cli.dump._run_target import directory_or_nothing
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS, refuse_untrainable
 from stabledrl_cli.policies._registry import resolve_spec

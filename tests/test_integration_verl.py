@@ -42,8 +42,11 @@ from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding, response_to_nested  # noqa: E402
 
 from stabledrl_cli.cli.app import app  # noqa: E402
-from stabledrl_cli.dump import Recorder, open_run  # noqa: E402
-from stabledrl_cli.dump import _setup as dump_setup  # noqa: E402
+from stabledrl_cli.dump import (  # noqa: E402
+    Recorder,
+    _manifest_edits,
+    open_run,
+)
 from stabledrl_cli.errors import UsageError  # noqa: E402
 from stabledrl_cli.integrations import verl as stabledrl_verl  # noqa: E402
 from stabledrl_cli.integrations._verl_capture import (  # noqa: E402
@@ -2081,13 +2084,13 @@ def test_a_token_mean_run_whose_rejections_begin_after_its_first_step_records_ev
     from."""
     run_dir, status = hooked
     written = []
-    write = dump_setup._write_manifest
+    write = _manifest_edits._write_manifest
 
     def kept(path: Path, text: bytes) -> None:
         write(path, text)
         written.append(json.loads(text))
 
-    monkeypatch.setattr(dump_setup, "_write_manifest", kept)
+    monkeypatch.setattr(_manifest_edits, "_write_manifest", kept)
     assert len(train(actor_config(), rejected=[(8, 0)])) == 2
     turned = [m["meta"].get("rejected_tokens_from_step") for m in written
               if m["policy"]["spec"] == "dual-clip:agg=recorded"]  # fmt: skip

@@ -17,8 +17,8 @@ from pathlib import Path
 from test_stop_notes import _stopping
 
 import stabledrl_cli as sd
-from stabledrl_cli.dump import _setup
-from stabledrl_cli.dump._setup import amend_manifest
+from stabledrl_cli.dump import _manifest_edits
+from stabledrl_cli.dump._manifest_edits import amend_manifest
 
 RANKS = 4
 CHANGES = 60
@@ -120,7 +120,7 @@ def test_a_rank_never_waits_for_ever_for_a_lock_another_process_holds(tmp_path, 
     """A process that holds the lock and never lets go (stopped in a debugger, frozen by
     SIGSTOP mid-write): another rank's change waits its bounded time, then goes without the
     lock. Before, the rank's training hung in its manifest change for as long as the holder."""
-    monkeypatch.setattr(_setup, "LOCK_WAIT", 0.5)
+    monkeypatch.setattr(_manifest_edits, "LOCK_WAIT", 0.5)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "run"}))
     holder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:

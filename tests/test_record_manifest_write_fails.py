@@ -11,12 +11,12 @@ from _cli import cli_environment, record_python, torch_training
 FULL = """
 import errno, os
 from stabledrl_cli._atomic import write_error
-import stabledrl_cli.dump._setup as setup
+import stabledrl_cli.dump._manifest_edits as edits
 
 def full(target, text, *, temp):  # the disk takes no manifest (ENOSPC)
     raise write_error(target, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
 
-setup.write_atomic = full
+edits.write_atomic = full
 """
 
 

@@ -334,7 +334,7 @@ def test_a_closed_run_overwritten_loses_its_mark_before_any_step_file_goes(tmp_p
     assert _closed_mark(run) is True
     watcher = RunWatcher(run, ReplayConfig(device="cpu"))
     seen: list[tuple[bool, int]] = []
-    remove = _setup._remove
+    remove = _setup.remove_file
 
     def removed_then_polled(path: Path) -> None:
         remove(path)
@@ -342,7 +342,7 @@ def test_a_closed_run_overwritten_loses_its_mark_before_any_step_file_goes(tmp_p
             watcher.poll()
             seen.append((watcher.closed, watcher.state().steps))
 
-    monkeypatch.setattr(_setup, "_remove", removed_then_polled)
+    monkeypatch.setattr(_setup, "remove_file", removed_then_polled)
     with sd.Recorder(run, policy=None, overwrite=True) as recorder:
         recorder.log_step(0, grad_norm=2.0)
     assert seen == [(False, 2)]
@@ -370,7 +370,7 @@ def test_a_close_from_another_thread_marks_the_run_after_a_step_under_way(tmp_pa
     run is marked `recording_closed` only once that step is final (a watch that reads the
     mark then lists every step). Before, close marked it at once, the step landing after
     the mark; the async Recorder already waited for a log_step under way."""
-    from stabledrl_cli.dump import _recorder_end, _setup, _writer
+    from stabledrl_cli.dump import _manifest_edits, _recorder_end, _writer
 
     run = tmp_path / "run"
     recorder = sd.Recorder(run, policy=None)
@@ -378,7 +378,7 @@ def test_a_close_from_another_thread_marks_the_run_after_a_step_under_way(tmp_pa
     lock = _TellingLock()
     recorder._lock = lock  # type: ignore[assignment]
     writing = threading.Event()
-    write, amend = _writer.write_step_file, _setup.amend_manifest
+    write, amend = _writer.write_step_file, _manifest_edits.amend_manifest
     step = run / "steps" / "step-00000001.safetensors"
     landed: list[bool] = []
 
@@ -598,12 +598,12 @@ def test_a_close_from_a_signal_handler_during_log_step_comes_after_the_step(
     through the Recorder's own lock at once: async, the writer thread was stopped before the
     step was queued, so a step whose log_step returned was never written; sync, the run was
     marked closed before the step landed."""
-    from stabledrl_cli.dump import _recorder_end, _setup, _writer
+    from stabledrl_cli.dump import _manifest_edits, _recorder_end, _writer
 
     run = tmp_path / "run"
     recorder = sd.Recorder(run, policy=None, async_writes=mode == "async")
     recorder.log_step(0, grad_norm=1.0)
-    encode, amend = _writer.encode_step, _setup.amend_manifest
+    encode, amend = _writer.encode_step, _manifest_edits.amend_manifest
     step = run / "steps" / "step-00000001.safetensors"
     landed: list[bool] = []
 

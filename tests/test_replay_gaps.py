@@ -419,7 +419,7 @@ def test_a_resume_caught_while_it_removes_steps_is_refused(tmp_path, monkeypatch
     new run_id it wrote only once its step files were gone: a replay that listed the run
     before said 9 steps replayed, 1 skipped ('step 5: unreadable: cannot stat'), and did not
     refuse the run as recorded again; its steps 6-9 were about to be written again."""
-    from stabledrl_cli.dump import _setup, open_run
+    from stabledrl_cli.dump import _resume, open_run
     from stabledrl_cli.errors import InputError
     from stabledrl_cli.replay.config import ReplayConfig
     from stabledrl_cli.replay.engine import replay_run
@@ -428,7 +428,7 @@ def test_a_resume_caught_while_it_removes_steps_is_refused(tmp_path, monkeypatch
     with sd.Recorder(run, policy="grpo") as rec:
         for step in range(10):
             rec.log_step(step, **_live_batch(step, 30))
-    remove = _setup._remove
+    remove = _resume.remove_file
 
     def killed_after_one(path):
         remove(path)
@@ -436,7 +436,7 @@ def test_a_resume_caught_while_it_removes_steps_is_refused(tmp_path, monkeypatch
 
     def resume(done: int) -> None:
         if done == 2:
-            monkeypatch.setattr(_setup, "_remove", killed_after_one)
+            monkeypatch.setattr(_resume, "remove_file", killed_after_one)
             with pytest.raises(KeyboardInterrupt):
                 sd.Recorder(run, policy="grpo", resume=True, resume_from=5)
 

@@ -30,8 +30,8 @@ from typer.testing import CliRunner, Result
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run
+from stabledrl_cli.dump._manifest_edits import amend_manifest
 from stabledrl_cli.dump._policy import policy_entry
-from stabledrl_cli.dump._setup import amend_manifest
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay import follow, incremental
 from stabledrl_cli.replay.config import ReplayConfig

@@ -46,6 +46,7 @@ from stabledrl_cli.capture.bootstrap import (
 from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, CHECKPOINTS_DIR
 from stabledrl_cli.cli._output import err
 from stabledrl_cli.cli._signals import signals_handled
+from stabledrl_cli.dump._manifest_edits import amend_manifest, manifest_now, reclose_run, reopen_run
 from stabledrl_cli.dump._schema import (
     RECORDING_CLOSED,
     RECORDING_CLOSED_RANKS,
@@ -53,7 +54,6 @@ from stabledrl_cli.dump._schema import (
     RUN_ID,
     canonical_step,
 )
-from stabledrl_cli.dump._setup import amend_manifest, manifest_now, reclose_run, reopen_run
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.policies import resolve_spec
 

@@ -18,7 +18,7 @@ from stabledrl_cli.cli._options import FormatOpt, local_file
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump._recorder_args import reward_range_text
-from stabledrl_cli.dump._setup import check_replaceable, directory_or_nothing
+from stabledrl_cli.dump._run_target import check_replaceable, directory_or_nothing
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.importers._names import listed

@@ -25,13 +25,9 @@ from stabledrl_cli.cli._options import DeviceOpt, number_option, on_command_line
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.cli.app import after_separator, debug_requested
+from stabledrl_cli.dump._run_target import check_replaceable, directory_or_nothing, os_file
 from stabledrl_cli.dump._schema import MANIFEST_NAME
-from stabledrl_cli.dump._setup import (
-    RECORD_FORCE_HINT,
-    check_replaceable,
-    directory_or_nothing,
-    os_file,
-)
+from stabledrl_cli.dump._setup import RECORD_FORCE_HINT
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
 from stabledrl_cli.replay.config import MAX_THREADS

@@ -11,7 +11,7 @@ until its queue is written. Once its writes are done, `close()` marks a world_si
 `recording_closed` in its manifest (best effort): a reader following the run knows no step
 will come. A rank of a larger run adds itself to the manifest's `recording_closed_ranks`
 instead, and the rank that completes them marks the run `recording_closed`
-(`_setup.close_rank`). An open Recorder's run has no mark, so a killed recording never
+(`_manifest_edits.close_rank`). An open Recorder's run has no mark, so a killed recording never
 leaves one; `resume=True` and `overwrite=True` remove it.
 
 A failed write (a full disk, a read-only directory) raises WriteError (exit 4) naming the
@@ -53,8 +53,8 @@ from typing import Any
 
 from stabledrl_cli._child_end import at_child_end
 from stabledrl_cli._sigterm import steps_written_on_sigterm
+from stabledrl_cli.dump._manifest_edits import amend_manifest, close_rank
 from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED
-from stabledrl_cli.dump._setup import amend_manifest, close_rank
 from stabledrl_cli.dump._step_writes import (
     Failure,
     StepWrite,

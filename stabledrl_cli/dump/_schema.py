@@ -148,7 +148,7 @@ OS_FILE_RE = re.compile(r"^(\.DS_Store|\._.+|Thumbs\.db|desktop\.ini)\Z")
 """The files an operating system's file browser leaves in any folder it shows (macOS Finder's
 .DS_Store and ._NAME AppleDouble files, Windows Explorer's Thumbs.db and desktop.ini): never
 a user's data nor a run's. Readers pass over them; recording over a run (overwrite=True,
---force) removes them from it with its branch runs (`dump._setup.os_file`)."""
+--force) removes them from it with its branch runs (`dump._run_target.os_file`)."""
 STOP_NOTE_LIMIT = 1 << 16
 """Bytes a rank's note may take (its reason is an error's text, a path or two in it)."""
 # Temporary names start with a dot so that no glob for finished steps ever matches them.

@@ -28,7 +28,7 @@ from stabledrl_cli.capture.branch_protocol import (
     check_not_the_original,
     request_from_environment,
 )
-from stabledrl_cli.dump._setup import directory_or_nothing
+from stabledrl_cli.dump._run_target import directory_or_nothing
 from stabledrl_cli.errors import DEBUG_ENV, UsageError, exit_code_for
 from stabledrl_cli.example.branch import train_branch
 

@@ -19,7 +19,9 @@ from stabledrl_cli._device import resolve_device
 from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, CHECKPOINTS_DIR, BranchRequest
 from stabledrl_cli.capture.geometry import GeometryConfig
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.dump._manifest_edits import manifest_now
 from stabledrl_cli.dump._run_files import symlink_refused
+from stabledrl_cli.dump._run_target import check_replaceable, os_file
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
     STEP_FILE_RE,
@@ -29,7 +31,6 @@ from stabledrl_cli.dump._schema import (
     TEMP_STOP_NOTE_RE,
     WRITER_LOCK_RE,
 )
-from stabledrl_cli.dump._setup import check_replaceable, manifest_now, os_file
 from stabledrl_cli.errors import InputError, UsageError, quoted
 from stabledrl_cli.example.checkpoint import TrainingState, checkpoint_files, load_checkpoint
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
@@ -126,7 +127,7 @@ def branch_guard(state: TrainingState) -> Guard | None:
 _RUN_FILES = (STEP_FILE_RE, TEMP_FILE_RE, STOP_NOTE_RE, TEMP_STOP_NOTE_RE, WRITER_LOCK_RE)
 """The names of what a Recorder leaves in a run's steps/ folder."""
 _TEMP_MANIFEST_RE = re.compile(rf"^\.{re.escape(MANIFEST_NAME)}\.tmp-[0-9a-f-]+\Z")
-"""A manifest a killed Recorder left half-written (`_setup._write_manifest`)."""
+"""A manifest a killed Recorder left half-written (`_manifest_edits._write_manifest`)."""
 
 
 def _run_files(run: Path) -> list[Path]:

@@ -24,8 +24,8 @@ from verl.workers.config import ActorConfig
 
 from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.dump._manifest_edits import change_manifest
 from stabledrl_cli.dump._policy import policy_entry
-from stabledrl_cli.dump._setup import change_manifest
 from stabledrl_cli.errors import UsageError, warn
 from stabledrl_cli.integrations._verl_capture import (
     Groups,

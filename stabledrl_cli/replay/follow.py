@@ -19,6 +19,7 @@ import numpy as np
 from stabledrl_cli.dump import Finding, Run, RunIntegrityWarning, open_run
 from stabledrl_cli.dump._integrity import missing_count
 from stabledrl_cli.dump._live import in_flight, stopped_ranks
+from stabledrl_cli.dump._manifest_edits import closed_ranks, manifest_now
 from stabledrl_cli.dump._open import run_to_come
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
@@ -30,7 +31,6 @@ from stabledrl_cli.dump._schema import (
     canonical_step,
     stops_by_rank,
 )
-from stabledrl_cli.dump._setup import closed_ranks, manifest_now
 from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.dump._views import ReadSteps, StepSubset
 from stabledrl_cli.errors import InputError

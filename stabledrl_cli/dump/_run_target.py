@@ -1,0 +1,95 @@
+"""Whether a path can take a run: a directory or nothing there, nothing in the way of its
+steps or manifest, no other tool's manifest that replacing a run would overwrite; and the
+file browser's files (`os_file`: .DS_Store...) that make no folder a run's."""
+
+from __future__ import annotations
+
+import os
+from contextlib import suppress
+from pathlib import Path
+
+from stabledrl_cli._atomic import write_error
+from stabledrl_cli.dump._manifest_edits import manifest_now
+from stabledrl_cli.dump._schema import (
+    MANIFEST_NAME,
+    OS_FILE_RE,
+    RUN_KIND,
+    STEPS_DIR,
+)
+from stabledrl_cli.errors import InputError, UsageError
+
+
+def os_file(entry: Path) -> bool:
+    """Whether `entry` is a file browser's file (`OS_FILE_RE`), not a folder so named."""
+    return bool(OS_FILE_RE.match(entry.name)) and (entry.is_symlink() or not entry.is_dir())
+
+
+def directory_or_nothing(path: Path, named: str) -> bool:
+    """Whether `path` is a directory (False: nothing is there). UsageError naming it as
+    `named` when something else is in the way (a file, a symlink to nothing: `_in_the_way`
+    says which), WriteError when the system cannot tell (a name longer than the file system
+    takes, ...). The path is looked for before it is asked whether it is a directory: another
+    rank of the run may make the directory in between, and what was not there then is no file
+    in the way."""
+    exists = os.path.lexists(path)
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    if exists and not is_dir:
+        raise UsageError(f"{named} {_in_the_way(path)}")
+    return is_dir
+
+
+def _in_the_way(path: Path) -> str:
+    """What is at `path` where a directory goes, said after its name: a symlink whose target
+    is missing (`ln -s /nonexistent/x out`) is said to be one, not a thing that exists."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        with suppress(OSError):  # gone meanwhile, or made no link by another process
+            return f"is a symlink to {os.readlink(path)}, which does not exist"
+    except OSError:  # a symlink loop, ...: something is there, and no directory
+        pass
+    return "exists and is not a directory"
+
+
+def in_the_way(path: Path) -> tuple[Path, bool] | None:
+    """The first of the run directory `path`'s `steps` and manifest that is there as what no
+    run can be written into: a file where `steps` goes, a directory where the manifest goes
+    (a symlink is left to the readers and writers, which refuse it themselves); with whether a
+    directory goes there. None when neither is in the way."""
+    for name, folder in ((STEPS_DIR, True), (MANIFEST_NAME, False)):
+        place = path / name
+        if os.path.lexists(place) and not os.path.islink(place) and place.is_dir() != folder:
+            return place, folder
+    return None
+
+
+def check_replaceable(path: Path) -> None:
+    """UsageError when the directory `path` holds another tool's manifest.json (JSON that is
+    no stabledrl run's manifest: an object of another kind, a list, a number...): replacing a
+    run rewrites its manifest, and never overwrites that. A manifest that cannot be read as
+    JSON (a damaged run's, a FIFO or a link put in its place) is a run's to replace. So is a
+    UsageError a `steps` that is no directory (a file) or a manifest that is one: the new run
+    could not be written there, and replacing a run removes its files, never another."""
+    found = in_the_way(path)
+    if found is not None:
+        place, folder = found
+        kept = "step files" if folder else "manifest"
+        raise UsageError(
+            f"{place}: not a {'directory' if folder else 'file'} (where a run keeps its "
+            f"{kept}); replacing a run never removes it: remove it, or record elsewhere"
+        )
+    try:
+        if manifest_now(path).get("format") == RUN_KIND:
+            return
+    except InputError:
+        return
+    except ValueError:  # JSON, but no object: no Recorder wrote it
+        pass
+    where = path / MANIFEST_NAME
+    raise UsageError(
+        f"{where} is not a stabledrl run's manifest: replacing a run would overwrite it; "
+        "remove it, or record elsewhere"
+    )
