@@ -33,12 +33,13 @@ from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.dump._manifest_edits import amend_manifest
 from stabledrl_cli.dump._policy import policy_entry
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.replay import follow, incremental
+from stabledrl_cli.replay import follow, incremental, rank_files, watched_manifest
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import NothingToReplay, replay_run
-from stabledrl_cli.replay.follow import RunWatcher, WatchState
+from stabledrl_cli.replay.follow import RunWatcher
 from stabledrl_cli.replay.observed import observe
 from stabledrl_cli.replay.recorded import recorded_run
+from stabledrl_cli.replay.watch_state import WatchState
 
 CPU = ReplayConfig(device="cpu")
 HANG_SECONDS = 60.0
@@ -792,15 +793,15 @@ def test_a_manifest_removed_as_the_watcher_opens_the_run_is_waited_for(
     the watch starts): the watcher waits, as for a path with no manifest yet. It raised
     FileNotFoundError (an internal error, exit 70)."""
     live = _landed_40(grpo_fixture, tmp_path)
-    real_key = follow.file_key
+    real_key = watched_manifest.file_key
 
     def gone(st: os.stat_result) -> tuple[int, int, int]:
         raise FileNotFoundError(2, "No such file or directory")
 
-    monkeypatch.setattr(follow, "file_key", gone)
+    monkeypatch.setattr(watched_manifest, "file_key", gone)
     watcher = RunWatcher(live, CPU, recent=3)
     assert watcher.poll() == [] and "manifest.json" in (watcher.state().waiting or "")
-    monkeypatch.setattr(follow, "file_key", real_key)
+    monkeypatch.setattr(watched_manifest, "file_key", real_key)
     watcher.poll()
     assert watcher.state().steps == 40
 
@@ -1699,13 +1700,13 @@ def test_rank_progress_parses_only_the_names_new_to_the_folder(tmp_path, monkeyp
     since the last one (a run of 20,000 steps of 8 ranks holds 160,000 names), and a name gone
     (a rank's files removed by its relaunch) has the folder counted again."""
     parsed: list[str] = []
-    parse = follow.canonical_step
+    parse = rank_files.canonical_step
 
     def counted(name: str) -> tuple[int, int] | None:
         parsed.append(name)
         return parse(name)
 
-    monkeypatch.setattr(follow, "canonical_step", counted)
+    monkeypatch.setattr(rank_files, "canonical_step", counted)
     run = _two_rank_run(tmp_path / "run", {0: range(6), 1: range(4)})
     watcher = RunWatcher(run, CPU)
     watcher.poll()

@@ -76,15 +76,12 @@ from stabledrl_cli.replay.run_facts import (
 from stabledrl_cli.spec import wrap_spec
 
 if TYPE_CHECKING:
-    from stabledrl_cli.replay.follow import (
-        Alert,
-        PolicyChange,
-        RankProgress,
-        RunWatcher,
-        WatchState,
-        WritersEnd,
-    )
+    from stabledrl_cli.replay.alerts import Alert
+    from stabledrl_cli.replay.follow import PolicyChange, RunWatcher
     from stabledrl_cli.replay.incremental import OwnReplay
+    from stabledrl_cli.replay.rank_files import RankProgress
+    from stabledrl_cli.replay.watch_state import WatchState
+    from stabledrl_cli.replay.writers import WritersEnd
 
 STEPS_LISTED = 8
 """Steps named per list in the view (JSON has them all)."""
