@@ -15,7 +15,7 @@ from stabledrl_cli.cli import check
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import MAX_POLICIES
-from stabledrl_cli.replay.baseline import load_baseline
+from stabledrl_cli.replay.baseline_read import load_baseline
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "grpo"
 

@@ -21,13 +21,9 @@ from stabledrl_cli._json import parse_strict
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import WriteError
 from stabledrl_cli.replay import columns, config
-from stabledrl_cli.replay.baseline import (
-    BASELINE_SCHEMA,
-    Tolerance,
-    baseline_text,
-    load_baseline,
-    write_baseline,
-)
+from stabledrl_cli.replay.baseline import BASELINE_SCHEMA, Tolerance
+from stabledrl_cli.replay.baseline_read import load_baseline
+from stabledrl_cli.replay.baseline_write import baseline_text, write_baseline
 from stabledrl_cli.replay.figures import RUN_METRICS, policy_metrics
 from stabledrl_cli.replay.gate import Gates, _absolute, _regression, _unjudged_gate
 from stabledrl_cli.replay.junit import junit_xml, write_junit

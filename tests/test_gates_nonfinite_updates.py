@@ -12,12 +12,9 @@ from typer.testing import CliRunner
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.replay import columns
-from stabledrl_cli.replay.baseline import (
-    baseline_dict,
-    check_settings,
-    load_baseline,
-    write_baseline,
-)
+from stabledrl_cli.replay.baseline import check_settings
+from stabledrl_cli.replay.baseline_read import load_baseline
+from stabledrl_cli.replay.baseline_write import baseline_dict, write_baseline
 from stabledrl_cli.replay.engine import replay
 from stabledrl_cli.replay.gate import Gates, _absolute, evaluate
 

@@ -27,12 +27,9 @@ from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies import STANDARD_CATALOGUE, PolicyBatch, get_policy
 from stabledrl_cli.replay import columns, engine, stream
-from stabledrl_cli.replay.baseline import (
-    baseline_dict,
-    check_settings,
-    load_baseline,
-    write_baseline,
-)
+from stabledrl_cli.replay.baseline import check_settings
+from stabledrl_cli.replay.baseline_read import load_baseline
+from stabledrl_cli.replay.baseline_write import baseline_dict, write_baseline
 from stabledrl_cli.replay.config import ReplayConfig, parse_size, parse_step_range
 from stabledrl_cli.replay.detectors import drift_flags, rolling_mean
 from stabledrl_cli.replay.engine import replay_run

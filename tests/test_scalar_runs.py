@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import pack_run
-from stabledrl_cli.replay.baseline import load_baseline
+from stabledrl_cli.replay.baseline_read import load_baseline
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

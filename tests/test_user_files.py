@@ -24,7 +24,7 @@ from stabledrl_cli._atomic import output_path, write_output
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import WriteError
-from stabledrl_cli.replay import baseline as baseline_module
+from stabledrl_cli.replay import baseline_file
 
 runner = CliRunner()
 QUICK = 60.0
@@ -98,7 +98,7 @@ def test_a_baseline_from_a_shells_process_substitution_is_read(run, tmp_path):
 
 
 def test_a_baseline_pipe_whose_writer_never_ends_is_refused(run, tmp_path, monkeypatch):
-    monkeypatch.setattr(baseline_module, "PIPE_SECONDS", 0.3)
+    monkeypatch.setattr(baseline_file, "PIPE_SECONDS", 0.3)
     fifo = tmp_path / "baseline.json"
     os.mkfifo(fifo)
     writer = os.open(fifo, os.O_RDWR)  # holds the FIFO open for writing, writes nothing

@@ -81,14 +81,9 @@ from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay._format import format_figure
-from stabledrl_cli.replay.baseline import (
-    Baseline,
-    baseline_dict,
-    baseline_figure,
-    check_settings,
-    load_baseline,
-    write_baseline,
-)
+from stabledrl_cli.replay.baseline import Baseline, check_settings
+from stabledrl_cli.replay.baseline_read import load_baseline
+from stabledrl_cli.replay.baseline_write import baseline_dict, baseline_figure, write_baseline
 from stabledrl_cli.replay.config import (
     DEFAULT_SPIKE_FACTOR,
     ReplayConfig,
