@@ -736,7 +736,7 @@ def _step_in_unwritten_chunks(width: int) -> Callable[[h5py.File], None]:
     return change
 
 
-def _unwritten_tail(name: str, entries: int) -> Callable[[h5py.File], None]:
+def unwritten_tail(name: str, entries: int) -> Callable[[h5py.File], None]:
     """Data dataset `name` (1-byte values) in 1-entry chunks, followed by `entries` more that
     no step holds and were never written: an integrity check that read every chunk took 33 s
     and 350 MB at 2**21 of them, in a 48 KB archive."""
@@ -987,7 +987,7 @@ CASES: list[Case] = [
     Case("archive_data_chunk_never_written_replay", _archive_case(_chunk_never_written("ragged/token_ids/data", 16)), "replay", 0),
     Case("archive_index_chunk_never_written", _archive_case(_chunk_never_written("steps/num_tokens", 3)), "replay", 3),
     Case("archive_step_in_unwritten_chunks", _archive_case(_step_in_unwritten_chunks(100_000)), "inspect", 0, "unreadable"),
-    Case("archive_unwritten_chunks_past_the_steps", _archive_case(_unwritten_tail("tokens/mask", 1 << 22)), "inspect", 0),
+    Case("archive_unwritten_chunks_past_the_steps", _archive_case(unwritten_tail("tokens/mask", 1 << 22)), "inspect", 0),
     Case("archive_contiguous_dataset_past_the_file", _archive_case(lambda h: h.create_dataset("later/values", shape=(6_000_000,), dtype="f8")), "inspect", 3),
     Case("archive_unknown_dataset_of_unwritten_chunks", _archive_case(_unknown_grid_of_unwritten_chunks), "inspect", 0),
     Case("archive_data_filter_not_installed", filter_not_installed("tokens/mask"), "inspect", 3),

@@ -274,12 +274,17 @@ def chunks_unwritten(dataset: h5py.h5d.DatasetID) -> bool:
     be counted: the reader meets that too). Such a chunk reads as the fill value, unchecked,
     and costs libhdf5 kilobytes when a read spans it: a 52 KB archive declaring 400,000
     1-entry chunks made one read of them take 2.8 GB."""
-    shape, chunk = dataset.shape, dataset.get_create_plist().get_chunk()
-    declared = math.prod(-(-size // width) for size, width in zip(shape, chunk, strict=True))
     try:
-        return bool(dataset.get_num_chunks() < declared)
+        return counted_unwritten(dataset)
     except H5_ERRORS:
         return False
+
+
+def counted_unwritten(dataset: h5py.h5d.DatasetID) -> bool:
+    """`chunks_unwritten`, an h5py error when the chunk index cannot be counted."""
+    shape, chunk = dataset.shape, dataset.get_create_plist().get_chunk()
+    declared = math.prod(-(-size // width) for size, width in zip(shape, chunk, strict=True))
+    return bool(dataset.get_num_chunks() < declared)
 
 
 def _chunk_at(info: h5py.h5d.StoreInfo) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from stabledrl_cli._json import parse_strict
-from stabledrl_cli.dump._archive_checks import CRC_ATTR
+from stabledrl_cli.dump._archive_checks import CRC_ATTR, H5_ERRORS
 from stabledrl_cli.dump._archive_chunks import chunk_count, written_chunks
 from stabledrl_cli.dump._archive_file import ArchiveFile
 from stabledrl_cli.dump._integrity import Finding
@@ -75,6 +75,9 @@ class ArchiveIndex(ArchiveFile):
         """Per chunked data dataset, the indexes of its written chunks (`written_chunks`): a
         step whose slice lies in another holds no data, and the integrity check reads these
         without walking the chunk index again."""
+        self._unindexed: dict[str, str] = {}
+        """Per chunked data dataset whose chunk index cannot be walked, h5py's error: every
+        step holding data there is unreadable, and none of its chunks is read."""
         handle, location = self._file, self.location
         manifest = parse_manifest(self._text("manifest", MANIFEST_LIMIT), f"{location} (manifest)")
         check_manifest(manifest, f"{location} (manifest)")
@@ -266,7 +269,11 @@ class ArchiveIndex(ArchiveFile):
                 continue
             dataset = self._dataset(where)
             self._require_type(where, dataset.dtype, dataset.shape, spec.dtypes, 1)
-            written = written_chunks(dataset)
+            try:
+                written = written_chunks(dataset)
+            except H5_ERRORS as exc:
+                self._unindexed[where] = str(exc)
+                written = None
             if written is not None:
                 self._written[where] = written
             crcs = checksums_dataset(where)

@@ -118,6 +118,12 @@ class ArchiveMarks(ArchiveIndex):
                     self._present.get(name, absent) & self._unwritten(where, starts),
                     f"its {name} lies in chunks of {where} never written",
                 )
+            if where in self._unindexed and (starts := self._offsets_of(where)) is not None:
+                mark(
+                    self._holds(where, starts),
+                    f"its {name} lies in {where}, whose chunk index cannot be read "
+                    f"({self._unindexed[where]})",
+                )
         for index, why in sorted(reasons.items()):
             self._bad[index] = StepReadError("unreadable", why)
             if self._all_bad is None:

@@ -220,11 +220,12 @@ class ArchiveRun(ArchiveMarks):
     def _check_all_chunks(self) -> list[Finding]:
         """Reads every chunk of every dataset that was not read already (an index or text read
         whole at opening, a chunk a step's read decoded); a bad one marks the steps whose data
-        it holds (a dataset that cannot even be opened or listed: every step it holds). A
+        it holds (a dataset that cannot even be opened or listed: every step it holds; a data
+        dataset whose chunk index cannot be walked is not read: opening marked its steps). A
         dataset with per-step CRC-32s is read step slice by step slice (`_check_steps`)."""
         findings = []
         for name in self._datasets:
-            if name in self._read_whole:
+            if name in self._read_whole or name in self._unindexed:
                 continue
             if name in self._step_crcs:
                 findings.extend(self._check_steps(name))
