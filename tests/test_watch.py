@@ -1792,7 +1792,7 @@ def test_the_live_view_keeps_the_newest_steps_on_a_short_terminal(tmp_path, monk
     assert result.exit_code == 130, result.output
     # the view as last drawn before the first wait: an alert printed above the live view (NaN
     # at step 12) has it drawn again below, so the screen holds it more than once
-    view = drawn[0][drawn[0].rindex("stabledrl watch ") :]
+    view = drawn[0][drawn[0].rindex("stabledrl watch") :]
     rows = [line.split()[0] for line in view.splitlines() if "│" in line]
     assert rows[-1] == "19" and "..." not in view, view
     assert 0 < len(rows) < 10

@@ -42,8 +42,8 @@ from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.errors import InputError, UsageError, quoted
 
 # Each open dataset's chunk cache: steps are read in order, so consecutive steps share at most
-# the chunk on their boundary (up to 256 KiB: `_packer`); 1 MiB holds it with room to spare.
-# 8 MiB was no faster on any benchmark run and cost 45-60 MB of peak memory.
+# the chunk on their boundary (up to 256 KiB: `_pack_column`); 1 MiB holds it with room to
+# spare. 8 MiB was no faster on any benchmark run and cost 45-60 MB of peak memory.
 _CHUNK_CACHE_BYTES = 1 << 20
 
 
