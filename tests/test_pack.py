@@ -1127,7 +1127,9 @@ def test_a_field_recorded_narrower_then_wider_is_widened_and_replays_as_its_dire
     result = runner.invoke(app, ["pack", str(run), str(out), "--compression", compression])
     assert result.exit_code == 0, result.output
     with h5py.File(out, "r") as handle:
-        assert handle["ragged/unit_grad_sketch/data"].dtype == np.float32
+        data = handle["ragged/unit_grad_sketch/data"]
+        assert data.dtype == np.float32
+        assert data.chunks[0] <= 2 * chunk  # chunks of `chunk`, float32 uncompressed 2 x 16
         assert [n for n in handle["ragged/unit_grad_sketch"]] == ["data", "shape", "step_offsets"]
     source, archive = open_run(run), open_run(out)
     for a, b in zip(source.steps(), archive.steps(), strict=True):
@@ -1212,6 +1214,8 @@ def test_the_integrity_check_asks_a_dataset_its_chunks_not_once_a_chunk(tmp_path
             recorder.log_step(step, logp=logp, logp_old=logp + 0.01, advantages=torch.ones(4))
     out = tmp_path / "run.h5"
     pack_run(run, out, compression="small")
+    with h5py.File(out, "r") as handle:
+        assert handle["tokens/logp"].chunks == (16,)  # 32 chunks a dataset
     asks = [0]
     chunks = h5py.Dataset.chunks
 

@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import time
 from collections.abc import Callable
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -126,12 +127,14 @@ def test_a_rank_never_waits_for_ever_for_a_lock_another_process_holds(tmp_path, 
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
         rank = multiprocessing.get_context("fork").Process(target=_amend_once, args=(tmp_path,))
+        began = time.monotonic()
         rank.start()
         rank.join(timeout=60)
         if rank.exitcode is None:
             rank.kill()
             rank.join()
         assert rank.exitcode == 0
+        assert time.monotonic() - began < 5  # LOCK_WAIT as patched, not its 10 s
     finally:
         os.close(holder)
     assert json.loads((tmp_path / "manifest.json").read_text())["rank_1"] == "written"
