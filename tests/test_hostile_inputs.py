@@ -590,12 +590,12 @@ def test_a_missing_optional_filter_one_chunk_went_through_is_refused(tmp_path: P
     _every_reader_refuses(bad, good, tmp_path, said)
 
 
-def _broken_chunk_index(archive: Path, name: str) -> None:
-    """Breaks the signature of the B-tree node that makes dataset `name`'s chunk index (a
-    node of type 1: chunks)."""
+def _broken_chunk_index(archive: Path, name: str, *, last: bool = False) -> None:
+    """Breaks the signature of the first (else the `last`) B-tree node of dataset `name`'s
+    chunk index (a node of type 1: chunks) that leaves it uncountable."""
     raw = archive.read_bytes()
-    at = -1
-    while (at := raw.find(b"TREE\x01", at + 1)) >= 0:
+    nodes = [at.start() for at in re.finditer(b"TREE\x01", raw)]
+    for at in reversed(nodes) if last else nodes:
         archive.write_bytes(raw[:at] + b"XREE" + raw[at + 4 :])
         with h5py.File(archive) as handle:
             try:
@@ -613,7 +613,7 @@ def test_a_data_chunk_index_that_cannot_be_read_skips_its_steps_reading_no_chunk
     read each, a finding a chunk. A 48 KB archive declaring 40 million 1-byte chunks took
     over 300 s and 11 GB to inspect; now its steps are skipped at opening, and no chunk of it
     is read."""
-    archive = edit_archive(tmp_path, unwritten_tail("tokens/mask", 50_000))
+    archive = edit_archive(tmp_path, unwritten_tail("tokens/mask", 500_000))
     _broken_chunk_index(archive, "tokens/mask")
     reads: list[object] = []
     real = h5py.Dataset.__getitem__
@@ -628,6 +628,38 @@ def test_a_data_chunk_index_that_cannot_be_read_skips_its_steps_reading_no_chunk
         "(Can't get number of chunks (wrong B-tree signature))"
         for step in range(4)
     ]
+
+
+def _written_tail(handle: h5py.File) -> None:
+    """tokens/mask in 1-entry chunks, 2,000 more after the steps' written too: its chunk
+    index a B-tree of several nodes."""
+    values = handle["tokens/mask"][()]
+    replace_dataset(
+        handle,
+        "tokens/mask",
+        data=np.concatenate([values, np.ones(2000, values.dtype)]),
+        chunks=(1,),
+        compression="gzip",
+        fletcher32=True,
+    )
+
+
+def test_a_damaged_node_of_an_honest_chunk_index_loses_only_the_chunks_it_held(
+    tmp_path: Path,
+) -> None:
+    """One damaged node of a data dataset's chunk index, in a file that can hold every chunk
+    the dataset declares, skipped every step holding data there (4 of 4 here, each of whose
+    chunks reads): the chunks it held are the findings, the steps read."""
+    archive = edit_archive(tmp_path, _written_tail)
+    _broken_chunk_index(archive, "tokens/mask", last=True)
+    with open_run(archive) as run:
+        assert run.step_numbers == [0, 1, 2, 3]
+        findings = run.integrity.findings
+    assert findings
+    assert all(
+        f.step is None and f.message.startswith("archive dataset tokens/mask (a corrupt chunk")
+        for f in findings
+    ), findings[0]
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,9 @@ def written_chunks(dataset: h5py.Dataset) -> np.ndarray | None:
     """The indexes of a chunked one-dimensional dataset's written chunks, ascending: all of
     them, or, when it has chunks never written (pack leaves unwritten the chunks of steps
     without the field), those its chunk index lists; None for any other dataset. An h5py
-    error when its chunk index cannot be counted or walked (`H5_ERRORS`): the chunks its
-    shape declares are then not listed (a crafted 48 KB archive declares 54 million)."""
+    error when its chunk index cannot be walked, or counted in a file too small to hold the
+    chunks its shape declares (`counted_unwritten`): they are then not listed (a crafted
+    48 KB archive declares 54 million)."""
     count = chunk_count(dataset)
     if count is None:
         return None
@@ -37,8 +38,7 @@ def written_chunks(dataset: h5py.Dataset) -> np.ndarray | None:
 def chunks_to_check(dataset: h5py.Dataset) -> list[tuple[slice, ...]]:
     """The selections the integrity check reads of a dataset not read whole: each written
     chunk (one never written holds no data, and costs libhdf5 kilobytes to read), or the
-    whole of an unchunked one; an h5py error when its chunk index cannot be counted or
-    walked."""
+    whole of an unchunked one; an h5py error as `written_chunks` raises it."""
     if not dataset.chunks:
         return [()]
     if not counted_unwritten(dataset.id):
