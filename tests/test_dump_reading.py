@@ -505,3 +505,24 @@ def test_a_url_runs_partial_steps_read_one_by_one_list_the_store_a_few_times(tmp
     assert run.step(0).num_sequences == 2
     for recorder in ranks:
         recorder.close()
+
+
+def test_a_url_runs_step_a_rank_wrote_after_the_listing_reads_whole(tmp_path, monkeypatch):
+    """A step of a live URL run that the last listing held partial, its other rank's file
+    written since: `run.step(n)` said 'no file for rank(s) [1]' until that listing was
+    RELIST_AFTER times as old as it took (84 ms after an 8 ms listing), where it read whole
+    before. The missing rank's file is looked up: there, the store is listed again."""
+    from stabledrl_cli.dump import _remote
+
+    path = tmp_path / "run"
+    batch = {"logp": [-1.0], "logp_old": [-1.0], "advantages": [1.0]}
+    ranks = [sd.Recorder(path, world_size=2, rank=r, unit="sequence") for r in (0, 1)]
+    ranks[0].log_step(0, **batch)
+    monkeypatch.setattr(_remote, "RELIST_AFTER", 1e9)  # never as old, however slow this is
+    run = sd.open_run(f"file://{path}")
+    assert run.listed_step_numbers == [0]
+    assert run.listed_partial_steps.keys() == {0}
+    ranks[1].log_step(0, **batch)
+    assert run.step(0).num_sequences == 2
+    for recorder in ranks:
+        recorder.close()

@@ -428,13 +428,16 @@ class DirectoryRun(Run):
         directory is listed again (a rank may have written its file since; for a step the
         listing holds partial, when `_relisting_due`), the listing `step` then reads it from."""
         listed = self._listing.finals.get(n)
-        if listed is not None and (len(listed) == self.world_size or not self._relisting_due()):
+        if listed is not None and (
+            len(listed) == self.world_size or not self._relisting_due(n, listed)
+        ):
             return True
         return n in self._scan().finals
 
-    def _relisting_due(self) -> bool:
-        """Whether a step the last listing holds partial is worth listing the directory again
-        for: always here, where a directory unchanged is not listed again (`_stamp`)."""
+    def _relisting_due(self, n: int, listed: dict[int, Path]) -> bool:
+        """Whether step `n`, whose files of ranks `listed` the last listing holds, is worth
+        listing the directory again for: always here, where a directory unchanged is not
+        listed again (`_stamp`)."""
         return True
 
     def _step_findings(self, listing: Listing, *, deep: bool) -> list[Finding]:

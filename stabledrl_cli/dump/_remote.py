@@ -49,7 +49,9 @@ from stabledrl_cli.dump._schema import (
     HDF5_SIGNATURE,
     MANIFEST_LIMIT,
     MANIFEST_NAME,
+    STEPS_DIR,
     STOP_NOTE_LIMIT,
+    step_file_name,
 )
 from stabledrl_cli.dump._stfile import (
     HEADER_LIMIT,
@@ -341,13 +343,21 @@ class RemoteRun(_AtUrl, DirectoryRun):
         self._listed = started, time.monotonic() - started
         return listing
 
-    def _relisting_due(self) -> bool:
+    def _relisting_due(self, n: int, listed: dict[int, Path]) -> bool:
         """A store is listed whole each time (it has no `_stamp`): a step the last listing
         holds partial has it listed again once that listing is RELIST_AFTER times as old as
-        it took, so reading a dead rank's partial steps one by one spends about a tenth of
-        its time listing, not one listing (a LIST request) a step."""
+        it took, or once a missing rank's file is there (one lookup a rank), so reading a
+        dead rank's partial steps one by one spends about a tenth of its time listing, not
+        one listing (a LIST request) a step, and a live run's step reads whole."""
         started, took = self._listed
-        return time.monotonic() - started >= RELIST_AFTER * took
+        if time.monotonic() - started >= RELIST_AFTER * took:
+            return True
+        steps = self.path / STEPS_DIR
+        return any(
+            self._exists(steps / step_file_name(n, rank, self.world_size))
+            for rank in range(self.world_size)
+            if rank not in listed
+        )
 
     def _file_key(self, path: Path) -> FileKey:
         return _file_key(self._info(path))
