@@ -25,11 +25,9 @@ file is a finding, never read); nothing read from a run names another location.
 from __future__ import annotations
 
 import io
-import math
 import os
 import re
 import struct
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import replace
@@ -42,7 +40,6 @@ from stabledrl_cli._url import URL_RE, redacted, redacted_in
 from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._integrity import StepReadError
-from stabledrl_cli.dump._listing import Listing
 from stabledrl_cli.dump._run import Run
 from stabledrl_cli.dump._run_files import symlink_refused
 from stabledrl_cli.dump._schema import (
@@ -85,10 +82,6 @@ UNCHECKED_WHOLE_READ = 64 << 20
 """Bytes of a step file read whole in one request before its header is read: a larger one's
 header is read first, and the file only if it holds what the header says (a file padded past
 its data is never loaded: a few GB of zeros after a 1 KB step)."""
-RELIST_AFTER = 10
-"""A listing of a store is redone for a step it held partial once it is this many times as
-old as it took (`RemoteRun._relisting_due`): at most about a tenth of a reading loop's time
-goes to listing a run with a dead rank again."""
 
 
 def url_filesystem(url: str) -> tuple[Any, str]:
@@ -265,8 +258,6 @@ class RemoteRun(_AtUrl, DirectoryRun):
         self.fs = _FailingAsOSError(fs)
         self._infos: dict[str, dict[str, Any]] = {}
         """File path -> what the last listing said of it."""
-        self._listed = (-math.inf, 0.0)
-        """When the last listing started (time.monotonic) and the seconds it took."""
         super().__init__(Path(root), verify=verify)
 
     def recorder_states(self) -> dict[int, WriterState] | None:
@@ -337,21 +328,11 @@ class RemoteRun(_AtUrl, DirectoryRun):
     def _stamp(self, directory: Path) -> object | None:
         return None
 
-    def _scan(self) -> Listing:
-        started = time.monotonic()
-        listing = super()._scan()
-        self._listed = started, time.monotonic() - started
-        return listing
-
     def _relisting_due(self, n: int, listed: dict[int, Path]) -> bool:
         """A store is listed whole each time (it has no `_stamp`): a step the last listing
-        holds partial has it listed again once that listing is RELIST_AFTER times as old as
-        it took, or once a missing rank's file is there (one lookup a rank), so reading a
-        dead rank's partial steps one by one spends about a tenth of its time listing, not
-        one listing (a LIST request) a step, and a live run's step reads whole."""
-        started, took = self._listed
-        if time.monotonic() - started >= RELIST_AFTER * took:
-            return True
+        holds partial has it listed again only once a missing rank's file is there (one lookup
+        a rank), so a live run's step reads whole, and reading a dead rank's partial steps one
+        by one costs no listing (a LIST request) a step."""
         steps = self.path / STEPS_DIR
         return any(
             self._exists(steps / step_file_name(n, rank, self.world_size))
