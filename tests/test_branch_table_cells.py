@@ -20,7 +20,7 @@ from rich.console import Console
 
 from stabledrl_cli.branching import BranchOutcome, BranchReport
 from stabledrl_cli.cli.branch import _HEADERS, _table
-from stabledrl_cli.replay.report import print_fitted, print_whole
+from stabledrl_cli.tables import print_fitted, print_whole
 
 SPECS = [
     "dapo:eps_low=0.15",

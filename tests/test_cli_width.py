@@ -21,8 +21,8 @@ from stabledrl_cli.cli.app import app
 from stabledrl_cli.cli.inspect import series_table
 from stabledrl_cli.replay.gate import GateResult
 from stabledrl_cli.replay.recorded import SeriesStats
-from stabledrl_cli.replay.report import print_fitted
 from stabledrl_cli.spec import format_value
+from stabledrl_cli.tables import print_fitted
 
 WIDTHS = (80, 120, 250)
 runner = CliRunner()

@@ -28,14 +28,14 @@ from stabledrl_cli.errors import InputError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS
 from stabledrl_cli.replay._format import format_steps
 from stabledrl_cli.replay.config import MAX_THREADS
-from stabledrl_cli.replay.report import (
+from stabledrl_cli.replay.report import unjudged_lines
+from stabledrl_cli.tables import (
     fold_specs,
     print_fitted,
     print_legend,
     shared_widths,
     spec_room,
     stacked_width,
-    unjudged_lines,
 )
 
 LIST_LIMIT = 8

@@ -96,13 +96,6 @@ from stabledrl_cli.replay.junit import write_junit
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.plot import plot_replay
 from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
-from stabledrl_cli.replay.report import (
-    fold_specs,
-    print_fitted,
-    print_legend,
-    spec_room,
-    stacked_width,
-)
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import (
     is_scalar_run,
@@ -115,6 +108,7 @@ from stabledrl_cli.replay.run_facts import (
     steps_skipped,
 )
 from stabledrl_cli.spec import wrap_spec
+from stabledrl_cli.tables import fold_specs, print_fitted, print_legend, spec_room, stacked_width
 
 _BORDERS = 1  # the table's left edge; each column adds its right edge and padding
 _CELL_PADDING = 3

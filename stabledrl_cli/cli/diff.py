@@ -35,7 +35,7 @@ from stabledrl_cli.replay.diff import (
     Parting,
     diff_runs,
 )
-from stabledrl_cli.replay.report import print_fitted
+from stabledrl_cli.tables import print_fitted
 from stabledrl_cli.vocab import DiffKind
 
 KIND_NAMES: dict[DiffKind, str] = {

@@ -30,14 +30,8 @@ from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, SketchWidth, summarize
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import SeriesStats
-from stabledrl_cli.replay.report import (
-    fold_specs,
-    print_fitted,
-    print_title,
-    spec_room,
-    stacked_width,
-)
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
+from stabledrl_cli.tables import fold_specs, print_fitted, print_title, spec_room, stacked_width
 
 LIST_LIMIT = 20
 """Step lists, and integrity rows, longer than this are cut in the table (JSON has them

@@ -47,15 +47,9 @@ from stabledrl_cli.replay.config import (
     parse_size,
     replay_config,
 )
-from stabledrl_cli.replay.report import (
-    fold_specs,
-    print_fitted,
-    print_legend,
-    spec_room,
-    stacked_width,
-)
 from stabledrl_cli.replay.run_facts import print_own_policy_note
 from stabledrl_cli.spec import wrap_line
+from stabledrl_cli.tables import fold_specs, print_fitted, print_legend, spec_room, stacked_width
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
 from stabledrl_cli.tune.grid import SWEEP_SYNTAX, expand_all
 

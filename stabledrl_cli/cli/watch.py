@@ -65,7 +65,6 @@ from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
 from stabledrl_cli.replay.inspection import group_findings
-from stabledrl_cli.replay.report import stack_headers
 from stabledrl_cli.replay.run_facts import (
     DAMAGED_KINDS,
     print_own_policy_note,
@@ -74,6 +73,7 @@ from stabledrl_cli.replay.run_facts import (
     whole_run_refusal,
 )
 from stabledrl_cli.spec import wrap_spec
+from stabledrl_cli.tables import stack_headers
 
 if TYPE_CHECKING:
     from stabledrl_cli.replay.alerts import Alert
