@@ -159,7 +159,8 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 @contextlib.contextmanager
 def _serving(handler) -> Iterator[str]:
     server = _QuietServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for the loop's next poll: 0.5 s by default, a second a test of two servers
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
