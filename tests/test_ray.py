@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from _corpus import seq_id_past_int32, tiny_run
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
@@ -486,31 +486,44 @@ def test_an_empty_ray_address_is_a_usage_error(tmp_path, command):
     assert result.stdout == ""
 
 
-def _replay_in_a_process(
-    args: list[str], timeout: float = 300, address: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """`stabledrl replay ARGS` in a process of its own, with `address` as RAY_ADDRESS."""
+def _replay_in_a_process(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`stabledrl replay ARGS` in a process of its own, RAY_ADDRESS unset."""
     env = {**os.environ, "NO_COLOR": "1"}
     env.pop("RAY_ADDRESS", None)
-    if address is not None:
-        env["RAY_ADDRESS"] = address
     return subprocess.run(
         [sys.executable, "-m", "stabledrl_cli", "replay", *args],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=300,
         cwd=REPO,
         env=env,
     )
 
 
-def test_a_local_cluster_of_more_workers_than_cpus_is_refused(synthetic):
+def _replay_refused_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], address: str | None = None
+) -> Result:
+    """`stabledrl replay ARGS` in this process as in one with no cluster yet (the module's may
+    run), with `address` as RAY_ADDRESS; asserts that Ray was never started or joined."""
+    ray = pytest.importorskip("ray", reason=NO_RAY)
+    starts: list[object] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: starts.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if address is not None:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    result = runner.invoke(app, ["replay", *args])
+    assert starts == [], result.output
+    return result
+
+
+def test_a_local_cluster_of_more_workers_than_cpus_is_refused(synthetic, monkeypatch):
     """Not a cluster of a process a worker on a 2-core machine: one line naming --workers as
     the command spells it, exit 2, no cluster."""
-    pytest.importorskip("ray", reason=NO_RAY)
     workers = len(os.sched_getaffinity(0)) + 1
-    done = _replay_in_a_process([str(synthetic), "--engine", "ray", "--workers", str(workers)])
-    assert done.returncode == 2, done.stderr
+    args = [str(synthetic), "--engine", "ray", "--workers", str(workers)]
+    done = _replay_refused_before_ray_starts(monkeypatch, args)
+    assert done.exit_code == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         f"error: --workers {workers}: a local Ray cluster runs one worker a CPU and this process "
         f"may use {workers - 1}; join a larger cluster with --ray-address (or RAY_ADDRESS)"
@@ -535,7 +548,8 @@ def test_more_workers_than_this_process_may_use_are_refused(monkeypatch):
 
 
 def test_an_address_that_refuses_is_a_usage_error(synthetic):
-    """Ray would retry it for minutes; the driver asks the address first."""
+    """Ray would retry it for minutes; the driver asks the address first. In a real process:
+    the exit code of a refused cluster as a shell sees it."""
     pytest.importorskip("ray", reason=NO_RAY)
     args = [str(synthetic), "--engine", "ray", "--ray-address", "127.0.0.1:1"]
     done = _replay_in_a_process(args)
@@ -546,10 +560,15 @@ def test_an_address_that_refuses_is_a_usage_error(synthetic):
     ), done.stderr
 
 
+class _QuietHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Not on stderr, which holds the command's own lines."""
+
+
 @pytest.fixture
 def http_port() -> Iterator[int]:
     """The port of an HTTP server (as the dashboard's 8265 is), serving on a thread."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _QuietHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server.server_address[1]
@@ -557,13 +576,15 @@ def http_port() -> Iterator[int]:
     server.server_close()
 
 
-def test_an_address_that_answers_as_another_server_is_a_usage_error(synthetic, http_port):
+def test_an_address_that_answers_as_another_server_is_a_usage_error(
+    synthetic, http_port, monkeypatch
+):
     """RAY_ADDRESS at the dashboard's HTTP port (or any server but Ray's) accepts the connection:
     Ray then waited on it for more than 5 minutes, printing a log line every few seconds."""
-    pytest.importorskip("ray", reason=NO_RAY)
     address = f"127.0.0.1:{http_port}"
-    done = _replay_in_a_process([str(synthetic), "--engine", "ray"], timeout=60, address=address)
-    assert done.returncode == 2, done.stderr
+    args = [str(synthetic), "--engine", "ray"]
+    done = _replay_refused_before_ray_starts(monkeypatch, args, address=address)
+    assert done.exit_code == 2, done.stderr
     assert done.stderr == (
         f"error: cannot join the Ray cluster at {address}: it answers, but not as Ray does "
         f"(gRPC); {ray_engine._RAY_PORTS}\n"
@@ -595,12 +616,11 @@ def test_a_cluster_address_passes_the_check(cluster):
         ("[::1", "Invalid IPv6 URL"),
     ],
 )
-def test_an_address_of_no_port_is_a_usage_error(synthetic, address, why):
+def test_an_address_of_no_port_is_a_usage_error(synthetic, address, why, monkeypatch):
     """Ray waits on a port out of range for minutes, and an unclosed IPv6 bracket was exit 70."""
-    pytest.importorskip("ray", reason=NO_RAY)
     args = [str(synthetic), "--engine", "ray", "--ray-address", address]
-    done = _replay_in_a_process(args, timeout=60)
-    assert done.returncode == 2, done.stderr
+    done = _replay_refused_before_ray_starts(monkeypatch, args)
+    assert done.exit_code == 2, done.stderr
     assert done.stderr == f"error: cannot join the Ray cluster at {address}: {why}\n"
 
 
@@ -620,17 +640,10 @@ def test_a_memory_run_is_refused_before_a_cluster_starts(synthetic):
 def test_cuda_without_a_gpu_is_refused_before_a_local_cluster_starts(synthetic, monkeypatch):
     """A new local cluster's node is this one: `--device cuda` where torch sees no GPU is the
     local replay's usage error, before Ray starts (it took ~10 s to start, then refuse)."""
-    ray = pytest.importorskip("ray", reason=NO_RAY)
-    starts: list[object] = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a process with no cluster yet
-    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: starts.append(kwargs))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    result = runner.invoke(
-        app, ["replay", str(synthetic), "--engine", "ray", "--workers", "1", "--device", "cuda"]
-    )
+    args = [str(synthetic), "--engine", "ray", "--workers", "1", "--device", "cuda"]
+    result = _replay_refused_before_ray_starts(monkeypatch, args)
     assert result.exit_code == 2, result.stderr
     assert result.stderr == "error: device 'cuda' was asked for, but torch sees no CUDA device\n"
-    assert starts == []
 
 
 def test_the_api_takes_an_engine_by_its_cli_name(synthetic):
