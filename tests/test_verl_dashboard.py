@@ -1,7 +1,10 @@
 """A verl recording against verl's own log of the same job (its file logger's JSON lines, as
 verl's trainer writes them, imported): the numbers stabledrl shows of the recording are
-comparable with verl's dashboard. verl's real FSDP2 engine is trained on CPU
-(verl_scripts/fsdp_engine_run.py, as tests/test_integration_verl.py runs it)."""
+comparable with verl's dashboard, and a recording is counted as the log counts it, a training
+step (a rollout) at a time: a baseline written from the imported log, `check`'s notes and
+`inspect` of a job blown up at its first update. verl's real FSDP2 engine is trained on CPU
+(verl_scripts/fsdp_engine_run.py, as tests/test_integration_verl.py runs it), the module's
+jobs in one process."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e
 
 from _ports import free_port  # noqa: E402
 from test_integration_verl import KL_LOSS, StubEngine, actor_config, rollout  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner, Result  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.trainer.ppo.metric_utils import compute_data_metrics  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
@@ -40,17 +43,22 @@ ENGINE_SCRIPT = Path(__file__).parent / "verl_scripts" / "fsdp_engine_run.py"
 ROLLOUTS = 3
 """Times the job trains its rollout (2 ppo epochs x 2 mini-batches: 4 optimizer steps each)
 before the NaN one (1 optimizer step): verl's training steps 1-3, then 4."""
+BLOWN_UP = {"actor": KL_LOSS, "rollouts": 2, "optimizer": {"lr": 1e20}}
+"""Two rollouts (2 ppo epochs x 2 mini-batches: optimizer steps 0-3, 4-7), then the NaN
+mini-batch (step 8): verl's training steps 1, 2 and 3. The first update, at lr 1e20, leaves
+the model's every later loss and grad norm NaN: optimizer steps 1-8 are non-finite, in all 3
+training steps."""
 
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The folder of the module's two engine jobs, trained in one process (torch and verl
+    """The folder of the module's three engine jobs, trained in one process (torch and verl
     imported once): job0 with KL_LOSS over ROLLOUTS rollouts, job1 the script's plain job
-    (one rollout, then the NaN mini-batch: training steps 1 and 2). Each holds run/ and
-    result.json."""
+    (one rollout, then the NaN mini-batch: training steps 1 and 2), job2 BLOWN_UP. Each holds
+    run/ and result.json."""
     tmp = tmp_path_factory.mktemp("verl-jobs")
     command = [sys.executable, str(ENGINE_SCRIPT)]
-    for number, settings in enumerate(({"actor": KL_LOSS, "rollouts": ROLLOUTS}, {})):
+    for number, settings in enumerate(({"actor": KL_LOSS, "rollouts": ROLLOUTS}, {}, BLOWN_UP)):
         command += [tmp / f"job{number}" / "run", tmp / f"job{number}" / "result.json"]
         command += ["vanilla", json.dumps(settings)]
         (tmp / f"job{number}").mkdir()
@@ -82,6 +90,17 @@ def job(jobs: Path) -> tuple[Path, list[dict[str, Any]]]:
         line = {**metrics, "critic/score/mean": float(batch.mean()), "training/global_step": step}
         lines.append({**line, "actor/entropy": 2.5, "timing_s/step": 1.0})
     return tmp / "run", lines
+
+
+@pytest.fixture(scope="module")
+def blown_up(jobs: Path) -> tuple[Path, Path]:
+    """(the recorded run, verl's log of it imported: its file logger's lines, as
+    `RayPPOTrainer.fit` logs each training step's actor metrics, from step 1) of job2."""
+    tmp = jobs / "job2"
+    logged = json.loads((tmp / "result.json").read_text())["logged"]
+    lines = [{**metrics, "training/global_step": n} for n, metrics in enumerate(logged, start=1)]
+    with pytest.MonkeyPatch.context() as mp:
+        return tmp / "run", imported(tmp, lines, mp)
 
 
 def verl_log(path: Path, lines: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -512,3 +531,117 @@ def test_an_lr_the_log_differs_in_parts_at_the_step_it_was_compared(
     assert [f["field"] for f in document["first"]["scalars"]["fields"]] == ["lr"]
     assert document["unshared_compared"] == {"lr": 1}
     assert "scalars     part at step 2" in lines
+
+
+# -- non-finite counts of a job blown up at its first update (BLOWN_UP) ----------------------
+def cli(*args: object) -> Result:
+    """`stabledrl ARGS...`, in this process."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def checked(run: Path, *args: object) -> tuple[int, dict[str, Any]]:
+    """`stabledrl check RUN ARGS... --format json`: (its exit code, its document)."""
+    done = cli("check", run, *args, "--device", "cpu", "--format", "json")
+    return done.exit_code, json.loads(done.stdout)
+
+
+def gate(document: dict[str, Any], name: str) -> dict[str, Any]:
+    """The check's gate `name`."""
+    return next(g for g in document["gates"] if g["gate"] == name)
+
+
+def test_a_baseline_from_verls_log_counts_the_recordings_non_finite_training_steps(
+    blown_up: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A baseline written from verl's imported log (3 training steps, each NaN) failed the
+    recording of the same job: `observed.nonfinite_steps 8, baseline 3` (its optimizer steps
+    1-8). The recording's count is now of its training steps, as the log's: it passes, and a
+    baseline written from the recording holds the same count."""
+    run, imported = blown_up
+    from_log, from_run = tmp_path / "log.json", tmp_path / "run.json"
+    assert cli("check", imported, "--write-baseline", from_log).exit_code == 0
+    code, document = checked(run, "-b", from_log)
+    assert code == 0, document
+    assert gate(document, "baseline.observed.nonfinite_steps")["figure"] == 3
+    assert cli("check", run, "--write-baseline", from_run, "-p", "grpo").exit_code == 0
+    for written in (from_log, from_run):
+        assert json.loads(written.read_text())["observed"]["nonfinite_steps"]["value"] == 3
+
+
+def test_a_tripped_non_finite_count_names_the_training_steps(
+    blown_up: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Beyond the baseline, the message names where the count passed it in training steps
+    (what it counts); --max-nonfinite still counts the recorded optimizer steps, as it counts
+    the replayed updates."""
+    run, imported = blown_up
+    baseline = tmp_path / "log.json"
+    assert cli("check", imported, "--write-baseline", baseline).exit_code == 0
+    written = json.loads(baseline.read_text())
+    written["observed"]["nonfinite_steps"]["value"] = 1
+    baseline.write_text(json.dumps(written))
+    code, document = checked(run, "-b", baseline)
+    assert code == 1
+    message = gate(document, "baseline.observed.nonfinite_steps")["message"]
+    assert message.endswith("; past it at training step 2 (training steps 1, 2, 3)"), message
+    code, document = checked(run, "--max-nonfinite", 7, "-p", "grpo")
+    assert code == 1
+    assert gate(document, "max_nonfinite")["figure"] == 8
+
+
+def test_the_step_count_note_counts_the_recordings_training_steps_too(
+    blown_up: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`check` of the recording against a baseline from verl's log noted `run has 9 steps, the
+    baseline's run had 3`: optimizer steps against training steps, the same job. Either
+    count matching is no note now; another count is noted in both."""
+    run, imported = blown_up
+    baseline = tmp_path / "log.json"
+    assert cli("check", imported, "--write-baseline", baseline).exit_code == 0
+    done = cli("check", run, "-b", baseline, "--device", "cpu")
+    assert done.exit_code == 0, done.output
+    assert "note:" not in done.stderr
+    written = json.loads(baseline.read_text())
+    written["run"]["steps"] = 5
+    baseline.write_text(json.dumps(written))
+    done = cli("check", run, "-b", baseline, "--device", "cpu")
+    assert done.exit_code == 0, done.output
+    assert (
+        "has 9 steps (optimizer steps; 3 training steps, a line each in verl's log), the "
+        "baseline's run had 5: step counts are compared as they are"
+    ) in " ".join(done.stderr.split())
+
+
+def test_inspect_names_the_training_step_of_each_non_finite_step(
+    blown_up: tuple[Path, Path],
+) -> None:
+    """`inspect` listed the recording's non-finite steps `1, 2, 3, 4, 5, 6, 7, 8`, optimizer
+    steps, where verl's dashboard shows training steps 1-3: it names those too, in the table
+    and (a key of its own, the others as they were) in the JSON."""
+    run, _ = blown_up
+    done = cli("inspect", run)
+    assert done.exit_code == 0, done.output
+    row = next(line for line in done.stdout.splitlines() if "non-finite steps" in line)
+    assert "│ 1, 2, 3, 4, 5, 6, 7, 8 (training steps 1, 2, 3) " in row, row
+    done = cli("inspect", run, "--format", "json")
+    observed = json.loads(done.stdout)["observed"]
+    assert observed["nonfinite_steps"] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert observed["nonfinite_training_steps"] == [1, 2, 3]
+
+
+def test_a_rollout_whose_first_step_is_unreadable_keeps_its_training_step(
+    blown_up: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A torn step file at a rollout's first optimizer step (step 4, training step 2's)
+    merged its rollout into the one before: `1, 2, 3, 5, 6, 7, 8 (training steps 1, 2)`, step
+    8 numbered 2 where verl's log has 3. Its later steps' inner_step counts back to where it
+    started: training steps 1, 2, 3, counted as the log's."""
+    run, _ = blown_up
+    torn = tmp_path / "torn"
+    shutil.copytree(run, torn)
+    step = torn / "steps" / "step-00000004.safetensors"
+    step.write_bytes(step.read_bytes()[:100])
+    done = cli("inspect", torn, "--format", "json")
+    observed = json.loads(done.stdout)["observed"]
+    assert observed["nonfinite_steps"] == [1, 2, 3, 5, 6, 7, 8]
+    assert observed["nonfinite_training_steps"] == [1, 2, 3]
