@@ -16,7 +16,6 @@ import atexit
 import itertools
 import json
 import os
-import resource
 import shutil
 import struct
 import subprocess
@@ -1024,37 +1023,55 @@ class Measured:
 
 _CHILD = """
 import importlib, json, os, resource, sys, time
-for module in os.environ["CORPUS_PRELOAD"].split():
-    importlib.import_module(module)
-from stabledrl_cli.cli import app as app_module
-for name in ("inspect", "pack", "replay"):
-    app_module.load_command(name)
 def bytes_read():
     try:
         with open("/proc/self/io") as io:
             return next(int(line.split()[1]) for line in io if line.startswith("rchar:"))
     except OSError:
         return None
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-read_before = bytes_read()
-start = time.perf_counter()
-code = 0
-try:
-    app_module.app(sys.argv[1:], prog_name="stabledrl")
-except SystemExit as exc:
-    code = exc.code or 0
-cost = {"seconds": time.perf_counter() - start,
-        "extra_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
-read_after = bytes_read()
-if read_before is not None and read_after is not None:
-    cost["read_mb"] = (read_after - read_before) / (1 << 20)
-with open(os.environ["CORPUS_COST"], "w") as fh:
-    json.dump(cost, fh)
-sys.exit(code)
+def command(args, cost_file):
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    read_before = bytes_read()
+    start = time.perf_counter()
+    code = 0
+    try:
+        app_module.app(args, prog_name="stabledrl")
+    except SystemExit as exc:
+        code = exc.code or 0
+    cost = {"seconds": time.perf_counter() - start,
+            "extra_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
+    read_after = bytes_read()
+    if read_before is not None and read_after is not None:
+        cost["read_mb"] = (read_after - read_before) / (1 << 20)
+    with open(cost_file, "w") as fh:
+        json.dump(cost, fh)
+    return code
+ADDRESS_SPACE = int(os.environ["CORPUS_ADDRESS_SPACE"])
+codes = []
+for each in json.loads(os.environ["CORPUS_COMMANDS"]):
+    for module in each["preload"]:
+        importlib.import_module(module)
+    from stabledrl_cli.cli import app as app_module
+    for name in ("inspect", "pack", "replay"):
+        app_module.load_command(name)
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(each["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        code = 1
+        try:
+            code = command(each["args"], each["cost"])
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 1)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(codes))
 """
 
 ADDRESS_SPACE = 3 << 30
-"""The child's address-space cap: enough for the interpreter with torch (~1.2 GB mapped), far
+"""Each command's address-space cap: enough for the interpreter with torch (~1.2 GB mapped), far
 below what an unbounded read of a crafted archive asks for (tens of GB)."""
 
 
@@ -1068,25 +1085,45 @@ def measure(
     """Runs `stabledrl ARGS` in a child under an address-space cap (RLIMIT_AS) and a timeout.
     The modules of `preload` are imported before the command's time and memory are measured
     (a command that never loads torch, like `import`, needs none)."""
+    return measure_each([(args, preload)], cost_file.parent / f"{cost_file.name}.d", timeout)[0]
 
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
 
-    env = {**os.environ, "CORPUS_COST": str(cost_file), "NO_COLOR": "1", "COLUMNS": "200"}
-    env["CORPUS_PRELOAD"] = " ".join(preload)
+def measure_each(
+    commands: list[tuple[list[str], tuple[str, ...]]], folder: Path, timeout: float = 120
+) -> list[Measured]:
+    """`measure` of each (ARGS, PRELOAD) of `commands`, in turn, in one child process that
+    imports each module once: each command runs in a process forked from it once its modules
+    are imported, under the cap, its stderr and costs kept in `folder`. `timeout` is each
+    command's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [(folder / f"{n}.stderr", folder / f"{n}.json") for n in range(len(commands))]
+    listed = [
+        {"args": args, "preload": preload, "stderr": str(stderr), "cost": str(cost)}
+        for (args, preload), (stderr, cost) in zip(commands, files, strict=True)
+    ]
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    env["CORPUS_COMMANDS"] = json.dumps(listed)
+    env["CORPUS_ADDRESS_SPACE"] = str(ADDRESS_SPACE)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, *args],
+        [sys.executable, "-c", _CHILD],
         capture_output=True,
         text=True,
-        timeout=timeout,
-        preexec_fn=limit,
+        timeout=timeout * len(commands),
         env=env,
     )
+    assert proc.returncode == 0, proc.stderr
+    return [
+        _measured(code, stderr, cost)
+        for code, (stderr, cost) in zip(json.loads(proc.stdout), files, strict=True)
+    ]
+
+
+def _measured(code: int, stderr: Path, cost_file: Path) -> Measured:
     cost = json.loads(cost_file.read_text()) if cost_file.exists() else {}
     return Measured(
-        code=proc.returncode,
-        stderr=proc.stderr,
+        code=code,
+        stderr=stderr.read_text() if stderr.exists() else "",
         seconds=float(cost.get("seconds", float("inf"))),
         extra_rss_mb=float(cost.get("extra_rss_mb", float("inf"))),
         read_mb=None if cost.get("read_mb") is None else float(cost["read_mb"]),

@@ -25,11 +25,13 @@ from _corpus import (
     CASES,
     ROOT,
     Case,
+    Measured,
     edit_archive,
     edit_header,
     edit_manifest,
     filter_not_installed,
     measure,
+    measure_each,
     packed,
     read_step,
     replace_dataset,
@@ -113,17 +115,31 @@ SAMPLE = (
 )
 
 
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Measured]:
+    """Each SAMPLE case's command measured in a child process of its own under the cap, each
+    forked from one that imported the modules once."""
+    commands = {}
+    for case in (c for c in CASES if c.name in SAMPLE):
+        target = case.make(tmp_path_factory.mktemp(case.name))
+        # inspect and pack refuse these before reading an array: only a replay loads torch
+        preload = ("h5py", "torch") if case.command == "replay" else ("h5py",)
+        commands[case.name] = (_args(case, target), preload)
+    names = sorted(commands, key=lambda name: len(commands[name][1]))  # torch imported last
+    measured = measure_each([commands[name] for name in names], tmp_path_factory.mktemp("cost"))
+    return dict(zip(names, measured, strict=True))
+
+
 @pytest.mark.parametrize("name", SAMPLE)
-def test_sample_in_a_child_process_is_fast_and_small(name: str, tmp_path: Path) -> None:
+def test_sample_in_a_child_process_is_fast_and_small(
+    name: str, sampled: dict[str, Measured]
+) -> None:
     """The crafted archive that made `inspect` allocate GBs exits 3 under an address-space cap,
     in < 300 MB (RSS above the interpreter's own) and refused by the checks up front: in well
     under the probe's time limit (about 0.25 s on a quiet machine; the bound leaves room for
     a machine loaded by the suite's other worker, where it took 1.05 s)."""
     case = next(c for c in CASES if c.name == name)
-    target = case.make(tmp_path)
-    # inspect and pack refuse these before reading an array: only a replay loads torch
-    preload = ("h5py", "torch") if case.command == "replay" else ("h5py",)
-    measured = measure(_args(case, target), tmp_path / "cost.json", preload=preload)
+    measured = sampled[name]
     _assert_clean_failure(measured.code, measured.stderr, case.code)
     if case.code:
         assert measured.seconds < _archive_probe.PROBE_SECONDS / 4
