@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -1106,35 +1105,34 @@ time.sleep(600)
 
 
 @pytest.mark.parametrize(("steps", "code"), [(30, 1), (0, 3)])
-def test_a_watch_ends_once_the_recording_process_is_killed(tmp_path, steps, code):
+def test_a_watch_ends_once_the_recording_process_is_killed(tmp_path, monkeypatch, steps, code):
     """A Recorder's process killed (-9: the out-of-memory killer, say) never marks its run
     closed; the watch now ends once it read what landed, as for a closed one (the gates'
-    code; 3 with no step). Before, it waited for ever (only --until-idle or a signal ended
-    it)."""
+    code; 3 with no step), whether it was killed between two polls (30 steps) or before the
+    watch's first (no step). Before, it waited for ever (only --until-idle or a signal ended
+    it; here the sixth sleep's Ctrl-C, exit 130)."""
     live = tmp_path / "live"
     recorder = subprocess.Popen(
         [sys.executable, "-c", _RECORD_THEN_WAIT, str(live), str(steps)],
         stdout=subprocess.PIPE, text=True, env=cli_environment(),
     )  # fmt: skip
-    try:
-        assert recorder.stdout is not None and recorder.stdout.readline() == "recorded\n"
-        with _watching(live, "--interval", "0.05", "--max-spikes", "0", seen="") as (
-            watch,
-            lines,
-            _,
-        ):
-            if steps:
-                while not any(line.startswith("alert: step 25") for line in lines):
-                    assert watch.poll() is None, "".join(lines)
-                    time.sleep(0.05)
-            recorder.kill()
-            assert watch.wait(timeout=HANG_SECONDS) == code, "".join(lines)
-    finally:
+
+    def kill() -> None:
         recorder.kill()
         recorder.wait()
-    stderr = "".join(lines)
+
+    try:
+        assert recorder.stdout is not None and recorder.stdout.readline() == "recorded\n"
+        if not steps:
+            kill()  # before the watch's first poll: it never sees the Recorder's lock held
+        result, _ = _watched_to_the_end(monkeypatch, live, kill)
+    finally:
+        kill()
+    stderr = result.stderr
+    assert result.exit_code == code, stderr
     ended = "the recording's process ended without closing it (killed?)"
     if steps:
+        assert "alert: step 25: grad_norm_spike" in stderr.partition(ended)[0]  # before the kill
         assert f"{ended}: stopped (30 steps seen)" in stderr
         assert "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0" in stderr
     else:
