@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import json
+import math
 import os
 import shutil
 import struct
@@ -1022,7 +1023,7 @@ class Measured:
 
 
 _CHILD = """
-import importlib, json, os, resource, sys, time
+import importlib, json, os, resource, signal, sys, time
 def bytes_read():
     try:
         with open("/proc/self/io") as io:
@@ -1057,6 +1058,7 @@ for each in json.loads(os.environ["CORPUS_COMMANDS"]):
         app_module.load_command(name)
     pid = os.fork()
     if pid == 0:
+        signal.alarm(int(os.environ["CORPUS_TIMEOUT"]))  # its default action ends the process
         os.dup2(os.open(each["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
         code = 1
@@ -1094,7 +1096,7 @@ def measure_each(
     """`measure` of each (ARGS, PRELOAD) of `commands`, in turn, in one child process that
     imports each module once: each command runs in a process forked from it once its modules
     are imported, under the cap, its stderr and costs kept in `folder`. `timeout` is each
-    command's."""
+    command's: one that outlives it is killed (SIGALRM, code -14)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = [(folder / f"{n}.stderr", folder / f"{n}.json") for n in range(len(commands))]
     listed = [
@@ -1104,6 +1106,7 @@ def measure_each(
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
     env["CORPUS_COMMANDS"] = json.dumps(listed)
     env["CORPUS_ADDRESS_SPACE"] = str(ADDRESS_SPACE)
+    env["CORPUS_TIMEOUT"] = str(math.ceil(timeout))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD],
