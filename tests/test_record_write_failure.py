@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from _cli import cli_command
 from typer.testing import CliRunner
 
@@ -148,13 +149,25 @@ HOOKS_CHILD = textwrap.dedent(
 )
 
 
-def test_the_step_named_is_the_one_whose_write_failed(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def hooks_recorded(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """HOOKS_CHILD recorded once for the module (the tests below read the same run); its
+    result and run."""
+    tmp_path = tmp_path_factory.mktemp("hooks")
+    run = tmp_path / "run"
+    return _record(tmp_path, HOOKS_CHILD, run), run
+
+
+def test_the_step_named_is_the_one_whose_write_failed(
+    hooks_recorded: tuple[subprocess.CompletedProcess, Path],
+) -> None:
     """The optimizer hooks write in the background, so step 3's failed write is noticed as a
     later step is logged, or as the run closes: record's line named that step ("recording
     stopped at step 4: ... step-00000003...") or "the end of the run", where the manifest's
     note says step 3. Both name step 3."""
-    run = tmp_path / "run"
-    result = _record(tmp_path, HOOKS_CHILD, run)
+    result, run = hooks_recorded
     assert "trained 6 steps" in result.stdout
     assert result.returncode == 4, result.stderr
     assert "recording stopped at step 3: " in result.stderr, result.stderr
@@ -164,13 +177,14 @@ def test_the_step_named_is_the_one_whose_write_failed(tmp_path: Path) -> None:
     assert open_run(run).step_numbers == [0, 1, 2]
 
 
-def test_a_failed_write_in_the_background_is_said_once(tmp_path: Path) -> None:
+def test_a_failed_write_in_the_background_is_said_once(
+    hooks_recorded: tuple[subprocess.CompletedProcess, Path],
+) -> None:
     """A step the Recorder's thread failed to write is told as a synchronous one is, its file
     first. Before: 'error: recording failed: recording stopped at step 3: recording failed:
     .../step-00000003.safetensors: cannot write it (no space left on device)', and the
     manifest's note (which inspect shows) began 'recording failed: ' as well."""
-    run = tmp_path / "run"
-    result = _record(tmp_path, HOOKS_CHILD, run)
+    result, run = hooks_recorded
     assert result.returncode == 4, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     file = run / "steps" / "step-00000003.safetensors"
