@@ -11,7 +11,8 @@ import sys
 
 from _cli import TIMEOUT, cli_command, cli_environment
 
-from stabledrl_cli.dump import open_run
+from stabledrl_cli.capture.bootstrap import HOOKS_SOURCE
+from stabledrl_cli.dump import Recorder, open_run
 
 TRAIN = """
 import sys, torch
@@ -32,11 +33,12 @@ def _record(tmp_path, *options, command):
 
 
 def test_a_second_process_of_the_command_does_not_replace_the_firsts_steps(tmp_path):
+    # the run of 7 optimizer steps record's hooks wrote before, written in this process
+    with Recorder(tmp_path / "run", policy=None, source=HOOKS_SOURCE) as recorder:
+        for step in range(7):
+            recorder.log_step(step, grad_norm=1.0, lr=0.1)
     (tmp_path / "train.py").write_text(TRAIN)
     python = f"{sys.executable} train.py"
-    done = _record(tmp_path, command=[sys.executable, "train.py", "7"])
-    assert done.returncode == 0, done.stderr
-
     done = _record(tmp_path, "--force", command=["sh", "-c", f"{python} 3 && {python} 5"])
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
