@@ -12,6 +12,7 @@ import torch
 from _cli import cli_environment, record_python
 
 import stabledrl_cli as sd
+from stabledrl_cli.capture.bootstrap import HOOKS_SOURCE
 from stabledrl_cli.errors import UsageError
 
 
@@ -53,33 +54,32 @@ def test_a_step_logged_twice_after_a_resume_is_refused_as_before(tmp_path: Path)
 
 
 SCRIPT = """
-import os
 import torch
 import stabledrl_cli as sd
 
-start, stop = int(os.environ["START"]), int(os.environ["STOP"])
 model = torch.nn.Linear(4, 1)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-kwargs = {"recorder_kwargs": {"resume": True}} if start else {}
-for step in range(start, stop):
+for step in range(3, 6):  # resumed from the checkpoint of step 3
     optimizer.zero_grad()
     model(torch.randn(2, 4)).pow(2).mean().backward()
     optimizer.step()
     logp = -torch.rand(2, 3)
-    sd.log_policy_batch(step, logp=logp, logp_old=logp, advantages=torch.ones(2), **kwargs)
+    sd.log_policy_batch(step, logp=logp, logp_old=logp, advantages=torch.ones(2),
+                        recorder_kwargs={"resume": True})
 """
 
 
 def test_under_the_optimizer_hooks_the_refusal_names_recorder_kwargs(tmp_path: Path) -> None:
     """The hooks number the resumed training's optimizer steps on from the run's last (5, 6,
-    ...), so its batch 3 comes after optimizer step 5."""
-    env = cli_environment()
-    done, _ = record_python(
-        SCRIPT, "-p", "grpo", cwd=tmp_path, env={**env, "START": "0", "STOP": "5"}
+    ...), so its batch 3 comes after optimizer step 5. The crashed training's run of steps 0-4
+    (each a batch and its optimizer step's scalars, as record's hooks write them) is written
+    in this process."""
+    with sd.Recorder(tmp_path / "run", policy="grpo", source=HOOKS_SOURCE) as rec:
+        for step in range(5):
+            rec.log_step(step, **_batch(step), grad_norm=1.0, lr=0.1)
+    done, errors = record_python(
+        SCRIPT, "-p", "grpo", "--force", cwd=tmp_path, env=cli_environment()
     )
-    assert done.returncode == 0, done.stderr
-    resumed = {**env, "START": "3", "STOP": "6"}
-    done, errors = record_python(SCRIPT, "-p", "grpo", "--force", cwd=tmp_path, env=resumed)
     assert done.returncode == 2, done.stderr
     assert errors[-1] == (
         "error: recording failed: log_policy_batch failed at step 3: log_policy_batch(3) comes "
