@@ -46,6 +46,13 @@ def _recorded_and_imported(tiny: Any, tmp_path: Path, rloo: bool, **config: Any)
     return trainer, recorded, imported
 
 
+@pytest.fixture(scope="module")
+def over_several_steps(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """(trainer, recorded, imported) of the tiny run with TRL's defaults, its rollouts trained
+    over several steps (max_steps 6), trained once for the tests that read it."""
+    return _recorded_and_imported(tiny, tmp_path_factory.mktemp("defaults"), False, max_steps=6)
+
+
 @pytest.mark.parametrize("rloo", [False, True], ids=["grpo", "rloo"])
 def test_a_recorded_run_holds_the_scalars_its_log_gives(
     tiny: Any, tmp_path: Path, rloo: bool
@@ -99,7 +106,7 @@ def test_a_step_holds_its_own_metrics_when_trl_logs_several_steps_at_once(
 
 
 def test_a_baseline_from_trls_log_gates_the_recording_of_a_rollout_over_several_steps(
-    tiny: Any, tmp_path: Path
+    over_several_steps: Any, tmp_path: Path
 ) -> None:
     """TRL's defaults of the tiny run: a rollout trained over 4 steps (steps_per_generation 4,
     gradient_accumulation_steps 2, num_iterations 2), the second cut at step 6. TRL logs
@@ -107,7 +114,7 @@ def test_a_baseline_from_trls_log_gates_the_recording_of_a_rollout_over_several_
     over its 6 steps (mean 0.5417 where the log's were 0.6562), so the baseline written from
     TRL's own log of the run failed `check` of its recording (reward_mean.mean and .tail).
     They are now over the rollouts' draws: TRL's numbers, and the baseline holds both ways."""
-    trainer, recorded, imported = _recorded_and_imported(tiny, tmp_path, False, max_steps=6)
+    trainer, recorded, imported = over_several_steps
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     assert len(rewards) == 2
     runner = CliRunner()
@@ -156,13 +163,13 @@ def test_a_step_whose_loss_went_nan_is_nan_where_trls_log_shows_a_finite_loss(
 
 
 def test_diff_of_a_recording_and_trls_log_of_a_rollout_over_several_steps_does_not_part(
-    tiny: Any, tmp_path: Path
+    over_several_steps: Any,
 ) -> None:
     """The tiny run's rollouts are trained over 4 steps each (steps_per_generation 4,
     gradient_accumulation_steps 2, num_iterations 2). `diff` of the recording and its
     imported log parted at step 1 (reward_mean 0.375 vs TRL's 0.3125): each step's own reward
     against TRL's one a rollout. It compares reward_mean one a rollout, as TRL logs it."""
-    trainer, recorded, imported = _recorded_and_imported(tiny, tmp_path, False, max_steps=6)
+    trainer, recorded, imported = over_several_steps
     logged = {h["step"]: h["reward"] for h in trainer.state.log_history if "reward" in h}
     assert sorted(logged) == [1, 5]
     done = CliRunner().invoke(app, ["diff", str(recorded), str(imported), "--format", "json"])
