@@ -242,7 +242,16 @@ def _record_cli(out, *options: str, steps: int = 12):
     return result
 
 
-def test_record_guard_scale_says_which_flagged_steps_the_clip_had_cut_further(tmp_path):
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory):
+    """`record --guard scale --guard-rule SCALE_RULE --max-grad-norm 2` of the example's 12
+    steps, recorded once for the tests that read it: its result and its run."""
+    out = tmp_path_factory.mktemp("scaled") / "run"
+    guard = ("--guard", "scale", "--guard-rule", SCALE_RULE)
+    return _record_cli(out, *guard, "--max-grad-norm", "2"), open_run(out)
+
+
+def test_record_guard_scale_says_which_flagged_steps_the_clip_had_cut_further(tmp_path, scaled):
     """`record --guard scale` said '6 scaled' on a run bit for bit the unguarded one: at the
     default --max-grad-norm 1 clip_grad_norm_ had cut each flagged step's gradient further than
     the guard's factor, and apply, which never scales up, left it. It now tells them apart."""
@@ -259,10 +268,7 @@ def test_record_guard_scale_says_which_flagged_steps_the_clip_had_cut_further(tm
         open_run(tmp_path / "plain"), open_run(tmp_path / "left"), config=ReplayConfig()
     )
     assert result.parted_at is None  # the guard changed nothing
-    scaled = _record_cli(
-        tmp_path / "scaled", "--guard", "scale", "--guard-rule", SCALE_RULE, "--max-grad-norm", "2"
-    )
-    assert "0 steps skipped, 5 scaled (recorded as guard_action)" in scaled.stderr
+    assert "0 steps skipped, 5 scaled (recorded as guard_action)" in scaled[0].stderr
 
 
 def test_record_says_the_guard_skipped_the_non_finite_updates_under_no_skip_nonfinite(tmp_path):
@@ -293,14 +299,11 @@ def test_record_says_when_the_guards_rule_judged_no_step(tmp_path):
     assert guard.judged == 2  # from the third finite norm on (half a window); NaN is dropped
 
 
-def test_a_step_the_guard_scales_records_the_norm_the_optimizer_got(tmp_path):
+def test_a_step_the_guard_scales_records_the_norm_the_optimizer_got(scaled):
     """On a step the guard scaled below clip_grad_norm_'s cut, `grad_norm_clipped` (the norm
     after clipping, docs/run-format.md) was the clip's alone: 2.0 where the guard had brought
     the gradient to 0.543 (grad norm 2.356 x guard_scale 0.2306); it is now that norm."""
-    _record_cli(
-        tmp_path / "run", "--guard", "scale", "--guard-rule", SCALE_RULE, "--max-grad-norm", "2"
-    )
-    headers = list(open_run(tmp_path / "run").step_headers())
+    headers = list(scaled[1].step_headers())
     scaled = [h.scalars for h in headers if h.scalars["guard_action"] == 1]
     assert len(scaled) == 5
     for s in scaled:
