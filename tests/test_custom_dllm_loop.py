@@ -8,7 +8,7 @@ import json
 import math
 import os
 import re
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -101,14 +101,18 @@ def test_the_examples_own_usage_records_it_as_the_page_does() -> None:
         assert "--no-optimizer-hooks" in line and line in page, line
 
 
-def test_d1_style_with_a_recorder(tmp_path: Path) -> None:
-    """A Recorder made by the loop itself: unit token, the same mask for old and new."""
+def test_d1_style_with_a_recorder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Recorder made by the loop itself: unit token, the same mask for old and new. The
+    example runs as its `python examples/custom_dllm_loop.py ...` would, in this process (no
+    `record` around it: nothing of the process's own is tested)."""
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("STABLEDRL_RUN_DIR", None)
-    cmd = [sys.executable, str(EXAMPLE), "--style", "d1", "--out", str(run), *BRIEF]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    monkeypatch.delenv("STABLEDRL_RUN_DIR", raising=False)
+    monkeypatch.setattr(sys, "argv", [str(EXAMPLE), "--style", "d1", "--out", str(run), *BRIEF])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(EXAMPLE), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
     opened = sd.open_run(run)
     assert opened.policy_spec == "ppo:beta=0.04"
     assert opened.manifest["unit"] == "token"
