@@ -59,6 +59,10 @@ def test_batches_numbered_from_1_after_the_step_warn_once(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("after", [True, False])
 def test_batches_numbered_from_0_warn_of_nothing(tmp_path: Path, after: bool) -> None:
+    """Each batch is recorded with its own optimizer step (its lr), whether the loop logs it
+    before the step or after."""
     assert "warning" not in _record(tmp_path, first=0, after=after)
     run = sd.open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2, 3]
     assert [run.step(s).scalars["loss"] for s in run.step_numbers] == [0.0, 1.0, 2.0, 3.0]
+    assert all(run.step(s).scalars.get("lr") == 0.1 for s in run.step_numbers)
