@@ -133,7 +133,14 @@ SLOW_ASYNC_RECORDER = textwrap.dedent(
     from stabledrl_cli import Recorder
 
     durable = writer.make_durable
-    writer.make_durable = lambda item: (time.sleep(0.2), durable(item))  # a slow disk
+
+    def slow_durable(item):  # a slow disk's fsync; each step made durable is listed
+        time.sleep(0.05)
+        durable(item)
+        with open(os.path.join(os.path.dirname(sys.argv[1]), "durable"), "a") as listed:
+            listed.write(f"{item.step}\\n")
+
+    writer.make_durable = slow_durable
     recorder = Recorder(sys.argv[1], policy="grpo", async_writes=True)
     for step in range(6):
         recorder.log_step(
@@ -154,8 +161,10 @@ def test_an_async_recorders_queued_steps_are_written_on_a_sigterm(
     tmp_path: Path, recorder: str
 ) -> None:
     """A script's own `Recorder(async_writes=True)`, SIGTERM left at its default action: every
-    step log_step returned for is written before the process ends by SIGTERM (before, the
-    queue died with it: none of the 6 steps on this slow disk), and the run is left unclosed."""
+    step log_step returned for is written and made durable (its fsync, which the writer
+    thread queues) before the process ends by SIGTERM (before, the queue died with it: none of
+    the 6 steps on this slow disk), and the run is left unclosed. The step files alone are
+    there without it: log_step writes them, the queue holds their fsyncs."""
     run = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-c", SLOW_ASYNC_RECORDER, str(run), recorder],
@@ -166,6 +175,8 @@ def test_an_async_recorders_queued_steps_are_written_on_a_sigterm(
     assert sorted(path.name for path in (run / "steps").glob("step-*")) == [
         f"step-{step:08d}.safetensors" for step in range(6)
     ]
+    durable = tmp_path / "durable"
+    assert durable.is_file() and durable.read_text().split() == [str(s) for s in range(6)]
     assert "recording_closed" not in (run / "manifest.json").read_text()
 
 
