@@ -9,14 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from stabledrl_cli.capture.branch_protocol import checkpoints_dir, list_checkpoints
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.example import ExampleConfig
 from stabledrl_cli.example.checkpoint import (
     CheckpointPlan,
-    checkpoints_dir,
-    list_checkpoints,
     load_checkpoint,
 )
 from stabledrl_cli.example.trainer import recorder_kwargs, train

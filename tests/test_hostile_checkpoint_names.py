@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from stabledrl_cli.capture.branch_protocol import CHECKPOINTS_DIR, list_checkpoints
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.example.checkpoint import checkpoint_files
+from stabledrl_cli.example.old_run import checkpoint_files
 
 ODD_NAMES = ("step-00000001.pt\n", "step-\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0663.pt",
              ".step-00000004.pt.tmp-1\n")  # fmt: skip

@@ -322,7 +322,7 @@ def _record(
             if not changed:
                 _put_back(dead)
             if old and changed and _resumed_as(out) != was:  # the command replaced the run
-                from stabledrl_cli.example.branch import remove_old_run_files
+                from stabledrl_cli.example.old_run import remove_old_run_files
 
                 remove_old_run_files(old)
         failures, fatal = _reports(status)
@@ -444,7 +444,7 @@ def _example_files(out: Path) -> list[Path]:
     them for the example (a symlink, what is no branch run's in RUN/branches)."""
     if not any(os.path.lexists(out / name) for name in (BRANCHES_DIR, CHECKPOINTS_DIR)):
         return []
-    from stabledrl_cli.example.branch import old_run_files  # imports torch
+    from stabledrl_cli.example.old_run import old_run_files
 
     return old_run_files(out)
 

@@ -139,8 +139,8 @@ def _run_example(
     from stabledrl_cli.capture.branch_protocol import checkpoints_dir
     from stabledrl_cli.cli.replay import option_names
     from stabledrl_cli.dump import Recorder
-    from stabledrl_cli.example.branch import old_run_files, remove_old_run_files
     from stabledrl_cli.example.checkpoint import CheckpointPlan
+    from stabledrl_cli.example.old_run import old_run_files, remove_old_run_files
     from stabledrl_cli.example.trainer import recorder_kwargs, train
     from stabledrl_cli.guard import Guard
     from stabledrl_cli.policies import get_policy

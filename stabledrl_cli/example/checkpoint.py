@@ -24,7 +24,6 @@ or a size it does not hold) is refused before torch.load allocates them.
 from __future__ import annotations
 
 import io
-import re
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -35,11 +34,8 @@ import torch
 
 from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
 from stabledrl_cli._regular import NotRegularFile, open_regular
-from stabledrl_cli.capture.branch_protocol import checkpoints_dir, list_checkpoints
 from stabledrl_cli.errors import InputError, UsageError, quoted
 
-TEMP_CHECKPOINT_RE = re.compile(r"^\.step-[0-9]{8}\.pt\.tmp-[0-9]+\Z")
-"""A checkpoint still being written (`_atomic.temp_name`), or left by a writer killed then."""
 FORMAT = "stabledrl-example-checkpoint/1"
 """The `format` key every checkpoint carries."""
 RESUMABLE_FIELDS_FREE = ("policy", "steps")
@@ -92,17 +88,6 @@ class CheckpointPlan:
 def checkpoint_path(directory: Path, step: int) -> Path:
     """The file of the checkpoint that resumes at `step`."""
     return directory / f"step-{step:08d}.pt"
-
-
-def checkpoint_files(run_dir: str | Path) -> list[Path]:
-    """The entries of a run's checkpoints folder named as checkpoints (a run recorded again
-    over it must not keep stale ones), and those a killed writer left under their temporary
-    names: whatever each is (a directory so named too, which the caller judges)."""
-    directory = checkpoints_dir(run_dir)
-    paths = [path for _, path in list_checkpoints(run_dir)]
-    if directory.is_dir():
-        paths += [p for p in directory.iterdir() if TEMP_CHECKPOINT_RE.match(p.name)]
-    return paths
 
 
 def save_checkpoint(directory: Path, state: TrainingState) -> Path:
