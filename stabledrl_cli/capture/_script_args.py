@@ -19,26 +19,22 @@ policy (log_policy_batch's `policy`, else --policy) and overwrite (--force)."""
 
 def refuse_unknown(given: Iterable[str], method: str, what: str) -> None:
     """UsageError naming the first of `given` that is no keyword of `Recorder.<method>` a
-    script may pass (a misspelt field: `logpp=`), with the name it resembles if any."""
-    import difflib
+    script may pass (a misspelt field: `logpp=`; `refuse_unknown_keywords`), or one that
+    record sets itself."""
     import inspect
 
+    from stabledrl_cli.dump._recorder_args import refuse_unknown_keywords
     from stabledrl_cli.dump._writer import Recorder
 
     parameters = inspect.signature(getattr(Recorder, method)).parameters
     taken = [n for n in parameters if n not in ("self", "step", *RECORD_SETS)]
-    unknown = sorted(set(given).difference(taken))
-    if not unknown:
-        return
-    name = unknown[0]
-    close = difflib.get_close_matches(name, taken, n=1)
-    if name in RECORD_SETS:
-        hint = "record sets it: --out, log_policy_batch's policy or --policy, --force"
-    elif close:
-        hint = f"did you mean {close[0]!r}?"
-    else:
-        hint = f"one of: {', '.join(taken)}"
-    raise UsageError(f"{name!r} is not {what} ({hint})")
+    first = min(set(given).difference(taken), default=None)
+    if first in RECORD_SETS:
+        raise UsageError(
+            f"{first!r} is not {what} (record sets it: --out, log_policy_batch's policy or "
+            "--policy, --force)"
+        )
+    refuse_unknown_keywords(given, taken, what)
 
 
 def warn_policies_differ(scripts: str | PolicyLike, given: str) -> None:

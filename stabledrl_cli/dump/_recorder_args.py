@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from stabledrl_cli._version import __version__
@@ -86,6 +87,19 @@ def param_name_list(value: Iterable[str]) -> list[str]:
                 f"param_names must be a list of strings; entry {index} is {type(name).__name__}"
             )
     return names
+
+
+def refuse_unknown_keywords(given: Iterable[str], taken: Sequence[str], what: str) -> None:
+    """UsageError naming the first of `given` (in sorted order) that is not in `taken` (a
+    misspelt keyword: `logpp=`), saying `is not {what}`, with the name it resembles if any,
+    else the names taken."""
+    unknown = sorted(set(given).difference(taken))
+    if not unknown:
+        return
+    name = unknown[0]
+    close = difflib.get_close_matches(name, taken, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"one of: {', '.join(taken)}"
+    raise UsageError(f"{name!r} is not {what} ({hint})")
 
 
 def dict_argument(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:

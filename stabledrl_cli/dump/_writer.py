@@ -36,6 +36,8 @@ array at all writes a scalar step (format 1.2): its scalars, and `param_grad_nor
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import threading
 import time
@@ -55,6 +57,7 @@ from stabledrl_cli.dump._recorder_args import (
     fixed_time,
     new_manifest,
     param_name_list,
+    refuse_unknown_keywords,
     sketch_seed,
     whole_count,
 )
@@ -100,6 +103,13 @@ def resumed_before(last: int, step: int, keyword: str = "resume_from") -> str:
         f"earlier checkpoint passes {keyword}={step}, which records the steps from {step} "
         "on again)"
     )
+
+
+@functools.cache
+def _log_step_keywords() -> list[str]:
+    """The keywords `Recorder.log_step` takes (each a field or scalar of the step)."""
+    parameters = inspect.signature(Recorder.log_step).parameters.values()
+    return [p.name for p in parameters if p.kind is p.KEYWORD_ONLY]
 
 
 class Recorder(RecorderEnd):
@@ -431,8 +441,9 @@ class Recorder(RecorderEnd):
         """Records the last step logged (same number) again, with `fields` (log_step's
         keywords) as its whole content: its file is replaced atomically, or removed when that
         write fails. `record`'s optimizer hooks use it to add the second half of a step
-        (capture/bootstrap.py)."""
+        (capture/bootstrap.py). UsageError naming a keyword that is not log_step's."""
         self._check_process("rewrite_step")
+        refuse_unknown_keywords(fields, _log_step_keywords(), "a keyword of rewrite_step")
         with self._step_under_way():
             self._rewriting = True
             try:
