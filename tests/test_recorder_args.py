@@ -22,3 +22,38 @@ def test_rewrite_step_refuses_a_misspelt_keyword_in_its_own_name(tmp_path):
         )
         rec.rewrite_step(0, logp=z, logp_old=z, advantages=z, grad_norm=1.0)
     assert sd.open_run(tmp_path / "run").step(0).scalars["grad_norm"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("reward_range", "shown"),
+    [
+        ({0: "a", 1: "b"}, "dict {0: 'a', 1: 'b'}"),
+        ({0, 1}, "set {0, 1}"),
+        ((False, True), "tuple (False, True)"),
+        (np.zeros((2, 1)), "numpy.ndarray array([[0.], [0.]])"),
+    ],
+)
+def test_a_reward_range_is_an_ordered_pair_of_numbers(tmp_path, reward_range, shown):
+    """Before, a dict read as its keys (0, 1), a set in whatever order it iterates, bools as
+    0 and 1 and a [2, 1] array as its two rows: each was recorded as reward_range [0.0, 1.0]
+    (the array's [0.0, 0.0] refused only as low == high)."""
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(tmp_path / "run", reward_range=reward_range)
+    assert str(refused.value) == (
+        "reward_range must be (low, high), a list, tuple, array or tensor of two numbers; "
+        f"got {shown}"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_reward_range_past_a_float_or_pasted_long_is_one_short_line(tmp_path):
+    """Before, (0, 10**400) raised OverflowError from float(), and a list of 100,000 numbers
+    was quoted whole (a 689,000-character line)."""
+    for reward_range in [(0, 10**400), list(range(100_000))]:
+        with pytest.raises(UsageError) as refused:
+            sd.Recorder(tmp_path / "run", reward_range=reward_range)
+        assert len(str(refused.value)) < 130
+    recorded = [(0, 1), [np.float32(-1), np.int64(1)], np.array([0.0, 1.0]), ("0", "1")]
+    for number, reward_range in enumerate(recorded):
+        with sd.Recorder(tmp_path / str(number), reward_range=reward_range) as rec:
+            assert rec.manifest["reward_range"] == [float(reward_range[0]), 1.0]

@@ -6,14 +6,16 @@ from __future__ import annotations
 import datetime as _dt
 import difflib
 import math
+import numbers
 import os
+import reprlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._policy import PolicyLike, policy_entry
 from stabledrl_cli.dump._schema import FIELDS, RUN_KIND, json_checked, written_version
-from stabledrl_cli.errors import UsageError, quoted
+from stabledrl_cli.errors import UsageError, quoted, type_name
 from stabledrl_cli.spec import SpecValue, reads_as_zero, spec_float, whole_number
 from stabledrl_cli.vocab import GroupIds, LossNorm, Unit
 
@@ -35,20 +37,59 @@ def fixed_time() -> float | None:
     return seconds
 
 
-def checked_reward_range(
-    value: Iterable[float | str], name: str = "reward_range"
-) -> tuple[float, float]:
+def checked_reward_range(value: object, name: str = "reward_range") -> tuple[float, float]:
     """(low, high), two finite numbers (or their text) with low < high, else UsageError
-    naming `name`; not one text (`"01"`, whose characters would read as (0, 1))."""
+    naming `name`; given as an ordered pair (`_pair`), not one text (`"01"`, whose characters
+    would read as (0, 1)), a dict (its keys) or a set (no order)."""
     if isinstance(value, (str, bytes)):
         raise UsageError(f"{name} must be (low, high), a pair, not text; got {value!r}")
+    pair = _pair(value)
+    if pair is None:
+        raise UsageError(
+            f"{name} must be (low, high), a list, tuple, array or tensor of two numbers; "
+            f"got {type_name(value)} {_shown(value)}"
+        )
     try:
-        low, high = (float(v) for v in value)
-    except (TypeError, ValueError):
+        low, high = (float(v) for v in pair)
+    except (TypeError, ValueError, OverflowError):
         low = high = math.nan
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise UsageError(f"{name} must be (low, high), finite, low < high; got {value!r}")
+        raise UsageError(f"{name} must be (low, high), finite, low < high; got {_shown(value)}")
     return low, high
+
+
+def _pair(value: object) -> list[numbers.Real | str] | None:
+    """The two entries of `value` when it is an ordered pair (a list, a tuple, a config's
+    list, a 1-d numpy array or torch tensor of two), each a real number, its 0-d array or
+    tensor, or text; else None (a bool is no number)."""
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        entries = _plain(value) if tuple(shape) == (2,) else None
+    elif isinstance(value, Sequence) and len(value) == 2:
+        entries = [_plain(entry) for entry in value]
+    else:
+        entries = None
+    if not isinstance(entries, list) or len(entries) != 2:
+        return None
+    pair = [e for e in entries if isinstance(e, (numbers.Real, str)) and not isinstance(e, bool)]
+    return pair if len(pair) == 2 else None
+
+
+def _shown(value: object) -> str:
+    """`value` for an error line: its repr shortened (`reprlib`), on one line."""
+    return " ".join(reprlib.repr(value).split())
+
+
+def _plain(value: object) -> object:
+    """A numpy array or torch tensor as Python numbers or lists (`tolist`), None when it has
+    no data (a meta tensor); any other value as it is."""
+    tolist = getattr(value, "tolist", None)
+    if tolist is None or not hasattr(value, "shape"):
+        return value
+    try:
+        return tolist()
+    except (RuntimeError, TypeError, ValueError):
+        return None
 
 
 def reward_range_text(text: str, name: str) -> tuple[float, float]:
