@@ -1058,3 +1058,29 @@ def test_a_folder_holding_only_a_file_browsers_files_is_recorded_into(tmp_path):
     (other / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match=r"not empty \(notes\.txt\)"):
         sd.Recorder(other, policy="grpo")
+
+
+def test_an_empty_part_records_a_sketch_of_no_column(tmp_path):
+    """The reader joins a rank's [0, 0] sketch (a part with no sequence has no row, whatever
+    its k); the Recorder refused to write one: 'expected [U, k] with U = 0 and k >= 1, got
+    [0, 0]'. A part with rows still needs k >= 1."""
+    path = tmp_path / "run"
+    rows = np.arange(6, dtype=np.float32).reshape(2, 3)
+    empty = np.zeros(0, np.float32)
+    with sd.Recorder(path, world_size=2, rank=0, unit="sequence") as rec:
+        rec.log_step(
+            0, logp=empty, logp_old=empty, advantages=empty, unit_grad_sketch=np.zeros((0, 0))
+        )
+    with sd.Recorder(path, world_size=2, rank=1, unit="sequence") as rec:
+        with pytest.raises(UsageError, match=r"k >= 1, got \[2, 0\]"):
+            rec.log_step(0, logp=[-1.0, -2.0], logp_old=[-1.0, -2.0], advantages=[1.0, -1.0],
+                         unit_grad_sketch=np.zeros((2, 0)))  # fmt: skip
+        rec.log_step(
+            0, logp=[-1.0, -2.0], logp_old=[-1.0, -2.0], advantages=[1.0, -1.0],
+            unit_grad_sketch=rows,
+        )  # fmt: skip
+    run = sd.open_run(path)
+    assert run.integrity.ok
+    step = run.step(0)
+    assert (step.unjoined, step.sketch_width) == (frozenset(), 3)
+    assert step["unit_grad_sketch"].tolist() == rows.tolist()

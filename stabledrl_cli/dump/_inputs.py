@@ -362,7 +362,9 @@ def _batch_tensors(
                 )
         else:
             sketch = _float_array(sketch, "unit_grad_sketch")
-        if sketch.ndim != 2 or sketch.shape[0] not in units or sketch.shape[1] == 0:
+        # a rank's part with no sequence has no row: its k says nothing (the join's rule)
+        no_columns = sketch.ndim == 2 and sketch.shape[1] == 0 and sketch.shape[0] > 0
+        if sketch.ndim != 2 or sketch.shape[0] not in units or no_columns:
             raise UsageError(
                 f"unit_grad_sketch: expected [U, k] with {shown} and k >= 1, "
                 f"got {list(sketch.shape)}"
