@@ -739,3 +739,36 @@ def test_a_call_on_a_closed_recorder_is_named_in_its_refusal(tmp_path):
         recorder.rewrite_step(0, loss=2.0)
     with pytest.raises(UsageError, match=r"^log_step on a closed Recorder$"):
         recorder.log_step(1, loss=2.0)
+
+
+@pytest.mark.parametrize(
+    ("module", "call", "async_writes"),
+    [
+        ("stabledrl_cli.dump._setup", "hold_writer_lock", False),  # steps/ made, no manifest
+        ("stabledrl_cli.dump._setup", "fsync_dir", False),  # the manifest written
+        ("stabledrl_cli.dump._recorder_end", "at_child_end", True),  # the writer started
+    ],
+)
+def test_a_recorder_cut_short_as_it_is_made_unmakes_the_new_run(
+    tmp_path, monkeypatch, module, call, async_writes
+):
+    """A Ctrl-C while the Recorder makes a new run. Before, one after steps/ was made and
+    before the manifest was written left a directory that read as 'is not a run: it has no
+    manifest.json', one after it a run of no step that a new Recorder refused as not empty;
+    now the run is unmade, the directory as it was found, and a Recorder records into it."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    path = tmp_path / "fresh" / "run"
+    (tmp_path / "empty").mkdir()
+    for run in (path, tmp_path / "empty"):
+        with monkeypatch.context() as patch:
+            patch.setattr(f"{module}.{call}", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                sd.Recorder(run, async_writes=async_writes)
+    assert sorted(os.listdir(tmp_path)) == ["empty", "fresh"]
+    assert os.listdir(tmp_path / "fresh") == [] and os.listdir(tmp_path / "empty") == []
+    with sd.Recorder(path, unit="sequence") as rec:
+        rec.log_step(0, logp=[-1.0], logp_old=[-1.0], advantages=[1.0])
+    assert sd.open_run(path).step_numbers == [0]

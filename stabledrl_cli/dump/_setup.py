@@ -37,7 +37,9 @@ keeps the identity: every step a reader read is still as it was.
 Ranks change the manifest one at a time (`_manifest_edits`), each change made to the
 manifest as the others left it.
 
-Any failure to write or remove a file is WriteError naming it.
+Any failure to write or remove a file is WriteError naming it. A new run's making cut short
+(Ctrl-C, a failed write), before the Recorder is made, is undone: the manifest it wrote and the
+directories it made are removed while no rank's file is in them (`_unmake`).
 """
 
 from __future__ import annotations
@@ -45,12 +47,19 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
 from stabledrl_cli._atomic import fsync_dir, write_error
-from stabledrl_cli.dump._manifest_edits import new_run_id, reopen_run, write_new_manifest
+from stabledrl_cli.dump._manifest_edits import (
+    manifest_now,
+    new_run_id,
+    reopen_run,
+    write_new_manifest,
+)
 from stabledrl_cli.dump._rank_files import own_files, remove_file
 from stabledrl_cli.dump._resume import resume_run
 from stabledrl_cli.dump._run_files import symlink_refused
@@ -156,7 +165,8 @@ def _readable_text(path: Path, manifest: dict[str, Any]) -> bytes:
     return text
 
 
-def prepare_run(
+@contextmanager
+def prepared_run(
     path: Path,
     manifest: dict[str, Any],
     *,
@@ -165,11 +175,13 @@ def prepare_run(
     overwrite: bool,
     resume: bool,
     resume_from: int | None,
-) -> tuple[dict[str, Any], int | None, WriterLock]:
-    """Readies `path` (module docstring). Returns the run's manifest (the existing one when
-    resuming), the last step this rank already holds (None for a new run) and the rank's
-    writer lock, taken before any file changes (`_writer_lock`: UsageError while another live
-    Recorder holds it); the caller releases it when it closes."""
+) -> Iterator[tuple[dict[str, Any], int | None, WriterLock]]:
+    """Readies `path` (module docstring) for the block, the Recorder's making. Gives the run's
+    manifest (the existing one when resuming), the last step this rank already holds (None
+    for a new run) and the rank's writer lock, taken before any file changes
+    (`_writer_lock`: UsageError while another live Recorder holds it); the caller releases it
+    when it closes. Cut short, here or in the block (Ctrl-C, a failed write), the lock is
+    released and a new run unmade (`_unmake`)."""
     text = None
     if not resume:  # checked on every rank, before anything on disk changes
         fresh = {**manifest, RUN_ID: new_run_id()}
@@ -181,11 +193,12 @@ def prepare_run(
         raise symlink_refused(str(steps))
     # Held before any file changes; a new run's steps/ is made first (nothing to guard yet).
     lock = hold_writer_lock(steps, rank, world_size) if steps.is_dir() else None
+    made: list[Path] = []
     try:
         try:
             manifest, last = _ready(
-                path, manifest, is_dir, rank=rank, world_size=world_size, overwrite=overwrite,
-                resume=resume, resume_from=resume_from,
+                path, manifest, is_dir, made, rank=rank, world_size=world_size,
+                overwrite=overwrite, resume=resume, resume_from=resume_from,
             )  # fmt: skip
         except UsageError:
             if lock is None:  # steps/ made meanwhile, by a Recorder started with this one
@@ -195,17 +208,34 @@ def prepare_run(
         if rank == 0 and text is not None:
             write_new_manifest(path, text)
             fsync_dir(path.parent if path.parent != path else path)
+        yield manifest, last, lock
     except BaseException:
         if lock is not None:
             lock.release()
+        if text is not None and not overwrite:
+            _unmake(path, made, manifest.get(RUN_ID) if rank == 0 else None)
         raise
-    return manifest, last, lock
+
+
+def _unmake(path: Path, made: list[Path], run_id: object) -> None:
+    """Undoes a new run's making cut short: its manifest, when it is the one of `run_id` and
+    steps/ holds nothing (no rank's file), then the directories `made` while empty. The
+    directory reads as it did before: a new Recorder, or `record` without --force, records
+    into it. Best effort."""
+    with suppress(OSError, InputError, ValueError):
+        ours = run_id is not None and manifest_now(path).get(RUN_ID) == run_id
+        if ours and not os.listdir(path / STEPS_DIR):
+            os.unlink(path / MANIFEST_NAME)
+    for directory in reversed(made):
+        with suppress(OSError):
+            directory.rmdir()
 
 
 def _ready(
     path: Path,
     manifest: dict[str, Any],
     is_dir: bool,
+    made: list[Path],
     *,
     rank: int,
     world_size: int,
@@ -213,9 +243,9 @@ def _ready(
     resume: bool,
     resume_from: int | None,
 ) -> tuple[dict[str, Any], int | None]:
-    """`prepare_run`'s changes to the directory but the new manifest: the resumed run's
+    """`prepared_run`'s changes to the directory but the new manifest: the resumed run's
     manifest and this rank's last step, or the run's files removed (overwrite=True), or its
-    emptiness checked; then the directories made."""
+    emptiness checked; then the directories made (those it makes added to `made`)."""
     steps = path / STEPS_DIR
     last: int | None = None
     if resume:
@@ -239,7 +269,11 @@ def _ready(
             raise RunNotEmpty(path, (others + mine)[0])
     for directory in (path, steps):  # the line names the run when the run cannot be made
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(parents=True)
+            made.append(directory)
+        except FileExistsError as exc:
+            if not directory.is_dir():  # a file, made meanwhile
+                raise write_error(directory, exc) from None
         except OSError as exc:
             raise write_error(directory, exc) from None
     return manifest, last

@@ -71,7 +71,7 @@ from stabledrl_cli.dump._schema import (
     step_number,
     switch_argument,
 )
-from stabledrl_cli.dump._setup import prepare_run, refuse_in_the_way
+from stabledrl_cli.dump._setup import prepared_run, refuse_in_the_way
 from stabledrl_cli.dump._step_metadata import step_metadata
 from stabledrl_cli.dump._step_writes import (
     StepWrite,
@@ -245,7 +245,7 @@ class Recorder(RecorderEnd):
         self._policy_spec: str | None = manifest["policy"] and manifest["policy"]["spec"]
         self._policy_fields = replayed_fields(self._policy_spec, unit)
         """What a policy batch must hold for the replay of the run's own policy."""
-        self.manifest, self._last_step, self._writer_lock = prepare_run(
+        with prepared_run(
             self.path,
             manifest,
             rank=rank,
@@ -253,27 +253,29 @@ class Recorder(RecorderEnd):
             overwrite=overwrite,
             resume=resume,
             resume_from=resume_from,
-        )
-        dropped = weakref.finalize(self, self._writer_lock.release)  # one dropped unclosed
-        if resume_from is not None:
-            kept = self._last_step
-            if kept is not None and resume_from > kept + 1:  # a gap readers report, said now
-                whose = f" (rank {rank})" if world_size > 1 else ""
-                warn(
-                    f"stabledrl: warning: {self.path}: resume_from={resume_from} is past the "
-                    f"run's last step{whose}, {kept}: steps {kept + 1}..{resume_from - 1} will be "
-                    "missing (inspect reports the gap)\n"
-                )
-            self._last_step = resume_from - 1 if resume_from > 0 else None
-        self.resumed_after: int | None = self._last_step if resume and resume_from is None else None
-        """The run's last step that a resume without `resume_from` kept (the steps go on after
-        it), else None: a training resumed from an earlier checkpoint gives resume_from."""
-        names = self.manifest.get("param_names")  # a resumed run's own
-        self._num_params = len(names) if isinstance(names, list) else None
-        self._rewriting = False
-        super().__init__(
-            on_write_error, async_writes=async_writes, queue_size=queue_size, dropped=dropped
-        )
+        ) as (self.manifest, self._last_step, self._writer_lock):  # undone if cut short
+            dropped = weakref.finalize(self, self._writer_lock.release)  # one dropped unclosed
+            if resume_from is not None:
+                kept = self._last_step
+                if kept is not None and resume_from > kept + 1:  # a gap readers report, said now
+                    whose = f" (rank {rank})" if world_size > 1 else ""
+                    warn(
+                        f"stabledrl: warning: {self.path}: resume_from={resume_from} is past "
+                        f"the run's last step{whose}, {kept}: steps {kept + 1}.."
+                        f"{resume_from - 1} will be missing (inspect reports the gap)\n"
+                    )
+                self._last_step = resume_from - 1 if resume_from > 0 else None
+            self.resumed_after: int | None = (
+                self._last_step if resume and resume_from is None else None
+            )
+            """The run's last step that a resume without `resume_from` kept (the steps go on after
+            it), else None: a training resumed from an earlier checkpoint gives resume_from."""
+            names = self.manifest.get("param_names")  # a resumed run's own
+            self._num_params = len(names) if isinstance(names, list) else None
+            self._rewriting = False
+            super().__init__(
+                on_write_error, async_writes=async_writes, queue_size=queue_size, dropped=dropped
+            )
 
     @property
     def last_step(self) -> int | None:
