@@ -246,7 +246,7 @@ def test_a_foreign_manifest_is_named_without_the_force_hint(tmp_path: Path) -> N
         assert result.exit_code == 2, result.output
         assert result.stderr == (
             f"error: {run / 'manifest.json'} is not a stabledrl run's manifest: replacing a "
-            "run would overwrite it; remove it, or record elsewhere\n"
+            "run would overwrite it; remove it, or import into another --out\n"
         )
     assert (run / "manifest.json").read_text() == '{"name": "webapp"}'
 

@@ -18,7 +18,11 @@ from stabledrl_cli.cli._options import FormatOpt, local_file
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump._recorder_args import reward_range_text
-from stabledrl_cli.dump._run_target import check_replaceable, directory_or_nothing
+from stabledrl_cli.dump._run_target import (
+    check_replaceable,
+    directory_or_nothing,
+    refuse_under_a_file,
+)
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.importers._names import listed
@@ -81,8 +85,10 @@ def command(
     metrics under the run's standard names, the others kept as extra scalars."""
     span = None if reward_range is None else reward_range_text(reward_range, "--reward-range")
     run = local_output(out_arg, "import", "its run")
+    refuse_under_a_file(run, f"--out {run}")
     if directory_or_nothing(run, str(run)) and any(run.iterdir()):
-        check_replaceable(run)  # another tool's manifest: --force would not replace it
+        # another tool's manifest: --force would not replace it
+        check_replaceable(run, "import into another --out")
         if not force:
             raise UsageError(
                 f"{run} exists and is not empty; pass --force to replace the run in it"

@@ -25,7 +25,12 @@ from stabledrl_cli.cli._options import DeviceOpt, number_option, on_command_line
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.cli.app import after_separator, debug_requested
-from stabledrl_cli.dump._run_target import check_replaceable, directory_or_nothing, os_file
+from stabledrl_cli.dump._run_target import (
+    check_replaceable,
+    directory_or_nothing,
+    os_file,
+    refuse_under_a_file,
+)
 from stabledrl_cli.dump._schema import MANIFEST_NAME
 from stabledrl_cli.dump._setup import RECORD_FORCE_HINT
 from stabledrl_cli.errors import UsageError, counted
@@ -65,6 +70,7 @@ def _check_not_in_a_run(out: Path) -> None:
 
 
 def _check_out(out: Path, force: bool) -> None:
+    refuse_under_a_file(out, f"--out {out}")
     # a file browser's file (.DS_Store: a folder made in Finder) makes no folder a run's
     if directory_or_nothing(out, f"--out {out}") and not all(map(os_file, out.iterdir())):
         check_replaceable(out)  # before the command starts: its recorder would refuse

@@ -66,20 +66,32 @@ def in_the_way(path: Path) -> tuple[Path, bool] | None:
     return None
 
 
-def check_replaceable(path: Path) -> None:
+def refuse_under_a_file(path: Path, named: str) -> None:
+    """UsageError `{named}: {folder} is not a directory` when the nearest of `path`'s folders
+    that exists is a regular file: no run can be made below it. Anything else (a symlink
+    loop) is left for the writes to refuse."""
+    for folder in path.parents:
+        if os.path.lexists(folder):
+            if os.path.isfile(folder):
+                raise UsageError(f"{named}: {folder} is not a directory")
+            return
+
+
+def check_replaceable(path: Path, elsewhere: str = "record elsewhere") -> None:
     """UsageError when the directory `path` holds another tool's manifest.json (JSON that is
     no stabledrl run's manifest: an object of another kind, a list, a number...): replacing a
     run rewrites its manifest, and never overwrites that. A manifest that cannot be read as
     JSON (a damaged run's, a FIFO or a link put in its place) is a run's to replace. So is a
     UsageError a `steps` that is no directory (a file) or a manifest that is one: the new run
-    could not be written there, and replacing a run removes its files, never another."""
+    could not be written there, and replacing a run removes its files, never another. Each
+    refusal ends with the remedy `remove it, or {elsewhere}`."""
     found = in_the_way(path)
     if found is not None:
         place, folder = found
         kept = "step files" if folder else "manifest"
         raise UsageError(
             f"{place}: not a {'directory' if folder else 'file'} (where a run keeps its "
-            f"{kept}); replacing a run never removes it: remove it, or record elsewhere"
+            f"{kept}); replacing a run never removes it: remove it, or {elsewhere}"
         )
     try:
         if manifest_now(path).get("format") == RUN_KIND:
@@ -91,5 +103,5 @@ def check_replaceable(path: Path) -> None:
     where = path / MANIFEST_NAME
     raise UsageError(
         f"{where} is not a stabledrl run's manifest: replacing a run would overwrite it; "
-        "remove it, or record elsewhere"
+        f"remove it, or {elsewhere}"
     )

@@ -1,0 +1,48 @@
+"""`stabledrl record --out` and `stabledrl import --out` refusals name the path as typed and
+the remedy of the command that refuses it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["record", "--out", "afile/run", "--rl-steps", "1"],
+        ["record", "--out", "afile/run", "--", "python", "-c", "pass"],
+        ["import", "log.jsonl", "--out", "afile/run"],
+    ],
+    ids=["record", "record -- CMD", "import"],
+)
+def test_an_out_under_a_file_is_named_as_typed(tmp_path: Path, monkeypatch, args) -> None:
+    """Before: record's built-in example and import said 'error: /abs/path/afile/run: cannot
+    write it (Not a directory)' (exit 4), the path made absolute, record -- CMD the same with
+    the path as typed, after its check let it through."""
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("")
+    Path("log.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
+    result = CliRunner().invoke(app, args)
+    assert (result.exit_code, result.stderr) == (
+        2,
+        "error: --out afile/run: afile is not a directory\n",
+    )
+    assert sorted(os.listdir()) == ["afile", "log.jsonl"]
+
+
+def test_imports_refusal_of_a_manifest_that_is_a_directory_says_import(tmp_path: Path) -> None:
+    """Before, it said '... remove it, or record elsewhere': import records nothing."""
+    (tmp_path / "run" / "manifest.json").mkdir(parents=True)
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 0, "loss": 1.0}\n')
+    result = CliRunner().invoke(app, ["import", str(log), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert result.stderr.endswith(
+        "replacing a run never removes it: remove it, or import into another --out\n"
+    ), result.stderr
