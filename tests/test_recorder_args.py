@@ -57,3 +57,15 @@ def test_a_reward_range_past_a_float_or_pasted_long_is_one_short_line(tmp_path):
     for number, reward_range in enumerate(recorded):
         with sd.Recorder(tmp_path / str(number), reward_range=reward_range) as rec:
             assert rec.manifest["reward_range"] == [float(reward_range[0]), 1.0]
+
+
+def test_a_reward_past_a_float_is_one_line(tmp_path):
+    """Before, reward=[10**400, 0] (a list of Python ints, one past float64's range) raised
+    numpy's OverflowError: 'int too large to convert to float'."""
+    with sd.Recorder(tmp_path / "run", unit="sequence") as rec:
+        with pytest.raises(UsageError, match=r"^reward: a number too large for a float64$"):
+            rec.log_step(0, logp=[-1.0, -2.0], logp_old=[-1.0, -2.0], advantages=[1.0, -1.0],
+                         reward=[10**400, 0])  # fmt: skip
+        rec.log_step(0, logp=[-1.0, -2.0], logp_old=[-1.0, -2.0], advantages=[1.0, -1.0],
+                     reward=[1, None])  # fmt: skip
+    assert sd.open_run(tmp_path / "run").step(0)["reward"][0] == 1.0

@@ -113,10 +113,13 @@ def _float_array(array: np.ndarray, field: str) -> np.ndarray:
 def _rewards_with_none(array: np.ndarray) -> np.ndarray:
     """Rewards given as Python objects (`[1.0, None]`: TRL's reward functions return None
     for a completion they do not score) as float64, None as NaN (no reward, as the recorded
-    field says it); the array as it was when an entry is not a number."""
+    field says it); the array as it was when an entry is not a number; UsageError for an int
+    past float64's range."""
     values = [math.nan if value is None else value for value in array.reshape(-1)]
     try:
         return np.array(values, dtype=np.float64).reshape(array.shape)
+    except OverflowError:  # an int past float64's range
+        raise UsageError("reward: a number too large for a float64") from None
     except (TypeError, ValueError):
         return array
 
