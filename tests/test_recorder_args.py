@@ -69,3 +69,21 @@ def test_a_reward_past_a_float_is_one_line(tmp_path):
         rec.log_step(0, logp=[-1.0, -2.0], logp_old=[-1.0, -2.0], advantages=[1.0, -1.0],
                      reward=[1, None])  # fmt: skip
     assert sd.open_run(tmp_path / "run").step(0)["reward"][0] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("param_names", "message"),
+    [
+        ({"b", "a"}, "param_names must be a list of strings, got set"),
+        (["a", "b", "a"], "param_names names 'a' twice: each name is one entry of param_grad_norm"),
+    ],
+)
+def test_param_names_are_in_order_each_once(tmp_path, param_names, message):
+    """Before, a set was recorded in its iteration order (another in another process: the
+    names of param_grad_norm's entries shuffled), and a name given twice was recorded."""
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(tmp_path / "run", param_names=param_names)
+    assert str(refused.value) == message
+    names = {"w": 1, "b": 2}.keys()  # a model's state_dict keys: in order
+    with sd.Recorder(tmp_path / "run", param_names=names, policy=None) as rec:
+        assert rec.manifest["param_names"] == ["w", "b"]

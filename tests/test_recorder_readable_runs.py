@@ -25,13 +25,17 @@ def _batch() -> dict[str, np.ndarray]:
     }
 
 
+LONG_NAMES = [f"{n:04}".ljust(1000, "p") for n in range(MANIFEST_LIMIT // 1000)]
+"""Names of 1,000 characters, each once, past the manifest's bound together."""
+
+
 @pytest.mark.parametrize(
     ("kwargs", "word"),
     [
         ({"world_size": WORLD_SIZE_LIMIT + 1}, "world_size"),
         ({"world_size": True}, "world_size"),
         ({"meta": {"notes": "x" * MANIFEST_LIMIT}}, "bytes"),
-        ({"param_names": ["p" * 1000] * (MANIFEST_LIMIT // 1000)}, "bytes"),
+        ({"param_names": LONG_NAMES}, "bytes"),
     ],
 )
 def test_a_manifest_the_readers_refuse_is_refused_before_anything_is_written(

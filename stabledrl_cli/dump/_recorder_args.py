@@ -117,16 +117,23 @@ def whole_count(value: int) -> int:
 
 
 def param_name_list(value: Iterable[str]) -> list[str]:
-    """`param_names` as a list: any iterable of strings (a generator of a model's names), not
-    one string (its characters); else UsageError."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+    """`param_names` as a list: any ordered iterable of strings (a generator of a model's
+    names, a dict's keys), each once; not one string (its characters) nor a set (whose order,
+    that of `param_grad_norm`, is not kept); else UsageError."""
+    if isinstance(value, (str, bytes, set, frozenset)) or not isinstance(value, Iterable):
         raise UsageError(f"param_names must be a list of strings, got {type(value).__name__}")
     names = list(value)
+    seen: set[str] = set()
     for index, name in enumerate(names):
         if not isinstance(name, str):
             raise UsageError(
                 f"param_names must be a list of strings; entry {index} is {type(name).__name__}"
             )
+        if name in seen:
+            raise UsageError(
+                f"param_names names {quoted(name)} twice: each name is one entry of param_grad_norm"
+            )
+        seen.add(name)
     return names
 
 
