@@ -46,3 +46,19 @@ def test_imports_refusal_of_a_manifest_that_is_a_directory_says_import(tmp_path:
     assert result.stderr.endswith(
         "replacing a run never removes it: remove it, or import into another --out\n"
     ), result.stderr
+
+
+def test_import_refuses_an_out_inside_a_runs_steps_folder(tmp_path: Path) -> None:
+    """As record's --out is refused there. Before, import wrote its run into the steps folder
+    of the run at `first`, whose integrity then listed 'newrun: not a step file of this run'."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 0, "loss": 1.0}\n')
+    first = tmp_path / "first"
+    assert CliRunner().invoke(app, ["import", str(log), "--out", str(first)]).exit_code == 0
+    out = first / "steps" / "newrun"
+    result = CliRunner().invoke(app, ["import", str(log), "--out", str(out)])
+    assert (result.exit_code, result.stderr) == (
+        2,
+        f"error: {out}: a run would be inside the steps folder of {first}; pass another --out\n",
+    )
+    assert not out.exists()

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stabledrl_cli.cli._local import local_output
+from stabledrl_cli.cli._local import check_not_in_a_run, local_output
 from stabledrl_cli.cli._options import FormatOpt, local_file
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._signals import stopped_by_sigterm
@@ -85,6 +85,7 @@ def command(
     metrics under the run's standard names, the others kept as extra scalars."""
     span = None if reward_range is None else reward_range_text(reward_range, "--reward-range")
     run = local_output(out_arg, "import", "its run")
+    check_not_in_a_run(run)
     refuse_under_a_file(run, f"--out {run}")
     if directory_or_nothing(run, str(run)) and any(run.iterdir()):
         # another tool's manifest: --force would not replace it

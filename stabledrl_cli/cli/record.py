@@ -19,8 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from stabledrl_cli._atomic import write_error
-from stabledrl_cli.capture.branch_protocol import check_outside_run_folders
-from stabledrl_cli.cli._local import local_output
+from stabledrl_cli.cli._local import check_not_in_a_run, local_output
 from stabledrl_cli.cli._options import DeviceOpt, number_option, on_command_line
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
@@ -31,7 +30,6 @@ from stabledrl_cli.dump._run_target import (
     os_file,
     refuse_under_a_file,
 )
-from stabledrl_cli.dump._schema import MANIFEST_NAME
 from stabledrl_cli.dump._setup import RECORD_FORCE_HINT
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
@@ -56,17 +54,6 @@ EXAMPLE = "Built-in example"
 GEOMETRY = "Gradient geometry (built-in example)"
 GEOMETRY_NUMBERS = ("every", "k", "seed")
 """The geometry settings given as --geometry-NAME numbers."""
-
-
-def _check_not_in_a_run(out: Path) -> None:
-    """UsageError when --out lies in the steps, checkpoints or branches folder of a run (a
-    folder above it holding a manifest, a branch run's too), as `branch --out` is refused: the
-    run would hold a file that is not its own."""
-    # realpath, not resolve: a symlink loop raises RuntimeError there (Python < 3.13); it is
-    # left for the writes to refuse (a loop is no run's folder)
-    for parent in (*out.parents, *Path(os.path.realpath(out)).parents):  # as given first
-        if os.path.lexists(parent / MANIFEST_NAME):
-            check_outside_run_folders(out, parent, what="a run", run=str(parent), given="--out")
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -511,7 +498,7 @@ def command(
         )
     rl_steps = _deprecated_steps(rl_steps, steps)
     out = local_output(out_arg, "record", "its run")
-    _check_not_in_a_run(out)
+    check_not_in_a_run(out)
     _check_out(out, force)
     geometry_given = any(
         option is not None
