@@ -1084,3 +1084,18 @@ def test_an_empty_part_records_a_sketch_of_no_column(tmp_path):
     step = run.step(0)
     assert (step.unjoined, step.sketch_width) == (frozenset(), 3)
     assert step["unit_grad_sketch"].tolist() == rows.tolist()
+
+
+def test_a_numpy_sketch_seed_is_recorded_with_each_sketch(tmp_path):
+    """geometry={'sketch': {'seed': np.int64(s)}} (a seed from a numpy config) went into the
+    manifest as s, but no step file recorded its _sketch_seed: two ranks drawn with different
+    seeds joined their sketches as one Omega's. Now the step's sketch is left out, as for
+    int seeds ('sketch_seeds_differ')."""
+    path = tmp_path / "run"
+    for rank in (0, 1):
+        geometry = {"sketch": {"seed": np.int64(3 + rank)}}
+        with sd.Recorder(path, world_size=2, rank=rank, unit="sequence", geometry=geometry) as rec:
+            rec.log_step(0, logp=[-1.0], logp_old=[-1.0], advantages=[1.0],
+                         unit_grad_sketch=np.ones((1, 2), np.float32))  # fmt: skip
+    step = sd.open_run(path).step(0)
+    assert (step.unjoined_why, step.sketch_seeds) == ("sketch_seeds_differ", (3, 4))

@@ -161,13 +161,11 @@ def dict_argument(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
 
 def sketch_seed(geometry: object) -> int | None:
     """The Omega seed of a Recorder's `geometry` entry (`sketch.seed`, as
-    `GeometryConfig.to_manifest` writes it), None when it gives none: what each sketch of the
-    rank records as `_sketch_seed`."""
+    `GeometryConfig.to_manifest` writes it; a numpy integer as the int the manifest holds),
+    None when it gives none: what each sketch of the rank records as `_sketch_seed`."""
     sketch = geometry.get("sketch") if isinstance(geometry, Mapping) else None
-    seed = sketch.get("seed") if isinstance(sketch, Mapping) else None
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
-        return None
-    return seed
+    seed = whole_number(sketch.get("seed")) if isinstance(sketch, Mapping) else None
+    return seed if seed is not None and 0 <= seed < 1 << 64 else None
 
 
 def new_manifest(
