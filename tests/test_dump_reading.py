@@ -422,9 +422,10 @@ def test_a_replay_that_does_not_verify_counts_what_it_skips_and_reads_each_file_
 def test_a_rank_recorded_with_another_world_size_is_not_joined(tmp_path):
     """A rank whose Recorder was given another world_size than the run's (a launcher's
     WORLD_SIZE 3 for a 2-rank run) says so in its files' headers: each of its steps is
-    skipped as unreadable, naming both, instead of joined silently with rank 0's part."""
+    skipped as unreadable, naming both, instead of joined silently with rank 0's part. (Rank 1
+    records first: one that starts after rank 0 made the run is refused by its Recorder.)"""
     run = tmp_path / "run"
-    for rank, world_size in ((0, 2), (1, 3)):
+    for rank, world_size in ((1, 3), (0, 2)):
         with sd.Recorder(run, world_size=world_size, rank=rank) as rec:
             for step in range(2):
                 logp = -np.ones((2, 3), np.float32)

@@ -13,6 +13,7 @@ import pytest
 from test_recorder_resume import _ranked
 
 import stabledrl_cli as sd
+from stabledrl_cli.errors import UsageError
 
 
 def _made_by_another_rank_after_the_first_look(path: Path, monkeypatch: Any) -> None:
@@ -56,3 +57,24 @@ def test_a_run_directory_another_rank_makes_meanwhile_is_recorded_into(
     monkeypatch.undo()
     _ranked(path, 1 - rank, [0, 1], overwrite=overwrite)
     assert sd.open_run(path).step_numbers == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ({"unit": "sequence"}, "its unit is 'token', this recorder's 'sequence'"),
+        ({"policy": "dapo"}, "its policy is 'grpo', this recorder's 'dapo'"),
+        ({"world_size": 3}, "its world_size is 2, this recorder's 3"),
+    ],
+)
+def test_a_rank_that_disagrees_with_rank_0s_run_is_refused(tmp_path, given, said):
+    """Before, rank 1 of unit 'sequence' recorded into rank 0's 'token' run: its sequences'
+    log-probs were read as tokens' (3 sequences joined, no finding); one of another policy
+    or world_size was recorded too. A rank that agrees (grpo spelled with its default) joins."""
+    path = tmp_path / "run"
+    with sd.Recorder(path, world_size=2, rank=0, policy="grpo"):
+        with pytest.raises(UsageError) as refused:
+            sd.Recorder(path, **({"world_size": 2, "rank": 1} | given))
+        assert str(refused.value) == f"{path}: rank 1 cannot join the run rank 0 made: {said}"
+        assert os.listdir(path / "steps") == [".writer.rank-0000.lock"]  # rank 0's
+        sd.Recorder(path, world_size=2, rank=1, policy="grpo:eps_low=0.2").close()

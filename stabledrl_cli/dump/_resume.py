@@ -57,17 +57,22 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return DirectoryRun(path).manifest
 
 
-def _check_compatible(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
+def check_same_run(old: dict[str, Any], new: dict[str, Any], refused: str) -> None:
+    """UsageError `{refused}: its NAME is ..., this recorder's ...` when the run's manifest
+    `old` and a Recorder's `new` differ in what every rank and every resume records alike
+    (unit, world_size, group_ids, loss_norm, the policy)."""
     defaults = {"group_ids": "per_rank", "loss_norm": "global"}
     for name in _MUST_AGREE:
         was, now = old.get(name, defaults.get(name)), new.get(name, defaults.get(name))
         if was != now:
-            raise UsageError(
-                f"cannot resume {path}: its {name} is {was!r}, this recorder's {now!r}"
-            )
+            raise UsageError(f"{refused}: its {name} is {was!r}, this recorder's {now!r}")
     was, now = (old.get("policy") or {}).get("spec"), (new.get("policy") or {}).get("spec")
     if not same_policy(was, now):  # (the run keeps its own spelling of it)
-        raise UsageError(f"cannot resume {path}: its policy is {was!r}, this recorder's {now!r}")
+        raise UsageError(f"{refused}: its policy is {was!r}, this recorder's {now!r}")
+
+
+def _check_compatible(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
+    check_same_run(old, new, f"cannot resume {path}")
     names, given = old.get("param_names"), new.get("param_names")
     if given is not None and given != names:  # (none given: the run's are kept, as its meta)
         had = counted(len(names), "name") if isinstance(names, list) else "none"

@@ -4,7 +4,9 @@ In each case the rank's writer lock (`_writer_lock`) is held first: nothing chan
 another live Recorder of the rank records into the directory.
 
 - New (the default): the directory must be absent or empty of what this recorder would write
-  (for rank 0: anything besides steps/; for every rank: its own step and note files).
+  (for rank 0: anything besides steps/; for every rank: its own step and note files). Another
+  rank that finds rank 0's manifest there must agree with it on unit, world_size, group_ids,
+  loss_norm and the policy spec (else UsageError).
 - `overwrite=True`: removes this recorder's own step files and `recording_stopped` note
   file, never another rank's (with world_size 1 every one is its own); each rank first
   removes the old manifest's `recording_closed` mark and its own rank of
@@ -54,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from stabledrl_cli._atomic import fsync_dir, write_error
+from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._manifest_edits import (
     manifest_now,
     new_run_id,
@@ -61,7 +64,7 @@ from stabledrl_cli.dump._manifest_edits import (
     write_new_manifest,
 )
 from stabledrl_cli.dump._rank_files import own_files, remove_file
-from stabledrl_cli.dump._resume import resume_run
+from stabledrl_cli.dump._resume import check_same_run, resume_run
 from stabledrl_cli.dump._run_files import symlink_refused
 from stabledrl_cli.dump._run_target import (
     check_replaceable,
@@ -231,6 +234,18 @@ def _unmake(path: Path, made: list[Path], run_id: object) -> None:
             directory.rmdir()
 
 
+def _check_rank_0s(path: Path, manifest: dict[str, Any], rank: int) -> None:
+    """UsageError when the manifest rank 0 wrote (if it has: ranks start together) says
+    another unit, world_size, group_ids, loss_norm or policy than this rank's `manifest`
+    (`check_same_run`): the rank's steps would be read as the run's. A manifest no reader
+    reads is left for the readers to report."""
+    try:
+        run = DirectoryRun(path).manifest
+    except (InputError, OSError):
+        return
+    check_same_run(run, manifest, f"{path}: rank {rank} cannot join the run rank 0 made")
+
+
 def _ready(
     path: Path,
     manifest: dict[str, Any],
@@ -267,6 +282,8 @@ def _ready(
             check_replaceable(path)  # another tool's: overwrite=True would not help either
         if others or mine:
             raise RunNotEmpty(path, (others + mine)[0])
+        if rank != 0:
+            _check_rank_0s(path, manifest, rank)
     for directory in (path, steps):  # the line names the run when the run cannot be made
         try:
             directory.mkdir(parents=True)
