@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stabledrl_cli.cli.app import app
+from stabledrl_cli.cli.app import COMMANDS, ROOT_EXAMPLES, app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,12 +215,21 @@ def test_lines_left_out_or_added_unmarked_are_differences() -> None:
 def test_each_record_into_the_quick_starts_run_passes_force() -> None:
     """The Quick start records runs/demo, and `record` refuses a directory that is not empty
     (exit 2): a later block's `stabledrl record --out runs/demo` runs as written only with
-    --force."""
-    refused = [
-        f"{page.relative_to(ROOT).as_posix()}: {line.strip()}"
+    --force, and so does an example of the commands' help (`branch --help` showed one
+    without it)."""
+    lines = [
+        (page.relative_to(ROOT).as_posix(), line.strip())
         for page in PAGES
         for block in re.findall(r"```[a-z]*\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
         for line in block.replace("\\\n", " ").splitlines()
+    ]
+    lines += [
+        (f"{name} --help", line) for name, entry in COMMANDS.items() for line in entry.examples
+    ]
+    lines += [("--help", line) for line in ROOT_EXAMPLES]
+    refused = [
+        f"{where}: {line}"
+        for where, line in lines
         if re.search(r"stabledrl record (\S+ )*--out runs/demo\b", line)
         and "--force" not in line.split(" -- ")[0]
     ]

@@ -49,7 +49,7 @@ COMMANDS: dict[str, CommandEntry] = {
         "stabledrl_cli.cli.record",
         "Train and record the built-in example, or record -- CMD.",
         (
-            "stabledrl record --out runs/demo --rl-steps 160 --checkpoint-every 40",
+            "stabledrl record --out runs/demo --rl-steps 160 --checkpoint-every 40 --force",
             "stabledrl record --out runs/mine --policy dapo -- python train.py",
         ),
     ),
@@ -96,7 +96,7 @@ COMMANDS: dict[str, CommandEntry] = {
         "stabledrl_cli.cli.branch",
         "Re-train from a checkpoint under each policy: did it collapse?",
         (
-            "stabledrl record --out runs/demo --rl-steps 160 --checkpoint-every 40",
+            "stabledrl record --out runs/demo --rl-steps 160 --checkpoint-every 40 --force",
             "stabledrl branch runs/demo --at 80 -p grpo -p stabledrl --format json",
         ),
     ),
@@ -127,7 +127,7 @@ COMMANDS: dict[str, CommandEntry] = {
 }
 
 ROOT_EXAMPLES = (
-    "stabledrl record --out runs/demo",
+    "stabledrl record --out runs/demo --force",
     "stabledrl replay runs/demo",
     "stabledrl check runs/demo --max-collapsed 0",
 )
