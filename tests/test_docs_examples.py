@@ -1,9 +1,9 @@
-"""The documentation shows what the tool does: every relative link of README.md and docs/*.md
-leads to a file (and a heading) of the repository, and each shown session that runs on the
-committed fixtures alone (`$ stabledrl ...` and what it printed, at 80 columns) prints that
-today. A shown line `...` stands for lines left out; elsewhere the lines shown are the
-command's lines, in order, each on stdout or stderr, and a session that does not end with
-`...` shows each stream to its end."""
+"""The documentation shows what the tool does: every relative link of README.md, docs/*.md and
+fixtures/README.md leads to a file (and a heading) of the repository, and each shown session
+that runs on the committed fixtures alone (`$ stabledrl ...` and what it printed, at 80
+columns) prints that today. A shown line `...` stands for lines left out; elsewhere the lines
+shown are the command's lines, in order, each on stdout or stderr, and a session that does
+not end with `...` shows each stream to its end."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from stabledrl_cli.cli.app import COMMANDS, ROOT_EXAMPLES, app
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "fixtures" / "README.md"]
 ELIDED = "..."
 PROGRESS = re.compile(r"^\w[\w ]*: \d+/\d+ \(\d+%\)$")
 """A progress line on stderr (`replaying: 160/160 (100%)`), which no session shows."""
