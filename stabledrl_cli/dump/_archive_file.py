@@ -205,7 +205,10 @@ class ArchiveFile(Run):
         location = self.location
         kind = self._root_attribute("kind")
         if isinstance(kind, str) and kind == REPLAY_REPORT_KIND:
-            raise NotARun(f"{location} is a replay report, not a run (open it with read_hdf5)")
+            raise NotARun(
+                f"{location} is a replay report, not a run (read it with "
+                "stabledrl_cli.replay.hdf5.read_hdf5: docs/replay-json.md)"
+            )
         if not names_a_run(kind):
             if kind is None or isinstance(kind, str):
                 shown = f"HDF5 kind {'none' if kind is None else quoted(kind)}"
