@@ -1,8 +1,8 @@
 """The runnable blocks of the README and docs/ run as written: the TRL snippet (in the README
-and docs/frameworks.md) is the one a test records with, and the CI recipe and the GitHub
+and docs/frameworks.md) is the one a test records with, the CI recipe and the GitHub
 Actions steps of docs/ci.md (all but the install) pass, in order, with
 `examples/train_logged.py` as the user's `train.py` (the workflow's record step is the
-recipe's, run once)."""
+recipe's, run once), and docs/geometry.md's own loop records geometry a replay measures."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.replay.report import BEST_RULE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,3 +116,22 @@ def test_the_ci_recipe_and_the_github_workflow_run_as_written(tmp_path: Path) ->
     assert result.returncode == 0, f"{gate}\n{result.stderr}"
     assert (tmp_path / "reports" / "stability.xml").read_text().count("<testcase") > 0
     assert (tmp_path / "reports" / "stability.png").stat().st_size > 0
+
+
+def test_record_geometry_beside_a_command_points_at_a_loop_that_records_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`record --geometry gram -- CMD` is refused; its line sent users to a module's source
+    (`see stabledrl_cli.capture.geometry`), and no page said how a loop of their own records
+    geometry. The line names the page's section, whose loop records it: replayed, its own
+    policy's norm equals the recorded pre-clip norm."""
+    refused = CliRunner().invoke(
+        app, ["record", "--out", str(tmp_path / "run"), "--geometry", "gram", "--", "true"]
+    )
+    assert refused.exit_code == 2
+    section = " ".join(refused.stderr.split()).partition("(docs/geometry.md, ")[2].partition(")")[0]
+    assert section and f"\n## {section}\n" in (ROOT / "docs" / "geometry.md").read_text("utf-8")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block_after("geometry-loop"), "geometry-loop", "exec"), {})
+    result = sd.replay("runs/geo", policies=["grpo"])
+    assert result.geometry == "gram" and result.policies[0].summary_dict()["fidelity"] < 1e-5

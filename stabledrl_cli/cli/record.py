@@ -519,8 +519,8 @@ def command(
             )
         if geometry is not None or geometry_given:
             raise UsageError(
-                "--geometry records the built-in example; a training script passes "
-                "geometry to its Recorder (see stabledrl_cli.capture.geometry)"
+                "--geometry records the built-in example; a training script captures its "
+                "own and logs it with each step (docs/geometry.md, In your own training loop)"
             )
         given = _example_options_given(ctx)
         if given:
