@@ -39,6 +39,7 @@ from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood, observe
 from stabledrl_cli.replay.report import print_detail
 from stabledrl_cli.replay.step_data import array_bytes, read_arrays
 from stabledrl_cli.replay.stream import step_row_bytes
+from stabledrl_cli.vocab import METRIC_GROUPS
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -1052,3 +1053,21 @@ def test_an_hdf5_write_refused_by_the_system_names_the_reason(grpo_fixture, tmp_
     assert result.exit_code == 4, result.output
     assert f"{out}: cannot write it (Read-only file system)" in result.stderr
     assert "Unable to synchronously" not in result.stderr
+
+
+def test_the_per_step_legend_reads_as_the_summarys() -> None:
+    """The per-step table's legend quoted each column's declared meaning as a sentence
+    ("step: The recorded step number", "nonfinite: The replayed update is NaN or inf") beside
+    lower-case ones, where the summary's legend makes each a clause: now both do."""
+    from stabledrl_cli.replay.report import detail_legend
+
+    shown = columns.table_columns(METRIC_GROUPS)
+    flags = [c.name for c in columns.reported_columns() if c.flag]
+    lines = detail_legend(shown, flags)
+    meanings = [line.split(": ", 1)[1] for line in lines[:-1]]
+    meanings += [part.split(": ", 1)[1] for part in lines[-1].split(": ", 1)[1].split("; ")]
+    assert "step: the recorded step number" in lines
+    for meaning in meanings:
+        first = meaning.split(" ", 1)[0]
+        assert not first[:1].isupper() or first.isupper() or first[1:2].isupper(), meaning
+        assert not meaning.endswith("."), meaning

@@ -417,11 +417,11 @@ def detail_legend(shown: Sequence[columns.Column], flags: Sequence[str]) -> list
     """The per-step table's legend: one line per column shown, from its declaration."""
     lines = [
         (c.table.header if c.table.header == c.name else f"{c.table.header} ({c.name})")
-        + f": {c.meaning.rstrip('.')}"
+        + f": {_clause(c.meaning)}"
         for c in shown
         if c.table is not None
     ]
-    flagged = "; ".join(f"{name}: {_MEANINGS[name].rstrip('.')}" for name in flags)
+    flagged = "; ".join(f"{name}: {_clause(_MEANINGS[name])}" for name in flags)
     unjudged = (
         f"n/j: none, and the spike rule did not judge the step (the first {SPIKE_MIN_HISTORY} "
         "finite, non-zero update norms of a kind have no history to compare with)"
