@@ -8,7 +8,6 @@ Without ray installed, the cluster tests skip (saying so); the missing-extra one
 from __future__ import annotations
 
 import dataclasses
-import http.server
 import itertools
 import json
 import logging
@@ -17,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from _corpus import seq_id_past_int32, tiny_run
+from _fsspec_runs import answering
 from typer.testing import CliRunner, Result
 
 import stabledrl_cli as sd
@@ -560,20 +559,11 @@ def test_an_address_that_refuses_is_a_usage_error(synthetic):
     ), done.stderr
 
 
-class _QuietHandler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        """Not on stderr, which holds the command's own lines."""
-
-
 @pytest.fixture
 def http_port() -> Iterator[int]:
     """The port of an HTTP server (as the dashboard's 8265 is), serving on a thread."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with answering(404) as url:
+        yield int(url.rpartition(":")[2])
 
 
 def test_an_address_that_answers_as_another_server_is_a_usage_error(
