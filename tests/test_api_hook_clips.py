@@ -85,40 +85,53 @@ SKIPPED_BY_THE_SCRIPT = textwrap.dedent(
     model = torch.nn.Linear(6, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = []
-    for step in range(4):
-        optimizer.zero_grad(set_to_none=sys.argv[2] != "zeros")
-        model(torch.randn(16, 6)).pow(2).mean().backward()
-        if step == 1:
-            model.weight.grad[0, 0] = float("nan")
-        refuse = sys.argv[2] == "refused"
-        try:
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), 0.01, error_if_nonfinite=refuse
-            ).item()
-        except RuntimeError:  # torch refuses a non-finite norm, clipping nothing
-            grad_norm = math.nan
-        seen.append(grad_norm)
-        if not math.isfinite(grad_norm):  # the script's own rule: no step on a NaN gradient
-            continue
-        optimizer.step()
+    for zero in sys.argv[2:]:  # each case in turn, 4 iterations each
+        for step in range(4):
+            optimizer.zero_grad(set_to_none=zero != "zeros")
+            model(torch.randn(16, 6)).pow(2).mean().backward()
+            if step == 1:
+                model.weight.grad[0, 0] = float("nan")
+            try:
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), 0.01, error_if_nonfinite=zero == "refused"
+                ).item()
+            except RuntimeError:  # torch refuses a non-finite norm, clipping nothing
+                grad_norm = math.nan
+            seen.append(grad_norm)
+            if not math.isfinite(grad_norm):  # the script's own rule: no step on a NaN gradient
+                continue
+            optimizer.step()
     json.dump(seen, open(sys.argv[1], "w"))
     """
 )
+ZEROS = ("none", "zeros", "refused")
 
 
-@pytest.mark.parametrize("zero", ["none", "zeros", "refused"])
-def test_a_clip_whose_step_the_script_skipped_is_not_the_next_steps(tmp_path, zero):
+@pytest.fixture(scope="module")
+def skipped_by_the_script(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Any]:
+    """SKIPPED_BY_THE_SCRIPT's run of every case of ZEROS in turn, in one process."""
+    return _recorded(tmp_path_factory.mktemp("skipped"), SKIPPED_BY_THE_SCRIPT, *ZEROS)
+
+
+def test_every_iteration_of_the_skipping_script_is_a_step(skipped_by_the_script):
+    run, mine = skipped_by_the_script
+    assert run.step_numbers == list(range(4 * len(ZEROS)))
+    assert len(mine) == 4 * len(ZEROS)
+
+
+@pytest.mark.parametrize("zero", ZEROS)
+def test_a_clip_whose_step_the_script_skipped_is_not_the_next_steps(skipped_by_the_script, zero):
     """The clip of an iteration that the script skipped (no optimizer.step()) measured other
     gradients than the next iteration's clip: the next step records its own clip's norm, and
     the skipped one is recorded as skipped (optimizer_skipped 1, its NaN norm). So is a clip
     that torch refused (`error_if_nonfinite=True` raised): before, that iteration was in no
     step (3 steps for 4 iterations, the NaN in none)."""
-    run, mine = _recorded(tmp_path, SKIPPED_BY_THE_SCRIPT, zero)
-    assert run.step_numbers == [0, 1, 2, 3]
-    for n in range(4):
+    run, mine = skipped_by_the_script
+    first = 4 * ZEROS.index(zero)
+    for n in range(first, first + 4):
         scalars = run.step(n).scalars
         assert close(scalars["grad_norm"], mine[n]), (n, scalars, mine)
-        assert scalars.get("optimizer_skipped", 0.0) == (n == 1), (n, scalars)
+        assert scalars.get("optimizer_skipped", 0.0) == (n == first + 1), (n, scalars)
 
 
 TWO_OPTIMIZERS_ONE_CLIP = textwrap.dedent(
@@ -183,30 +196,26 @@ SPENT_GENERATOR = textwrap.dedent(
     for step in range(2):
         model(torch.ones(3, 4)).sum().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # spent by the optimizer: no clip
+        torch.nn.utils.clip_grad_norm_(parameters=params, max_norm=1.0)  # given by keyword
         optimizer.step()
         optimizer.zero_grad()
     """
 )
 
 
-@pytest.mark.parametrize("keyword", [False, True])
-def test_torchs_warning_of_a_spent_generator_names_the_scripts_line(tmp_path, keyword):
+def test_torchs_warning_of_a_spent_generator_names_the_scripts_line(tmp_path):
     """torch warns when clip_grad_norm_ gets an empty generator (one the optimizer spent: the
-    script clips nothing). Before, the hooks' wrapper handed torch a list: no warning under
-    `stabledrl record`; now the script's own line warns, as without it."""
-    text = SPENT_GENERATOR
-    if keyword:
-        text = text.replace(
-            "clip_grad_norm_(params, 1.0)", "clip_grad_norm_(parameters=params, max_norm=1.0)"
-        )
+    script clips nothing), given as the first argument or by keyword. Before, the hooks'
+    wrapper handed torch a list: no warning under `stabledrl record`; now the script's own
+    lines warn, as without it."""
     script = tmp_path / "train.py"
-    script.write_text(text)
+    script.write_text(SPENT_GENERATOR)
     plain = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=300
     )
     warned = [line for line in plain.stderr.splitlines() if "UserWarning" in line]
-    assert warned == [f"{script}:9: UserWarning: `parameters` is an empty generator, no "
-                      "gradient clipping will occur."]  # fmt: skip
+    assert warned == [f"{script}:{line}: UserWarning: `parameters` is an empty generator, no "
+                      "gradient clipping will occur." for line in (9, 10)]  # fmt: skip
     result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script))
     assert result.returncode == 0, result.stderr
     assert [line for line in result.stderr.splitlines() if "UserWarning" in line] == warned
