@@ -449,7 +449,8 @@ RAISES_SCRIPT = textwrap.dedent(
     import stabledrl_cli.errors as errors
 
     print("started", flush=True)
-    how, _, what = sys.argv[1].rpartition("-")
+    kinds = sys.argv[1].split(",")  # one kind, or one a rank
+    how, _, what = kinds[int(os.environ.get("RANK", "0")) % len(kinds)].rpartition("-")
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if ranks > 1:  # every rank raises, none before all are ready (a rank that ended first
         # would have torchrun stop the others before their error)
@@ -736,14 +737,13 @@ def test_outside_record_a_stabledrl_error_is_pythons_usual_traceback(tmp_path, m
     )
 
 
-@pytest.mark.parametrize("kind", ["usage", "reported-usage"])
 @pytest.mark.parametrize("hooks", ["--optimizer-hooks", "--no-optimizer-hooks"])
 def test_a_stabledrl_error_on_every_torchrun_rank_is_one_line_per_rank(
-    tmp_path, monkeypatch, hooks, kind
+    tmp_path, monkeypatch, hooks
 ):
     """torchrun's own ChildFailedError report is left out with the hooks off too: its process
-    then never imports stabledrl. The same when each rank reports the error and exits 1 in
-    its except block (`reported-usage`: each rank's report stays, before its line)."""
+    then never imports stabledrl. Rank 0 raises the error; rank 1 reports it and exits 1 in
+    its except block (`reported-usage`: its report stays, before its line)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -751,13 +751,16 @@ def test_a_stabledrl_error_on_every_torchrun_rank_is_one_line_per_rank(
     # time to print its line once one has ended (0.1 s, the default, cut one short at times).
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", "2", "--monitor-interval", "2", "{script}")  # fmt: skip
-    result = _record_raising(tmp_path, monkeypatch, hooks, kind, command=torchrun)
+    result = _record_raising(tmp_path, monkeypatch, hooks, "usage,reported-usage", command=torchrun)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
     errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error:"))
     assert errors == [
         f"error: rank {rank}: cannot record this run: a refused setting" for rank in (0, 1)
     ], result.stderr
+    lines = result.stderr.splitlines()  # rank 1's own report, before its line
+    report = "the job failed: UsageError('cannot record this run: a refused setting')"
+    assert lines.count(report) == 1 and lines.index(report) < lines.index(errors[1])
 
 
 def test_a_missing_binary_is_one_line_and_exit_2(tmp_path):
@@ -1110,7 +1113,12 @@ FORK_SCRIPT = TORCH_STEPS + textwrap.dedent(
         print("the child evaluates", flush=True)
         sys.exit(0)
     os.wait()
-    for step in range(3):
+    for step in range(1, 4):
+        if step == 2:  # a child forked with the run open, ending as any process does
+            child = os.fork()
+            if child == 0:
+                sys.exit(0)
+            os.waitpid(child, 0)
         optimizer.zero_grad()
         model(torch.ones(1, 2)).sum().backward()
         optimizer.step()
@@ -1119,17 +1127,23 @@ FORK_SCRIPT = TORCH_STEPS + textwrap.dedent(
 )
 
 
-def test_a_forked_child_leaves_the_parents_held_first_step_to_the_parent(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def forked_children(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`record` of FORK_SCRIPT, once (its children forked before step 1 and before step 2):
+    its result and run."""
+    tmp = tmp_path_factory.mktemp("forked")
+    with pytest.MonkeyPatch.context() as patch:
+        return _record_script(tmp, patch, FORK_SCRIPT, "1"), tmp / "run"
+
+
+def test_a_forked_child_leaves_the_parents_held_first_step_to_the_parent(forked_children):
     """The hooks hold the first optimizer step until the next event. Before, a child forked
     meanwhile wrote it at its exit (opening the run and marking it recording_closed), and the
     parent's recording then failed at its step 1 (`already exists and is not empty`): a run
     of 1 step of 4, exit 2."""
-    script, out = tmp_path / "train.py", tmp_path / "run"
-    script.write_text(FORK_SCRIPT)
-    result = subprocess.run(
-        [*cli_command(), "record", "--out", str(out), "--", sys.executable, str(script), "1"],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
-    )  # fmt: skip
+    result, out = forked_children
     assert result.stdout == "the child evaluates\ntrained\n"
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr, result.stderr
@@ -1410,28 +1424,9 @@ def test_an_exit_handler_that_ends_the_process_loses_no_finished_step(tmp_path, 
     assert "recording_closed" not in json.loads((out / "manifest.json").read_text())
 
 
-FORKED_SCRIPT = textwrap.dedent(
-    """
-    import os, sys
-    import torch
-
-    weight = torch.nn.Parameter(torch.ones(2))
-    optimizer = torch.optim.SGD([weight], lr=0.1)
-    for step in range(4):
-        if step == 2:
-            child = os.fork()
-            if child == 0:  # a forked child that ends as any process does: exit handlers run
-                sys.exit(0)
-            os.waitpid(child, 0)
-        weight.grad = torch.ones(2)
-        optimizer.step()
-    """
-)
-
-
-def test_a_forked_child_that_ends_leaves_the_parents_run_alone(tmp_path, monkeypatch):
+def test_a_forked_child_that_ends_leaves_the_parents_run_alone(forked_children):
     """The child runs the exit handlers it inherited: they are the parent's run's to run."""
-    result, out = _record_script(tmp_path, monkeypatch, FORKED_SCRIPT), tmp_path / "run"
+    result, out = forked_children
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines()[1:] == [], result.stderr
     assert open_run(out).step_numbers == [0, 1, 2, 3]
@@ -1602,19 +1597,30 @@ RESUMED_TORCH_LOOP = textwrap.dedent(
 )
 
 
+@pytest.fixture(scope="module")
+def first_torch_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RESUMED_TORCH_LOOP's first process (steps 0-4, each step before its batch), recorded
+    once: the run each order's resumed process goes on with, in a copy of its own."""
+    tmp = tmp_path_factory.mktemp("resumed")
+    with pytest.MonkeyPatch.context() as patch:
+        first = _record_script(
+            tmp, patch, RESUMED_TORCH_LOOP, "0", "5", "step", options=("-p", "grpo")
+        )
+    assert first.returncode == 0, first.stderr
+    return tmp / "run"
+
+
 @pytest.mark.parametrize("first", ["batch", "step"])
-def test_a_resumed_loops_optimizer_steps_pair_with_its_batches(tmp_path, monkeypatch, first):
+def test_a_resumed_loops_optimizer_steps_pair_with_its_batches(
+    tmp_path, monkeypatch, first_torch_run, first
+):
     """Under the optimizer hooks, the resumed process's n-th optimizer step is the run's step
     resume_from + n. Before, the hooks numbered it n from 0 again: step 0 'does not follow
     step 3', recording went off and steps 4-6 were lost (or, batch first, 3 kept half)."""
-    options = ("-p", "grpo")
-    first_run = _record_script(
-        tmp_path, monkeypatch, RESUMED_TORCH_LOOP, "0", "5", first, options=options
-    )
-    assert first_run.returncode == 0, first_run.stderr
+    shutil.copytree(first_torch_run, tmp_path / "run")
     resumed = _record_script(
         tmp_path, monkeypatch, RESUMED_TORCH_LOOP, "3", "7", first,
-        options=(*options, "--force"),
+        options=("-p", "grpo", "--force"),
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert "warning" not in resumed.stderr
