@@ -16,6 +16,7 @@ import pytest
 import torch
 from _cli import close
 from _cli import record as _record
+from _phases import PHASES_SCRIPT
 
 from stabledrl_cli.capture._clip_records import grad_states, unchanged
 from stabledrl_cli.dump import Run, open_run
@@ -65,15 +66,15 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_a_step_clipped_twice_records_the_norms_before_the_first_clip(tmp_path):
-    run, computed = _recorded(tmp_path, SCRIPT)
+def test_a_step_clipped_twice_records_the_norms_before_the_first_clip(phased):
+    steps, computed = phased["clipped twice"]
     for n, mine in enumerate(computed):
-        scalars = run.step(n).scalars
+        scalars = steps[n].scalars
         assert close(scalars["grad_norm"], mine["grad_norm"]), (n, scalars, mine)
         for g in (0, 1):
             assert close(scalars[f"grad_norm/group_{g}"], mine["groups"][g]), (n, g, scalars)
             assert close(scalars[f"grad_norm/module/{2 * g}"], mine["groups"][g]), (n, g)
-    assert not math.isnan(run.step(0).scalars["grad_norm"])
+    assert not math.isnan(steps[0].scalars["grad_norm"])
 
 
 SKIPPED_BY_THE_SCRIPT = textwrap.dedent(
@@ -159,13 +160,13 @@ TWO_OPTIMIZERS_ONE_CLIP = textwrap.dedent(
 )
 
 
-def test_one_clip_of_two_optimizers_parameters_gives_each_its_own_norm(tmp_path):
+def test_one_clip_of_two_optimizers_parameters_gives_each_its_own_norm(phased):
     """An actor and a critic clipped together, each with its optimizer: each optimizer's
     recorded norm is that of its own gradients before the clip (not the joint norm for the
     first, nor the clipped norm for the second)."""
-    run, mine = _recorded(tmp_path, TWO_OPTIMIZERS_ONE_CLIP)
+    steps, mine = phased["two optimizers"]
     for n in range(3):
-        scalars = run.step(n).scalars
+        scalars = steps[n].scalars
         assert close(scalars["grad_norm"], mine[n]["actor"]), (n, scalars, mine)
         if n:  # the critic's step after the actor's step n - 1
             assert close(scalars["optimizer_1/grad_norm"], mine[n - 1]["critic"]), (n, scalars)
@@ -248,15 +249,54 @@ CLIPPED_BY_VALUE = textwrap.dedent(
 )
 
 
-def test_a_clip_by_value_records_the_norms_before_it(tmp_path):
+def test_a_clip_by_value_records_the_norms_before_it(phased):
     """clip_grad_value_ clamps each gradient element: the step's norms are those of the
     gradients before it, as for a norm clip. Before, they were the clamped ones: the spike's
     step recorded 0.08 for 1000, and the inf gradient's a finite norm with nonfinite_grads 0."""
-    run, mine = _recorded(tmp_path, CLIPPED_BY_VALUE)
-    assert run.step_numbers == [0, 1, 2, 3]
+    steps, mine = phased["by value"]
+    assert len(mine) == 4
     for n in range(4):
-        scalars = run.step(n).scalars
+        scalars = steps[n].scalars
         assert close(scalars["grad_norm"], mine[n]["grad_norm"]), (n, scalars, mine)
         assert close(scalars["grad_norm/module/1"], mine[n]["last"]), (n, scalars, mine)
         assert scalars["nonfinite_grads"] == (n == 1), (n, scalars)
-    assert math.isinf(run.step(1).scalars["grad_norm"])
+    assert math.isinf(steps[1].scalars["grad_norm"])
+
+
+PHASED = {
+    "two optimizers": TWO_OPTIMIZERS_ONE_CLIP,
+    "clipped twice": SCRIPT,
+    "by value": CLIPPED_BY_VALUE,
+}
+"""Scripts recorded as phases of one process (`_phases`), in this order: the actor's and the
+critic's optimizers first, the first two the process steps (the critic's: optimizer_1)."""
+
+
+@pytest.fixture(scope="module")
+def phased(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """PHASED recorded by one `stabledrl record` of one process: name -> (the phase's steps,
+    what its script computed, one item an iteration); "run" -> the whole run."""
+    tmp = tmp_path_factory.mktemp("phases")
+    phases = []
+    for k, (name, source) in enumerate(PHASED.items()):
+        script = tmp / f"phase_{k}.py"
+        script.write_text(source)
+        phases.append((name, str(script), [str(tmp / f"phase_{k}.json")]))
+    (tmp / "phases.json").write_text(json.dumps(phases))
+    (tmp / "train.py").write_text(PHASES_SCRIPT)
+    result = _record("--out", str(tmp / "run"), "--", sys.executable, str(tmp / "train.py"),
+                     str(tmp / "phases.json"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    run, first = open_run(tmp / "run"), 0
+    recorded: dict[str, Any] = {"run": run}
+    for name, _, (computed,) in phases:
+        mine = json.loads(Path(computed).read_text())
+        recorded[name] = ([run.step(first + n) for n in range(len(mine))], mine)
+        first += len(mine)
+    return recorded
+
+
+def test_each_iteration_of_each_phase_is_a_step(phased):
+    iterations = [len(phased[name][1]) for name in PHASED]
+    assert iterations == [3, 3, 4]
+    assert phased["run"].step_numbers == list(range(sum(iterations)))

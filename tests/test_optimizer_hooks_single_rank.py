@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from _bootstrap_state import fresh_recording
 from _cli import cli_command, close, record, record_env
+from _phases import PHASES_SCRIPT
 from typer.testing import CliRunner
 
 from stabledrl_cli.capture import bootstrap
@@ -1079,28 +1080,6 @@ COMPILED_STEP = textwrap.dedent(
         model(torch.randn(4, 2)).sum().backward()
         step()
     print("trained")
-    """
-)
-
-# Runs each phase (argv[1]: a JSON list of [name, script, its arguments]) as a script of its
-# own, one after the other in this one recorded process: it prints `== NAME` on stdout and
-# stderr before it, and frees its optimizers after it (its process group too), so that the
-# next phase's optimizer becomes the run's and the numbering goes on (docs/recording.md).
-# torch is imported first: a script that imported it first stayed alive, its optimizer too
-# (torch imports multiprocessing, which keeps the __main__ of its import as __mp_main__).
-PHASES_SCRIPT = textwrap.dedent(
-    """
-    import gc, json, runpy, sys
-    import torch
-
-    for name, path, args in json.load(open(sys.argv[1])):
-        for stream in (sys.stdout, sys.stderr):
-            print(f"== {name}", file=stream, flush=True)
-        sys.argv = [path, *args]
-        runpy.run_path(path, run_name="__main__")
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        gc.collect()
     """
 )
 
