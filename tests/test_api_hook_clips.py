@@ -19,18 +19,7 @@ from _cli import record as _record
 from _phases import PHASES_SCRIPT
 
 from stabledrl_cli.capture._clip_records import grad_states, unchanged
-from stabledrl_cli.dump import Run, open_run
-
-
-def _recorded(tmp_path: Path, text: str, *args: str) -> tuple[Run, Any]:
-    """The run of script `text` under `stabledrl record`, and what the script computed."""
-    script, computed = tmp_path / "train.py", tmp_path / "computed.json"
-    script.write_text(text)
-    result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script),
-                     str(computed), *args)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return open_run(tmp_path / "run"), json.loads(computed.read_text())
-
+from stabledrl_cli.dump import Run, Step, open_run
 
 SCRIPT = textwrap.dedent(
     """
@@ -108,29 +97,17 @@ SKIPPED_BY_THE_SCRIPT = textwrap.dedent(
 ZEROS = ("none", "zeros", "refused")
 
 
-@pytest.fixture(scope="module")
-def skipped_by_the_script(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Any]:
-    """SKIPPED_BY_THE_SCRIPT's run of every case of ZEROS in turn, in one process."""
-    return _recorded(tmp_path_factory.mktemp("skipped"), SKIPPED_BY_THE_SCRIPT, *ZEROS)
-
-
-def test_every_iteration_of_the_skipping_script_is_a_step(skipped_by_the_script):
-    run, mine = skipped_by_the_script
-    assert run.step_numbers == list(range(4 * len(ZEROS)))
-    assert len(mine) == 4 * len(ZEROS)
-
-
 @pytest.mark.parametrize("zero", ZEROS)
-def test_a_clip_whose_step_the_script_skipped_is_not_the_next_steps(skipped_by_the_script, zero):
+def test_a_clip_whose_step_the_script_skipped_is_not_the_next_steps(phased, zero):
     """The clip of an iteration that the script skipped (no optimizer.step()) measured other
     gradients than the next iteration's clip: the next step records its own clip's norm, and
     the skipped one is recorded as skipped (optimizer_skipped 1, its NaN norm). So is a clip
     that torch refused (`error_if_nonfinite=True` raised): before, that iteration was in no
     step (3 steps for 4 iterations, the NaN in none)."""
-    run, mine = skipped_by_the_script
+    steps, mine = phased["skipped"]
     first = 4 * ZEROS.index(zero)
     for n in range(first, first + 4):
-        scalars = run.step(n).scalars
+        scalars = steps[n].scalars
         assert close(scalars["grad_norm"], mine[n]), (n, scalars, mine)
         assert scalars.get("optimizer_skipped", 0.0) == (n == first + 1), (n, scalars)
 
@@ -263,25 +240,38 @@ def test_a_clip_by_value_records_the_norms_before_it(phased):
     assert math.isinf(steps[1].scalars["grad_norm"])
 
 
+class _PhaseSteps:
+    """A phase's steps of a run, numbered from 0 at its first."""
+
+    def __init__(self, run: Run, first: int) -> None:
+        self.run, self.first = run, first
+
+    def __getitem__(self, n: int) -> Step:
+        return self.run.step(self.first + n)
+
+
 PHASED = {
-    "two optimizers": TWO_OPTIMIZERS_ONE_CLIP,
-    "clipped twice": SCRIPT,
-    "by value": CLIPPED_BY_VALUE,
+    "two optimizers": (TWO_OPTIMIZERS_ONE_CLIP, ()),
+    "clipped twice": (SCRIPT, ()),
+    "by value": (CLIPPED_BY_VALUE, ()),
+    "skipped": (SKIPPED_BY_THE_SCRIPT, ZEROS),
 }
-"""Scripts recorded as phases of one process (`_phases`), in this order: the actor's and the
-critic's optimizers first, the first two the process steps (the critic's: optimizer_1)."""
+"""Scripts, with their arguments after the file they write, recorded as phases of one
+process (`_phases`), in this order: the actor's and the critic's optimizers first, the first
+two the process steps (the critic's: optimizer_1)."""
 
 
 @pytest.fixture(scope="module")
 def phased(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """PHASED recorded by one `stabledrl record` of one process: name -> (the phase's steps,
-    what its script computed, one item an iteration); "run" -> the whole run."""
+    numbered from 0 at its first, what its script computed, one item an iteration); "run" ->
+    the whole run."""
     tmp = tmp_path_factory.mktemp("phases")
     phases = []
-    for k, (name, source) in enumerate(PHASED.items()):
+    for k, (name, (source, args)) in enumerate(PHASED.items()):
         script = tmp / f"phase_{k}.py"
         script.write_text(source)
-        phases.append((name, str(script), [str(tmp / f"phase_{k}.json")]))
+        phases.append((name, str(script), [str(tmp / f"phase_{k}.json"), *args]))
     (tmp / "phases.json").write_text(json.dumps(phases))
     (tmp / "train.py").write_text(PHASES_SCRIPT)
     result = _record("--out", str(tmp / "run"), "--", sys.executable, str(tmp / "train.py"),
@@ -289,14 +279,14 @@ def phased(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert result.returncode == 0, result.stderr
     run, first = open_run(tmp / "run"), 0
     recorded: dict[str, Any] = {"run": run}
-    for name, _, (computed,) in phases:
+    for name, _, (computed, *_) in phases:
         mine = json.loads(Path(computed).read_text())
-        recorded[name] = ([run.step(first + n) for n in range(len(mine))], mine)
+        recorded[name] = (_PhaseSteps(run, first), mine)
         first += len(mine)
     return recorded
 
 
 def test_each_iteration_of_each_phase_is_a_step(phased):
     iterations = [len(phased[name][1]) for name in PHASED]
-    assert iterations == [3, 3, 4]
+    assert iterations == [3, 3, 4, 4 * len(ZEROS)]
     assert phased["run"].step_numbers == list(range(sum(iterations)))
