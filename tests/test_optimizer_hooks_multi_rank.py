@@ -180,20 +180,15 @@ FSDP_SCRIPT = textwrap.dedent(
 )
 
 
-def test_fsdp2_gradients_are_recorded_with_their_whole_norm(tmp_path):
-    script, computed = tmp_path / "train.py", tmp_path / "norms.json"
-    script.write_text(FSDP_SCRIPT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    result = record(
-        "--out", str(tmp_path / "run"), "--", *torchrun, "--nproc-per-node", "2", str(script),
-        str(computed),
-    )  # fmt: skip
+def test_fsdp2_gradients_are_recorded_with_their_whole_norm(recorded):
+    result, (first, computed) = recorded["result"], recorded["fsdp2"]
     assert result.returncode == 0, result.stderr
     assert "recording failed" not in result.stderr
-    run = open_run(tmp_path / "run")
-    assert run.step_numbers == [0, 1, 2] and run.manifest["world_size"] == 2
-    for n, whole in enumerate(json.loads(computed.read_text())):
-        scalars = run.step(n).scalars
+    run = open_run(recorded["out"])
+    wholes = json.loads(computed.read_text())
+    assert len(wholes) == 3
+    for n, whole in enumerate(wholes):
+        scalars = run.step(first + n).scalars
         assert close(scalars["grad_norm"], whole), (n, scalars["grad_norm"], whole)
         modules = [scalars[f"grad_norm/module/{m}"] for m in (0, 2)]
         assert close(math.hypot(*modules), whole)
@@ -247,22 +242,16 @@ FSDP1_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("params", ["flat", "orig"])
-def test_fsdp1_steps_are_recorded_with_the_whole_norm_on_every_rank(tmp_path, params):
-    script, computed = tmp_path / "train.py", tmp_path / "norms"
-    script.write_text(FSDP1_SCRIPT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    result = record(
-        "--out", str(tmp_path / "run"), "--", *torchrun, "--nproc-per-node", "2", str(script),
-        str(computed), params,
-    )  # fmt: skip
+def test_fsdp1_steps_are_recorded_with_the_whole_norm_on_every_rank(recorded, params):
+    result, (first, computed) = recorded["result"], recorded[f"fsdp1 {params}"]
     assert result.returncode == 0, result.stderr
     assert "recording failed" not in result.stderr and "warning" not in result.stderr
-    run = open_run(tmp_path / "run")
-    assert run.step_numbers == [0, 1, 2, 3] and run.manifest["world_size"] == 2
+    run = open_run(recorded["out"])
     for rank in (0, 1):
         truth = json.loads(Path(f"{computed}.{rank}").read_text())
+        assert len(truth) == 4
         for n, whole in enumerate(truth):
-            scalars = _rank_scalars(run, n, rank)
+            scalars = _rank_scalars(run, first + n, rank)
             # step 1: what model.clip_grad_norm_ returned; else the norm gathered by hand
             assert close(scalars["grad_norm"], whole), (rank, n, scalars["grad_norm"], whole)
             modules = [scalars[f"grad_norm/module/{m}"] for m in (0, 2)]
@@ -606,18 +595,17 @@ PARTIAL_SCRIPT = (
 )
 
 
-def test_partial_dtensor_gradients_are_recorded_with_their_reduced_norm(tmp_path):
-    script, computed = tmp_path / "train.py", tmp_path / "norms"
-    script.write_text(PARTIAL_SCRIPT)
-    result = record("--out", str(tmp_path / "run"), "--", *TORCHRUN, str(script), str(computed))
+def test_partial_dtensor_gradients_are_recorded_with_their_reduced_norm(recorded):
+    result, (first, computed) = recorded["result"], recorded["partial"]
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr.lower() and "recording failed" not in result.stderr
-    run = open_run(tmp_path / "run")
-    assert run.step_numbers == [0, 1, 2, 3] and run.manifest["world_size"] == 2
+    run = open_run(recorded["out"])
     for rank in (0, 1):
-        for n, mine in enumerate(json.loads(Path(f"{computed}.{rank}").read_text())[:-1]):
+        seen = json.loads(Path(f"{computed}.{rank}").read_text())[:-1]
+        assert len(seen) == 4
+        for n, mine in enumerate(seen):
             assert mine["grads"] == PLACEMENTS, (rank, n)
-            scalars = _rank_scalars(run, n, rank)
+            scalars = _rank_scalars(run, first + n, rank)
             modules = {m: scalars[f"grad_norm/module/{m}"] for m in PLACEMENTS}
             # each module's norm before any clip (the plain one: this rank's own gradients)
             assert modules == pytest.approx(mine["modules"], rel=1e-6), (rank, n, scalars)
@@ -630,13 +618,14 @@ def test_partial_dtensor_gradients_are_recorded_with_their_reduced_norm(tmp_path
             assert scalars["nonfinite_grads"] == 0
 
 
-# FSDP2_STOP_SCRIPT (argv[1]; both layouts, no rank stopping) then PARTIAL_SCRIPT (argv[3])
-# trained without recording in the same two ranks, so that one launch gives both baselines:
-# the scripts' own init_process_group and ending are skipped once the group is up, and the
-# ranks end after the second.
-UNRECORDED_SCRIPT = textwrap.dedent(
+# Runs each phase (argv[1]: a JSON list of [name, script, its arguments]) as a script of its
+# own, one after the other in the same ranks, as tests/_phases.py's PHASES_SCRIPT does in one
+# process: it prints `== NAME` before it and frees its optimizers after it. The scripts' own
+# init_process_group and ending are skipped once the group is up; the ranks end after the
+# last phase.
+RANK_PHASES_SCRIPT = textwrap.dedent(
     """
-    import runpy, sys
+    import gc, json, runpy, sys
     import torch.distributed as dist
     import distributed_exit
 
@@ -647,39 +636,87 @@ UNRECORDED_SCRIPT = textwrap.dedent(
     dist.init_process_group = lambda *args, **kwargs: (
         None if dist.is_initialized() else init(*args, **kwargs))
     dist.destroy_process_group = lambda *args, **kwargs: None
-    fsdp2, fsdp2_out, partial, partial_out = sys.argv[1:]
-    sys.argv = [fsdp2, fsdp2_out, "none", "-1", "fsdp,hsdp"]
-    runpy.run_path(fsdp2, run_name="__main__")
-    sys.argv = [partial, partial_out]
-    runpy.run_path(partial, run_name="__main__")
+    for name, path, args in json.load(open(sys.argv[1])):
+        for stream in (sys.stdout, sys.stderr):
+            print(f"== {name}", file=stream, flush=True)
+        sys.argv = [path, *args]
+        runpy.run_path(path, run_name="__main__")
+        gc.collect()
     destroy()
     end()
     """
 )
 
 
+def _rank_phases(tmp: Path, phases: dict[str, tuple[str, list[str]]]) -> list[str]:
+    """The command of 2 ranks under torchrun that run `phases` (name -> (script, its
+    arguments)) one after the other (RANK_PHASES_SCRIPT), their scripts written to `tmp`."""
+    listed = []
+    for k, (name, (source, args)) in enumerate(phases.items()):
+        script = tmp / f"phase_{k}.py"
+        script.write_text(source)
+        listed.append((name, str(script), args))
+    (tmp / "phases.json").write_text(json.dumps(listed))
+    (tmp / "ranks.py").write_text(RANK_PHASES_SCRIPT)
+    return [*TORCHRUN, str(tmp / "ranks.py"), str(tmp / "phases.json")]
+
+
 @pytest.fixture(scope="module")
 def unrecorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """What FSDP2_STOP_SCRIPT wrote of each layout ("fsdp", "hsdp") and what PARTIAL_SCRIPT
     wrote of each rank ("partial": rank -> its list) when they trained without recording (one
-    launch: UNRECORDED_SCRIPT)."""
+    launch: both layouts, no rank stopping, then PARTIAL_SCRIPT)."""
     tmp = tmp_path_factory.mktemp("unrecorded")
-    scripts = {name: tmp / f"{name}.py" for name in ("both", "fsdp2", "partial")}
-    scripts["both"].write_text(UNRECORDED_SCRIPT)
-    scripts["fsdp2"].write_text(FSDP2_STOP_SCRIPT)
-    scripts["partial"].write_text(PARTIAL_SCRIPT)
     fsdp2, partial = tmp / "fsdp2.json", tmp / "partial"
+    phases = {
+        "fsdp2": (FSDP2_STOP_SCRIPT, [str(fsdp2), "none", "-1", "fsdp,hsdp"]),
+        "partial": (PARTIAL_SCRIPT, [str(partial)]),
+    }
     result = subprocess.run(
-        [*TORCHRUN, str(scripts["both"]), str(scripts["fsdp2"]), str(fsdp2),
-         str(scripts["partial"]), str(partial)],
-        capture_output=True, text=True, env=record_env(), timeout=300,
-    )  # fmt: skip
+        _rank_phases(tmp, phases), capture_output=True, text=True, env=record_env(), timeout=300
+    )
     assert result.returncode == 0, result.stderr
     written: dict[str, Any] = {
         layout: json.loads(Path(f"{fsdp2}.{layout}").read_text()) for layout in ("fsdp", "hsdp")
     }
     written["partial"] = {r: json.loads(Path(f"{partial}.{r}").read_text()) for r in (0, 1)}
     return written
+
+
+HEALTHY = {
+    "fsdp2": (FSDP_SCRIPT, [], 3),
+    "fsdp1 flat": (FSDP1_SCRIPT, ["flat"], 4),
+    "fsdp1 orig": (FSDP1_SCRIPT, ["orig"], 4),
+    "partial": (PARTIAL_SCRIPT, [], 4),
+}
+"""Scripts of 2 ranks whose recording goes well, with their arguments after the file they
+write and the steps they take: one launch records them all, one after the other."""
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """HEALTHY recorded by one `stabledrl record` of one torchrun launch: name -> (the run's
+    step of the phase's first, the file its script wrote: FSDP1_SCRIPT and PARTIAL_SCRIPT one
+    a rank, `FILE.RANK`); "result" -> record's result, "out" -> the run."""
+    tmp = tmp_path_factory.mktemp("recorded")
+    phases, found, first = {}, {}, 0
+    for k, (name, (source, args, steps)) in enumerate(HEALTHY.items()):
+        computed = tmp / f"computed_{k}"
+        phases[name] = (source, [str(computed), *args])
+        found[name] = (first, computed)
+        first += steps
+    result = record("--out", str(tmp / "run"), "--", *_rank_phases(tmp, phases))
+    return {"result": result, "out": tmp / "run", **found}
+
+
+def test_the_healthy_phases_take_the_run_steps_one_after_the_other(recorded):
+    result = recorded["result"]
+    assert result.returncode == 0, result.stderr
+    run = open_run(recorded["out"])
+    assert run.manifest["world_size"] == 2
+    assert run.step_numbers == list(range(sum(steps for _, _, steps in HEALTHY.values())))
+    names = {f"step-{n:08d}.rank-{r:04d}.safetensors" for n in run.step_numbers for r in (0, 1)}
+    assert {p.name for p in (recorded["out"] / "steps").iterdir()} == names
 
 
 def test_a_rank_that_stops_recording_while_holding_partial_copies_stops_the_other(
