@@ -87,3 +87,17 @@ def test_param_names_are_in_order_each_once(tmp_path, param_names, message):
     names = {"w": 1, "b": 2}.keys()  # a model's state_dict keys: in order
     with sd.Recorder(tmp_path / "run", param_names=names, policy=None) as rec:
         assert rec.manifest["param_names"] == ["w", "b"]
+
+
+def test_an_unknown_keyword_with_none_alike_is_one_short_line(tmp_path):
+    """Before, a keyword like none of rewrite_step's listed all 34 on one line (462 columns);
+    a misspelt one still names the keyword it resembles."""
+    z = np.zeros(2, np.float32)
+    with sd.Recorder(tmp_path / "run", unit="sequence") as rec:
+        rec.log_step(0, logp=z, logp_old=z, advantages=z)
+        with pytest.raises(UsageError) as refused:
+            rec.rewrite_step(0, zzzz=z)
+    assert (
+        str(refused.value)
+        == "'zzzz' is not a keyword of rewrite_step (help(Recorder) lists the 34)"
+    )

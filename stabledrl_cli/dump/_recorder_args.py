@@ -140,13 +140,13 @@ def param_name_list(value: Iterable[str]) -> list[str]:
 def refuse_unknown_keywords(given: Iterable[str], taken: Sequence[str], what: str) -> None:
     """UsageError naming the first of `given` (in sorted order) that is not in `taken` (a
     misspelt keyword: `logpp=`), saying `is not {what}`, with the name it resembles if any,
-    else the names taken."""
+    else where they are listed (all of them make a line past 80 columns)."""
     unknown = sorted(set(given).difference(taken))
     if not unknown:
         return
     name = unknown[0]
     close = difflib.get_close_matches(name, taken, n=1)
-    hint = f"did you mean {close[0]!r}?" if close else f"one of: {', '.join(taken)}"
+    hint = f"did you mean {close[0]!r}?" if close else f"help(Recorder) lists the {len(taken)}"
     raise UsageError(f"{name!r} is not {what} ({hint})")
 
 
