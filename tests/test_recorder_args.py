@@ -101,3 +101,15 @@ def test_an_unknown_keyword_with_none_alike_is_one_short_line(tmp_path):
         str(refused.value)
         == "'zzzz' is not a keyword of rewrite_step (help(Recorder) lists the 34)"
     )
+
+
+def test_a_meta_integer_past_pythons_digits_is_the_houses_line(tmp_path):
+    """Before, Recorder(meta={'n': 10**5000}) passed on Python's advice to call
+    sys.set_int_max_str_digits(), a hint meant for code."""
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(tmp_path / "run", meta={"n": 10**5000})
+    assert str(refused.value) == (
+        "meta must be JSON-serializable: an integer of more than 4300 digits "
+        "(at most 4300 are read)"
+    )
+    assert not (tmp_path / "run").exists()

@@ -56,6 +56,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
@@ -577,12 +578,16 @@ def parse_manifest(raw: bytes | str, where: str) -> dict[str, Any]:
 def json_checked(value: _Json, what: str) -> _Json:
     """`value` with each numpy number or bool in it as the Python value it holds (`_plain`);
     UsageError naming the argument for values that JSON cannot hold, text that is not Unicode
-    too (a lone surrogate, which every reader of the run refuses: `_json.has_lone_surrogate`)."""
+    too (a lone surrogate, which every reader of the run refuses: `_json.has_lone_surrogate`),
+    and an integer past the digits Python converts (its own message is a hint for code)."""
     try:
         text = json.dumps(value, allow_nan=False, ensure_ascii=False, default=_plain_or_refused)
         text.encode("utf-8")
         return _plain(value)
     except (TypeError, ValueError, RecursionError) as exc:  # (nested past the encoder's depth)
+        if "integer string conversion" in str(exc):
+            limit = sys.get_int_max_str_digits()
+            exc = ValueError(f"an integer of more than {limit} digits (at most {limit} are read)")
         raise UsageError(f"{what} must be JSON-serializable: {exc}") from None
 
 
