@@ -755,20 +755,20 @@ def test_a_recorder_cut_short_as_it_is_made_unmakes_the_new_run(
     """A Ctrl-C while the Recorder makes a new run. Before, one after steps/ was made and
     before the manifest was written left a directory that read as 'is not a run: it has no
     manifest.json', one after it a run of no step that a new Recorder refused as not empty;
-    now the run is unmade, the directory as it was found, and a Recorder records into it."""
+    now the run is unmade, the directory as it was found (the folders made above the run
+    too: before, fresh/ of fresh/deep/run was left), and a Recorder records into it."""
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    path = tmp_path / "fresh" / "run"
+    path = tmp_path / "fresh" / "deep" / "run"
     (tmp_path / "empty").mkdir()
     for run in (path, tmp_path / "empty"):
         with monkeypatch.context() as patch:
             patch.setattr(f"{module}.{call}", interrupted)
             with pytest.raises(KeyboardInterrupt):
                 sd.Recorder(run, async_writes=async_writes)
-    assert sorted(os.listdir(tmp_path)) == ["empty", "fresh"]
-    assert os.listdir(tmp_path / "fresh") == [] and os.listdir(tmp_path / "empty") == []
+    assert os.listdir(tmp_path) == ["empty"] and os.listdir(tmp_path / "empty") == []
     with sd.Recorder(path, unit="sequence") as rec:
         rec.log_step(0, logp=[-1.0], logp_old=[-1.0], advantages=[1.0])
     assert sd.open_run(path).step_numbers == [0]

@@ -222,7 +222,8 @@ def prepared_run(
 
 def _unmake(path: Path, made: list[Path], run_id: object) -> None:
     """Undoes a new run's making cut short: its manifest, when it is the one of `run_id` and
-    steps/ holds nothing (no rank's file), then the directories `made` while empty. The
+    steps/ holds nothing (no rank's file), then the directories `made` (the folders above
+    the run that it made too) while empty. The
     directory reads as it did before: a new Recorder, or `record` without --force, records
     into it. Best effort."""
     with suppress(OSError, InputError, ValueError):
@@ -284,13 +285,24 @@ def _ready(
             raise RunNotEmpty(path, (others + mine)[0])
         if rank != 0:
             _check_rank_0s(path, manifest, rank)
-    for directory in (path, steps):  # the line names the run when the run cannot be made
+    # One at a time, the run's missing folders too: each one made is unmade if cut short.
+    for directory in (*_missing_folders(path), path, steps):
         try:
-            directory.mkdir(parents=True)
+            directory.mkdir()
             made.append(directory)
         except FileExistsError as exc:
             if not directory.is_dir():  # a file, made meanwhile
                 raise write_error(directory, exc) from None
-        except OSError as exc:
-            raise write_error(directory, exc) from None
+        except OSError as exc:  # the line names the run when the run cannot be made
+            raise write_error(steps if directory == steps else path, exc) from None
     return manifest, last
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders above `path` that do not exist yet, outermost first."""
+    missing: list[Path] = []
+    for folder in path.parents:
+        if os.path.lexists(folder):
+            break
+        missing.insert(0, folder)
+    return missing
