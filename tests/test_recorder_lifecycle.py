@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -772,3 +773,24 @@ def test_a_recorder_cut_short_as_it_is_made_unmakes_the_new_run(
     with sd.Recorder(path, unit="sequence") as rec:
         rec.log_step(0, logp=[-1.0], logp_old=[-1.0], advantages=[1.0])
     assert sd.open_run(path).step_numbers == [0]
+
+
+@pytest.mark.parametrize("call", ["at_child_end", "steps_written_on_sigterm"])
+def test_an_async_recorder_cut_short_leaves_no_failing_exit_handler(tmp_path, monkeypatch, call):
+    """Before, a Ctrl-C in an async Recorder's making after its exit handler was registered
+    and before its SIGTERM one was left a handler that failed at exit: 'Exception ignored in
+    atexit callback ... AttributeError: 'Recorder' object has no attribute
+    '_cancel_on_sigterm'' (the Recorder kept alive by the uncaught exception's traceback)."""
+    registered: list[Callable[[], None]] = []
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("stabledrl_cli.dump._recorder_end.atexit.register", registered.append)
+    monkeypatch.setattr(f"stabledrl_cli.dump._recorder_end.{call}", interrupted)
+    with pytest.raises(KeyboardInterrupt) as cut_short:
+        sd.Recorder(tmp_path / "run", async_writes=True)
+    assert cut_short.value.__traceback__ is not None  # keeps the half-made Recorder alive
+    for handler in registered:
+        handler()
+    assert not (tmp_path / "run").exists()

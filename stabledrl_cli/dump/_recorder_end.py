@@ -134,13 +134,15 @@ class RecorderEnd:
             self._at_exit = functools.partial(
                 _close_at_exit, weakref.ref(self), self._writer, self.path, noted
             )
-            atexit.register(self._at_exit)
-            self._cancel_at_child_end = at_child_end(self._at_exit)
             self._cancel_on_sigterm = steps_written_on_sigterm(
                 functools.partial(
                     _written_on_sigterm, weakref.ref(self), self._writer, self.path, noted
                 )
             )
+            # after it, which the exit handler cancels: a Recorder cut short between the two
+            # (Ctrl-C) is not one whose handler fails at exit
+            atexit.register(self._at_exit)
+            self._cancel_at_child_end = at_child_end(self._at_exit)
             # one dropped unclosed frees its rank once its queued steps are written; not at
             # exit, where the thread still writes what a late exit handler logs (`_at_exit`)
             dropped.detach()
