@@ -3,6 +3,8 @@ unknown keyword names rewrite_step, a reward_range must be an ordered pair of nu
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import numpy as np
 import pytest
 
@@ -57,6 +59,16 @@ def test_a_reward_range_past_a_float_or_pasted_long_is_one_short_line(tmp_path):
     for number, reward_range in enumerate(recorded):
         with sd.Recorder(tmp_path / str(number), reward_range=reward_range) as rec:
             assert rec.manifest["reward_range"] == [float(reward_range[0]), 1.0]
+
+
+def test_a_reward_range_of_decimals_is_recorded(tmp_path):
+    """Before, (Decimal('0'), Decimal('1')), which float() reads and log_step takes as a
+    reward, was refused as 'a list, tuple, array or tensor of two numbers' (Decimal is no
+    numbers.Real); until 470817f it was recorded."""
+    with sd.Recorder(tmp_path / "run", reward_range=(Decimal("0"), Decimal("1.5"))) as rec:
+        assert rec.manifest["reward_range"] == [0.0, 1.5]
+    with pytest.raises(UsageError, match="finite, low < high"):
+        sd.Recorder(tmp_path / "nan", reward_range=(Decimal("0"), Decimal("sNaN")))
 
 
 def test_a_reward_past_a_float_is_one_line(tmp_path):

@@ -10,6 +10,7 @@ import numbers
 import os
 import reprlib
 from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 from stabledrl_cli._version import __version__
@@ -58,10 +59,10 @@ def checked_reward_range(value: object, name: str = "reward_range") -> tuple[flo
     return low, high
 
 
-def _pair(value: object) -> list[numbers.Real | str] | None:
+def _pair(value: object) -> list[numbers.Real | Decimal | str] | None:
     """The two entries of `value` when it is an ordered pair (a list, a tuple, a config's
-    list, a 1-d numpy array or torch tensor of two), each a real number, its 0-d array or
-    tensor, or text; else None (a bool is no number)."""
+    list, a 1-d numpy array or torch tensor of two), each a real number (a Decimal too, as
+    log_step takes it), its 0-d array or tensor, or text; else None (a bool is no number)."""
     shape = getattr(value, "shape", None)
     if shape is not None:
         entries = _plain(value) if tuple(shape) == (2,) else None
@@ -71,7 +72,8 @@ def _pair(value: object) -> list[numbers.Real | str] | None:
         entries = None
     if not isinstance(entries, list) or len(entries) != 2:
         return None
-    pair = [e for e in entries if isinstance(e, (numbers.Real, str)) and not isinstance(e, bool)]
+    real = (numbers.Real, Decimal, str)
+    pair = [e for e in entries if isinstance(e, real) and not isinstance(e, bool)]
     return pair if len(pair) == 2 else None
 
 
