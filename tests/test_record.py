@@ -1209,21 +1209,6 @@ def test_a_recording_failure_in_a_command_without_stderr_never_reaches_the_train
 
 
 @pytest.mark.parametrize("how", [["--", sys.executable, "-c", "pass"], ["--rl-steps", "2"]])
-def test_an_out_under_a_file_is_a_path_that_cannot_be_written(tmp_path, how):
-    """docs/exit-codes.md: a path the system refuses to write is exit 4, its line naming it;
-    the wrapped command and the built-in example alike (the command's once exited 3)."""
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    out = blocker / "sub"
-    result = CliRunner().invoke(app, ["record", "--out", str(out), *how])
-    assert result.exit_code == 4, result.output
-    assert (
-        result.stderr.strip().splitlines()[-1] == f"error: {out}: cannot write it (Not a directory)"
-    )
-    assert "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize("how", [["--", sys.executable, "-c", "pass"], ["--rl-steps", "2"]])
 def test_an_out_named_longer_than_the_file_system_takes_cannot_be_written(tmp_path, how):
     """A name past NAME_MAX is a path the system refuses to write: exit 4, one line naming it
     (it was exit 3, 'File name too long', from the check that --out is a directory)."""
