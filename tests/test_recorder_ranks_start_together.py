@@ -75,6 +75,20 @@ def test_a_rank_that_disagrees_with_rank_0s_run_is_refused(tmp_path, given, said
     with sd.Recorder(path, world_size=2, rank=0, policy="grpo"):
         with pytest.raises(UsageError) as refused:
             sd.Recorder(path, **({"world_size": 2, "rank": 1} | given))
-        assert str(refused.value) == f"{path}: rank 1 cannot join the run rank 0 made: {said}"
+        assert str(refused.value) == f"{path}: rank 1 cannot join the run there: {said}"
         assert os.listdir(path / "steps") == [".writer.rank-0000.lock"]  # rank 0's
         sd.Recorder(path, world_size=2, rank=1, policy="grpo:eps_low=0.2").close()
+
+
+def test_a_rank_refused_by_an_earlier_runs_manifest_is_not_told_rank_0_made_it(tmp_path):
+    """A relaunch of 4 ranks into a finished run of 2, without overwrite=True: rank 3 (no
+    file there) finds the old manifest. Before, its line said 'cannot join the run rank 0
+    made', a run no rank of this launch made (rank 0 is refused as not empty)."""
+    path = tmp_path / "run"
+    for rank in (0, 1):
+        _ranked(path, rank, [0])
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(path, world_size=4, rank=3)
+    assert str(refused.value) == (
+        f"{path}: rank 3 cannot join the run there: its world_size is 2, this recorder's 4"
+    )

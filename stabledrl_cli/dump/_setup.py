@@ -236,15 +236,16 @@ def _unmake(path: Path, made: list[Path], run_id: object) -> None:
 
 
 def _check_rank_0s(path: Path, manifest: dict[str, Any], rank: int) -> None:
-    """UsageError when the manifest rank 0 wrote (if it has: ranks start together) says
-    another unit, world_size, group_ids, loss_norm or policy than this rank's `manifest`
-    (`check_same_run`): the rank's steps would be read as the run's. A manifest no reader
-    reads is left for the readers to report."""
+    """UsageError when the manifest rank 0 wrote (if it has: ranks start together; or an
+    earlier recording's, which rank 0 refuses too) says another unit, world_size, group_ids,
+    loss_norm or policy than this rank's `manifest` (`check_same_run`): the rank's steps
+    would be read as the run's. A manifest no reader reads is left for the readers to
+    report."""
     try:
         run = DirectoryRun(path).manifest
     except (InputError, OSError):
         return
-    check_same_run(run, manifest, f"{path}: rank {rank} cannot join the run rank 0 made")
+    check_same_run(run, manifest, f"{path}: rank {rank} cannot join the run there")
 
 
 def _ready(
