@@ -1086,6 +1086,16 @@ def test_an_empty_part_records_a_sketch_of_no_column(tmp_path):
     assert step["unit_grad_sketch"].tolist() == rows.tolist()
 
 
+def test_an_empty_parts_sketch_refusal_does_not_ask_for_a_column(tmp_path):
+    """An empty part takes a sketch of any k ([0, 0] too); before, one of the wrong shape was
+    told 'expected [U, k] with U = 0 and k >= 1', a k it does not need."""
+    empty = np.zeros(0, np.float32)
+    rec = sd.Recorder(tmp_path / "run", world_size=2, rank=0, unit="sequence")
+    with rec, pytest.raises(UsageError) as refused:
+        rec.log_step(0, logp=empty, logp_old=empty, advantages=empty, unit_grad_sketch=empty)
+    assert str(refused.value) == "unit_grad_sketch: expected [U, k] with U = 0, any k, got [0]"
+
+
 def test_a_numpy_sketch_seed_is_recorded_with_each_sketch(tmp_path):
     """geometry={'sketch': {'seed': np.int64(s)}} (a seed from a numpy config) went into the
     manifest as s, but no step file recorded its _sketch_seed: two ranks drawn with different

@@ -368,9 +368,9 @@ def _batch_tensors(
         # a rank's part with no sequence has no row: its k says nothing (the join's rule)
         no_columns = sketch.ndim == 2 and sketch.shape[1] == 0 and sketch.shape[0] > 0
         if sketch.ndim != 2 or sketch.shape[0] not in units or no_columns:
+            columns = " and k >= 1" if num_tokens else ", any k"
             raise UsageError(
-                f"unit_grad_sketch: expected [U, k] with {shown} and k >= 1, "
-                f"got {list(sketch.shape)}"
+                f"unit_grad_sketch: expected [U, k] with {shown}{columns}, got {list(sketch.shape)}"
             )
         tensors["unit_grad_sketch"] = sketch
     return tensors, num_sequences
