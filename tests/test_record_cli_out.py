@@ -11,29 +11,39 @@ from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
 
+FORMS = {
+    "record": ["record", "--out", "BLOCK/run", "--rl-steps", "1"],
+    "record -- CMD": ["record", "--out", "BLOCK/run", "--", "python", "-c", "pass"],
+    "import": ["import", "log.jsonl", "--out", "BLOCK/run"],
+}
+"""The commands that take an --out, BLOCK the name of what is in the way."""
 
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize(
-    "args",
+    ("blocked", "said"),
     [
-        ["record", "--out", "afile/run", "--rl-steps", "1"],
-        ["record", "--out", "afile/run", "--", "python", "-c", "pass"],
-        ["import", "log.jsonl", "--out", "afile/run"],
+        ("afile", "afile is not a directory"),
+        ("gone", "gone is a symlink to nowhere, which does not exist"),
     ],
-    ids=["record", "record -- CMD", "import"],
+    ids=["a file", "a symlink to nothing"],
 )
-def test_an_out_under_a_file_is_named_as_typed(tmp_path: Path, monkeypatch, args) -> None:
-    """Before: record's built-in example and import said 'error: /abs/path/afile/run: cannot
-    write it (Not a directory)' (exit 4), the path made absolute, record -- CMD the same with
-    the path as typed, after its check let it through."""
+def test_an_out_under_a_file_is_named_as_typed(tmp_path, monkeypatch, form, blocked, said):
+    """Before, under a file: record's built-in example and import said 'error:
+    /abs/path/afile/run: cannot write it (Not a directory)' (exit 4), the path made absolute,
+    record -- CMD the same with the path as typed, after its check let it through. Under a
+    symlink to nothing (--out gone itself was refused so, exit 2), each said '... cannot
+    write it (File exists)' (exit 4), a reason that names no file."""
     monkeypatch.chdir(tmp_path)
-    Path("afile").write_text("")
+    if blocked == "afile":
+        Path("afile").write_text("")
+    else:
+        os.symlink("nowhere", "gone")
     Path("log.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
+    args = [arg.replace("BLOCK", blocked) for arg in FORMS[form]]
     result = CliRunner().invoke(app, args)
-    assert (result.exit_code, result.stderr) == (
-        2,
-        "error: --out afile/run: afile is not a directory\n",
-    )
-    assert sorted(os.listdir()) == ["afile", "log.jsonl"]
+    assert (result.exit_code, result.stderr) == (2, f"error: --out {blocked}/run: {said}\n")
+    assert sorted(os.listdir()) == [blocked, "log.jsonl"]
 
 
 def test_imports_refusal_of_a_manifest_that_is_a_directory_says_import(tmp_path: Path) -> None:

@@ -44,14 +44,22 @@ def directory_or_nothing(path: Path, named: str) -> bool:
 def _in_the_way(path: Path) -> str:
     """What is at `path` where a directory goes, said after its name: a symlink whose target
     is missing (`ln -s /nonexistent/x out`) is said to be one, not a thing that exists."""
+    target = _missing_target(path)
+    if target is not None:
+        return f"is a symlink to {target}, which does not exist"
+    return "exists and is not a directory"
+
+
+def _missing_target(path: Path) -> str | None:
+    """Where the symlink `path` leads when nothing is there, else None."""
     try:
         os.stat(path)
     except FileNotFoundError:
         with suppress(OSError):  # gone meanwhile, or made no link by another process
-            return f"is a symlink to {os.readlink(path)}, which does not exist"
+            return os.readlink(path)
     except OSError:  # a symlink loop, ...: something is there, and no directory
         pass
-    return "exists and is not a directory"
+    return None
 
 
 def in_the_way(path: Path) -> tuple[Path, bool] | None:
@@ -68,12 +76,14 @@ def in_the_way(path: Path) -> tuple[Path, bool] | None:
 
 def refuse_under_a_file(path: Path, named: str) -> None:
     """UsageError `{named}: {folder} is not a directory` when the nearest of `path`'s folders
-    that exists is a regular file: no run can be made below it. Anything else (a symlink
-    loop) is left for the writes to refuse."""
+    that exists is a regular file, or `... is a symlink to ..., which does not exist`: no run
+    can be made below it. Anything else (a symlink loop) is left for the writes to refuse."""
     for folder in path.parents:
         if os.path.lexists(folder):
             if os.path.isfile(folder):
                 raise UsageError(f"{named}: {folder} is not a directory")
+            if _missing_target(folder) is not None:
+                raise UsageError(f"{named}: {folder} {_in_the_way(folder)}")
             return
 
 
