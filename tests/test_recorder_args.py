@@ -125,3 +125,14 @@ def test_a_meta_integer_past_pythons_digits_is_the_houses_line(tmp_path):
         "(at most 4300 are read)"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_recorder_kwargs_keys_of_mixed_types_are_one_line():
+    """recorder_kwargs={3: ..., 'zz': ...} (a config's keys are not all text) raised Python's
+    TypeError from sorting the unknown keys ('<' between int and str); the first, as text, is
+    refused with the house's line."""
+    from stabledrl_cli.capture._script_args import refuse_unknown
+
+    with pytest.raises(UsageError) as refused:
+        refuse_unknown({3: 1, "zz": 2, "queue_size": 4}, "__init__", "a key of recorder_kwargs")
+    assert str(refused.value).startswith("3 is not a key of recorder_kwargs (")

@@ -17,7 +17,7 @@ RECORD_SETS = ("path", "policy", "overwrite")
 policy (log_policy_batch's `policy`, else --policy) and overwrite (--force)."""
 
 
-def refuse_unknown(given: Iterable[str], method: str, what: str) -> None:
+def refuse_unknown(given: Iterable[object], method: str, what: str) -> None:
     """UsageError naming the first of `given` that is no keyword of `Recorder.<method>` a
     script may pass (a misspelt field: `logpp=`; `refuse_unknown_keywords`), or one that
     record sets itself."""
@@ -28,7 +28,7 @@ def refuse_unknown(given: Iterable[str], method: str, what: str) -> None:
 
     parameters = inspect.signature(getattr(Recorder, method)).parameters
     taken = [n for n in parameters if n not in ("self", "step", *RECORD_SETS)]
-    first = min(set(given).difference(taken), default=None)
+    first = min(set(given).difference(taken), default=None, key=str)
     if first in RECORD_SETS:
         raise UsageError(
             f"{first!r} is not {what} (record sets it: --out, log_policy_batch's policy or "

@@ -139,15 +139,16 @@ def param_name_list(value: Iterable[str]) -> list[str]:
     return names
 
 
-def refuse_unknown_keywords(given: Iterable[str], taken: Sequence[str], what: str) -> None:
-    """UsageError naming the first of `given` (in sorted order) that is not in `taken` (a
+def refuse_unknown_keywords(given: Iterable[object], taken: Sequence[str], what: str) -> None:
+    """UsageError naming the first of `given` (in sorted order, as text: a dict's keys may be
+    of any type) that is not in `taken` (a
     misspelt keyword: `logpp=`), saying `is not {what}`, with the name it resembles if any,
     else where they are listed (all of them make a line past 80 columns)."""
-    unknown = sorted(set(given).difference(taken))
+    unknown = sorted(set(given).difference(taken), key=str)
     if not unknown:
         return
     name = unknown[0]
-    close = difflib.get_close_matches(name, taken, n=1)
+    close = difflib.get_close_matches(str(name), taken, n=1)
     hint = f"did you mean {close[0]!r}?" if close else f"help(Recorder) lists the {len(taken)}"
     raise UsageError(f"{name!r} is not {what} ({hint})")
 
