@@ -76,37 +76,45 @@ def test_a_command_that_replaces_the_run_leaves_no_checkpoint_or_branch_of_it(tm
     assert list((run / "checkpoints").iterdir()) == []
 
 
-def _refused(run: Path, ran: Path) -> Result:
-    """`record --out RUN --force ... -- python -c ...` in this process, whose command leaves
-    `ran` if it is started: the refusals below come before it (a real process's refusal, exit 2,
-    is test_a_file_browsers_files_go_with_the_branch_runs_anything_else_is_refused's)."""
-    command = [sys.executable, "-c", f"open({str(ran)!r}, 'w').close()"]
-    return CliRunner().invoke(app, ["record", "--out", str(run), *OPTIONS, "--", *command])
+def _refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Result:
+    """`record --out run --force ... -- python -c ...` in this process, in `tmp_path` (the
+    refusal names the path as typed), whose command leaves `tmp_path/ran` if it is started: the
+    refusals below come before it (a real process's refusal, exit 2, is
+    test_a_file_browsers_files_go_with_the_branch_runs_anything_else_is_refused's)."""
+    monkeypatch.chdir(tmp_path)
+    command = [sys.executable, "-c", f"open({str(tmp_path / 'ran')!r}, 'w').close()"]
+    return CliRunner().invoke(app, ["record", "--out", "run", *OPTIONS, "--", *command])
 
 
-def test_what_is_no_branch_runs_is_refused_before_the_command_starts(tmp_path, recorded):
+def test_what_is_no_branch_runs_is_refused_before_the_command_starts(
+    tmp_path, monkeypatch, recorded
+):
     run, checkpoint = _with_example_files(tmp_path, recorded)
     mine = run / "branches" / "notes.txt"
     mine.write_text("mine")
-    refused = _refused(run, tmp_path / "ran")
+    refused = _refused(tmp_path, monkeypatch)
     assert refused.exit_code == 2 and not (tmp_path / "ran").exists(), refused.output
     assert refused.stderr == (
-        f"error: {mine}: not a file of a branch run; recording over the run (--force) removes "
-        "its branches, never another file: remove it, or record elsewhere\n"
+        f"error: {Path('run') / 'branches' / 'notes.txt'}: not a file of a branch run; "
+        "recording over the run (--force) removes its branches, never another file: remove it, "
+        "or record elsewhere\n"
     )
     assert mine.read_text() == "mine" and checkpoint.is_file()
 
 
-def test_checkpoints_of_a_directory_that_holds_no_run_are_refused_not_removed(tmp_path):
+def test_checkpoints_of_a_directory_that_holds_no_run_are_refused_not_removed(
+    tmp_path, monkeypatch
+):
     """A project folder recorded into with --force: its own `checkpoints/step-00001000.pt` is
     no run's, and the command's recording would have removed it."""
     mine = tmp_path / "run" / "checkpoints" / "step-00001000.pt"
     mine.parent.mkdir(parents=True)
     mine.write_bytes(b"my model's weights")
-    refused = _refused(tmp_path / "run", tmp_path / "ran")
+    refused = _refused(tmp_path, monkeypatch)
     assert refused.exit_code == 2 and not (tmp_path / "ran").exists(), refused.output
     assert refused.stderr.startswith(
-        f"error: {mine}: no run's ({tmp_path / 'run'} holds no manifest.json); "
+        f"error: {Path('run') / 'checkpoints' / 'step-00001000.pt'}: no run's (run holds no "
+        "manifest.json); "
     )
     assert refused.stderr.count("\n") == 1, refused.stderr
     assert mine.read_bytes() == b"my model's weights"
