@@ -1095,8 +1095,10 @@ def measure_each(
 ) -> list[Measured]:
     """`measure` of each (ARGS, PRELOAD) of `commands`, in turn, in one child process that
     imports each module once: each command runs in a process forked from it once its modules
-    are imported, under the cap, its stderr and costs kept in `folder`. `timeout` is each
-    command's: one that outlives it is killed (SIGALRM, code -14)."""
+    are imported, under the cap, its stderr and costs kept in `folder`. Each command's stderr
+    begins with what that process printed as it imported the modules (a line a command's own
+    process would print first). `timeout` is each command's: one that outlives it is killed
+    (SIGALRM, code -14)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = [(folder / f"{n}.stderr", folder / f"{n}.json") for n in range(len(commands))]
     listed = [
@@ -1117,16 +1119,16 @@ def measure_each(
     )
     assert proc.returncode == 0, proc.stderr
     return [
-        _measured(code, stderr, cost)
+        _measured(code, proc.stderr, stderr, cost)
         for code, (stderr, cost) in zip(json.loads(proc.stdout), files, strict=True)
     ]
 
 
-def _measured(code: int, stderr: Path, cost_file: Path) -> Measured:
+def _measured(code: int, imported: str, stderr: Path, cost_file: Path) -> Measured:
     cost = json.loads(cost_file.read_text()) if cost_file.exists() else {}
     return Measured(
         code=code,
-        stderr=stderr.read_text() if stderr.exists() else "",
+        stderr=imported + (stderr.read_text() if stderr.exists() else ""),
         seconds=float(cost.get("seconds", float("inf"))),
         extra_rss_mb=float(cost.get("extra_rss_mb", float("inf"))),
         read_mb=None if cost.get("read_mb") is None else float(cost["read_mb"]),
