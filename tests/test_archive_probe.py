@@ -97,12 +97,22 @@ def test_a_refusal_found_by_the_child_is_the_readers_own(tmp_path: Path) -> None
 def test_a_child_that_hangs_is_killed_and_refuses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The hung child is killed and reaped, not left sleeping beside the reader."""
     archive = packed(tmp_path)
-    monkeypatch.setattr(_archive_probe, "_child_report", lambda *args: time.sleep(60))
+    pid_file = tmp_path / "child.pid"
+
+    def hang(*args: object) -> bytes:
+        pid_file.write_text(str(os.getpid()))
+        time.sleep(60)
+        return b""
+
+    monkeypatch.setattr(_archive_probe, "_child_report", hang)
     started = time.monotonic()
     with pytest.raises(InputError, match=r"did not finish in 0\.5 s"):
         _probe(archive, 0.5)
     assert time.monotonic() - started < 10
+    with pytest.raises(ProcessLookupError):  # neither sleeping nor a zombie left unreaped
+        os.kill(int(pid_file.read_text()), 0)
 
 
 def test_a_child_that_dies_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
