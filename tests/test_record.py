@@ -1582,30 +1582,19 @@ RESUMED_TORCH_LOOP = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def first_torch_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """RESUMED_TORCH_LOOP's first process (steps 0-4, each step before its batch), recorded
-    once: the run each order's resumed process goes on with, in a copy of its own."""
-    tmp = tmp_path_factory.mktemp("resumed")
-    with pytest.MonkeyPatch.context() as patch:
-        first = _record_script(
-            tmp, patch, RESUMED_TORCH_LOOP, "0", "5", "step", options=("-p", "grpo")
-        )
-    assert first.returncode == 0, first.stderr
-    return tmp / "run"
-
-
 @pytest.mark.parametrize("first", ["batch", "step"])
-def test_a_resumed_loops_optimizer_steps_pair_with_its_batches(
-    tmp_path, monkeypatch, first_torch_run, first
-):
+def test_a_resumed_loops_optimizer_steps_pair_with_its_batches(tmp_path, monkeypatch, first):
     """Under the optimizer hooks, the resumed process's n-th optimizer step is the run's step
     resume_from + n. Before, the hooks numbered it n from 0 again: step 0 'does not follow
     step 3', recording went off and steps 4-6 were lost (or, batch first, 3 kept half)."""
-    shutil.copytree(first_torch_run, tmp_path / "run")
+    options = ("-p", "grpo")
+    first_run = _record_script(
+        tmp_path, monkeypatch, RESUMED_TORCH_LOOP, "0", "5", first, options=options
+    )
+    assert first_run.returncode == 0, first_run.stderr
     resumed = _record_script(
         tmp_path, monkeypatch, RESUMED_TORCH_LOOP, "3", "7", first,
-        options=("-p", "grpo", "--force"),
+        options=(*options, "--force"),
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert "warning" not in resumed.stderr
