@@ -9,6 +9,7 @@ torch's); and the refusals of bad input by these, `watch` and `branch`."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -162,14 +163,50 @@ PROBES = {
 }
 
 
-@pytest.mark.parametrize("name", list(PROBES))
-def test_torch_is_not_imported(name):
-    code = textwrap.dedent(PROBES[name]) + "\nimport sys\nprint('torch' in sys.modules)\n"
+IN_TURN = """
+import json, sys, traceback
+cases, modules = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for name, code in cases.items():
+    try:
+        exec(compile(code, name, "exec"), {"__name__": "__probe__"})
+    except BaseException:
+        print(json.dumps([name, traceback.format_exc()]), flush=True)
+    else:
+        print(json.dumps([name, [m for m in modules if m in sys.modules]]), flush=True)
+"""
+
+
+def imported_in_turn(cases: dict[str, str], modules: list[str]) -> dict[str, list[str] | str]:
+    """Each case's code run in turn in one fresh interpreter: after each, which of `modules`
+    were imported (by it or a case before it: imports stay), or the case's traceback."""
+    dedented = {name: textwrap.dedent(code) for name, code in cases.items()}
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
+        [sys.executable, "-c", IN_TURN, json.dumps(dedented), json.dumps(modules)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "False", f"{name} imported torch"
+    return dict(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("["))
+
+
+def first_to_import(outcomes: dict[str, list[str] | str], name: str, module: str) -> str:
+    """`name`, or the case before it after which `module` was first seen imported."""
+    return next(
+        case
+        for case, seen in outcomes.items()
+        if case == name or (isinstance(seen, list) and module in seen)
+    )
+
+
+@pytest.fixture(scope="module")
+def probed() -> dict[str, list[str] | str]:
+    return imported_in_turn(PROBES, ["torch"])
+
+
+@pytest.mark.parametrize("name", list(PROBES))
+def test_torch_is_not_imported(name, probed):
+    outcome = probed[name]
+    assert isinstance(outcome, list), outcome
+    assert "torch" not in outcome, f"{first_to_import(probed, name, 'torch')} imported torch"
 
 
 def test_public_names_still_resolve():
@@ -181,40 +218,44 @@ def test_public_names_still_resolve():
         sd.no_such_name  # noqa: B018
 
 
-def test_a_recorder_writes_its_steps_without_importing_the_readers():
-    """A recorded training process needs the Recorder only: h5py (the archive reader's) costs
-    it start-up time and nothing else."""
-    code = textwrap.dedent("""
-        import sys, tempfile
+READERS = {
+    "a Recorder writing its steps": """
+        import tempfile
         import numpy as np
         from stabledrl_cli.dump import Recorder
         with Recorder(tempfile.mkdtemp() + "/run", policy="grpo") as recorder:
             zeros = np.zeros(8, "float32")
             recorder.log_step(0, logp=zeros, logp_old=zeros - 0.1, advantages=zeros + 1,
                               seq_id=np.repeat(np.arange(4), 2).astype("int32"))
-        print(sorted(m for m in ("h5py", "stabledrl_cli.dump._open") if m in sys.modules))
-    """)
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
-
-
-@pytest.mark.parametrize("args", [["--help"], ["policies"], ["policies", "-f", "json"]])
-def test_help_and_policies_do_not_import_the_archive_reader(args: list[str]) -> None:
-    """No run is read: h5py (the archive reader's), which the options' URL handling pulled in
-    through the URL readers, was a tenth of a second of `stabledrl policies`' start."""
-    code = textwrap.dedent(f"""
-        import sys
+    """,
+    **{
+        " ".join(args): f"""
         from typer.testing import CliRunner
         from stabledrl_cli.cli.app import app
         result = CliRunner().invoke(app, {args!r})
         assert result.exit_code == 0, result.output
-        print("h5py" in sys.modules)
-    """)
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "False"
+    """
+        for args in (["--help"], ["policies"], ["policies", "-f", "json"])
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def readers() -> dict[str, list[str] | str]:
+    return imported_in_turn(READERS, ["h5py", "stabledrl_cli.dump._open"])
+
+
+def test_a_recorder_writes_its_steps_without_importing_the_readers(readers):
+    """A recorded training process needs the Recorder only: h5py (the archive reader's) costs
+    it start-up time and nothing else."""
+    assert readers["a Recorder writing its steps"] == []
+
+
+@pytest.mark.parametrize("args", [["--help"], ["policies"], ["policies", "-f", "json"]])
+def test_help_and_policies_do_not_import_the_archive_reader(args: list[str], readers) -> None:
+    """No run is read: h5py (the archive reader's), which the options' URL handling pulled in
+    through the URL readers, was a tenth of a second of `stabledrl policies`' start."""
+    name = " ".join(args)
+    outcome = readers[name]
+    assert isinstance(outcome, list), outcome
+    assert "h5py" not in outcome, f"{first_to_import(readers, name, 'h5py')} imported h5py"
