@@ -769,13 +769,29 @@ def test_junit_report_is_well_formed_xml_whatever_the_names(tmp_path):
     assert suite.get("name") == "stabledrl check run\\xff"
 
 
-def test_exit_codes_in_a_real_process(runs, baseline):
+def _scalar_run(path: Path, *, spike_at: int | None = None) -> Path:
+    """20 scalar steps, grad norms 1 and 2 in turn (1000 at `spike_at`): checked without
+    torch, so a process that checks it starts in a fraction of a replay's time."""
+    with sd.Recorder(path, policy=None) as rec:
+        for step in range(20):
+            rec.log_step(
+                step, reward_mean=0.5, grad_norm=1000.0 if step == spike_at else 1 + step % 2
+            )
+    return path
+
+
+def test_exit_codes_in_a_real_process(tmp_path):
+    steady = _scalar_run(tmp_path / "steady")
+    spiking = _scalar_run(tmp_path / "spiking", spike_at=15)
+    baseline = tmp_path / "steady.baseline.json"
+    wrote = runner.invoke(app, ["check", str(steady), "--write-baseline", str(baseline)])
+    assert wrote.exit_code == 0, wrote.output
     holds, tripped, usage, strict, missing = run_cli_together(
-        ["check", runs["steady"], "--baseline", baseline],
-        ["check", runs["collapsing"], "--baseline", baseline],
-        ["check", runs["steady"]],  # no gate given
-        ["check", runs["steady"], "--max-collapsed", "0", "--strict"],  # no baseline
-        ["check", runs["steady"].parent / "nope", "--baseline", baseline],
+        ["check", steady, "--baseline", baseline],
+        ["check", spiking, "--baseline", baseline],
+        ["check", steady],  # no gate given
+        ["check", steady, "--max-collapsed", "0", "--strict"],  # no baseline
+        ["check", tmp_path / "nope", "--baseline", baseline],
     )
     assert holds.returncode == 0 and "check passed" in holds.stderr
     assert tripped.returncode == 1 and "check failed" in tripped.stderr
