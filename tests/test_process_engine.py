@@ -75,11 +75,16 @@ def test_workers_and_engines_are_checked_in_one_line(tmp_path):
         ),
     ]
     for options, line in cases:
-        done = subprocess.run(
-            [sys.executable, "-m", "stabledrl_cli", "replay", str(run), *options],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert done.returncode == 2 and done.stderr.strip() == line, done.stderr
+        if "99999999999999999999" in options:  # a real process: a fork per worker, if allowed
+            done = subprocess.run(
+                [sys.executable, "-m", "stabledrl_cli", "replay", str(run), *options],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            code, stderr = done.returncode, done.stderr
+        else:
+            result = runner.invoke(app, ["replay", str(run), *options])
+            code, stderr = result.exit_code, result.stderr
+        assert code == 2 and stderr.strip() == line, stderr
 
 
 KILLED_STEP = 45
