@@ -93,8 +93,7 @@ def print_unbroken(table: Table, console: Console) -> None:
     spaces; where that is not enough, at the narrowest width that breaks no word (the table
     overflows the terminal rather than cut or break a cell). A no_wrap column needs a
     min_width of its widest cell. Its title is printed as print_whole's."""
-    narrowest = Measurement.get(console, console.options.update(width=_UNBOUNDED), table).minimum
-    _print_at_least(table, console, narrowest)
+    _print_at_least(table, console, narrowest_width(table, console))
 
 
 def _print_at_least(table: Table, console: Console, width: int) -> None:
@@ -122,8 +121,7 @@ def print_fitted(table: Table, console: Console, *, lead: int = 1, named: bool =
     (only by a pair wider than it). Its title above, its caption below, as lines of text."""
     headers = [" ".join(str(column.header).split()) for column in table.columns]
     stack_headers(table, console)
-    unbounded = console.options.update(width=_UNBOUNDED)
-    if Measurement.get(console, unbounded, table).minimum <= console.width:
+    if narrowest_width(table, console) <= console.width:
         print_unbroken(table, console)
         return
     print_title(table, console)
@@ -192,6 +190,12 @@ def _packed(pairs: Sequence[str], width: int) -> list[str]:
 def stacked_width(header: str, cells: Iterable[str]) -> int:
     """The width of a column of `cells` under `header` stacked a word a line (`stack_headers`)."""
     return max([*map(len, header.translate(_HEADER_BREAKS).splitlines()), *map(len, cells)])
+
+
+def narrowest_width(table: Table, console: Console) -> int:
+    """The width `table` takes with its wrapping cells broken at every space: the narrowest
+    at which no word of a cell is broken."""
+    return Measurement.get(console, console.options.update(width=_UNBOUNDED), table).minimum
 
 
 def _natural_width(table: Table, console: Console) -> int:

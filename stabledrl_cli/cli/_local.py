@@ -9,8 +9,6 @@ import os
 from pathlib import Path
 
 from stabledrl_cli._url import is_url, redacted
-from stabledrl_cli.capture.branch_protocol import check_outside_run_folders
-from stabledrl_cli.dump._schema import MANIFEST_NAME
 from stabledrl_cli.errors import UsageError
 
 URL_READERS = "replay, check, inspect, diff, tune and pack read a run at a URL"
@@ -49,6 +47,9 @@ def check_not_in_a_run(out: Path) -> None:
     """UsageError when --out (of `record`, `import`) lies in the steps, checkpoints or branches
     folder of a run (a folder above it holding a manifest, a branch run's too), as `branch
     --out` is refused: the run would hold a file that is not its own."""
+    from stabledrl_cli.capture.branch_protocol import check_outside_run_folders
+    from stabledrl_cli.dump._schema import MANIFEST_NAME
+
     # realpath, not resolve: a symlink loop raises RuntimeError there (Python < 3.13); it is
     # left for the writes to refuse (a loop is no run's folder)
     for parent in (*out.parents, *Path(os.path.realpath(out)).parents):  # as given first

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import TypedDict
 
 from rich.console import Group, RenderableType
-from rich.measure import Measurement
 from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
@@ -26,6 +25,7 @@ from stabledrl_cli.policies import (
 )
 from stabledrl_cli.policies._config import ParamValue
 from stabledrl_cli.spec import SPEC_SYNTAX, format_value
+from stabledrl_cli.tables import narrowest_width
 from stabledrl_cli.vocab import ADV_MODES, AGGS, ROLLOUT_IS, ROWS
 
 
@@ -85,9 +85,6 @@ def _spec_rows(specs: list[str]) -> list[PolicyRow]:
     return list(rows.values())
 
 
-_UNBOUNDED = 100_000
-
-
 def _table(rows: list[PolicyRow], specs: bool) -> Table:
     """One row per policy; the parameters column is at least as wide as its longest
     `key=value`, so a pair is never split."""
@@ -112,8 +109,7 @@ def _table(rows: list[PolicyRow], specs: bool) -> Table:
 
 def _fits(rows: list[PolicyRow], specs: bool) -> bool:
     """Whether the table fits the terminal with no word of any cell folded."""
-    unbounded = out.options.update(width=_UNBOUNDED)  # measured, not clamped to the terminal
-    return Measurement.get(out, unbounded, _table(rows, specs)).minimum <= out.width
+    return narrowest_width(_table(rows, specs), out) <= out.width
 
 
 def _blocks(rows: list[PolicyRow], specs: bool) -> Group:
