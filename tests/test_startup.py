@@ -3,9 +3,10 @@ and the help of `replay`, `check`, `tune`, `inspect`, `diff` and `watch`; `impor
 (their help and their input checks), and `pack` of a run; a Recorder of numpy arrays and its
 run read back, and its refusal of a step without a field its policy needs; `diff` of two
 runs that never part; `replay`, `check` and `tune` refusing an unknown policy (on any
-engine), or too many --workers or an empty (or blank) --ray-address; `check` and `inspect` of
-a scalar run (inspect of a run with a policy batch checks each step with replay's own code,
-torch's); and the refusals of bad input by these, `watch` and `branch`."""
+engine), or too many --workers or an empty (or blank) --ray-address; `tune` refusing a
+missing run; `check` and `inspect` of a scalar run (inspect of a run with a policy batch
+checks each step with replay's own code, torch's); and the refusals of bad input by these,
+`watch` and `branch`."""
 
 from __future__ import annotations
 
@@ -144,6 +145,12 @@ PROBES = {
         assert shown.exit_code == 0 and '"steps": 20' in shown.stdout, shown.output
         missing = CliRunner().invoke(app, ["check", path + "-none", "--max-spikes", "0"])
         assert missing.exit_code == 3, missing.output
+    """,
+    "tune refusing a missing run": """
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        missing = CliRunner().invoke(app, ["tune", "/no/run", "-p", "grpo"])
+        assert missing.exit_code == 3 and "no such run" in missing.stderr, missing.output
     """,
     "branch, its help and a missing run": """
         from typer.testing import CliRunner

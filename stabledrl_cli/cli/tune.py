@@ -168,11 +168,13 @@ def command(
         )
     check_outputs(run, plot, {})
     chosen = replay_engine(engine, workers, ray_address)  # a bad value: before torch loads
-    from stabledrl_cli._device import resolve_device
+    if config.device != "auto":  # a device named is refused before the run is read
+        from stabledrl_cli._device import resolve_device
+
+        resolve_device(config.device)
+    opened = open_snapshot(run)  # a missing run is refused before torch loads (a second)
     from stabledrl_cli.replay.engine import own_policy
 
-    resolve_device(config.device)  # refused before the header, as by replay
-    opened = open_snapshot(run)
     specs = list(settings)
     own = own_policy(opened) if keep_own else None
     if own is not None and own.spec not in specs:
