@@ -3,10 +3,10 @@ and the help of `replay`, `check`, `tune`, `inspect`, `diff` and `watch`; `impor
 (their help and their input checks), and `pack` of a run; a Recorder of numpy arrays and its
 run read back, and its refusal of a step without a field its policy needs; `diff` of two
 runs that never part; `replay`, `check` and `tune` refusing an unknown policy (on any
-engine), or too many --workers or an empty (or blank) --ray-address; `tune` refusing a
-missing run; `check` and `inspect` of a scalar run (inspect of a run with a policy batch
-checks each step with replay's own code, torch's); and the refusals of bad input by these,
-`watch` and `branch`."""
+engine), or too many --workers or an empty (or blank) --ray-address; `tune` and `check`
+(given a baseline naming a policy) refusing a missing run; `check` and `inspect` of a scalar
+run (inspect of a run with a policy batch checks each step with replay's own code, torch's);
+and the refusals of bad input by these, `watch` and `branch`."""
 
 from __future__ import annotations
 
@@ -150,6 +150,20 @@ PROBES = {
         from typer.testing import CliRunner
         from stabledrl_cli.cli.app import app
         missing = CliRunner().invoke(app, ["tune", "/no/run", "-p", "grpo"])
+        assert missing.exit_code == 3 and "no such run" in missing.stderr, missing.output
+    """,
+    "check refusing a missing run, given a baseline naming a policy": """
+        import json, tempfile
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        baseline = tempfile.mkdtemp() + "/baseline.json"
+        replay = {"spike_factor": 10.0, "window": 50, "drift_threshold": -0.15,
+                  "collapse_window": 10}
+        with open(baseline, "w") as fh:
+            json.dump({"schema": "stabledrl-baseline", "version": 1, "replay": replay,
+                       "policies": {"grpo": {"collapsed_steps": {"value": 0,
+                                                                 "worse": "higher"}}}}, fh)
+        missing = CliRunner().invoke(app, ["check", "/no/run", "-b", baseline])
         assert missing.exit_code == 3 and "no such run" in missing.stderr, missing.output
     """,
     "branch, its help and a missing run": """

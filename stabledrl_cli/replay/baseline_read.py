@@ -13,7 +13,8 @@ from dataclasses import fields
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli._version import __version__
 from stabledrl_cli.errors import QUOTE_LIMIT, InputError, UsageError, quoted, quoted_spec, shown
-from stabledrl_cli.policies import MAX_POLICIES, get_policy
+from stabledrl_cli.policies import MAX_POLICIES
+from stabledrl_cli.policies._registry import resolve_spec
 from stabledrl_cli.replay.baseline import (
     BASELINE_SCHEMA,
     BASELINE_VERSION,
@@ -192,9 +193,10 @@ def _policies(data: object, where: str) -> dict[str, dict[str, Tolerance]]:
     policies: dict[str, dict[str, Tolerance]] = {}
     for spec, metrics in data.items():
         try:
-            canonical = get_policy(spec).spec
+            found, config = resolve_spec(spec)  # not get_policy: its module loads torch
         except UsageError as exc:
             raise InputError(f"{where}: policy {quoted_spec(spec)}: {exc}") from None
+        canonical = found.spec_of(config)
         if not isinstance(metrics, dict):
             raise InputError(
                 f"{where}: policies.{_key(spec)} must be an object of metric -> tolerance"
