@@ -4,9 +4,10 @@ and the help of `replay`, `check`, `tune`, `inspect`, `diff` and `watch`; `impor
 run read back, and its refusal of a step without a field its policy needs; `diff` of two
 runs that never part; `replay`, `check` and `tune` refusing an unknown policy (on any
 engine), or too many --workers or an empty (or blank) --ray-address; `tune` and `check`
-(given a baseline naming a policy) refusing a missing run; `check` and `inspect` of a scalar
-run (inspect of a run with a policy batch checks each step with replay's own code, torch's);
-and the refusals of bad input by these, `watch` and `branch`."""
+(given a baseline naming a policy) refusing a missing run; `diff` of two scalar runs that
+part; `check` and `inspect` of a scalar run (inspect of a run with a policy batch checks each
+step with replay's own code, torch's); and the refusals of bad input by these, `watch` and
+`branch`."""
 
 from __future__ import annotations
 
@@ -165,6 +166,19 @@ PROBES = {
                                                                  "worse": "higher"}}}}, fh)
         missing = CliRunner().invoke(app, ["check", "/no/run", "-b", baseline])
         assert missing.exit_code == 3 and "no such run" in missing.stderr, missing.output
+    """,
+    "diff of two scalar runs that part": """
+        import tempfile
+        import stabledrl_cli as sd
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        home = tempfile.mkdtemp()
+        for name, late in (("a", 0.5), ("b", 0.6)):
+            with sd.Recorder(f"{home}/{name}", policy="grpo") as recorder:
+                for step in range(6):
+                    recorder.log_step(step, reward_mean=0.5 if step < 3 else late, grad_norm=1.0)
+        parted = CliRunner().invoke(app, ["diff", home + "/a", home + "/b"])
+        assert parted.exit_code == 1 and "parted at step 3" in parted.stdout, parted.output
     """,
     "branch, its help and a missing run": """
         from typer.testing import CliRunner

@@ -518,18 +518,19 @@ def _figures(
     the run's steps up to the last of them; its figures None, with a warning, when its steps
     lack a field it needs), with its reward draws `rewards`, or its means over the other
     run's rows (`window`) where it has them."""
-    from stabledrl_cli.replay.incremental import OwnReplay  # torch: only for runs that part
-
     numbered = {reads.get(n, n): n for n in numbers}
     steps = sorted(numbered)
-    follower = OwnReplay(run, config)
-    try:
-        follower.extend([n for n in run.step_numbers if n <= steps[-1]])
-        series = follower.series()
-    except InputError as exc:
-        message = f"{run.location}: its own policy is not replayed ({exc})"
-        warnings.warn(message, RunIntegrityWarning, stacklevel=2)
-        series = {}
+    series: dict[str, Any] = {}
+    if any(not h.is_scalar for h in run.step_headers() if h.step <= steps[-1]):
+        from stabledrl_cli.replay.incremental import OwnReplay  # torch: a policy batch to replay
+
+        follower = OwnReplay(run, config)
+        try:
+            follower.extend([n for n in run.step_numbers if n <= steps[-1]])
+            series = follower.series()
+        except InputError as exc:
+            message = f"{run.location}: its own policy is not replayed ({exc})"
+            warnings.warn(message, RunIntegrityWarning, stacklevel=2)
     index = {int(n): i for i, n in enumerate(series.get("step", []))}
     wanted = set(steps)
     out: dict[int, dict[str, float | bool | None]] = {}
