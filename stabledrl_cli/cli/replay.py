@@ -50,6 +50,7 @@ from stabledrl_cli.cli._output import err, is_standard_output, out, progress, st
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump import Run
+from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._open import open_snapshot, packed_run
 from stabledrl_cli.dump._remote import inside_local_run
 from stabledrl_cli.errors import ConfigError, UsageError, counted
@@ -71,6 +72,7 @@ from stabledrl_cli.replay.hdf5 import write_hdf5
 from stabledrl_cli.replay.plot import check_plot_path, plot_replay, require_matplotlib
 from stabledrl_cli.replay.report import BEST_RULE, print_detail, print_summary
 from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.replay.run_facts import scalar_run_refusal
 from stabledrl_cli.spec import SPEC_SYNTAX
 from stabledrl_cli.vocab import METRIC_GROUPS, MetricGroup, ReplayEngine
 
@@ -316,6 +318,11 @@ def replay_with_progress(
     workers than CPUs) is named by its option. `header`, a line on stderr, comes once the
     first step is computed (or the replay returns): a run refused before, such as a run with
     nothing to replay, gets its one error line alone."""
+    if str(config.device) in ("auto", "cpu"):  # a device named is checked first, by torch
+        with integrity_warnings_ignored():  # the refusal names the skipped step files
+            refusal = scalar_run_refusal(run)
+        if refusal is not None:  # before torch loads (a second)
+            raise refusal
     from stabledrl_cli.replay.engine import replay_run
     from stabledrl_cli.replay.ray_engine import RayEngine
 

@@ -47,7 +47,7 @@ from stabledrl_cli.replay.config import (
     parse_size,
     replay_config,
 )
-from stabledrl_cli.replay.run_facts import print_own_policy_note
+from stabledrl_cli.replay.run_facts import own_spec, print_own_policy_note
 from stabledrl_cli.spec import wrap_line
 from stabledrl_cli.tables import fold_specs, print_fitted, print_legend, spec_room, stacked_width
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
@@ -173,12 +173,10 @@ def command(
 
         resolve_device(config.device)
     opened = open_snapshot(run)  # a missing run is refused before torch loads (a second)
-    from stabledrl_cli.replay.engine import own_policy
-
     specs = list(settings)
-    own = own_policy(opened) if keep_own else None
-    if own is not None and own.spec not in specs:
-        specs.append(own.spec)
+    own = own_spec(opened) if keep_own else None
+    if own is not None and own not in specs:
+        specs.append(own)
     header = f"tuning {counted(len(settings), 'setting')} over {redacted(run)}"
     result = replay_with_progress(opened, specs, config, chosen, header=header)
     note_live(result.live, run, "the tune read", "tune")

@@ -30,7 +30,7 @@ from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._live import live_read
 from stabledrl_cli.dump._open import opened_run
 from stabledrl_cli.dump._views import StepSubset
-from stabledrl_cli.errors import InputError, UsageError, counted, type_name
+from stabledrl_cli.errors import InputError, UsageError, type_name
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
 from stabledrl_cli.replay.columns import derive_series, device_metrics
 from stabledrl_cli.replay.config import (
@@ -48,13 +48,14 @@ from stabledrl_cli.replay.metrics import TopSequence
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult, StepSeries, Unjoined
 from stabledrl_cli.replay.run_facts import (
+    NothingToReplay,
     no_steps_message,
+    nothing_to_replay,
     own_spec,
     refuse_recorded_again,
     run_gaps,
     run_ranks,
     skipped_reasons,
-    steps_skipped,
 )
 from stabledrl_cli.replay.step_data import check_step, run_unit
 from stabledrl_cli.replay.stream import StreamedRun, detail_pass, stream_run
@@ -72,6 +73,7 @@ __all__ = [
     "DEFAULT_WINDOW",
     "Engine",
     "LocalEngine",
+    "NothingToReplay",
     "ReplayConfig",
     "ReplayResult",
     "own_policy",
@@ -145,26 +147,6 @@ def _not_policies(specs: object) -> UsageError:
     if getattr(specs, "ndim", None) == 0:
         kind = f"a 0-d {kind}"
     return UsageError(f"policies must be a spec, a Policy or a list of them, not {kind}")
-
-
-class NothingToReplay(InputError):
-    """A run whose readable steps hold no policy batch (a scalar run): exit 3."""
-
-
-def nothing_to_replay(run: Run, steps: int, skipped: Sequence[str] = ()) -> NothingToReplay:
-    """The one-line refusal for a run whose `steps` readable steps are all scalar steps;
-    `skipped`: why the reader skipped each other step file (a rank behind, a damaged file),
-    named since such a file may have held a policy batch."""
-    scalars = f"{counted(steps, 'step')} of per-step scalars"
-    what = (
-        f"no readable step holds a policy batch ({scalars}; {steps_skipped(skipped)})"
-        if skipped
-        else f"a scalar run ({scalars}, no policy batch)"
-    )
-    return NothingToReplay(
-        f"{run.location}: nothing to replay: {what}; `stabledrl inspect` shows it and "
-        "`stabledrl check` gates its recorded series"
-    )
 
 
 def _run_geometry(kinds: tuple[StepGeometryKind, ...]) -> tuple[RunGeometryKind, float]:

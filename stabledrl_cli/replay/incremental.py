@@ -27,12 +27,7 @@ from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay.columns import ColumnArray, derive_series
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.engine import (
-    nothing_to_replay,
-    own_policy,
-    replay_result,
-    single_torch_thread,
-)
+from stabledrl_cli.replay.engine import own_policy, replay_result, single_torch_thread
 from stabledrl_cli.replay.guards import GuardInput, GuardReplay
 from stabledrl_cli.replay.observed import (
     NoiseFloor,
@@ -44,7 +39,7 @@ from stabledrl_cli.replay.observed import (
 from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.rows import RowBuffer
-from stabledrl_cli.replay.run_facts import no_steps_message, skipped_reasons
+from stabledrl_cli.replay.run_facts import no_steps_message, nothing_to_replay, skipped_reasons
 from stabledrl_cli.replay.stream import StreamedRun, policy_loss, stream_run
 from stabledrl_cli.vocab import StepGeometryKind
 

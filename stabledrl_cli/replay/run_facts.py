@@ -220,3 +220,34 @@ def steps_skipped(skipped: Sequence[str]) -> str:
     (`shown_reasons`)."""
     steps = counted(len(skipped), "step was", "steps were")
     return f"{steps} skipped: {shown_reasons(skipped)}"
+
+
+class NothingToReplay(InputError):
+    """A run whose readable steps hold no policy batch (a scalar run): exit 3."""
+
+
+def nothing_to_replay(run: Run, steps: int, skipped: Sequence[str] = ()) -> NothingToReplay:
+    """The one-line refusal for a run whose `steps` readable steps are all scalar steps;
+    `skipped`: why the reader skipped each other step file (a rank behind, a damaged file),
+    named since such a file may have held a policy batch."""
+    scalars = f"{counted(steps, 'step')} of per-step scalars"
+    what = (
+        f"no readable step holds a policy batch ({scalars}; {steps_skipped(skipped)})"
+        if skipped
+        else f"a scalar run ({scalars}, no policy batch)"
+    )
+    return NothingToReplay(
+        f"{run.location}: nothing to replay: {what}; `stabledrl inspect` shows it and "
+        "`stabledrl check` gates its recorded series"
+    )
+
+
+def scalar_run_refusal(run: Run) -> NothingToReplay | None:
+    """`nothing_to_replay` for a run whose readable steps are all scalar steps, found from
+    their headers (no torch); None when one holds a policy batch or none can be read."""
+    headers = 0
+    for header in run.step_headers():
+        if not header.is_scalar:
+            return None
+        headers += 1
+    return nothing_to_replay(run, headers, skipped_reasons(run)) if headers else None
