@@ -285,6 +285,14 @@ READERS = {
     """
         for args in (["--help"], ["policies"], ["policies", "-f", "json"])
     },
+    "a missing run refused by replay, check, tune, inspect, diff and watch": """
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        for args in (["replay"], ["check", "--max-spikes", "0"], ["tune", "-p", "grpo"],
+                     ["inspect"], ["diff", "/no/other"], ["watch", "--once"]):
+            missing = CliRunner().invoke(app, [args[0], "/no/run", *args[1:]])
+            assert missing.exit_code == 3 and "no such run" in missing.stderr, missing.output
+    """,
 }
 
 
@@ -297,6 +305,15 @@ def test_a_recorder_writes_its_steps_without_importing_the_readers(readers):
     """A recorded training process needs the Recorder only: h5py (the archive reader's) costs
     it start-up time and nothing else."""
     assert readers["a Recorder writing its steps"] == []
+
+
+def test_a_missing_run_is_refused_without_the_archive_reader(readers) -> None:
+    """The path is looked up before any archive is read: h5py (the archive reader's, and the
+    replay report writer's) was a third of `stabledrl diff MISSING RUN`'s start."""
+    name = "a missing run refused by replay, check, tune, inspect, diff and watch"
+    outcome = readers[name]
+    assert isinstance(outcome, list), outcome
+    assert "h5py" not in outcome, f"{first_to_import(readers, name, 'h5py')} imported h5py"
 
 
 @pytest.mark.parametrize("args", [["--help"], ["policies"], ["policies", "-f", "json"]])

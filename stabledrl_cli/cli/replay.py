@@ -52,7 +52,6 @@ from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._open import open_snapshot, packed_run
-from stabledrl_cli.dump._remote import inside_local_run
 from stabledrl_cli.errors import ConfigError, UsageError, counted
 from stabledrl_cli.policies._registry import resolve_spec
 from stabledrl_cli.replay.config import (
@@ -68,7 +67,6 @@ from stabledrl_cli.replay.config import (
     parse_step_range,
     replay_config,
 )
-from stabledrl_cli.replay.hdf5 import write_hdf5
 from stabledrl_cli.replay.plot import check_plot_path, plot_replay, require_matplotlib
 from stabledrl_cli.replay.report import BEST_RULE, print_detail, print_summary
 from stabledrl_cli.replay.result import ReplayResult
@@ -112,6 +110,8 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
     would replace the other), and a plot can be drawn (a missing extra fails fast, exit 2)."""
     named = [(flag, path) for flag, path in {**targets, "--plot": plot}.items() if path is not None]
     for flag, target in named:
+        from stabledrl_cli.dump._remote import inside_local_run  # h5py: for a report named only
+
         try:
             inside = inside_local_run(target, run)
             directory = target.is_dir()
@@ -511,6 +511,8 @@ def command(
 
     # An output that cannot be written ends the replay with exit 4, after its results are shown.
     def report_file(path: Path) -> str:
+        from stabledrl_cli.replay.hdf5 import write_hdf5
+
         write_hdf5(result, path)
         return f"wrote {path}"
 

@@ -36,7 +36,7 @@ from stabledrl_cli.dump._layout import (
     decode_json_text,
 )
 from stabledrl_cli.dump._run import Run
-from stabledrl_cli.dump._schema import RUN_KIND, check_readable_version
+from stabledrl_cli.dump._schema import RUN_KIND, NotARun, check_readable_version
 from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.errors import InputError, UsageError, quoted
@@ -45,10 +45,6 @@ from stabledrl_cli.errors import InputError, UsageError, quoted
 # the chunk on their boundary (up to 256 KiB: `_pack_column`); 1 MiB holds it with room to
 # spare. 8 MiB was no faster on any benchmark run and cost 45-60 MB of peak memory.
 _CHUNK_CACHE_BYTES = 1 << 20
-
-
-class NotARun(InputError):
-    """An HDF5 file whose root names it something other than a run (a replay report)."""
 
 
 class ArchiveFile(Run):

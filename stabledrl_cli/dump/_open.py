@@ -10,12 +10,9 @@ from pathlib import Path
 
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli._url import is_url, slashless_hint
-from stabledrl_cli.dump._archive_file import NotARun
-from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun
-from stabledrl_cli.dump._remote import open_url
 from stabledrl_cli.dump._run import Run
-from stabledrl_cli.dump._schema import HDF5_SIGNATURE, path_argument, switch_argument
+from stabledrl_cli.dump._schema import HDF5_SIGNATURE, NotARun, path_argument, switch_argument
 from stabledrl_cli.errors import InputError, UsageError
 
 
@@ -31,6 +28,8 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     given = path_argument(path)  # as the user wrote it: Path drops a doubled or trailing slash
     verify = switch_argument(verify, "verify")
     if isinstance(path, str) and is_url(path):
+        from stabledrl_cli.dump._remote import open_url
+
         return open_url(path, verify=verify)
     run_path = Path(path)
     try:
@@ -50,6 +49,8 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     except OSError as exc:
         raise InputError(f"cannot read {given}: {exc.strerror or exc}") from None
     if signature == HDF5_SIGNATURE:
+        from stabledrl_cli.dump._archive_reader import ArchiveRun
+
         return ArchiveRun(run_path, verify=verify)
     raise NotARun(f"{given} is not a run (expected a run directory or a .h5 archive)")
 

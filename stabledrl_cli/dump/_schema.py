@@ -67,6 +67,12 @@ from stabledrl_cli.errors import InputError, UsageError, quoted, shown, type_nam
 from stabledrl_cli.spec import plain_number, whole_number
 from stabledrl_cli.vocab import GROUP_IDS, LOSS_NORMS, UNITS
 
+
+class NotARun(InputError):
+    """A path that is no run: an HDF5 file whose root names it something else (a replay
+    report), or what is neither a directory nor a regular file."""
+
+
 GRAM_KEY = "unit_grad_gram"
 """The step field of an exact Gram matrix K: [U, U]."""
 SKETCH_KEY = "unit_grad_sketch"
