@@ -163,8 +163,10 @@ PROBES = {
     "tune refusing a missing run": """
         from typer.testing import CliRunner
         from stabledrl_cli.cli.app import app
-        missing = CliRunner().invoke(app, ["tune", "/no/run", "-p", "grpo"])
-        assert missing.exit_code == 3 and "no such run" in missing.stderr, missing.output
+        for device in ("auto", "cpu"):  # cpu is no device torch could fail to see
+            args = ["tune", "/no/run", "-p", "grpo", "--device", device]
+            missing = CliRunner().invoke(app, args)
+            assert missing.exit_code == 3 and "no such run" in missing.stderr, missing.output
     """,
     "check refusing a missing run, given a baseline naming a policy": """
         import json, tempfile

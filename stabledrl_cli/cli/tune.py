@@ -168,7 +168,7 @@ def command(
         )
     check_outputs(run, plot, {})
     chosen = replay_engine(engine, workers, ray_address)  # a bad value: before torch loads
-    if config.device != "auto":  # a device named is refused before the run is read
+    if str(config.device) not in ("auto", "cpu"):  # a GPU torch may not see: before the run
         from stabledrl_cli._device import resolve_device
 
         resolve_device(config.device)
