@@ -75,7 +75,9 @@ def test_a_replay_opens_each_step_file_once(tmp_path, monkeypatch, how):
     progress too) opens each step file once: the pass reads a file whole and later looks are
     answered from its check, and it checks the first step's fields against the policies
     before computing any. Before, every file was opened twice (listing the run read every
-    header first), then the first one still was: its header was read apart for that check."""
+    header first), then the first one still was: its header was read apart for that check.
+    The command reads the first step's header apart once more: a scalar run (no step with a
+    policy batch) is refused from its headers before torch loads."""
     path = _record(tmp_path / "run", steps=4)
     opened = _count_step_opens(monkeypatch, tmp_path / "opens.log")
     if how == "api":
@@ -84,7 +86,8 @@ def test_a_replay_opens_each_step_file_once(tmp_path, monkeypatch, how):
         shown = CliRunner().invoke(app, ["replay", str(path), "-p", "grpo", "--format", "json"])
         assert shown.exit_code == 0, shown.output
         assert json.loads(shown.stdout)["steps"] == 4
-    assert opened() == {f"step-{n:08d}.safetensors": 1 for n in range(4)}
+    names = [f"step-{n:08d}.safetensors" for n in range(4)]
+    assert opened() == {names[0]: 1 + (how == "cli"), **dict.fromkeys(names[1:], 1)}
 
 
 def test_a_sharded_replay_reads_each_step_file_once(tmp_path, monkeypatch):
@@ -134,9 +137,10 @@ def test_inspect_and_check_look_each_header_up_a_bounded_number_of_times(
     recorded series are derived from that walk (a look-up checks the file's identity and
     builds the step's record: 70 us a step, seconds on a 10,000-step run). check walks them
     once more, for the observed behaviour its replay derives, and looks the first step up
-    first, to choose between a replay and a scalar run's gates. Before, inspect looked each
-    step up five times (the pass, its own walk, two for the recorded series, one for the
-    observed behaviour) and check four times."""
+    first, to choose between a replay and a scalar run's gates, then once more as its replay
+    refuses a scalar run before torch loads. Before, inspect looked each step up five times
+    (the pass, its own walk, two for the recorded series, one for the observed behaviour)
+    and check four times."""
     from stabledrl_cli.dump._directory import DirectoryRun
 
     path = _record(tmp_path / "run", steps=4)
@@ -151,7 +155,7 @@ def test_inspect_and_check_look_each_header_up_a_bounded_number_of_times(
     gate = ["--max-nonfinite", "1000"] if command == "check" else []
     shown = CliRunner().invoke(app, [command, str(path), *gate, "--format", "json"])
     assert shown.exit_code == 0, shown.output
-    first = walks + (command == "check")
+    first = walks + 2 * (command == "check")
     assert looked_up == {0: first, **dict.fromkeys(range(1, 4), walks)}
 
 
