@@ -195,14 +195,20 @@ def replayed_loss_norm(run: Run) -> str:
     return run.loss_norm if run_ranks(run) > 1 else "global"
 
 
-def is_scalar_run(run: Run) -> bool:
-    """Whether the run has readable steps and none holds a policy batch."""
-    scalar = None
+def scalar_steps(run: Run) -> int:
+    """The run's readable steps when none holds a policy batch (a scalar run), else 0 (a
+    step holds one, or none can be read); found from their headers, without torch."""
+    steps = 0
     for header in run.step_headers():
         if not header.is_scalar:
-            return False
-        scalar = True
-    return bool(scalar)
+            return 0
+        steps += 1
+    return steps
+
+
+def is_scalar_run(run: Run) -> bool:
+    """Whether the run has readable steps and none holds a policy batch."""
+    return scalar_steps(run) > 0
 
 
 def whole_run_refusal(run: Run) -> str | None:
@@ -243,11 +249,7 @@ def nothing_to_replay(run: Run, steps: int, skipped: Sequence[str] = ()) -> Noth
 
 
 def scalar_run_refusal(run: Run) -> NothingToReplay | None:
-    """`nothing_to_replay` for a run whose readable steps are all scalar steps, found from
-    their headers (no torch); None when one holds a policy batch or none can be read."""
-    headers = 0
-    for header in run.step_headers():
-        if not header.is_scalar:
-            return None
-        headers += 1
-    return nothing_to_replay(run, headers, skipped_reasons(run)) if headers else None
+    """`nothing_to_replay` for a run whose readable steps are all scalar steps
+    (`scalar_steps`); None when one holds a policy batch or none can be read."""
+    steps = scalar_steps(run)
+    return nothing_to_replay(run, steps, skipped_reasons(run)) if steps else None
