@@ -29,7 +29,8 @@ from stabledrl_cli.example.checkpoint import CheckpointPlan, load_checkpoint
 from stabledrl_cli.example.trainer import recorder_kwargs, train
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.diff import FIGURES, diff_runs
+from stabledrl_cli.replay.diff import diff_runs
+from stabledrl_cli.replay.diff_figures import FIGURES
 
 CONFIG = ExampleConfig(seed=2, steps=12, pretrain_steps=10)
 CPU = ReplayConfig(device="cpu")

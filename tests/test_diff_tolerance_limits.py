@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder
-from stabledrl_cli.replay.diff import _entries
+from stabledrl_cli.replay.diff_values import entry_differences
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 runner = CliRunner()
@@ -37,7 +37,7 @@ def test_values_whose_gap_overflows_differ_without_a_warning():
     'overflow encountered in subtract'); they differ, by an infinite gap that is not shown."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        found = _entries(np.array([1e308, 0.0]), np.array([-1e308, 0.0]), 1e-6, 1e-6)
+        found = entry_differences(np.array([1e308, 0.0]), np.array([-1e308, 0.0]), 1e-6, 1e-6)
     assert found == "1 of 2 differ, first at 0"
 
 
@@ -48,9 +48,9 @@ def test_a_nan_or_inf_against_another_value_is_named():
     and an infinity against the same one agree."""
     a = np.array([1.0, np.nan, np.inf, np.nan, np.inf])
     b = np.array([1.5, 2.0, -np.inf, np.nan, np.inf])
-    found = _entries(a, b, 1e-6, 1e-6)
+    found = entry_differences(a, b, 1e-6, 1e-6)
     assert found == "3 of 5 differ, first at 0, max |a-b| 0.5, 2 NaN or inf against another value"
-    assert _entries(np.array([np.nan]), np.array([0.0]), 0.0, 0.0) == (
+    assert entry_differences(np.array([np.nan]), np.array([0.0]), 0.0, 0.0) == (
         "1 of 1 differ, first at 0, 1 NaN or inf against another value"
     )
 
