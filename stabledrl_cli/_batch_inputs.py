@@ -1,5 +1,5 @@
 """What a policy batch's arrays may be given as, shared by the Recorder (`dump._inputs`) and
-`PolicyBatch` (`policies._batch`). Nothing here imports torch: a Recorder given numpy arrays
+`prepare` (`policies._prepare`). Nothing here imports torch: a Recorder given numpy arrays
 does not load it."""
 
 from __future__ import annotations

@@ -412,7 +412,7 @@ def test_a_sweep_of_numbers_below_float32s_smallest_normal_is_a_usage_error():
 def test_the_largest_float32_bound_computes():
     import numpy as np
 
-    from stabledrl_cli.policies._batch import PolicyBatch, prepare
+    from stabledrl_cli.policies import PolicyBatch, prepare
 
     logp = np.array([-1.0, -2.0, -0.5, -3.0], dtype=np.float32)
     batch = PolicyBatch(

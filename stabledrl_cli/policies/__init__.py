@@ -28,15 +28,17 @@ from stabledrl_cli.policies._registry import (
 
 if TYPE_CHECKING:
     from stabledrl_cli.policies._base import Policy, Weights
-    from stabledrl_cli.policies._batch import PolicyBatch, PreparedBatch, prepare
+    from stabledrl_cli.policies._policy_batch import PolicyBatch
+    from stabledrl_cli.policies._prepare import prepare
+    from stabledrl_cli.policies._prepared_batch import PreparedBatch
 
 # Computing name -> its module (torch).
 _COMPUTE: dict[str, str] = {
     "Policy": "stabledrl_cli.policies._base",
     "Weights": "stabledrl_cli.policies._base",
-    "PolicyBatch": "stabledrl_cli.policies._batch",
-    "PreparedBatch": "stabledrl_cli.policies._batch",
-    "prepare": "stabledrl_cli.policies._batch",
+    "PolicyBatch": "stabledrl_cli.policies._policy_batch",
+    "PreparedBatch": "stabledrl_cli.policies._prepared_batch",
+    "prepare": "stabledrl_cli.policies._prepare",
 }
 
 __all__ = [

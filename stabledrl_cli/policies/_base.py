@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.policies._batch import PolicyBatch, PreparedBatch, prepare
 from stabledrl_cli.policies._config import AggConfig, BaseConfig, ParamValue
 from stabledrl_cli.policies._masked import count_nonfinite, keep_times, masked_sum
+from stabledrl_cli.policies._policy_batch import PolicyBatch
+from stabledrl_cli.policies._prepare import prepare
+from stabledrl_cli.policies._prepared_batch import PreparedBatch
 from stabledrl_cli.policies._registry import PolicyEntry
 from stabledrl_cli.policies._rollout import rollout_corrected
 from stabledrl_cli.vocab import Rows, Unit

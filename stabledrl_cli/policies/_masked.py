@@ -1,5 +1,6 @@
-"""Masked tensor arithmetic shared by the policies and the replay's metrics: a value kept
-where a mask holds and exactly 0 elsewhere, sums and counts over a mask.
+"""Masked tensor arithmetic shared by the policies and the replay's metrics: masks made by
+comparing (`above`, `nonzero`, `both`), a value kept where a mask holds and exactly 0
+elsewhere, sums and counts over a mask.
 
 Each has a CPU fast path (products with the mask's bytes, numpy's bit counting), checked by a
 finite sum, and a device path that never syncs with the host.
@@ -46,6 +47,26 @@ def _compare(
         array = values.numpy()
         return torch.from_numpy(host(array, array.dtype.type(bound)))
     return device(values, bound)
+
+
+def nonzero(values: torch.Tensor) -> torch.Tensor:
+    """[...] bool values != 0 (NaN is nonzero). On the CPU numpy compares (twenty times faster
+    than torch's comparison to bool there); elsewhere, and for dtypes numpy lacks, torch."""
+    if values.device.type == "cpu":
+        try:
+            array = values.numpy()
+        except (TypeError, RuntimeError):  # bfloat16 and kin; a conjugate view
+            return values != 0
+        return torch.from_numpy(array != 0)
+    return values != 0
+
+
+def both(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """[...] bool first & second of two bool tensors, by numpy on the CPU (three times faster
+    than torch's there)."""
+    if first.device.type == "cpu":
+        return torch.from_numpy(np.logical_and(first.numpy(), second.numpy()))
+    return first & second
 
 
 def finite_sum(values: torch.Tensor) -> bool:

@@ -19,9 +19,9 @@ import math
 import torch
 
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import BaseConfig
 from stabledrl_cli.policies._masked import above, below
+from stabledrl_cli.policies._prepared_batch import PreparedBatch
 
 
 def rollout_weight(prep: PreparedBatch, config: BaseConfig) -> torch.Tensor:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from stabledrl_cli.policies._base import Policy, PolicyTerms, num_sequences, rank_sum
-from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import GMPOConfig
 from stabledrl_cli.policies._masked import above, below, keep_times
+from stabledrl_cli.policies._prepared_batch import PreparedBatch
 
 _LENGTH_GUARD = 1e-8  # verl's response_mask_sum + 1e-8
 _WEIGHT_GUARD = 1e-10  # verl's log(rollout_is_weights + 1e-10)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
-from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import ClipConfig, DualClipConfig, TwoSidedConfig
 from stabledrl_cli.policies._masked import above, below, keep_times, ratio_times
+from stabledrl_cli.policies._prepared_batch import PreparedBatch
 
 
 def ppo_terms(

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
-from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._masked import ratio_times
+from stabledrl_cli.policies._prepared_batch import PreparedBatch
 
 
 class ISPolicy(TokenPolicy):

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
-from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import SAPOConfig
 from stabledrl_cli.policies._masked import above, as_bytes
+from stabledrl_cli.policies._prepared_batch import PreparedBatch
 
 # The gate 4 s (1 - s) is 1 at r = 1; below this it has removed over half of r's weight.
 CLIPPED_GATE = 0.5

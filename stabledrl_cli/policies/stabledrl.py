@@ -28,9 +28,9 @@ import math
 import torch
 
 from stabledrl_cli.policies._base import Policy, PolicyTerms
-from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import StableDRLConfig
 from stabledrl_cli.policies._masked import above, masked_sum
+from stabledrl_cli.policies._prepared_batch import PreparedBatch
 
 
 def segment_softmax(

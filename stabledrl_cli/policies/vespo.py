@@ -18,9 +18,9 @@ import math
 import torch
 
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
-from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import VESPOConfig
 from stabledrl_cli.policies._masked import as_bytes, below
+from stabledrl_cli.policies._prepared_batch import PreparedBatch
 
 LOG_RATIO_CLAMP = 20.0
 """TRL clamps each token's log r to [-20, 20] before the sum, and the sum to [log 1e-8, 20]."""
