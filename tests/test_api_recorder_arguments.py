@@ -16,7 +16,7 @@ import pytest
 
 import stabledrl_cli as sd
 from stabledrl_cli import _atomic
-from stabledrl_cli.dump._schema import step_file_name
+from stabledrl_cli.dump._file_names import step_file_name
 from stabledrl_cli.errors import UsageError
 
 

@@ -573,7 +573,7 @@ def test_a_per_rank_run_says_format_2_so_a_reader_of_major_1_refuses_it(tmp_path
     now says 2.0, which a reader of major version 1 refuses ("upgrade stabledrl", exit 3);
     this one reads it, and a "global" run says 1.0 as before."""
     from stabledrl_cli.dump import pack_run
-    from stabledrl_cli.dump._schema import check_readable_version
+    from stabledrl_cli.dump._versions import check_readable_version
 
     for loss_norm, version in (("per_rank", "2.0"), ("global", "1.0")):
         path = tmp_path / loss_norm

@@ -35,7 +35,7 @@ from stabledrl_cli.dump import (
     open_run,
     pack_run,
 )
-from stabledrl_cli.dump._schema import check_readable_version
+from stabledrl_cli.dump._versions import check_readable_version
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ import pytest
 from _cli import TIMEOUT, cli_command, cli_environment, torch_training
 
 from stabledrl_cli.dump import Recorder, open_run
-from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED
+from stabledrl_cli.dump._manifest import RECORDING_CLOSED
+from stabledrl_cli.dump._stop_notes import RECORDING_STOPPED
 
 TRAIN = torch_training(10, "if step == 3: raise KeyboardInterrupt  # as Ctrl-C raises it")
 

@@ -11,7 +11,7 @@ from _bootstrap_state import fresh_recording
 
 from stabledrl_cli.capture import bootstrap
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.dump._schema import RECORDING_CLOSED
+from stabledrl_cli.dump._manifest import RECORDING_CLOSED
 
 
 def test_an_optimizer_step_after_the_run_closed_is_left_out(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import stabledrl_cli as sd
-from stabledrl_cli.dump._schema import MANIFEST_LIMIT, WORLD_SIZE_LIMIT
+from stabledrl_cli.dump._manifest import MANIFEST_LIMIT, WORLD_SIZE_LIMIT
 from stabledrl_cli.errors import UsageError, WriteError
 
 

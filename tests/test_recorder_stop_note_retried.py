@@ -13,7 +13,8 @@ import pytest
 import stabledrl_cli.dump._recorder_end as recorder_end
 import stabledrl_cli.dump._step_writes as step_writes
 from stabledrl_cli.dump import Recorder, open_run
-from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED
+from stabledrl_cli.dump._manifest import RECORDING_CLOSED
+from stabledrl_cli.dump._stop_notes import RECORDING_STOPPED
 from stabledrl_cli.errors import WriteError
 
 BATCH = {"logp": [-1.0], "logp_old": [-1.0], "advantages": [1.0]}

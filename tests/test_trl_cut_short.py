@@ -14,7 +14,8 @@ import pytest
 from _trl import tiny
 
 import stabledrl_cli as sd
-from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED
+from stabledrl_cli.dump._manifest import RECORDING_CLOSED
+from stabledrl_cli.dump._stop_notes import RECORDING_STOPPED
 
 __all__ = ["tiny"]
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run, pack_run
-from stabledrl_cli.dump._schema import writer_lock_name
+from stabledrl_cli.dump._file_names import writer_lock_name
 from stabledrl_cli.dump._writer_lock import _kernel
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.follow import RunWatcher

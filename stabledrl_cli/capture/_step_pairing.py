@@ -87,7 +87,7 @@ def refuse_parted(step: Step, last: Step, resumed_after: int | None) -> None:
     Recorder resumed without resume_from), or when `step` is a batch of the number `last`'s
     batch has (a loop that logs each micro-batch or accumulation round of a step). Another half
     behind one of its own kind is left to the Recorder's refusal."""
-    from stabledrl_cli.dump._schema import step_number  # loaded with the Recorder already
+    from stabledrl_cli.dump._arguments import step_number
     from stabledrl_cli.dump._writer import resumed_before
 
     number, behind = step_number(step.number), step_number(last.number)

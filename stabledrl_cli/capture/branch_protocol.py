@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stabledrl_cli.capture.bootstrap import ENV_RUN_DIR
+from stabledrl_cli.dump._file_names import STEPS_DIR
 from stabledrl_cli.dump._run_files import symlink_refused
-from stabledrl_cli.dump._schema import STEPS_DIR
 from stabledrl_cli.errors import UsageError, quoted
 from stabledrl_cli.spec import INT_DIGITS, spec_int
 
@@ -40,7 +40,7 @@ BRANCHES_DIR = "branches"
 CHECKPOINTS_DIR = "checkpoints"
 """A run's sub-directory of the built-in example's checkpoints (`RUN/checkpoints`)."""
 # ASCII digits and `\Z` (the writer's spelling only: `\d` takes other scripts' digits, `$` a
-# name's final newline), as the run's own file names (`dump._schema.STEP_FILE_RE`)
+# name's final newline), as the run's own file names (`dump._file_names.STEP_FILE_RE`)
 CHECKPOINT_RE = re.compile(r"^step-([0-9]{8})\.pt\Z")
 
 

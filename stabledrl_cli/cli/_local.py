@@ -48,7 +48,7 @@ def check_not_in_a_run(out: Path) -> None:
     folder of a run (a folder above it holding a manifest, a branch run's too), as `branch
     --out` is refused: the run would hold a file that is not its own."""
     from stabledrl_cli.capture.branch_protocol import check_outside_run_folders
-    from stabledrl_cli.dump._schema import MANIFEST_NAME
+    from stabledrl_cli.dump._file_names import MANIFEST_NAME
 
     # realpath, not resolve: a symlink loop raises RuntimeError there (Python < 3.13); it is
     # left for the writes to refuse (a loop is no run's folder)

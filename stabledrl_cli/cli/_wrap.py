@@ -46,14 +46,10 @@ from stabledrl_cli.capture.bootstrap import (
 from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, CHECKPOINTS_DIR
 from stabledrl_cli.cli._output import err
 from stabledrl_cli.cli._signals import signals_handled
+from stabledrl_cli.dump._file_names import canonical_step
+from stabledrl_cli.dump._manifest import RECORDING_CLOSED, RECORDING_CLOSED_RANKS, RUN_ID
 from stabledrl_cli.dump._manifest_edits import amend_manifest, manifest_now, reclose_run, reopen_run
-from stabledrl_cli.dump._schema import (
-    RECORDING_CLOSED,
-    RECORDING_CLOSED_RANKS,
-    RECORDING_STOPPED,
-    RUN_ID,
-    canonical_step,
-)
+from stabledrl_cli.dump._stop_notes import RECORDING_STOPPED
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.policies import resolve_spec
 
@@ -76,7 +72,7 @@ def _step_files(out: Path) -> dict[str, tuple[int, int]]:
     """The run's step files (every rank's), each name with its (inode, mtime_ns): a step
     written again is a new file (written atomically), so either moves."""
     # Imported here: the dump package imports torch, which `record --help` never needs.
-    from stabledrl_cli.dump._schema import STEP_FILE_RE, STEPS_DIR
+    from stabledrl_cli.dump._file_names import STEP_FILE_RE, STEPS_DIR
 
     steps = out / STEPS_DIR
     if not steps.is_dir():
@@ -396,7 +392,7 @@ def _ranks_closed(out: Path, manifest: dict[str, object]) -> bool:
     """Whether the run at `out` (its `manifest`) is of several ranks whose Recorders all
     closed, none noting a stop: no rank's lock file is left (a killed Recorder leaves its
     own), no rank's stop note file is in steps/. False where the locks cannot be told."""
-    from stabledrl_cli.dump._schema import STEPS_DIR, STOP_NOTE_RE
+    from stabledrl_cli.dump._file_names import STEPS_DIR, STOP_NOTE_RE
     from stabledrl_cli.dump._writer_lock import writer_states
 
     world_size = manifest.get("world_size")
@@ -415,7 +411,7 @@ def _take_dead_locks(out: Path) -> dict[Path, bytes]:
     """Removes the lock files of the run's Recorders that died (`writer_states`: released; a
     killed recording leaves them): a watch takes them for a recording that ended, and would
     stop on the old run while the command starts. -> each one removed, with its bytes."""
-    from stabledrl_cli.dump._schema import STEPS_DIR, writer_lock_name
+    from stabledrl_cli.dump._file_names import STEPS_DIR, writer_lock_name
     from stabledrl_cli.dump._writer_lock import writer_states
 
     steps = out / STEPS_DIR
@@ -467,8 +463,10 @@ def _resumed_as(out: Path) -> dict[str, object] | None:
 def _world_size(out: Path, name: str) -> int | None:
     """The world_size that the step file `name` says it was written in; None when it is no
     rank's file, or cannot say (readers report such a file themselves)."""
+    from stabledrl_cli.dump._file_names import STEPS_DIR
     from stabledrl_cli.dump._integrity import StepReadError
-    from stabledrl_cli.dump._schema import META_WORLD_SIZE, STEPS_DIR, WORLD_SIZE_LIMIT
+    from stabledrl_cli.dump._manifest import WORLD_SIZE_LIMIT
+    from stabledrl_cli.dump._schema import META_WORLD_SIZE
     from stabledrl_cli.dump._stfile import read_header
 
     try:
@@ -521,7 +519,7 @@ def _check_ranks(
     run's other ranks run elsewhere (another node's `record`, into the same directory or its
     own) and are left alone; so is a rank that holds step files of an earlier recording only
     (a job relaunched in part under --force)."""
-    from stabledrl_cli.dump._schema import canonical_step
+    from stabledrl_cli.dump._file_names import canonical_step
 
     files = [found for found in map(canonical_step, names) if found is not None]
     written = [name for name in new if ".rank-" in name and canonical_step(name) is not None]

@@ -24,7 +24,8 @@ from rich.table import Table
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import out, print_json
 from stabledrl_cli.dump._open import open_snapshot
-from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY, STOP_RESUMED
+from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
+from stabledrl_cli.dump._stop_notes import STOP_RESUMED
 from stabledrl_cli.errors import LINE_BREAKS, counted, one_line
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, SketchWidth, summarize

@@ -13,14 +13,15 @@ if TYPE_CHECKING:
     from stabledrl_cli.dump._open import open_run
     from stabledrl_cli.dump._packer import PackSummary, pack_run
     from stabledrl_cli.dump._run import Run, Step
-    from stabledrl_cli.dump._schema import FIELDS, FORMAT_VERSION, RUN_KIND
+    from stabledrl_cli.dump._schema import FIELDS
+    from stabledrl_cli.dump._versions import FORMAT_VERSION, RUN_KIND
     from stabledrl_cli.dump._writer import Recorder
 
 # Public name -> the module that defines it.
 _HOMES: dict[str, str] = {
     "FIELDS": "stabledrl_cli.dump._schema",
-    "FORMAT_VERSION": "stabledrl_cli.dump._schema",
-    "RUN_KIND": "stabledrl_cli.dump._schema",
+    "FORMAT_VERSION": "stabledrl_cli.dump._versions",
+    "RUN_KIND": "stabledrl_cli.dump._versions",
     "Finding": "stabledrl_cli.dump._integrity",
     "IntegrityReport": "stabledrl_cli.dump._integrity",
     "PackSummary": "stabledrl_cli.dump._packer",

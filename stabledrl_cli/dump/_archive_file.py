@@ -36,9 +36,9 @@ from stabledrl_cli.dump._layout import (
     decode_json_text,
 )
 from stabledrl_cli.dump._run import Run
-from stabledrl_cli.dump._schema import RUN_KIND, NotARun, check_readable_version
 from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.dump._store_file import StoreFile
+from stabledrl_cli.dump._versions import RUN_KIND, NotARun, check_readable_version
 from stabledrl_cli.errors import InputError, UsageError, quoted
 
 # Each open dataset's chunk cache: steps are read in order, so consecutive steps share at most

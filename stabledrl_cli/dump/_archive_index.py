@@ -26,14 +26,8 @@ from stabledrl_cli.dump._layout import (
     checksums_dataset,
     scalar_name,
 )
-from stabledrl_cli.dump._schema import (
-    FIELDS,
-    GRAM_KEY,
-    MANIFEST_LIMIT,
-    SKETCH_KEY,
-    check_manifest,
-    parse_manifest,
-)
+from stabledrl_cli.dump._manifest import MANIFEST_LIMIT, check_manifest, parse_manifest
+from stabledrl_cli.dump._schema import FIELDS, GRAM_KEY, SKETCH_KEY
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.vocab import OMEGA_KINDS
 

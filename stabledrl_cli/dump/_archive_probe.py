@@ -34,8 +34,8 @@ from stabledrl_cli.dump._archive_checks import (
 )
 from stabledrl_cli.dump._archive_prefetch import Prefetch, Prefetched, decode_prefetched
 from stabledrl_cli.dump._layout import decode
-from stabledrl_cli.dump._schema import RUN_KIND
 from stabledrl_cli.dump._store_file import StoreFile
+from stabledrl_cli.dump._versions import RUN_KIND
 from stabledrl_cli.errors import InputError, described, one_line
 
 PROBE_SECONDS = 20.0

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from stabledrl_cli.dump._directory_step import DirectoryStep, joined_step
+from stabledrl_cli.dump._file_names import MANIFEST_NAME, OS_FILE_RE, STEPS_DIR, WRITER_LOCK_RE
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError, gap_findings
 from stabledrl_cli.dump._listing import Entry, Listing, listed_entry, missing_ranks, stray_findings
+from stabledrl_cli.dump._manifest import RUN_ID, check_manifest, parse_manifest
 from stabledrl_cli.dump._run import Run
 from stabledrl_cli.dump._run_files import (
     is_symlink,
@@ -30,22 +32,11 @@ from stabledrl_cli.dump._run_files import (
     read_manifest_bytes,
     symlink_refused,
 )
-from stabledrl_cli.dump._schema import (
-    MANIFEST_NAME,
-    META_FORMAT,
-    OS_FILE_RE,
-    RUN_ID,
-    STEPS_DIR,
-    STOP_NOTE_LIMIT,
-    WRITER_LOCK_RE,
-    check_manifest,
-    check_readable_version,
-    manifest_stops,
-    parse_manifest,
-    stops_by_rank,
-)
+from stabledrl_cli.dump._schema import META_FORMAT
 from stabledrl_cli.dump._step_record import Checked, HeaderRecord, header_record
 from stabledrl_cli.dump._stfile import FileKey, StepHeader, file_key, read_header
+from stabledrl_cli.dump._stop_notes import STOP_NOTE_LIMIT, manifest_stops, stops_by_rank
+from stabledrl_cli.dump._versions import check_readable_version
 from stabledrl_cli.dump._writer_lock import WriterState, writer_states
 from stabledrl_cli.errors import InputError
 

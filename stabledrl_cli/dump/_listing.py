@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stabledrl_cli.dump._integrity import Finding
-from stabledrl_cli.dump._schema import (
+from stabledrl_cli.dump._file_names import (
     STEP_FILE_RE,
     STOP_NOTE_RE,
     TEMP_FILE_RE,
     TEMP_STOP_NOTE_RE,
     canonical_step,
 )
+from stabledrl_cli.dump._integrity import Finding
 
 UNKNOWN_LISTED = 100
 """Stray files of steps/ listed as a finding each, at most: any more are one finding that

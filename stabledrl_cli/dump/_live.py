@@ -11,7 +11,7 @@ from typing import Any
 
 from stabledrl_cli.dump._open import open_run
 from stabledrl_cli.dump._run import Run
-from stabledrl_cli.dump._schema import STOP_RESUMED
+from stabledrl_cli.dump._stop_notes import STOP_RESUMED
 
 
 @dataclass(frozen=True)

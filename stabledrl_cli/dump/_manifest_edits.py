@@ -16,13 +16,9 @@ from typing import Any
 
 from stabledrl_cli._atomic import temp_name, write_atomic
 from stabledrl_cli._json import parse_strict
+from stabledrl_cli.dump._file_names import MANIFEST_NAME
+from stabledrl_cli.dump._manifest import MANIFEST_LIMIT, RECORDING_CLOSED, RECORDING_CLOSED_RANKS
 from stabledrl_cli.dump._run_files import read_manifest_bytes
-from stabledrl_cli.dump._schema import (
-    MANIFEST_LIMIT,
-    MANIFEST_NAME,
-    RECORDING_CLOSED,
-    RECORDING_CLOSED_RANKS,
-)
 from stabledrl_cli.errors import InputError, WriteError
 
 try:

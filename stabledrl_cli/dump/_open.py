@@ -10,9 +10,11 @@ from pathlib import Path
 
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli._url import is_url, slashless_hint
+from stabledrl_cli.dump._arguments import path_argument, switch_argument
 from stabledrl_cli.dump._directory import DirectoryRun
+from stabledrl_cli.dump._file_names import HDF5_SIGNATURE
 from stabledrl_cli.dump._run import Run
-from stabledrl_cli.dump._schema import HDF5_SIGNATURE, NotARun, path_argument, switch_argument
+from stabledrl_cli.dump._versions import NotARun
 from stabledrl_cli.errors import InputError, UsageError
 
 

@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from stabledrl_cli.dump._manifest import MANIFEST_LIMIT, RECORDING_WHEN_PACKED
 from stabledrl_cli.dump._run import Run
-from stabledrl_cli.dump._schema import (
-    MANIFEST_LIMIT,
-    RECORDING_STOPS,
-    RECORDING_WHEN_PACKED,
-    manifest_stops,
-)
+from stabledrl_cli.dump._stop_notes import RECORDING_STOPS, manifest_stops
 from stabledrl_cli.errors import InputError
 
 REASON_SHOWN = 1024

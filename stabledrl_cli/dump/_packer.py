@@ -17,6 +17,8 @@ from stabledrl_cli._atomic import missing_directory, output_path, write_error
 from stabledrl_cli._json import unicode_text
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
+from stabledrl_cli.dump._arguments import path_argument, step_number, switch_argument
+from stabledrl_cli.dump._file_names import MANIFEST_NAME, STEPS_DIR
 from stabledrl_cli.dump._integrity import (
     Finding,
     IntegrityReport,
@@ -31,17 +33,8 @@ from stabledrl_cli.dump._pack_steps import Packer
 from stabledrl_cli.dump._remote import inside_local_run, local_path
 from stabledrl_cli.dump._run import Run, size_on_disk
 from stabledrl_cli.dump._run_target import os_file
-from stabledrl_cli.dump._schema import (
-    COUNT_FIELDS,
-    EXTENSION_FIELDS,
-    MANIFEST_NAME,
-    RUN_KIND,
-    STEPS_DIR,
-    path_argument,
-    step_number,
-    switch_argument,
-    written_version,
-)
+from stabledrl_cli.dump._schema import COUNT_FIELDS, EXTENSION_FIELDS
+from stabledrl_cli.dump._versions import RUN_KIND, written_version
 from stabledrl_cli.errors import InputError, UsageError, counted, type_name
 from stabledrl_cli.vocab import PACK_COMPRESSIONS, PackCompression
 

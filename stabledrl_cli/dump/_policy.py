@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from stabledrl_cli.dump._schema import json_checked
+from stabledrl_cli.dump._arguments import json_checked
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies._registry import REGISTRY, resolve_spec
 from stabledrl_cli.spec import (

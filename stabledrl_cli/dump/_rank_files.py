@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from stabledrl_cli._atomic import write_error
-from stabledrl_cli.dump._schema import (
+from stabledrl_cli.dump._file_names import (
     STEP_FILE_RE,
     STOP_NOTE_RE,
     TEMP_FILE_RE,

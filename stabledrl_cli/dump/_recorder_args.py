@@ -14,8 +14,10 @@ from decimal import Decimal
 from typing import Any
 
 from stabledrl_cli._version import __version__
+from stabledrl_cli.dump._arguments import json_checked
 from stabledrl_cli.dump._policy import PolicyLike, policy_entry
-from stabledrl_cli.dump._schema import FIELDS, RUN_KIND, json_checked, written_version
+from stabledrl_cli.dump._schema import FIELDS
+from stabledrl_cli.dump._versions import RUN_KIND, written_version
 from stabledrl_cli.errors import UsageError, quoted, type_name
 from stabledrl_cli.spec import SpecValue, reads_as_zero, spec_float, whole_number
 from stabledrl_cli.vocab import GroupIds, LossNorm, Unit

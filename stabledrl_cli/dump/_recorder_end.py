@@ -53,8 +53,8 @@ from typing import Any
 
 from stabledrl_cli._child_end import at_child_end
 from stabledrl_cli._sigterm import steps_written_on_sigterm
+from stabledrl_cli.dump._manifest import RECORDING_CLOSED
 from stabledrl_cli.dump._manifest_edits import amend_manifest, close_rank
-from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED
 from stabledrl_cli.dump._step_writes import (
     Failure,
     StepWrite,
@@ -64,6 +64,7 @@ from stabledrl_cli.dump._step_writes import (
     raise_failures,
     writer_failure,
 )
+from stabledrl_cli.dump._stop_notes import RECORDING_STOPPED
 from stabledrl_cli.dump._training_end import (
     cut_short,
     normal_end,

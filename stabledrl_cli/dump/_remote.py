@@ -39,17 +39,11 @@ from urllib.parse import unquote
 from stabledrl_cli._url import URL_RE, redacted, redacted_in
 from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun
+from stabledrl_cli.dump._file_names import HDF5_SIGNATURE, MANIFEST_NAME, STEPS_DIR, step_file_name
 from stabledrl_cli.dump._integrity import StepReadError
+from stabledrl_cli.dump._manifest import MANIFEST_LIMIT
 from stabledrl_cli.dump._run import Run
 from stabledrl_cli.dump._run_files import symlink_refused
-from stabledrl_cli.dump._schema import (
-    HDF5_SIGNATURE,
-    MANIFEST_LIMIT,
-    MANIFEST_NAME,
-    STEPS_DIR,
-    STOP_NOTE_LIMIT,
-    step_file_name,
-)
 from stabledrl_cli.dump._stfile import (
     HEADER_LIMIT,
     FileKey,
@@ -57,6 +51,7 @@ from stabledrl_cli.dump._stfile import (
     parse_header,
     too_large_to_read,
 )
+from stabledrl_cli.dump._stop_notes import STOP_NOTE_LIMIT
 from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.dump._writer_lock import WriterState
 from stabledrl_cli.errors import (

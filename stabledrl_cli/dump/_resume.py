@@ -11,24 +11,21 @@ from typing import Any
 
 from stabledrl_cli._atomic import write_atomic
 from stabledrl_cli.dump._directory import DirectoryRun
+from stabledrl_cli.dump._file_names import MANIFEST_NAME, STEPS_DIR, canonical_step
 from stabledrl_cli.dump._integrity import StepReadError
+from stabledrl_cli.dump._manifest import RECORDING_CLOSED, RUN_ID
 from stabledrl_cli.dump._manifest_edits import amend_manifest, new_run_id, reopen_run
 from stabledrl_cli.dump._policy import same_policy
 from stabledrl_cli.dump._rank_files import Owned, own_files, remove_file
 from stabledrl_cli.dump._run_files import parse_stop_note, read_manifest_bytes
-from stabledrl_cli.dump._schema import (
-    MANIFEST_NAME,
-    RECORDING_CLOSED,
+from stabledrl_cli.dump._stfile import read_header
+from stabledrl_cli.dump._stop_notes import (
     RECORDING_STOPPED,
-    RUN_ID,
-    STEPS_DIR,
     STOP_NOTE_LIMIT,
     STOP_RESUMED,
-    canonical_step,
     is_stop_note,
     note_text,
 )
-from stabledrl_cli.dump._stfile import read_header
 from stabledrl_cli.errors import InputError, UsageError, counted
 
 _MUST_AGREE = ("unit", "world_size", "group_ids", "loss_norm")

@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 import numpy as np
 
 from stabledrl_cli._repr import compact_repr
+from stabledrl_cli.dump._arguments import step_number
 from stabledrl_cli.dump._integrity import (
     Finding,
     IntegrityReport,
     RunIntegrityWarning,
     StepReadError,
 )
-from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY, manifest_stops, step_number
+from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
+from stabledrl_cli.dump._stop_notes import manifest_stops
 from stabledrl_cli.dump._writer_lock import WriterState
 from stabledrl_cli.errors import InputError, UsageError, type_name
 from stabledrl_cli.vocab import GroupIds, LossNorm, Unit, UnjoinedGeometry

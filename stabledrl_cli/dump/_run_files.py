@@ -10,12 +10,8 @@ from typing import Any
 
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli._regular import NotRegularFile, open_regular
-from stabledrl_cli.dump._schema import (
-    MANIFEST_LIMIT,
-    STOP_NOTE_LIMIT,
-    STOP_NOTE_SHAPE,
-    is_stop_note,
-)
+from stabledrl_cli.dump._manifest import MANIFEST_LIMIT
+from stabledrl_cli.dump._stop_notes import STOP_NOTE_LIMIT, STOP_NOTE_SHAPE, is_stop_note
 from stabledrl_cli.errors import InputError
 
 

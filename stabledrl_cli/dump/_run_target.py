@@ -9,13 +9,9 @@ from contextlib import suppress
 from pathlib import Path
 
 from stabledrl_cli._atomic import write_error
+from stabledrl_cli.dump._file_names import MANIFEST_NAME, OS_FILE_RE, STEPS_DIR
 from stabledrl_cli.dump._manifest_edits import manifest_now
-from stabledrl_cli.dump._schema import (
-    MANIFEST_NAME,
-    OS_FILE_RE,
-    RUN_KIND,
-    STEPS_DIR,
-)
+from stabledrl_cli.dump._versions import RUN_KIND
 from stabledrl_cli.errors import InputError, UsageError
 
 

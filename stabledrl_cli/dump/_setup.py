@@ -57,6 +57,8 @@ from typing import Any
 
 from stabledrl_cli._atomic import fsync_dir, write_error
 from stabledrl_cli.dump._directory import DirectoryRun
+from stabledrl_cli.dump._file_names import MANIFEST_NAME, STEPS_DIR
+from stabledrl_cli.dump._manifest import RUN_ID, check_manifest, parse_manifest
 from stabledrl_cli.dump._manifest_edits import (
     manifest_now,
     new_run_id,
@@ -71,13 +73,6 @@ from stabledrl_cli.dump._run_target import (
     directory_or_nothing,
     in_the_way,
     os_file,
-)
-from stabledrl_cli.dump._schema import (
-    MANIFEST_NAME,
-    RUN_ID,
-    STEPS_DIR,
-    check_manifest,
-    parse_manifest,
 )
 from stabledrl_cli.dump._writer_lock import WriterLock, hold_writer_lock, refuse_if_held
 from stabledrl_cli.errors import InputError, UsageError

@@ -16,8 +16,8 @@ from stabledrl_cli.dump._schema import (
     META_SCORED_TOKENS,
     META_SKETCH_SEED,
     META_WORLD_SIZE,
-    written_version,
 )
+from stabledrl_cli.dump._versions import written_version
 
 
 def step_metadata(

@@ -18,11 +18,11 @@ from stabledrl_cli.dump._schema import (
     META_SCORED_TOKENS,
     META_SKETCH_SEED,
     META_WORLD_SIZE,
-    SCALAR_STEP_VERSION,
     SEQUENCE_LIMIT,
     SKETCH_KEY,
 )
 from stabledrl_cli.dump._stfile import FileKey, StepHeader
+from stabledrl_cli.dump._versions import SCALAR_STEP_VERSION
 from stabledrl_cli.spec import spec_float, spec_int
 
 

@@ -28,14 +28,9 @@ from stabledrl_cli._atomic import fsync_dir, make_durable, write_durably
 from stabledrl_cli._json import NotUtf8, has_lone_surrogate, json_items, utf8_text
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._crc import crc32
+from stabledrl_cli.dump._file_names import temp_file_name
 from stabledrl_cli.dump._integrity import StepReadError
-from stabledrl_cli.dump._schema import (
-    MAX_METADATA,
-    MAX_TENSORS,
-    META_CRC_DATA,
-    META_CRC_HEADER,
-    temp_file_name,
-)
+from stabledrl_cli.dump._schema import MAX_METADATA, MAX_TENSORS, META_CRC_DATA, META_CRC_HEADER
 from stabledrl_cli.errors import UsageError, counted
 
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on the header size

@@ -49,7 +49,10 @@ from typing import Any
 
 from stabledrl_cli._atomic import write_error
 from stabledrl_cli._run_env import forced_run, records_out
+from stabledrl_cli.dump._arguments import path_argument, step_number, switch_argument
+from stabledrl_cli.dump._file_names import STEPS_DIR, step_file_name
 from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step
+from stabledrl_cli.dump._manifest import WORLD_SIZE_LIMIT
 from stabledrl_cli.dump._policy import PolicyLike, replayed_fields
 from stabledrl_cli.dump._recorder_args import (
     checked_reward_range,
@@ -62,15 +65,7 @@ from stabledrl_cli.dump._recorder_args import (
     whole_count,
 )
 from stabledrl_cli.dump._recorder_end import RecorderEnd
-from stabledrl_cli.dump._schema import (
-    STEPS_DIR,
-    WORLD_SIZE_LIMIT,
-    is_count,
-    path_argument,
-    step_file_name,
-    step_number,
-    switch_argument,
-)
+from stabledrl_cli.dump._schema import is_count
 from stabledrl_cli.dump._setup import prepared_run, refuse_in_the_way
 from stabledrl_cli.dump._step_metadata import step_metadata
 from stabledrl_cli.dump._step_writes import (

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from stabledrl_cli._regular import NotRegularFile, open_regular_fd
-from stabledrl_cli.dump._schema import WRITER_LOCK_RE, writer_lock_name
+from stabledrl_cli.dump._file_names import WRITER_LOCK_RE, writer_lock_name
 from stabledrl_cli.errors import UsageError
 
 try:

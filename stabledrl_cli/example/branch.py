@@ -16,10 +16,8 @@ from stabledrl_cli._device import resolve_device
 from stabledrl_cli.capture.branch_protocol import CHECKPOINTS_DIR, BranchRequest
 from stabledrl_cli.capture.geometry import GeometryConfig
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.dump._file_names import MANIFEST_NAME
 from stabledrl_cli.dump._manifest_edits import manifest_now
-from stabledrl_cli.dump._schema import (
-    MANIFEST_NAME,
-)
 from stabledrl_cli.errors import InputError, UsageError, quoted
 from stabledrl_cli.example.checkpoint import TrainingState, load_checkpoint
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig

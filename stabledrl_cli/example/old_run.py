@@ -10,9 +10,7 @@ from pathlib import Path
 
 from stabledrl_cli._atomic import write_error
 from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, checkpoints_dir, list_checkpoints
-from stabledrl_cli.dump._run_files import symlink_refused
-from stabledrl_cli.dump._run_target import check_replaceable, os_file
-from stabledrl_cli.dump._schema import (
+from stabledrl_cli.dump._file_names import (
     MANIFEST_NAME,
     STEP_FILE_RE,
     STEPS_DIR,
@@ -21,6 +19,8 @@ from stabledrl_cli.dump._schema import (
     TEMP_STOP_NOTE_RE,
     WRITER_LOCK_RE,
 )
+from stabledrl_cli.dump._run_files import symlink_refused
+from stabledrl_cli.dump._run_target import check_replaceable, os_file
 from stabledrl_cli.errors import UsageError
 
 TEMP_CHECKPOINT_RE = re.compile(r"^\.step-[0-9]{8}\.pt\.tmp-[0-9]+\Z")

@@ -10,13 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from stabledrl_cli._json import unicode_text
-from stabledrl_cli.dump._schema import (
-    MANIFEST_NAME,
-    SERIES_SCALARS,
-    STANDARD_SCALARS,
-    STEPS_DIR,
-    step_file_name,
-)
+from stabledrl_cli.dump._file_names import MANIFEST_NAME, STEPS_DIR, step_file_name
+from stabledrl_cli.dump._schema import SERIES_SCALARS, STANDARD_SCALARS
 from stabledrl_cli.dump._writer import Recorder
 from stabledrl_cli.importers._names import LOGGED_AFTER_THE_STEP, NameMap, lookup_name, map_names
 from stabledrl_cli.importers._table import StepTable

@@ -40,8 +40,9 @@ from stabledrl_cli.capture.bootstrap import (
     refuse_another_run_dir,
 )
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.dump._arguments import path_argument, switch_argument
+from stabledrl_cli.dump._file_names import MANIFEST_NAME
 from stabledrl_cli.dump._recorder_args import checked_reward_range
-from stabledrl_cli.dump._schema import MANIFEST_NAME, path_argument, switch_argument
 from stabledrl_cli.dump._setup import remove_stepless_run
 from stabledrl_cli.dump._training_end import normal_end
 from stabledrl_cli.errors import InputError, UsageError, WriteError, warn

@@ -82,8 +82,8 @@ from stabledrl_cli.capture.bootstrap import (
     integration_records,
     refuse_another_run_dir,
 )
+from stabledrl_cli.dump._arguments import path_argument, switch_argument
 from stabledrl_cli.dump._recorder_args import checked_reward_range, reward_range_text
-from stabledrl_cli.dump._schema import path_argument, switch_argument
 from stabledrl_cli.errors import MissingExtraError, UsageError, install_command
 from stabledrl_cli.integrations._verl_facts import SUPPORTED_VERL, supported_verl
 from stabledrl_cli.integrations._verl_policy import LOSS_MODES, policy_for_actor_config

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from stabledrl_cli.dump import Finding, Run, RunIntegrityWarning, open_run
+from stabledrl_cli.dump._file_names import MANIFEST_NAME, STEPS_DIR
 from stabledrl_cli.dump._integrity import missing_count
 from stabledrl_cli.dump._live import in_flight, stopped_ranks
 from stabledrl_cli.dump._open import run_to_come
-from stabledrl_cli.dump._schema import MANIFEST_NAME, STEPS_DIR, stops_by_rank
+from stabledrl_cli.dump._stop_notes import stops_by_rank
 from stabledrl_cli.dump._views import StepSubset
 from stabledrl_cli.replay.alerts import Alert, candidates
 from stabledrl_cli.replay.config import ReplayConfig

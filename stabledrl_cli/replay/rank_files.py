@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stabledrl_cli.dump._schema import canonical_step
+from stabledrl_cli.dump._file_names import canonical_step
 from stabledrl_cli.dump._stfile import FileKey, file_key
 
 

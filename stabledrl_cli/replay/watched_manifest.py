@@ -7,15 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from stabledrl_cli.dump._file_names import MANIFEST_NAME
+from stabledrl_cli.dump._manifest import RECORDING_CLOSED, RECORDING_CLOSED_RANKS, RUN_ID
 from stabledrl_cli.dump._manifest_edits import closed_ranks, manifest_now
-from stabledrl_cli.dump._schema import (
-    MANIFEST_NAME,
-    RECORDING_CLOSED,
-    RECORDING_CLOSED_RANKS,
-    RECORDING_STOPPED,
-    RUN_ID,
-)
 from stabledrl_cli.dump._stfile import FileKey, file_key
+from stabledrl_cli.dump._stop_notes import RECORDING_STOPPED
 from stabledrl_cli.errors import InputError
 
 
