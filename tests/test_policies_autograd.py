@@ -301,6 +301,9 @@ def reference_objective(name, params, data, logp, adv_tokens, weight):
         kl = kl_k3(logp, data["logp_ref"])
         if params.get("kl_is") == "token":  # TRL use_bias_correction_kl: per_token_kl * coef_1
             kl = kl * r
+        if params.get("kl_is") == "sequence":  # ... with importance_sampling_level="sequence"
+            seq_log_ratio = ((logp - logp_old) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+            kl = kl * torch.exp(seq_log_ratio)[:, None]
         if params.get("kl_weight") != "none":  # TRL adds the KL term after its weights
             kl = kl * weight
         j = j - beta * aggregate(kl, mask, **agg_kw)
@@ -544,6 +547,18 @@ def test_aggregations(spec, params):
         ),
         ("cispo:beta=0.1,kl_is=token", "cispo", {"beta": 0.1, "kl_is": "token"}),
         ("vespo:beta=0.1,kl_is=token", "vespo", {"beta": 0.1, "kl_is": "token"}),
+        ("gspo:beta=0.04,kl_is=sequence", "gspo", {"beta": 0.04, "kl_is": "sequence"}),
+        (
+            "gspo:beta=0.04,kl_is=sequence,agg=seq-mean-token-sum,rows=all",
+            "gspo",
+            {"beta": 0.04, "kl_is": "sequence", "agg": "seq-mean-token-sum", "rows": "all"},
+        ),
+        (
+            "grpo:beta=0.04,kl_is=sequence",
+            "ppo",
+            {"agg": "seq-mean-token-mean", "beta": 0.04, "kl_is": "sequence"},
+        ),
+        ("vespo:beta=0.1,kl_is=sequence", "vespo", {"beta": 0.1, "kl_is": "sequence"}),
     ],
 )
 def test_kl_term(spec, name, params):
@@ -613,6 +628,12 @@ def test_loss_weight(spec, name, params):
             "grpo:beta=0.04,kl_is=token,kl_weight=none",
             "ppo",
             {"agg": "seq-mean-token-mean", "beta": 0.04, "kl_is": "token", "kl_weight": "none"},
+        ),
+        ("gspo:beta=0.04,kl_is=sequence", "gspo", {"beta": 0.04, "kl_is": "sequence"}),
+        (
+            "gspo:beta=0.04,kl_is=sequence,kl_weight=none",
+            "gspo",
+            {"beta": 0.04, "kl_is": "sequence", "kl_weight": "none"},
         ),
     ],
 )

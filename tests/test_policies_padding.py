@@ -25,6 +25,7 @@ SPECS = [
     "kl-cov:ratio=0.3,cov=micro",
     "ppo:adv=zscore",
     "grpo:beta=0.1,kl_is=token",
+    "gspo:beta=0.1,kl_is=sequence",
     "gspo:tis=sequence-mask,tis_min=0.5",
 ]
 

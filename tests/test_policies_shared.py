@@ -26,6 +26,7 @@ SPECS = [
     "gspo:tis=sequence-mask",
     "grpo:beta=0.1",
     "grpo:beta=0.1,kl_is=token",
+    "gspo:beta=0.1,kl_is=sequence",
     "vespo",
     "gspo:agg=seq-mean-token-sum,rows=all",
 ]

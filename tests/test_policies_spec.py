@@ -26,6 +26,7 @@ from stabledrl_cli.spec import format_value
         ),
         ("grpo:kl_weight=none", "kl_weight=none weighs the KL term: it needs beta > 0"),
         ("grpo:kl_is=token", "kl_is=token weighs the KL term: it needs beta > 0"),
+        ("gspo:kl_is=sequence", "kl_is=sequence weighs the KL term: it needs beta > 0"),
         ("grpo:kl_max=10", "kl_max clamps the KL term: it needs beta > 0"),
         ("grpo:beta=0.1,kl_max=0", "kl_max must be a finite number > 0"),
         ("vespo:k_pos=-1", "k_pos must be a finite number >= 0"),

@@ -63,13 +63,15 @@ def test_weight_max_per_policy_whatever_the_others_hold():
         ("grpo:beta=0.1", "grpo"),
         ("grpo:beta=0.1,kl_is=token", "grpo"),
         ("vespo:beta=0.3,kl_is=token", "vespo"),
+        ("gspo:beta=0.1,kl_is=sequence", "gspo"),
+        ("grpo:beta=0.1,kl_is=sequence", "grpo"),
         ("cispo:beta=0.2,kl_is=token,agg=seq-mean-token-mean", "cispo:agg=seq-mean-token-mean"),
         ("dapo:beta=0.1,kl_weight=none", "dapo"),
     ],
 )
 def test_the_indicators_take_out_the_kl_term_the_policy_added(spec: str, without_kl: str):
-    """The indicators measure the policy-gradient term: with the KL term (k3, or r k3 with
-    kl_is=token) taken out, coef is the same policy's coef without beta."""
+    """The indicators measure the policy-gradient term: with the KL term (k3, or r k3 or s_i k3
+    with kl_is=token or sequence) taken out, coef is the same policy's coef without beta."""
     gen = torch.Generator().manual_seed(11)
     logp_old = -2.0 + 0.5 * torch.randn(5, 9, generator=gen, dtype=torch.float64)
     logp = logp_old + 0.5 * torch.randn(5, 9, generator=gen, dtype=torch.float64)

@@ -158,9 +158,10 @@ def _recorded_scale(prep: PreparedBatch) -> torch.Tensor:
 
 def kl_penalty(prep: PreparedBatch, config: BaseConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """([T] kl_t, [T] d kl_t / d logp_t) of the KL term beta multiplies (docs/policies.md, KL
-    term): k3 = exp(ref - logp) - (ref - logp) - 1, clamped at kl_max (gradient 0 there), or
-    r k3 with kl_is=token. Once per step, kl_is and kl_max: the policies of a replay and their
-    indicators share it."""
+    term): k3 = exp(ref - logp) - (ref - logp) - 1, clamped at kl_max (gradient 0 there),
+    r k3 with kl_is=token, s_i k3 with kl_is=sequence (its gradient here holds s_i fixed:
+    `kl_terms` adds s_i's own). Once per step, kl_is and kl_max: the policies of a replay and
+    their indicators share it."""
 
     def build() -> tuple[torch.Tensor, torch.Tensor]:
         assert prep.logp_ref is not None
@@ -173,6 +174,9 @@ def kl_penalty(prep: PreparedBatch, config: BaseConfig) -> tuple[torch.Tensor, t
             kl_grad = torch.where(over, torch.zeros_like(kl_grad), kl_grad)
         if config.kl_is == "token":  # d(r kl)/d logp = r (kl + d kl/d logp)
             return prep.ratio * kl, prep.ratio * (kl + kl_grad)
+        if config.kl_is == "sequence":
+            seq_ratio = prep.per_token(torch.exp(prep.seq_mean_log_ratio))
+            return seq_ratio * kl, seq_ratio * kl_grad
         return kl, kl_grad
 
     return prep.memo(("kl_penalty", config.kl_is, config.kl_max), build)
@@ -184,6 +188,21 @@ def kl_scale(prep: PreparedBatch, config: BaseConfig, norm: torch.Tensor) -> tor
     if config.kl_weight == "none":
         return config.beta / norm
     return config.beta * prep.weight / norm
+
+
+def kl_terms(
+    prep: PreparedBatch, config: BaseConfig, norm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([T] beta w_t kl_t / norm_t, [T] its sum's gradient d / d logp_t) of the KL term the
+    objective subtracts (`kl_penalty` times `kl_scale`). With kl_is=sequence the sequence ratio
+    s_i's gradient, d s_i / d logp_t = s_i / |y_i|, adds to each scored token of sequence i the
+    sequence's KL terms summed over |y_i|."""
+    kl, kl_grad = kl_penalty(prep, config)
+    scale = kl_scale(prep, config, norm)
+    value, grad = scale * kl, scale * kl_grad
+    if config.kl_is == "sequence":
+        grad = grad + prep.per_token(prep.seq_sum(value)) / prep.seq_len_tokens
+    return value, grad
 
 
 class Policy:
@@ -261,11 +280,10 @@ class Policy:
         terms = self._policy_terms(prep, adv, norm)
         coef, objective = terms.coef, terms.objective
         if self.config.beta > 0:
-            kl, kl_grad = kl_penalty(prep, self.config)
             # The KL term keeps the recorded weight: TRL and verl leave it uncorrected.
-            scale = kl_scale(recorded, self.config, norm)
-            coef = coef - scale * kl_grad
-            objective = objective - masked_sum(prep.mask, scale * kl)
+            kl, kl_grad = kl_terms(recorded, self.config, norm)
+            coef = coef - kl_grad
+            objective = objective - masked_sum(prep.mask, kl)
         coef = keep_times(prep.mask, coef)
         # A non-finite input must show in coef even where the rule bounded or zeroed its term
         # (an inf ratio past a clip, REINFORCE ignoring the ratio): training would see it too.

@@ -101,9 +101,13 @@ class BaseConfig:
 
     beta: float = 0.0
     """Weight of the k3 KL penalty towards logp_ref (needs logp_ref); 0 turns it off."""
-    kl_is: Literal["off", "token"] = "off"
+    kl_is: Literal["off", "token", "sequence"] = "off"
     """token: each token's KL term is multiplied by its ratio r_t, through which its gradient
-    flows too (TRL's `use_bias_correction_kl`, DeepSeek-V3.2's unbiased k3); needs beta > 0."""
+    flows too (TRL's `use_bias_correction_kl`, DeepSeek-V3.2's unbiased k3); sequence: by its
+    sequence's ratio s_i = exp(mean over scored t of log r_t), GSPO's, through which its
+    gradient flows to every scored token of the sequence (TRL's `use_bias_correction_kl` with
+    importance_sampling_level="sequence"), whatever ratio the policy's own term uses; needs
+    beta > 0."""
     kl_weight: Literal["recorded", "none"] = "recorded"
     """recorded: the KL term of each token is weighted by its recorded loss_weight, as the
     policy term is; none: it is not (TRL adds the KL term after its entropy, off-policy and

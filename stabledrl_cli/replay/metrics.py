@@ -8,8 +8,8 @@ product with the step's gradient geometry. The result stays on the device as a [
 Indicators run over the eligible tokens (mask = 1, A != 0, and loss_weight != 0, where the
 REINFORCE reference A w / norm is defined). Effective weight w_t = coef_t / (A_t w_t / norm_t).
 With beta > 0 the KL term's coefficient is taken out of coef_t first: the indicators measure
-how the policy weighs the policy-gradient term, and the KL term (k3, or r k3 with kl_is=token)
-is the same for every policy of the same beta and kl_is.
+how the policy weighs the policy-gradient term, and the KL term (k3, or r k3 or s_i k3 with
+kl_is=token or sequence) is the same for every policy of the same beta and kl_is.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from stabledrl_cli.geometry import (
     update_norms,
 )
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
-from stabledrl_cli.policies._base import kl_penalty, kl_scale
+from stabledrl_cli.policies._base import kl_terms
 from stabledrl_cli.policies._masked import as_bytes, count, counts, keep_times
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
@@ -168,9 +168,8 @@ def policy_gradient_coef(policy: Policy, weights: Weights, prep: PreparedBatch) 
     """[T] coef without the KL term (beta > 0; docs/policies.md, KL term)."""
     if not policy.config.beta:
         return weights.coef
-    _, kl_grad = kl_penalty(prep, policy.config)
-    kl_coef = kl_scale(prep, policy.config, weights.norm) * kl_grad
-    return keep_times(prep.mask, weights.coef + kl_coef)
+    _, kl_grad = kl_terms(prep, policy.config, weights.norm)
+    return keep_times(prep.mask, weights.coef + kl_grad)
 
 
 WIDE_BLOCK = 32768
