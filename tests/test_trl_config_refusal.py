@@ -1,6 +1,6 @@
 """A TRL configuration the catalogue cannot express is refused by the recording trainer from
 its arguments, before TRL's own `__init__` loads the model (a reference model, a vLLM engine)
-or creates its output directory."""
+or creates its output directory; one it came to express is recorded."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _trl import tiny
+from _trl import logged_steps, tiny, train
 
+import stabledrl_cli as sd
 from stabledrl_cli.errors import UsageError
 
 __all__ = ["tiny"]
@@ -129,3 +130,48 @@ def test_the_cispo_warning_is_one_line_a_run_not_one_a_rank(
         stabledrl_out=tmp_path / "run",
     )
     assert "cispo" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("config", "spec"),
+    [
+        ({"loss_type": "grpo"}, "gspo:beta=0.04,eps_high=0.2,eps_low=0.2,kl_is=sequence"),
+        (
+            {"loss_type": "dapo"},
+            "gspo:agg=recorded,beta=0.04,eps_high=0.2,eps_low=0.2,kl_is=sequence",
+        ),
+        ({"loss_type": "vespo"}, "vespo:agg=recorded,beta=0.04,kl_is=sequence"),
+        (
+            {"loss_type": "grpo", "use_bias_correction_kl": False},
+            "gspo:beta=0.04,eps_high=0.2,eps_low=0.2",
+        ),
+    ],
+)
+def test_trls_kl_correction_at_the_sequence_level_maps_to_kl_is_sequence(
+    tiny: Any, config: dict[str, Any], spec: str
+) -> None:
+    """Sequence-level sampling with beta and use_bias_correction_kl (TRL's default) was refused
+    ("set use_bias_correction_kl=False"); TRL multiplies the KL by its sequence ratio coef_1,
+    vespo's too, which kl_is=sequence is."""
+    from stabledrl_cli.integrations.trl import policy_for_config
+
+    args = tiny.tiny_config("unused", importance_sampling_level="sequence", beta=0.04, **config)
+    assert policy_for_config(args).spec == spec
+
+
+def test_a_gspo_run_with_trls_kl_correction_replays_trls_loss(tiny: Any, tmp_path: Path) -> None:
+    """The tiny run, GSPO with beta 0.1 and TRL's default KL correction, 2 steps: its own
+    policy replays TRL's logged loss (measured: equal, 0.2484 at step 2, where kl_is=token
+    gives 0.2492 and no correction 0.2482)."""
+    out = tmp_path / "run"
+    trainer = train(
+        tiny, out, loss_type="grpo", importance_sampling_level="sequence", beta=0.1, max_steps=2
+    )
+    spec = trainer.stabledrl_policy.spec
+    assert spec == "gspo:beta=0.1,eps_high=0.2,eps_low=0.2,kl_is=sequence"
+    logged = logged_steps(trainer.state.log_history)
+    own = sd.replay(out, [spec], device="cpu").own
+    assert own is not None and own.series["step"].tolist() == [1, 2]
+    for number, objective in zip(own.series["step"], own.series["objective"], strict=True):
+        assert -objective == pytest.approx(logged[int(number)]["loss"], rel=1e-5, abs=1e-7)
+    assert own.summary.loss_parity is not None and own.summary.loss_parity < 1e-6

@@ -22,7 +22,9 @@ reproduces TRL's loss (docs/policies.md).
 | mask_truncated_completions or a rollout_func | the same spec with rows=all                       |
 | (grpo, sapo, dr_grpo, gspo)                  |                                                   |
 | beta > 0                                     | every spec above gains beta                       |
-| use_bias_correction_kl (default) with beta   | ... and kl_is=token (the KL times the ratio)      |
+| use_bias_correction_kl (default) with beta   | ... and kl_is=token (the KL times the ratio), or  |
+|                                              | kl_is=sequence when sequence-level (times the     |
+|                                              | sequence ratio, vespo's too)                      |
 | beta with an entropy, off-policy or vLLM     | ... and kl_weight=none (TRL adds the KL term      |
 | weight (recorded as loss_weight)             | after weighting the policy term)                  |
 
@@ -41,8 +43,7 @@ row. vespo ignores delta, as TRL does.
 
 Refused, one line each (the catalogue cannot express them, so recording them would be
 wrong): sequence-level sampling with cispo or sapo (a sequence ratio under their rule);
-beta > 0 with `use_bias_correction_kl` and sequence-level sampling (the KL times the
-sequence ratio); vespo with vLLM importance sampling (TRL folds the sampler's ratio into w); the
+vespo with vLLM importance sampling (TRL folds the sampler's ratio into w); the
 entropy bonus (`entropy_coef`, `use_adaptive_entropy`); dr_grpo without a
 `max_completion_length` (None: TRL's own loss cannot divide by it). An MoE router loss is no part of
 the policy: the step records it apart (`dump._schema.LOSS_AUX`), for both trainers.
@@ -136,11 +137,6 @@ def _check_recordable(config: Any) -> None:
             "loss_type 'dr_grpo' divides by max_completion_length, which is None (TRL's own "
             "loss raises a TypeError at the first step): set max_completion_length"
         )
-    if config.beta != 0.0 and config.use_bias_correction_kl and sequence:
-        raise _refuse(
-            "beta > 0 with use_bias_correction_kl and sequence-level sampling (the KL times "
-            "the sequence ratio); set use_bias_correction_kl=False"
-        )
 
 
 def policy_for_config(config: Any, *, rollout_func: bool = False) -> Policy:
@@ -186,8 +182,10 @@ def policy_for_config(config: Any, *, rollout_func: bool = False) -> Policy:
             name, params["delta"] = "two-sided", float(config.delta)
     if config.beta != 0.0:
         params["beta"] = float(config.beta)
-        if config.use_bias_correction_kl:
-            params["kl_is"] = "token"
+        if config.use_bias_correction_kl:  # the KL times TRL's coef_1, of either level
+            params["kl_is"] = (
+                "sequence" if config.importance_sampling_level == "sequence" else "token"
+            )
         if uses_loss_weight(config):  # TRL adds the KL term after its per-token weights
             params["kl_weight"] = "none"
     return _policy(name, params)
