@@ -453,27 +453,34 @@ KL_SEQUENCE_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("whole", [False, True], ids=["rows-scored", "row-masked-whole"])
+@pytest.mark.parametrize("layout", ["rows-scored", "row-masked-whole", "on-policy"])
 @pytest.mark.parametrize("case", list(KL_SEQUENCE_CONFIGS))
 def test_gspos_kl_times_the_sequence_ratio_replays_trls_loss_and_gradient(
-    tmp_path: Path, case: str, whole: bool
+    tmp_path: Path, case: str, layout: str
 ) -> None:
     """TRL's sequence-level sampling with beta and use_bias_correction_kl (its default)
     multiplies each token's KL term by the sequence ratio, whose gradient reaches every token
-    of the sequence. Before kl_is=sequence the recording trainer refused the config; kl_is=token
-    in its place is 15% to 90% off some token's gradient on these batches (measured), this 4e-7
-    at most. A row masked whole needs mask_truncated_completions (rows=all)."""
+    of the sequence, on policy too (TRL's old log-probs then are the detached new ones, s_i 1).
+    Before kl_is=sequence the recording trainer refused the config; kl_is=token in its place is
+    11% to 90% off some token's gradient on these batches (measured), this 4e-7 at most. A row
+    masked whole needs mask_truncated_completions (rows=all)."""
+    whole, on_policy = layout != "rows-scored", layout == "on-policy"
     config = _config(
         tmp_path,
-        num_iterations=2,
+        num_iterations=1 if on_policy else 2,
         importance_sampling_level="sequence",
         beta=0.1,
         mask_truncated_completions=whole,
         **KL_SEQUENCE_CONFIGS[case],
     )
-    trainer, loss, minus_grad = _run(
-        config, tmp_path / "run", lambda gen: _gentle_micro_batches(gen, whole)
-    )
+
+    def crafted(gen: torch.Generator) -> list[dict[str, Any]]:
+        micro: list[dict[str, Any]] = _gentle_micro_batches(gen, whole)
+        for m in micro if on_policy else ():
+            m["old"] = None
+        return micro
+
+    trainer, loss, minus_grad = _run(config, tmp_path / "run", crafted)
     spec = trainer.stabledrl_policy.spec
     assert "kl_is=sequence" in spec
     weights = sd.get_policy(spec).weights(policy_batch(sd.open_run(tmp_path / "run").step(1)))
