@@ -416,10 +416,13 @@ def test_trls_low_min_and_high_max_skip_a_row_masked_whole(tmp_path: Path, level
         assert float(own.series[column][0]) == pytest.approx(expected, abs=1e-6), column
 
 
-def _gentle_micro_batches(gen: torch.Generator, whole: bool) -> list[dict[str, torch.Tensor]]:
+def _gentle_micro_batches(
+    gen: torch.Generator, whole: bool, weighted: bool
+) -> list[dict[str, torch.Tensor]]:
     """`_micro_batches`' layout (18 scored tokens) with log-ratios and KL offsets of a few
     tenths, so every sequence's KL term shows in the gradient: micro-batch 0 has rows of 4, 0
-    (`whole`) or 1, 5 and 5 or 4 scored tokens, micro-batch 1 one token a row."""
+    (`whole`) or 1, 5 and 5 or 4 scored tokens, micro-batch 1 one token a row; vLLM-style
+    token weights when `weighted`."""
     micro = []
     for width in (WIDTH, 1):
         logp = -torch.rand(ROWS, width, generator=gen) * 3
@@ -438,6 +441,8 @@ def _gentle_micro_batches(gen: torch.Generator, whole: bool) -> list[dict[str, t
             "group": torch.tensor([base, base, base + 1, base + 1]),
             "entropy": torch.rand(logp.shape, generator=gen),
         })  # fmt: skip
+        if weighted:
+            micro[-1]["is_ratio"] = 0.5 + torch.rand(logp.shape, generator=gen)
     return micro
 
 
@@ -449,6 +454,7 @@ KL_SEQUENCE_CONFIGS = {
     "luspo": {"loss_type": "luspo"},
     "delta": {"loss_type": "grpo", "delta": 1.1},
     "entropy": {"loss_type": "grpo", "top_entropy_quantile": 0.5},
+    "vllm": {"loss_type": "bnpo", "use_vllm": True, "vllm_importance_sampling_correction": True},
     "vespo": {"loss_type": "vespo"},
 }
 
@@ -462,7 +468,7 @@ def test_gspos_kl_times_the_sequence_ratio_replays_trls_loss_and_gradient(
     multiplies each token's KL term by the sequence ratio, whose gradient reaches every token
     of the sequence, on policy too (TRL's old log-probs then are the detached new ones, s_i 1).
     Before kl_is=sequence the recording trainer refused the config; kl_is=token in its place is
-    11% to 90% off some token's gradient on these batches (measured), this 4e-7 at most. A row
+    11% to 90% off some token's gradient on these batches (measured), this 8e-7 at most. A row
     masked whole needs mask_truncated_completions (rows=all)."""
     whole, on_policy = layout != "rows-scored", layout == "on-policy"
     config = _config(
@@ -475,7 +481,7 @@ def test_gspos_kl_times_the_sequence_ratio_replays_trls_loss_and_gradient(
     )
 
     def crafted(gen: torch.Generator) -> list[dict[str, Any]]:
-        micro: list[dict[str, Any]] = _gentle_micro_batches(gen, whole)
+        micro: list[dict[str, Any]] = _gentle_micro_batches(gen, whole, config.use_vllm)
         for m in micro if on_policy else ():
             m["old"] = None
         return micro
