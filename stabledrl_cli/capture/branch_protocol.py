@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stabledrl_cli.capture.bootstrap import ENV_RUN_DIR
-from stabledrl_cli.dump._file_names import STEPS_DIR
 from stabledrl_cli.dump._run_files import symlink_refused
+from stabledrl_cli.dump._run_target import BRANCHES_DIR as BRANCHES_DIR
+from stabledrl_cli.dump._run_target import CHECKPOINTS_DIR as CHECKPOINTS_DIR
+from stabledrl_cli.dump._run_target import check_outside_run_folders
 from stabledrl_cli.errors import UsageError, quoted
 from stabledrl_cli.spec import INT_DIGITS, spec_int
 
@@ -35,10 +37,6 @@ ENV_RESUME_CHECKPOINT = "STABLEDRL_RESUME_CHECKPOINT"
 ENV_POLICY_OVERRIDE = "STABLEDRL_POLICY_OVERRIDE"
 ENV_BRANCH_AT = "STABLEDRL_BRANCH_AT"
 ENV_BRANCH_STEPS = "STABLEDRL_BRANCH_STEPS"
-BRANCHES_DIR = "branches"
-"""A run's sub-directory of branch runs (`RUN/branches/POLICY@STEP`)."""
-CHECKPOINTS_DIR = "checkpoints"
-"""A run's sub-directory of the built-in example's checkpoints (`RUN/checkpoints`)."""
 # ASCII digits and `\Z` (the writer's spelling only: `\d` takes other scripts' digits, `$` a
 # name's final newline), as the run's own file names (`dump._file_names.STEP_FILE_RE`)
 CHECKPOINT_RE = re.compile(r"^step-([0-9]{8})\.pt\Z")
@@ -66,26 +64,6 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found)
-
-
-def check_outside_run_folders(
-    place: Path, run_dir: Path, *, what: str, run: str, given: str, branch: bool = False
-) -> None:
-    """UsageError when `place`, where `what` would be written (`a run`), lies in the steps,
-    checkpoints or branches folder of the run at `run_dir`: that run would hold a file that is
-    not its own, which recording over it (--force) refuses to remove. A `branch` run may be one
-    folder down in the branches folder (RUN/branches/POLICY@STEP), where --force removes it.
-    The line names the run as `run` and says to give another `given` (what named the place)."""
-    where = place.resolve()
-    for folder in (STEPS_DIR, CHECKPOINTS_DIR, BRANCHES_DIR):
-        inside = run_dir.resolve() / folder
-        if branch and folder == BRANCHES_DIR and where.parent == inside:
-            continue
-        if where.is_relative_to(inside):
-            raise UsageError(
-                f"{place}: {what} would be inside the {folder} folder of {run}; pass another "
-                f"{given}"
-            )
 
 
 @dataclass(frozen=True, kw_only=True)

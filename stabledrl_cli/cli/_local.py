@@ -5,7 +5,6 @@ never written as a local directory named after its scheme (`./s3:/bucket/run`)."
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from stabledrl_cli._url import is_url, redacted
@@ -41,17 +40,3 @@ def _given(value: str, command: str, what: str) -> str:
 
 
 EMPTY_PATH = "give a path (an empty one would be the working directory)"
-
-
-def check_not_in_a_run(out: Path) -> None:
-    """UsageError when --out (of `record`, `import`) lies in the steps, checkpoints or branches
-    folder of a run (a folder above it holding a manifest, a branch run's too), as `branch
-    --out` is refused: the run would hold a file that is not its own."""
-    from stabledrl_cli.capture.branch_protocol import check_outside_run_folders
-    from stabledrl_cli.dump._file_names import MANIFEST_NAME
-
-    # realpath, not resolve: a symlink loop raises RuntimeError there (Python < 3.13); it is
-    # left for the writes to refuse (a loop is no run's folder)
-    for parent in (*out.parents, *Path(os.path.realpath(out)).parents):  # as given first
-        if os.path.lexists(parent / MANIFEST_NAME):
-            check_outside_run_folders(out, parent, what="a run", run=str(parent), given="--out")

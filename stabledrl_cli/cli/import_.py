@@ -13,16 +13,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stabledrl_cli.cli._local import check_not_in_a_run, local_output
+from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import FormatOpt, local_file
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump._recorder_args import reward_range_text
-from stabledrl_cli.dump._run_target import (
-    check_replaceable,
-    directory_or_nothing,
-    refuse_under_a_file,
-)
+from stabledrl_cli.dump._run_target import check_out, check_replaceable, directory_or_nothing
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.importers._names import listed
@@ -85,8 +81,7 @@ def command(
     metrics under the run's standard names, the others kept as extra scalars."""
     span = None if reward_range is None else reward_range_text(reward_range, "--reward-range")
     run = local_output(out_arg, "import", "its run")
-    check_not_in_a_run(run)
-    refuse_under_a_file(run, f"--out {run}")
+    check_out(run)
     if directory_or_nothing(run, str(run)) and any(run.iterdir()):
         # another tool's manifest: --force would not replace it
         check_replaceable(run, "import into another --out")

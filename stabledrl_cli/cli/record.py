@@ -19,16 +19,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from stabledrl_cli._atomic import write_error
-from stabledrl_cli.cli._local import check_not_in_a_run, local_output
+from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import DeviceOpt, number_option, on_command_line
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.cli.app import after_separator, debug_requested
 from stabledrl_cli.dump._run_target import (
+    check_out,
     check_replaceable,
     directory_or_nothing,
     os_file,
-    refuse_under_a_file,
 )
 from stabledrl_cli.dump._setup import RECORD_FORCE_HINT
 from stabledrl_cli.errors import UsageError, counted
@@ -57,7 +57,7 @@ GEOMETRY_NUMBERS = ("every", "k", "seed")
 
 
 def _check_out(out: Path, force: bool) -> None:
-    refuse_under_a_file(out, f"--out {out}")
+    check_out(out)
     # a file browser's file (.DS_Store: a folder made in Finder) makes no folder a run's
     if directory_or_nothing(out, f"--out {out}") and not all(map(os_file, out.iterdir())):
         check_replaceable(out)  # before the command starts: its recorder would refuse
@@ -498,7 +498,6 @@ def command(
         )
     rl_steps = _deprecated_steps(rl_steps, steps)
     out = local_output(out_arg, "record", "its run")
-    check_not_in_a_run(out)
     _check_out(out, force)
     geometry_given = any(
         option is not None

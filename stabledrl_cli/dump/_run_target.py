@@ -1,6 +1,7 @@
 """Whether a path can take a run: a directory or nothing there, nothing in the way of its
-steps or manifest, no other tool's manifest that replacing a run would overwrite; and the
-file browser's files (`os_file`: .DS_Store...) that make no folder a run's."""
+steps or manifest, no other run's folder around it, no other tool's manifest that replacing a
+run would overwrite; and the file browser's files (`os_file`: .DS_Store...) that make no
+folder a run's."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from stabledrl_cli.dump._file_names import MANIFEST_NAME, OS_FILE_RE, STEPS_DIR
 from stabledrl_cli.dump._manifest_edits import manifest_now
 from stabledrl_cli.dump._versions import RUN_KIND
 from stabledrl_cli.errors import InputError, UsageError
+
+BRANCHES_DIR = "branches"
+"""A run's sub-directory of branch runs (`RUN/branches/POLICY@STEP`)."""
+CHECKPOINTS_DIR = "checkpoints"
+"""A run's sub-directory of the built-in example's checkpoints (`RUN/checkpoints`)."""
 
 
 def os_file(entry: Path) -> bool:
@@ -81,6 +87,47 @@ def refuse_under_a_file(path: Path, named: str) -> None:
             if _missing_target(folder) is not None:
                 raise UsageError(f"{named}: {folder} {_in_the_way(folder)}")
             return
+
+
+def check_outside_run_folders(
+    place: Path, run_dir: Path, *, what: str, run: str, given: str, branch: bool = False
+) -> None:
+    """UsageError when `place`, where `what` would be written (`a run`), lies in the steps,
+    checkpoints or branches folder of the run at `run_dir`: that run would hold a file that is
+    not its own, which recording over it (--force) refuses to remove. A `branch` run may be one
+    folder down in the branches folder (RUN/branches/POLICY@STEP), where --force removes it.
+    The line names the run as `run` and says to give another `given` (what named the place)."""
+    where = place.resolve()
+    for folder in (STEPS_DIR, CHECKPOINTS_DIR, BRANCHES_DIR):
+        inside = run_dir.resolve() / folder
+        if branch and folder == BRANCHES_DIR and where.parent == inside:
+            continue
+        if where.is_relative_to(inside):
+            raise UsageError(
+                f"{place}: {what} would be inside the {folder} folder of {run}; pass another "
+                f"{given}"
+            )
+
+
+def check_not_in_a_run(path: Path, given: str, *, branch: bool = False) -> None:
+    """UsageError when a run at `path` would lie in the steps, checkpoints or branches folder
+    of another run (a folder above it holding a manifest, a branch run's too:
+    `check_outside_run_folders`, which says to give another `given`); a `branch` run may be a
+    run's RUN/branches/NAME."""
+    # realpath, not resolve: a symlink loop raises RuntimeError there (Python < 3.13); it is
+    # left for the writes to refuse (a loop is no run's folder)
+    for parent in (*path.parents, *Path(os.path.realpath(path)).parents):  # as given first
+        if os.path.lexists(parent / MANIFEST_NAME):
+            check_outside_run_folders(
+                path, parent, what="a run", run=str(parent), given=given, branch=branch
+            )
+
+
+def check_out(out: Path) -> None:
+    """UsageError when the --out of `record` or `import` cannot take a run: inside another
+    run's folders (`check_not_in_a_run`) or under a file (`refuse_under_a_file`)."""
+    check_not_in_a_run(out, "--out")
+    refuse_under_a_file(out, f"--out {out}")
 
 
 def check_replaceable(path: Path, elsewhere: str = "record elsewhere") -> None:

@@ -65,6 +65,7 @@ from stabledrl_cli.dump._recorder_args import (
     whole_count,
 )
 from stabledrl_cli.dump._recorder_end import RecorderEnd
+from stabledrl_cli.dump._run_target import check_not_in_a_run
 from stabledrl_cli.dump._schema import is_count
 from stabledrl_cli.dump._setup import prepared_run, refuse_in_the_way
 from stabledrl_cli.dump._step_metadata import step_metadata
@@ -122,8 +123,10 @@ class Recorder(RecorderEnd):
     own step files and, on rank 0, rewrites the manifest; not given, it is True for the run
     directory of `stabledrl record --force`: `_run_env.forced_run`) or `resume=True`
     (continues the run: steps at or after `resume_from` are replaced, earlier ones kept and
-    verified; see `_setup`). Rank 0 gives the run a new identity (the manifest's `run_id`)
-    when it creates or overwrites it, and a rank whose resume replaces its steps (`_setup`). With
+    verified; see `_setup`). Refuses a `path` inside the steps, checkpoints or branches
+    folder of another run (but for a branch run, RUN/branches/NAME). Rank 0 gives the run a
+    new identity (the manifest's `run_id`) when it creates or overwrites it, and a rank whose
+    resume replaces its steps (`_setup`). With
     `world_size > 1` every rank makes its own Recorder on the same path, giving its `rank`
     (refused without one: it is 0 only for world_size 1); rank 0 writes the manifest, each
     rank its own step files. `group_ids="global"` says that
@@ -212,6 +215,7 @@ class Recorder(RecorderEnd):
             self.path = Path(path).absolute()
         except OSError as exc:  # a relative path in a working directory since removed
             raise write_error(Path(path), exc) from None
+        check_not_in_a_run(self.path, "path", branch=True)
         if records_out(self.path):  # a file put in its place while record's command runs
             refuse_in_the_way(self.path)
         if overwrite is None:  # `stabledrl record --force` of its --out, unless resumed
