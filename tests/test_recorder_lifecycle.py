@@ -775,6 +775,31 @@ def test_a_recorder_cut_short_as_it_is_made_unmakes_the_new_run(
     assert sd.open_run(path).step_numbers == [0]
 
 
+@pytest.mark.parametrize("call", ["hold_writer_lock", "fsync_dir"])
+def test_an_overwrite_cut_short_unmakes_only_a_run_it_made(tmp_path, monkeypatch, call):
+    """Recorder(path, overwrite=True) where no run was, cut short as it is made. Before, it
+    left fresh/run holding a manifest and an empty steps/ (a run of no step), which `record`
+    without --force then refused as not empty; now it is unmade as a new run is. Over a run,
+    the new manifest stays (the old run's steps are gone already): never another run's."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    path, old = tmp_path / "fresh" / "run", tmp_path / "old"
+    with sd.Recorder(old, policy=None) as rec:
+        rec.log_step(0, loss=1.0)
+    for run in (path, old):
+        with monkeypatch.context() as patch:
+            patch.setattr(f"stabledrl_cli.dump._setup.{call}", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                sd.Recorder(run, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["old"]
+    assert sorted(os.listdir(old)) == ["manifest.json", "steps"]
+    with sd.Recorder(path, policy=None) as rec:
+        rec.log_step(0, loss=1.0)
+    assert sd.open_run(path).step_numbers == [0]
+
+
 @pytest.mark.parametrize("call", ["at_child_end", "steps_written_on_sigterm"])
 def test_an_async_recorder_cut_short_leaves_no_failing_exit_handler(tmp_path, monkeypatch, call):
     """Before, a Ctrl-C in an async Recorder's making after its exit handler was registered

@@ -41,7 +41,8 @@ manifest as the others left it.
 
 Any failure to write or remove a file is WriteError naming it. A new run's making cut short
 (Ctrl-C, a failed write), before the Recorder is made, is undone: the manifest it wrote and the
-directories it made are removed while no rank's file is in them (`_unmake`).
+directories it made are removed while no rank's file is in them (`_unmake`); so is an
+overwrite's where no run was (no manifest), never one that replaced a run.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def prepared_run(
     for a new run) and the rank's writer lock, taken before any file changes
     (`_writer_lock`: UsageError while another live Recorder holds it); the caller releases it
     when it closes. Cut short, here or in the block (Ctrl-C, a failed write), the lock is
-    released and a new run unmade (`_unmake`)."""
+    released and a new run unmade (`_unmake`), an overwrite's too where no run was before."""
     text = None
     if not resume:  # checked on every rank, before anything on disk changes
         fresh = {**manifest, RUN_ID: new_run_id()}
@@ -192,6 +193,8 @@ def prepared_run(
     # Held before any file changes; a new run's steps/ is made first (nothing to guard yet).
     lock = hold_writer_lock(steps, rank, world_size) if steps.is_dir() else None
     made: list[Path] = []
+    # a new run's, or an overwrite's where no run was: undone if cut short (never another's)
+    unmade = text is not None and not (overwrite and os.path.lexists(path / MANIFEST_NAME))
     try:
         try:
             manifest, last = _ready(
@@ -210,7 +213,7 @@ def prepared_run(
     except BaseException:
         if lock is not None:
             lock.release()
-        if text is not None and not overwrite:
+        if unmade:
             _unmake(path, made, manifest.get(RUN_ID) if rank == 0 else None)
         raise
 
