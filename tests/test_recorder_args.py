@@ -1,5 +1,6 @@
-"""The Recorder's arguments and keywords refused with one line of its own: rewrite_step's
-unknown keyword names rewrite_step, a reward_range must be an ordered pair of numbers."""
+"""The Recorder's arguments and keywords refused with one line of its own: log_step's and
+rewrite_step's unknown keyword names the call, a reward_range must be an ordered pair of
+numbers."""
 
 from __future__ import annotations
 
@@ -24,6 +25,18 @@ def test_rewrite_step_refuses_a_misspelt_keyword_in_its_own_name(tmp_path):
         )
         rec.rewrite_step(0, logp=z, logp_old=z, advantages=z, grad_norm=1.0)
     assert sd.open_run(tmp_path / "run").step(0).scalars["grad_norm"] == 1.0
+
+
+def test_log_step_refuses_a_misspelt_keyword_in_the_houses_line(tmp_path):
+    """Before, log_step(0, logpp=...) raised Python's TypeError ('Recorder.log_step() got an
+    unexpected keyword argument 'logpp''), with no hint, where rewrite_step gave one line."""
+    z = np.zeros(2, np.float32)
+    with sd.Recorder(tmp_path / "run", unit="sequence") as rec:
+        with pytest.raises(UsageError) as refused:
+            rec.log_step(0, logpp=z, logp_old=z, advantages=z)
+        assert str(refused.value) == "'logpp' is not a keyword of log_step (did you mean 'logp'?)"
+        rec.log_step(0, logp=z, logp_old=z, advantages=z)
+    assert sd.open_run(tmp_path / "run").step_numbers == [0]
 
 
 @pytest.mark.parametrize(

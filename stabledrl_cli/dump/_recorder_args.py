@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import difflib
+import functools
+import inspect
 import math
 import numbers
 import os
 import reprlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._arguments import json_checked
@@ -153,6 +155,33 @@ def refuse_unknown_keywords(given: Iterable[object], taken: Sequence[str], what:
     close = difflib.get_close_matches(str(name), taken, n=1)
     hint = f"did you mean {close[0]!r}?" if close else f"help(Recorder) lists the {len(taken)}"
     raise UsageError(f"{name!r} is not {what} ({hint})")
+
+
+@functools.cache
+def keyword_names(function: Callable[..., object]) -> list[str]:
+    """The names of `function`'s keyword-only parameters (log_step's fields and scalars)."""
+    parameters = inspect.signature(function).parameters.values()
+    return [p.name for p in parameters if p.kind is p.KEYWORD_ONLY]
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def keywords_checked(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """`method` refusing a keyword it does not take in `refuse_unknown_keywords`'s line (`is
+    not a keyword of METHOD`, with a hint), not Python's TypeError; its signature kept for
+    type checkers and `help`."""
+    taken = frozenset(inspect.signature(method).parameters)
+    what = f"a keyword of {method.__name__}"
+
+    @functools.wraps(method)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if not taken.issuperset(kwargs):
+            refuse_unknown_keywords(kwargs, keyword_names(method), what)
+        return method(*args, **kwargs)
+
+    return checked
 
 
 def dict_argument(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:

@@ -36,8 +36,6 @@ array at all writes a scalar step (format 1.2): its scalars, and `param_grad_nor
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import threading
 import time
@@ -58,6 +56,8 @@ from stabledrl_cli.dump._recorder_args import (
     checked_reward_range,
     dict_argument,
     fixed_time,
+    keyword_names,
+    keywords_checked,
     new_manifest,
     param_name_list,
     refuse_unknown_keywords,
@@ -99,13 +99,6 @@ def resumed_before(last: int, step: int, keyword: str = "resume_from") -> str:
         f"earlier checkpoint passes {keyword}={step}, which records the steps from {step} "
         "on again)"
     )
-
-
-@functools.cache
-def _log_step_keywords() -> list[str]:
-    """The keywords `Recorder.log_step` takes (each a field or scalar of the step)."""
-    parameters = inspect.signature(Recorder.log_step).parameters.values()
-    return [p.name for p in parameters if p.kind is p.KEYWORD_ONLY]
 
 
 class Recorder(RecorderEnd):
@@ -283,6 +276,7 @@ class Recorder(RecorderEnd):
         return self._last_step
 
     # -- recording ----------------------------------------------------------------------------
+    @keywords_checked
     def log_step(
         self,
         step: int,
@@ -330,8 +324,8 @@ class Recorder(RecorderEnd):
         at all the step is a scalar step (its scalars, and param_grad_norm [P] if given); with
         some, logp, logp_old and advantages are required, and each field the run's own policy
         needs to be replayed (`_policy.replayed_fields`: logp_ref for beta > 0, ...). Raises
-        UsageError naming the field for a missing field, a bad shape, dtype or id (nothing is
-        written), WriteError if the file cannot be written."""
+        UsageError naming the field for a missing field, a bad shape, dtype or id, or a keyword
+        that is none of these (nothing is written), WriteError if the file cannot be written."""
         self._check_process("log_step")  # (before the lock, which a fork may copy held)
         with self._step_under_way():
             if self._closed:
@@ -444,7 +438,9 @@ class Recorder(RecorderEnd):
         write fails. `record`'s optimizer hooks use it to add the second half of a step
         (capture/bootstrap.py). UsageError naming a keyword that is not log_step's."""
         self._check_process("rewrite_step")
-        refuse_unknown_keywords(fields, _log_step_keywords(), "a keyword of rewrite_step")
+        refuse_unknown_keywords(
+            fields, keyword_names(Recorder.log_step), "a keyword of rewrite_step"
+        )
         with self._step_under_way():
             self._rewriting = True
             try:
