@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import suppress
 
 from stabledrl_cli.errors import UsageError
 
@@ -14,7 +15,11 @@ ENV_RUN_DIR = "STABLEDRL_RUN_DIR"
 ENV_FORCE = "STABLEDRL_FORCE"
 ENV_RANKS_DIR = "STABLEDRL_RANKS_DIR"
 """A directory of `record`'s for the command's processes (`capture.bootstrap`), where a
-Recorder that replaces record's run under --force also says so (`forced_run`)."""
+Recorder that replaces record's run under --force also says so (`forced_run`), and one that
+overwrites it leaves `OVERWRITTEN` (`note_overwrite`)."""
+OVERWRITTEN = "overwritten"
+"""The file of $STABLEDRL_RANKS_DIR that says a Recorder of the command overwrote record's run
+(`note_overwrite`)."""
 FORCE_ON = ("1", "true", "yes", "on")
 FORCE_OFF = ("", "0", "false", "no", "off")
 """$STABLEDRL_FORCE's spellings (any case, spaces aside): replace an existing run, or not."""
@@ -72,3 +77,15 @@ def forced_run(path: str | os.PathLike[str], rank: int) -> bool:
     except OSError as exc:  # record's directory gone: its command outlived it
         return exc.errno != errno.ENOENT
     return True
+
+
+def note_overwrite(path: str | os.PathLike[str]) -> None:
+    """Tells `stabledrl record` that a Recorder of its command overwrites record's run at
+    `path` (overwrite=True: the old run's files go, a new manifest comes): `OVERWRITTEN` in
+    $STABLEDRL_RANKS_DIR, before any file changes. record then removes the old run's
+    checkpoints and branch runs, which a resumed run keeps. A no-op for another path, or
+    outside `record`; best effort (record's directory gone: a command that outlived it)."""
+    if records_out(path):
+        ranks_dir = os.environ[ENV_RANKS_DIR]
+        with suppress(OSError):
+            os.close(os.open(os.path.join(ranks_dir, OVERWRITTEN), os.O_CREAT | os.O_WRONLY))

@@ -1,13 +1,14 @@
 """`record --force -- CMD` over a run of the built-in example kept its checkpoints and branch
 runs (RUN/checkpoints, RUN/branches) in the command's new run: `branch` read the example's
-checkpoints as the new run's. They go once the command replaced the run (its manifest is a
-new run's), and stay with a run the command resumed (the same manifest, steps appended)."""
+checkpoints as the new run's. They go once the command replaced the run (a Recorder of it
+overwrote the run), and stay with a run the command resumed."""
 
 from __future__ import annotations
 
 import shutil
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,47 @@ def test_a_file_named_branches_is_refused_before_the_run_changes(tmp_path, comma
     )
     assert "it ran" not in refused.stdout
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
+def _in_process(steps: range, **kwargs: object) -> Callable[..., int]:
+    """A stand-in for `_wrap._call`: what a command's process does, done in this process (no
+    process to start) under the environment record gives the command: a Recorder of record's
+    run with `kwargs`, logging `steps`."""
+
+    def call(cmd: list[str], env: dict[str, str], stop: object) -> int:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            with Recorder(env["STABLEDRL_RUN_DIR"], policy="grpo", **kwargs) as recorder:
+                for step in steps:
+                    recorder.log_step(step, grad_norm=1.0)
+        return 0
+
+    return call
+
+
+def test_a_replacement_of_the_same_settings_under_source_date_epoch_is_no_resume(
+    tmp_path, monkeypatch
+):
+    """Under SOURCE_DATE_EPOCH a run recorded again with the same settings has the old run's
+    manifest but for its run_id, and record told a replaced run from a resumed one by that
+    manifest (the run_id left out, which a resume may renew): the new run kept the old run's
+    checkpoint and branch run. record now hears it from the command's Recorder that replaced
+    the run; a resume keeps them still."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    with Recorder(tmp_path / "old", policy="grpo") as recorder:
+        for step in range(3):
+            recorder.log_step(step, grad_norm=1.0)
+    run, checkpoint = _with_example_files(tmp_path, tmp_path / "old")
+    args = ["record", "--out", str(run), *OPTIONS, "--", sys.executable, "-c", "pass"]
+
+    monkeypatch.setattr("stabledrl_cli.cli._wrap._call", _in_process(range(3, 4), resume=True))
+    resumed = CliRunner().invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert checkpoint.is_file() and (run / "branches" / "grpo@0" / "manifest.json").is_file()
+
+    monkeypatch.setattr("stabledrl_cli.cli._wrap._call", _in_process(range(2)))
+    replaced = CliRunner().invoke(app, args)
+    assert replaced.exit_code == 0, replaced.output
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
+    assert list((run / "checkpoints").iterdir()) == []

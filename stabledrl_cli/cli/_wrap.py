@@ -32,6 +32,7 @@ from rich.markup import escape
 from stabledrl_cli._atomic import write_error
 from stabledrl_cli._process import SIGNALLED, how_it_ended, shell_exit_code
 from stabledrl_cli._regular import NotRegularFile, open_regular
+from stabledrl_cli._run_env import OVERWRITTEN
 from stabledrl_cli.capture._child_processes import ENV_HOOKS_RECORDER
 from stabledrl_cli.capture._site.stabledrl_ranks import announced_rank
 from stabledrl_cli.capture._status import ENV_STATUS_FILE, read_status
@@ -47,7 +48,7 @@ from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, CHECKPOINTS_DIR
 from stabledrl_cli.cli._output import err
 from stabledrl_cli.cli._signals import signals_handled
 from stabledrl_cli.dump._file_names import canonical_step
-from stabledrl_cli.dump._manifest import RECORDING_CLOSED, RECORDING_CLOSED_RANKS, RUN_ID
+from stabledrl_cli.dump._manifest import RECORDING_CLOSED
 from stabledrl_cli.dump._manifest_edits import amend_manifest, manifest_now, reclose_run, reopen_run
 from stabledrl_cli.dump._stop_notes import RECORDING_STOPPED
 from stabledrl_cli.errors import InputError, UsageError, WriteError
@@ -308,7 +309,6 @@ def _record(
             markup=True,
         )
         before = _step_files(out)
-        was = _resumed_as(out)
         try:
             code = _call(cmd, env, stop)
         finally:  # a command that changed no step file leaves the run closed as it was
@@ -317,7 +317,7 @@ def _record(
                 reclose_run(out, closed)
             if not changed:
                 _put_back(dead)
-            if old and changed and _resumed_as(out) != was:  # the command replaced the run
+            if old and os.path.lexists(ranks_dir / OVERWRITTEN):  # the command replaced the run
                 from stabledrl_cli.example.old_run import remove_old_run_files
 
                 remove_old_run_files(old)
@@ -443,21 +443,6 @@ def _example_files(out: Path) -> list[Path]:
     from stabledrl_cli.example.old_run import old_run_files
 
     return old_run_files(out)
-
-
-_RESUME_CHANGES = (RUN_ID, RECORDING_CLOSED, RECORDING_CLOSED_RANKS, RECORDING_STOPPED)
-"""What a resume changes of the manifest it continues (`dump._setup`); a replaced run has a
-manifest of its own."""
-
-
-def _resumed_as(out: Path) -> dict[str, object] | None:
-    """The manifest of the run at `out` but for what a resume of it changes (`_RESUME_CHANGES`);
-    None when it has none that reads."""
-    try:
-        manifest = manifest_now(out)
-    except (InputError, ValueError, OSError):
-        return None
-    return {name: value for name, value in manifest.items() if name not in _RESUME_CHANGES}
 
 
 def _world_size(out: Path, name: str) -> int | None:

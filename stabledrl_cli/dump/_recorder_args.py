@@ -230,8 +230,6 @@ def new_manifest(
             world_size=world_size,
         ),
         "tool_version": __version__,
-        # to the microsecond: `record --force` tells a run replaced from one resumed by its
-        # manifest, whose `created` alone may differ (a whole-second time: SOURCE_DATE_EPOCH)
         "created": _dt.datetime.fromtimestamp(created, _dt.timezone.utc).isoformat(),
         "meta": json_checked(dict_argument(meta, "meta"), "meta"),
         "policy": policy_entry(policy, policy_params) if policy is not None else None,

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from stabledrl_cli._atomic import fsync_dir, write_error
+from stabledrl_cli._run_env import note_overwrite
 from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._file_names import MANIFEST_NAME, STEPS_DIR
 from stabledrl_cli.dump._manifest import RUN_ID, check_manifest, parse_manifest
@@ -268,6 +269,7 @@ def _ready(
     elif overwrite:
         check_replaceable(path)
         reopen_run(path, rank)  # before any step file changes
+        note_overwrite(path)  # record's run: `record` hears it was replaced, not resumed
         for file, _number, _temporary in chain(*own_files(steps, rank, world_size)):
             remove_file(file)
         if rank == 0:
