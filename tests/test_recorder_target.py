@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 import stabledrl_cli as sd
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.errors import UsageError, WriteError
 
 
 @pytest.mark.parametrize(
@@ -50,3 +52,22 @@ def test_a_recorder_records_a_branch_run_in_a_runs_branches_folder(tmp_path: Pat
     with sd.Recorder(original / "branches" / "grpo@0", policy=None) as recorder:
         recorder.log_step(0, loss=1.0)
     assert sd.open_run(original).integrity.findings == []
+
+
+def test_a_symlink_loop_inside_a_run_is_a_write_error(tmp_path: Path) -> None:
+    """A path through a symlink loop in a run's folder (RUN/loop -> loop): the check that the
+    path lies outside the run's folders resolved it, and Python raised RuntimeError ('Symlink
+    loop from ...'); `record --out RUN/loop/x` said 'internal error' (exit 70). Now the write
+    refuses it, naming it, as it does outside a run (record: exit 4)."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy=None) as recorder:
+        recorder.log_step(0, loss=1.0)
+    (run / "loop").symlink_to("loop")
+    out = run / "loop" / "x"
+    with pytest.raises(WriteError, match=r"cannot write it \(Too many levels of symbolic links"):
+        sd.Recorder(out, policy=None)
+    result = CliRunner().invoke(app, ["record", "--out", str(out), "--rl-steps", "1"])
+    assert (result.exit_code, result.stderr) == (
+        4,
+        f"error: {out}: cannot write it (Too many levels of symbolic links)\n",
+    )

@@ -96,10 +96,12 @@ def check_outside_run_folders(
     checkpoints or branches folder of the run at `run_dir`: that run would hold a file that is
     not its own, which recording over it (--force) refuses to remove. A `branch` run may be one
     folder down in the branches folder (RUN/branches/POLICY@STEP), where --force removes it.
-    The line names the run as `run` and says to give another `given` (what named the place)."""
-    where = place.resolve()
+    The line names the run as `run` and says to give another `given` (what named the place).
+    A symlink loop on the way is left for the writes to refuse (`os.path.realpath`, not
+    `resolve`, which raises RuntimeError on one before Python 3.13)."""
+    where = Path(os.path.realpath(place))
     for folder in (STEPS_DIR, CHECKPOINTS_DIR, BRANCHES_DIR):
-        inside = run_dir.resolve() / folder
+        inside = Path(os.path.realpath(run_dir)) / folder
         if branch and folder == BRANCHES_DIR and where.parent == inside:
             continue
         if where.is_relative_to(inside):
@@ -114,8 +116,6 @@ def check_not_in_a_run(path: Path, given: str, *, branch: bool = False) -> None:
     of another run (a folder above it holding a manifest, a branch run's too:
     `check_outside_run_folders`, which says to give another `given`); a `branch` run may be a
     run's RUN/branches/NAME."""
-    # realpath, not resolve: a symlink loop raises RuntimeError there (Python < 3.13); it is
-    # left for the writes to refuse (a loop is no run's folder)
     for parent in (*path.parents, *Path(os.path.realpath(path)).parents):  # as given first
         if os.path.lexists(parent / MANIFEST_NAME):
             check_outside_run_folders(
