@@ -110,3 +110,17 @@ def test_a_branch_elsewhere_inside_the_original_run_is_refused(
         f"would keep it; pass another --out, outside the run (or none: {run / 'branches'})"
     ]
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
+
+
+def test_a_branch_through_a_symlink_loop_is_a_write_error(recorded: Path, tmp_path: Path) -> None:
+    """--out LOOP/x (LOOP a symlink to itself) said 'internal error: RuntimeError: Symlink
+    loop from ...' (exit 70): the check that the branch lies outside its run resolved the path
+    (Path.resolve raises on a loop before Python 3.13). The write now names it, exit 4."""
+    run = _copy(recorded, tmp_path)
+    (tmp_path / "loop").symlink_to("loop")
+    out = tmp_path / "loop" / "x"
+    result = _stabledrl("branch", run, "--at", "4", "-p", "grpo", "--rl-steps", "1", "--out", out)
+    assert (result.exit_code, result.stderr) == (
+        4,
+        f"error: {out / 'grpo@4'}: cannot write it (Too many levels of symbolic links)\n",
+    )

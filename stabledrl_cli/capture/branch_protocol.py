@@ -143,7 +143,8 @@ def check_not_the_original(branch: Path, run_dir: Path, *, given: str = "--out")
     it, --force, removes the branch runs of its branches folder alone, so the new run would
     keep this one); the line says to give another `given` (what named the branch run's
     place)."""
-    if branch.resolve() == run_dir.resolve():
+    where, run = Path(os.path.realpath(branch)), Path(os.path.realpath(run_dir))
+    if where == run:
         raise UsageError(
             f"{run_dir}: a branch run would be the run it branches from; pass another {given}"
         )
@@ -151,7 +152,6 @@ def check_not_the_original(branch: Path, run_dir: Path, *, given: str = "--out")
     check_outside_run_folders(
         branch, run_dir, what="a branch run", run=original, given=given, branch=True
     )
-    where, run = branch.resolve(), run_dir.resolve()
     if where.is_relative_to(run) and where.parent != run / BRANCHES_DIR:
         raise UsageError(
             f"{branch}: a branch run would be inside {original}, outside its {BRANCHES_DIR} "
