@@ -257,3 +257,15 @@ def test_a_resume_that_records_the_stopped_step_again_drops_the_stop_note(
     _record(path, range(resume_from or 5, 7), resume=True, resume_from=resume_from)
     manifest = json.loads((path / "manifest.json").read_text())
     assert ("recording_stopped" in manifest) == noted
+
+
+@pytest.mark.parametrize("resume_from", [-1, 2.5, "3"])
+def test_a_bad_resume_from_is_named_as_resume_from(tmp_path, resume_from):
+    """Before, Recorder(path, resume=True, resume_from=-1) said 'step must be an int in
+    [0, 2**63 - 1], got -1', naming an argument the Recorder has not."""
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(tmp_path / "run", resume=True, resume_from=resume_from)
+    assert str(refused.value) == (
+        f"resume_from must be an int in [0, 2**63 - 1], got {resume_from!r}"
+    )
+    assert not (tmp_path / "run").exists()

@@ -190,7 +190,7 @@ class Recorder(RecorderEnd):
         if resume_from is not None and not resume:
             raise UsageError("resume_from goes with resume=True")
         if resume_from is not None:
-            resume_from = step_number(resume_from)
+            resume_from = step_number(resume_from, "resume_from")
         if reward_range is not None:
             reward_range = checked_reward_range(reward_range)
         if param_names is not None:
