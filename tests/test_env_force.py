@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from stabledrl_cli.capture.bootstrap import env_force
+from stabledrl_cli.dump import Recorder
 from stabledrl_cli.errors import UsageError
 
 
@@ -38,3 +39,19 @@ def test_take_removes_it_from_the_environment(monkeypatch):
     monkeypatch.setenv("STABLEDRL_FORCE", "1")
     assert env_force(take=True) is True
     assert env_force() is False
+
+
+def test_a_recorder_refused_for_its_arguments_leaves_the_switch(tmp_path, monkeypatch):
+    """Under `record --force`, a script's Recorder refused for a bad policy took the switch
+    all the same, and the script's corrected Recorder was then refused as if --force were not
+    given ('... already exists and is not empty (manifest.json); run `stabledrl record --force`
+    ...'). The switch is taken once the Recorder's arguments are checked."""
+    run = tmp_path / "run"
+    with Recorder(run, policy=None) as recorder:
+        recorder.log_step(0, loss=1.0)
+    monkeypatch.setenv("STABLEDRL_RUN_DIR", str(run))
+    monkeypatch.setenv("STABLEDRL_FORCE", "1")
+    with pytest.raises(UsageError, match="eps_low must be a finite number >= 0"):
+        Recorder(run, policy="grpo:eps_low=-1")
+    with Recorder(run, policy="grpo") as recorder:
+        assert recorder.manifest["policy"]["spec"] == "grpo"

@@ -211,8 +211,6 @@ class Recorder(RecorderEnd):
         check_not_in_a_run(self.path, "path", branch=True)
         if records_out(self.path):  # a file put in its place while record's command runs
             refuse_in_the_way(self.path)
-        if overwrite is None:  # `stabledrl record --force` of its --out, unless resumed
-            overwrite = forced_run(self.path, rank) and not resume
         self._fixed_time = fixed_time()
         self._steps_dir = os.fspath(self.path / STEPS_DIR)
         self.unit = unit
@@ -237,6 +235,8 @@ class Recorder(RecorderEnd):
         self._policy_spec: str | None = manifest["policy"] and manifest["policy"]["spec"]
         self._policy_fields = replayed_fields(self._policy_spec, unit)
         """What a policy batch must hold for the replay of the run's own policy."""
+        if overwrite is None:  # `stabledrl record --force` of its --out, unless resumed
+            overwrite = forced_run(self.path, rank) and not resume  # once the arguments pass
         with prepared_run(
             self.path,
             manifest,
