@@ -269,3 +269,21 @@ def test_a_bad_resume_from_is_named_as_resume_from(tmp_path, resume_from):
         f"resume_from must be an int in [0, 2**63 - 1], got {resume_from!r}"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_kept_step_that_is_a_symlink_is_named_as_one(tmp_path):
+    """Before, a step file replaced by a symlink (to a file that reads) was refused as 'is
+    unreadable: cannot read: Too many levels of symbolic links', a loop there is not: the
+    open that never follows a link fails so on one."""
+    path = tmp_path / "run"
+    _record(path, range(3))
+    victim = path / "steps" / "step-00000001.safetensors"
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    victim.rename(elsewhere)
+    victim.symlink_to(elsewhere)
+    with pytest.raises(InputError) as refused:
+        sd.Recorder(path, policy="dapo:eps_high=0.28", resume=True)
+    assert str(refused.value) == (
+        f"cannot resume {path}: step 1 (step-00000001.safetensors) is unreadable: a symlink, "
+        "never followed; resume from step 1 or earlier"
+    )

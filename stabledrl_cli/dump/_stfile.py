@@ -376,6 +376,8 @@ def read_header(
     except NotRegularFile:
         raise StepReadError("unreadable", "not a regular file") from None
     except OSError as exc:
+        if os.path.islink(path):  # (the open says ELOOP: a loop, which a link need not be)
+            raise StepReadError("unreadable", "a symlink, never followed") from None
         raise StepReadError("unreadable", f"cannot read: {exc.strerror or exc}") from None
     try:
         with fh:
