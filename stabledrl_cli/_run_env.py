@@ -71,12 +71,26 @@ def forced_run(path: str | os.PathLike[str], rank: int) -> bool:
     if not replaced:
         return True
     try:
-        os.close(os.open(os.path.join(replaced, f"replaced.rank-{rank}"), os.O_CREAT | os.O_EXCL))
+        os.close(os.open(os.path.join(replaced, _replaced_name(rank)), os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         return False
     except OSError as exc:  # record's directory gone: its command outlived it
         return exc.errno != errno.ENOENT
     return True
+
+
+def force_taken(rank: int) -> bool:
+    """Whether a Recorder of `stabledrl record`'s command took --force for `rank` already
+    (`forced_run`): a later one of the rank finds the run that one recorded."""
+    replaced = os.environ.get(ENV_RANKS_DIR)
+    if not replaced:
+        return False
+    return os.path.lexists(os.path.join(replaced, _replaced_name(rank)))
+
+
+def _replaced_name(rank: int) -> str:
+    """The file of $STABLEDRL_RANKS_DIR that says a Recorder of `rank` took --force."""
+    return f"replaced.rank-{rank}"
 
 
 def note_overwrite(path: str | os.PathLike[str]) -> None:

@@ -104,10 +104,17 @@ class RunNotEmpty(UsageError):
     def __reduce__(self) -> tuple[type[RunNotEmpty], tuple[Path, str]]:
         return type(self), (self.path, self.found)  # (pickled: the arguments are not args)
 
-    def for_record(self) -> UsageError:
+    def for_record(self, force_taken: bool) -> UsageError:
         """The refusal as `stabledrl record`'s: a run that appeared in --out after record
         checked it (another job recording there), or that an earlier process of the command
-        recorded (`python a.py && python b.py`)."""
+        recorded (`python a.py && python b.py`), which one that took --force (`force_taken`:
+        `_run_env.force_taken`) did, and a later one resumes."""
+        if force_taken:
+            return UsageError(
+                f"{self.refused}: an earlier process of the command recorded it (--force "
+                "replaces the run once); a later one continues it with log_policy_batch's "
+                "recorder_kwargs resume=True"
+            )
         return UsageError(f"{self.refused}; run `stabledrl record --force` {RECORD_FORCE_HINT}")
 
 
