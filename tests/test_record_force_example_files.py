@@ -243,3 +243,17 @@ def test_a_replacement_of_the_same_settings_under_source_date_epoch_is_no_resume
     assert replaced.exit_code == 0, replaced.output
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
     assert list((run / "checkpoints").iterdir()) == []
+
+
+def test_an_import_over_the_run_leaves_no_checkpoint_or_branch_of_it(tmp_path):
+    """`import LOG --out RUN --force` over a run of the example kept its checkpoint and branch
+    run beside the imported scalar run, as record --force did before it removed them."""
+    with Recorder(tmp_path / "old", policy="grpo") as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+    run, _ = _with_example_files(tmp_path, tmp_path / "old")
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 0, "loss": 1.0}\n')
+    imported = CliRunner().invoke(app, ["import", str(log), "--out", str(run), "--force"])
+    assert imported.exit_code == 0, imported.output
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
+    assert list((run / "checkpoints").iterdir()) == []

@@ -89,6 +89,11 @@ def command(
             raise UsageError(
                 f"{run} exists and is not empty; pass --force to replace the run in it"
             )
+    old: list[Path] = []
+    if force:  # the example's checkpoints and branch runs: refused before the run changes
+        from stabledrl_cli.example.old_run import old_run_files, remove_old_run_files
+
+        old = old_run_files(run)
     with stopped_by_sigterm():
         summary = import_log(
             source,
@@ -98,6 +103,8 @@ def command(
             overwrite=force,
             reward_range=span,
         )
+    if old:  # a run imported over another keeps no checkpoint or branch run of it
+        remove_old_run_files(old)
     for warning in summary.warnings:
         err.print(f"warning: {warning}", highlight=False)
     if output_format == "json":
