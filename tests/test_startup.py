@@ -6,8 +6,8 @@ runs that never part; `replay`, `check` and `tune` refusing an unknown policy (o
 engine), or too many --workers or an empty (or blank) --ray-address; `tune` and `check`
 (given a baseline naming a policy) refusing a missing run; `diff` of two scalar runs that
 part; `check` and `inspect` of a scalar run (inspect of a run with a policy batch checks each
-step with replay's own code, torch's), and `replay` and `tune` refusing it; and the refusals
-of bad input by these, `watch` and `branch`."""
+step with replay's own code, torch's), `replay` and `tune` refusing it and `watch --once` a
+policy gate on it; and the refusals of bad input by these, `watch` and `branch`."""
 
 from __future__ import annotations
 
@@ -159,6 +159,18 @@ PROBES = {
         for args in (["replay", path], ["tune", path, "-p", "grpo"]):
             refused = CliRunner().invoke(app, args)
             assert refused.exit_code == 3 and "nothing to replay" in refused.stderr, refused.output
+    """,
+    "watch --once refusing a policy gate on a scalar run": """
+        import tempfile
+        import stabledrl_cli as sd
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        path = tempfile.mkdtemp() + "/run"
+        with sd.Recorder(path, policy="grpo") as recorder:
+            for step in range(4):
+                recorder.log_step(step, reward_mean=0.5, grad_norm=1.0)
+        refused = CliRunner().invoke(app, ["watch", path, "--once", "--max-discard-frac", "0.1"])
+        assert refused.exit_code == 2 and "a scalar run so far" in refused.stderr, refused.output
     """,
     "tune refusing a missing run": """
         from typer.testing import CliRunner

@@ -27,6 +27,7 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -58,7 +59,8 @@ from stabledrl_cli.cli._signals import (
 )
 from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
 from stabledrl_cli.cli.replay import missing_line, option_names
-from stabledrl_cli.dump import open_run
+from stabledrl_cli.dump import Run, open_run
+from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._open import run_to_come
 from stabledrl_cli.errors import INTERRUPTED, InputError, UsageError, counted
 from stabledrl_cli.replay._format import format_cell, format_steps
@@ -67,8 +69,10 @@ from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
 from stabledrl_cli.replay.inspection import group_findings
 from stabledrl_cli.replay.run_facts import (
     DAMAGED_KINDS,
+    own_spec,
     print_own_policy_note,
     run_gaps,
+    scalar_steps,
     shown_reasons,
     whole_run_refusal,
 )
@@ -313,24 +317,45 @@ def _fitted(state: WatchState, console: Console) -> Group:
 
 
 def _refuse_policy_gates(watcher: RunWatcher, gates: Gates) -> None:
-    """UsageError for a policy gate when the own policy replayed no step (as `check` refuses
-    one on a scalar run): the run names no policy or one not in the catalogue (no step it
-    gains is replayed), or it is a scalar run so far."""
+    """`_unreplayed_gates` when the own policy replayed no step (as `check` refuses a policy
+    gate on a scalar run)."""
     replay = watcher.replay
     if not gates.policy_gates or replay is None or (replay.policy is not None and replay.steps):
         return
-    if replay.policy is None:
+    raise _unreplayed_gates(watcher.path, gates, replay.run, own=replay.policy is not None)
+
+
+def _unreplayed_gates(path: Path, gates: Gates, run: Run, *, own: bool) -> UsageError:
+    """The UsageError for a policy gate on a run whose own policy replays no step: the run
+    names no policy or one not in the catalogue (`own` False: no step it gains is replayed),
+    or it is a scalar run so far."""
+    if not own:
         why = (
-            f"the run's policy {replay.run.policy_spec!r} is not in the catalogue"
-            if replay.run.policy_spec is not None
+            f"the run's policy {run.policy_spec!r} is not in the catalogue"
+            if run.policy_spec is not None
             else "the run names no policy"
         )
     else:
         why = "it is a scalar run so far (per-step scalars only, no policy batch)"
-    raise UsageError(
-        f"{watcher.path}: {', '.join(gates.policy_gates)} need(s) the own policy replayed, "
+    return UsageError(
+        f"{path}: {', '.join(gates.policy_gates)} need(s) the own policy replayed, "
         f"and {why}; gate it with --max-spikes, --max-nonfinite or --fail-on-collapse"
     )
+
+
+def _refuse_unreplayed_gates(run: Run, path: Path, gates: Gates) -> None:
+    """`_refuse_policy_gates` of a `--once` watch before torch loads (a second), found from
+    the run's headers: a policy gate on a run that names no policy the catalogue replays
+    and has a readable step, or on a scalar run (`scalar_steps`), after the note on its own
+    policy, as the watch prints it."""
+    if not gates.policy_gates:
+        return
+    own = own_spec(run) is not None
+    with integrity_warnings_ignored():  # the watch names the skipped step files later
+        unreplayed = scalar_steps(run) > 0 if own else next(run.step_headers(), None) is not None
+    if unreplayed:
+        print_own_policy_note(run, err)
+        raise _unreplayed_gates(path, gates, run, own=own)
 
 
 def _gates(watcher: RunWatcher, gates: Gates) -> list[GateResult]:
@@ -569,7 +594,9 @@ def command(
     # before the live watch follows (it sets its own), or with --once: a line and 143
     with stopped_by_sigterm():
         if once or not run_to_come(path):
-            open_run(path)  # a missing path or a non-run (a FIFO): its own error, at once
+            opened = open_run(path)  # a missing path or a non-run (a FIFO): its own error
+            if once and device in ("auto", "cpu"):  # a device named is checked first, by torch
+                _refuse_unreplayed_gates(opened, path, gates)
         from stabledrl_cli._device import resolve_device
         from stabledrl_cli.replay.follow import RunWatcher  # torch: the own policy's replay
 
