@@ -98,6 +98,29 @@ def test_missing_matplotlib_says_how_to_get_it(command, grpo_fixture, tmp_path, 
     result = runner.invoke(app, [command, str(grpo_fixture), *extra, "--plot", str(out)])
     assert result.exit_code == 2
     assert INSTALL_COMMAND in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["replay", "check", "tune"])
+def test_a_matplotlib_that_fails_to_import_is_refused_before_the_replay(
+    command, grpo_fixture, tmp_path, monkeypatch
+):
+    """The options' check only looks matplotlib up (importing it is 0.3 s): one installed but
+    failing to import (built for another numpy) is still refused before any step is replayed."""
+    broken = tmp_path / "site" / "matplotlib"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('built for another numpy')\n")
+    monkeypatch.syspath_prepend(str(broken.parent))
+    monkeypatch.delitem(sys.modules, "matplotlib", raising=False)
+
+    def replayed(*args, **kwargs):
+        raise AssertionError("the run was replayed")
+
+    monkeypatch.setattr("stabledrl_cli.replay.engine.replay_run", replayed)
+    extra = {"check": ["--max-collapsed", "0"], "tune": ["-p", "grpo"]}.get(command, [])
+    out = tmp_path / "x.png"
+    result = runner.invoke(app, [command, str(grpo_fixture), *extra, "--plot", str(out)])
+    assert result.exit_code == 2, result.output
+    assert INSTALL_COMMAND in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
 
 

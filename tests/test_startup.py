@@ -6,8 +6,9 @@ runs that never part; `replay`, `check` and `tune` refusing an unknown policy (o
 engine), or too many --workers or an empty (or blank) --ray-address; `tune` and `check`
 (given a baseline naming a policy) refusing a missing run; `diff` of two scalar runs that
 part; `check` and `inspect` of a scalar run (inspect of a run with a policy batch checks each
-step with replay's own code, torch's), `replay` and `tune` refusing it and `watch --once` a
-policy gate on it; and the refusals of bad input by these, `watch` and `branch`."""
+step with replay's own code, torch's), `replay` and `tune` refusing it, `check` its --plot
+(nor matplotlib) and `watch --once` a policy gate on it; and the refusals of bad input by
+these, `watch` and `branch`."""
 
 from __future__ import annotations
 
@@ -160,6 +161,19 @@ PROBES = {
             refused = CliRunner().invoke(app, args)
             assert refused.exit_code == 3 and "nothing to replay" in refused.stderr, refused.output
     """,
+    "check --plot refusing a scalar run": """
+        import tempfile
+        import stabledrl_cli as sd
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        home = tempfile.mkdtemp()
+        with sd.Recorder(home + "/run", policy="grpo") as recorder:
+            for step in range(4):
+                recorder.log_step(step, reward_mean=0.5, grad_norm=1.0)
+        args = ["check", home + "/run", "--max-spikes", "0", "--plot", home + "/plot.png"]
+        refused = CliRunner().invoke(app, args)
+        assert refused.exit_code == 2 and "--plot need(s)" in refused.stderr, refused.output
+    """,
     "watch --once refusing a policy gate on a scalar run": """
         import tempfile
         import stabledrl_cli as sd
@@ -261,7 +275,7 @@ def first_to_import(outcomes: dict[str, list[str] | str], name: str, module: str
 
 @pytest.fixture(scope="module")
 def probed() -> dict[str, list[str] | str]:
-    return imported_in_turn(PROBES, ["torch"])
+    return imported_in_turn(PROBES, ["torch", "matplotlib"])
 
 
 @pytest.mark.parametrize("name", list(PROBES))
@@ -269,6 +283,17 @@ def test_torch_is_not_imported(name, probed):
     outcome = probed[name]
     assert isinstance(outcome, list), outcome
     assert "torch" not in outcome, f"{first_to_import(probed, name, 'torch')} imported torch"
+
+
+def test_a_plot_refused_with_its_run_does_not_import_matplotlib(probed):
+    """matplotlib (0.3 s) is looked up, not imported, while the options are checked: it is
+    imported once the run is found to hold something to replay."""
+    name = "check --plot refusing a scalar run"
+    outcome = probed[name]
+    assert isinstance(outcome, list), outcome
+    assert "matplotlib" not in outcome, (
+        f"{first_to_import(probed, name, 'matplotlib')} imported matplotlib"
+    )
 
 
 def test_public_names_still_resolve():

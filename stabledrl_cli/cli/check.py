@@ -486,7 +486,7 @@ def command(
             _baseline_loss_norm_agrees(opened, baseline)
         if baseline is not None and not policy:
             _baseline_policies_replayable(opened, baseline)
-        result = replay_with_progress(opened, specs, config, chosen)
+        result = replay_with_progress(opened, specs, config, chosen, plot=plot)
         print_own_policy_note(opened, err)
         note_skipped(result)
         observed, skipped, missing = result.observed, result.skipped, result.missing

@@ -148,7 +148,7 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
             check_plot_path(plot)
         except UsageError as exc:
             raise UsageError(f"--plot {exc}") from None
-        require_matplotlib()
+        require_matplotlib(load=False)  # imported before the replay (replay_with_progress)
 
 
 def same_file(target: Path, other: Path) -> bool:
@@ -312,17 +312,22 @@ def replay_with_progress(
     engine: Engine | None = None,
     *,
     header: str | None = None,
+    plot: Path | None = None,
 ) -> ReplayResult:
     """`replay_run` with its progress on stderr: a bar in a terminal, a line per tenth (at
     least every 30 s) without one. A setting the engine refuses as it starts (more local Ray
     workers than CPUs) is named by its option. `header`, a line on stderr, comes once the
     first step is computed (or the replay returns): a run refused before, such as a run with
-    nothing to replay, gets its one error line alone."""
+    nothing to replay, gets its one error line alone. Given the `plot` to draw after it,
+    matplotlib is imported once the run is found to hold something to replay: an install
+    that fails to import is refused before the replay, not after it."""
     if str(config.device) in ("auto", "cpu"):  # a device named is checked first, by torch
         with integrity_warnings_ignored():  # the refusal names the skipped step files
             refusal = scalar_run_refusal(run)
         if refusal is not None:  # before torch loads (a second)
             raise refusal
+    if plot is not None:
+        require_matplotlib()
     from stabledrl_cli.replay.engine import replay_run
     from stabledrl_cli.replay.ray_engine import RayEngine
 
@@ -500,7 +505,7 @@ def command(
     check_policy_specs(policy)
     chosen = replay_engine(engine, workers, ray_address)
     opened = open_snapshot(run)
-    result = replay_with_progress(opened, policy, config, chosen)
+    result = replay_with_progress(opened, policy, config, chosen, plot=plot)
     note_live(result.live, run, "the replay read", "replay")
     from stabledrl_cli.replay.run_facts import print_own_policy_note
 

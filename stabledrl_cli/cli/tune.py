@@ -178,7 +178,7 @@ def command(
     if own is not None and own not in specs:
         specs.append(own)
     header = f"tuning {counted(len(settings), 'setting')} over {redacted(run)}"
-    result = replay_with_progress(opened, specs, config, chosen, header=header)
+    result = replay_with_progress(opened, specs, config, chosen, header=header, plot=plot)
     note_live(result.live, run, "the tune read", "tune")
     if keep_own:
         print_own_policy_note(opened, err)

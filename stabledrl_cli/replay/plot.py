@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 import os
 import textwrap
+from importlib import import_module
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +72,16 @@ Steps = npt.NDArray[np.int64]
 Flags = npt.NDArray[np.bool_]
 
 
-def require_matplotlib() -> None:
-    """MissingExtraError (exit 2) with the install command when matplotlib is absent."""
+def require_matplotlib(*, load: bool = True) -> None:
+    """MissingExtraError (exit 2) with the install command when matplotlib is absent.
+    `load=False` only looks it up, without importing it (0.3 s), for a command checking its
+    options before it reads the run; where a plot is drawn it is imported, and an install
+    that fails to import is refused then."""
     try:
-        import matplotlib  # noqa: F401  (an optional extra: imported only when plotting)
-    except ImportError:
+        found = import_module("matplotlib") if load else find_spec("matplotlib")
+    except ImportError:  # an optional extra: imported only when plotting
+        found = None
+    if found is None:
         raise MissingExtraError(
             f"a plot needs matplotlib, which is not installed: {INSTALL_COMMAND}"
         ) from None
