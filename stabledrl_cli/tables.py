@@ -35,9 +35,21 @@ def table_parts(
 
 
 def _table_width(part: Sequence[int], widths: Sequence[int]) -> int:
-    """The width of a table of the columns `part`: each its widest cell, a space either side
-    and a border after it, and the first border."""
-    return 1 + sum(widths[i] + 3 for i in part)
+    """The width of a table of the columns `part` (`table_width`)."""
+    return table_width([widths[i] for i in part])
+
+
+def table_width(widths: Sequence[int]) -> int:
+    """The width of a table whose columns are `widths` wide: each a space either side and a
+    border after it, and the first border."""
+    return 1 + sum(width + 3 for width in widths)
+
+
+def whole_widths(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
+    """The width of each of a table's first columns (one a header) with every cell on one
+    line. Given to rich as a column's `width`, rich measures none of its cells as it renders
+    the table (a third of `replay --detail`'s time)."""
+    return [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
 
 
 def spec_room(widths: Sequence[int], width: int) -> int:

@@ -3,6 +3,7 @@ nor a long line past the terminal (a table when it fits whole, one block a polic
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -13,6 +14,7 @@ import pytest
 from _corpus import tiny_run
 from conftest import fixture_run
 from rich.console import JUPYTER_DEFAULT_COLUMNS, Console
+from rich.measure import Measurement
 from rich.table import Table
 from typer.testing import CliRunner
 
@@ -20,7 +22,9 @@ import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.cli.inspect import series_table
 from stabledrl_cli.replay.gate import GateResult
+from stabledrl_cli.replay.metrics import TopSequence
 from stabledrl_cli.replay.recorded import SeriesStats
+from stabledrl_cli.replay.report import print_detail
 from stabledrl_cli.spec import format_value
 from stabledrl_cli.tables import print_fitted
 
@@ -542,3 +546,31 @@ def test_inspect_series_and_diffs_around_step_table_fit_60_columns(grpo_fixture,
     around = text[text.index("around step") :]
     _fits_in_blocks(around, 60)
     assert re.search(r"^step: \d+\n  rew A: \S+  rew B: ", around, re.M), around
+
+
+def test_detail_tables_are_sized_without_measuring_each_cell(grpo_fixture_replay, monkeypatch):
+    """`replay --detail` prints the per-step rows and a table per flagged step's top sequences
+    (478 on the grpo fixture): rich measured every cell of each to size its columns, 45% of
+    the 2.7 s the tables took to print. Given the widths of their widest cells, rich measures
+    none where a table fits."""
+    top = [
+        TopSequence(
+            seq_id=60, group=7, reward=0.2, advantage=-0.2, log_ratio=6.64, contribution=38.9
+        )
+    ]
+    policies = [dataclasses.replace(p, detail={29: top}) for p in grpo_fixture_replay.policies]
+    result = dataclasses.replace(grpo_fixture_replay, policies=policies)
+    measured = []
+    get = Measurement.get.__func__
+
+    def counted(cls, console, options, renderable):
+        if not isinstance(renderable, Table):
+            measured.append(renderable)
+        return get(cls, console, options, renderable)
+
+    monkeypatch.setattr(Measurement, "get", classmethod(counted))
+    console = Console(file=io.StringIO(), width=80)
+    print_detail(result, console, legend=False)
+    text = console.file.getvalue()
+    assert "step 29: sequences contributing most" in text and "│ 38.9 " in text
+    assert not measured, measured[:5]

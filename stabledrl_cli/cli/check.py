@@ -108,10 +108,17 @@ from stabledrl_cli.replay.run_facts import (
     steps_skipped,
 )
 from stabledrl_cli.spec import wrap_spec
-from stabledrl_cli.tables import fold_specs, print_fitted, print_legend, spec_room, stacked_width
+from stabledrl_cli.tables import (
+    fold_specs,
+    print_fitted,
+    print_legend,
+    spec_room,
+    stacked_width,
+    table_width,
+    whole_widths,
+)
 
-_BORDERS = 1  # the table's left edge; each column adds its right edge and padding
-_CELL_PADDING = 3
+_CELL_PADDING = 3  # a column's padding and its right edge
 _MIN_DETAIL = 12
 _MIN_GATE = 12
 """The narrowest the gate column of a grouped table gets, its names folded: on a narrower
@@ -122,16 +129,6 @@ _BASELINE_PREFIX = "baseline."
 _INDENT = "  "
 Row = tuple[str, ...]
 """A gate's cells: policy, gate, status, figure, limit, detail."""
-
-
-def _whole_widths(headers: tuple[str, ...], rows: list[Row]) -> list[int]:
-    """The width of each of the first columns (one a header) with every cell shown whole."""
-    return [max([len(header), *(len(row[i]) for row in rows)]) for i, header in enumerate(headers)]
-
-
-def _width(widths: list[int]) -> int:
-    """The width of a table whose columns are `widths` wide, its edges and padding included."""
-    return _BORDERS + sum(width + _CELL_PADDING for width in widths)
 
 
 def _add_detail(table: Table, used: int) -> bool:
@@ -150,7 +147,7 @@ def _flat_table(rows: list[Row], widths: list[int]) -> Table:
     table = Table()
     for header, width in zip(_HEADERS, widths, strict=True):
         table.add_column(header, no_wrap=True, min_width=width)
-    _add_detail(table, _width(widths))
+    _add_detail(table, table_width(widths))
     for row in rows:
         table.add_row(*row)
     return table
@@ -165,17 +162,17 @@ def _grouped_table(rows: list[Row]) -> tuple[Table, list[str]]:
     for policy, gate, *cells in rows:
         shown = _INDENT + gate.removeprefix(_BASELINE_PREFIX)
         by_policy.setdefault(policy, []).append((shown, *cells))
-    widths = _whole_widths(_HEADERS[1:], [line for group in by_policy.values() for line in group])
+    widths = whole_widths(_HEADERS[1:], [line for group in by_policy.values() for line in group])
     widths[0] = max(widths[0], *map(len, by_policy))
     table = Table()
     table.add_column(_HEADERS[1], overflow="fold")
     for header, width in zip(_HEADERS[2:], widths[1:], strict=True):
         table.add_column(header, no_wrap=True, min_width=width)
-    narrowest = _width([min(widths[0], _MIN_GATE), *widths[1:]])
+    narrowest = table_width([min(widths[0], _MIN_GATE), *widths[1:]])
     if narrowest > out.width:  # else the gate column shrinks to nothing
         table.width = narrowest
-    gate_width = max(out.width, narrowest) - _width(widths[1:]) - _CELL_PADDING
-    detailed = _add_detail(table, _width(widths))
+    gate_width = max(out.width, narrowest) - table_width(widths[1:]) - _CELL_PADDING
+    detailed = _add_detail(table, table_width(widths))
     for policy, group in by_policy.items():
         table.add_row("\n".join(wrap_spec(policy, gate_width)))
         for line in group:
@@ -222,8 +219,8 @@ def _print_table(results: list[GateResult], run: str) -> None:
     ]
     # The title is text, wrapped to the width: a long run path never widens the table.
     out.print(f"stabledrl check {run}", highlight=False, soft_wrap=False)
-    widths = _whole_widths(_HEADERS, rows)
-    if _width([*widths, _MIN_DETAIL]) <= out.width:
+    widths = whole_widths(_HEADERS, rows)
+    if table_width([*widths, _MIN_DETAIL]) <= out.width:
         out.print(_flat_table(rows, widths))
     else:
         table, legend = _grouped_table(rows)

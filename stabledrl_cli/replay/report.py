@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -27,8 +28,13 @@ from stabledrl_cli.tables import (
     stack_headers,
     stacked_width,
     table_parts,
+    table_width,
+    whole_widths,
 )
 from stabledrl_cli.vocab import MetricGroup, UnjoinedGeometry
+
+if TYPE_CHECKING:
+    from stabledrl_cli.replay.metrics import TopSequence
 
 BEST_RULE = (
     "best: fewest bias steps, then the lowest discarded mass, among policies without risk "
@@ -262,7 +268,7 @@ def print_summary(
     shown = summary_columns(metrics, wide=wide)
     headers = [c.header + (star if "update_norm" in c.sources else "") for c in shown]
     rows = [[column.cell(p) for column in shown] for p in result.policies]
-    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+    widths = whole_widths(headers, rows)
     requested = [c.requested for c in shown]
     stacked = False  # the headers a word a line, where a key=value needs the room
     if not wide:  # with `wide`, a spec on one line: the table overflows the terminal on purpose
@@ -433,6 +439,34 @@ COMPACT_STEP_COLUMNS = ("step", "discard_frac", "update_norm", "net_push")
 """The per-step table's columns without `wide` (then the on-request ones, and the flags)."""
 
 
+TOP_HEADERS = ("seq id", "group", "reward", "advantage", "log ratio", "contribution")
+"""The columns of a flagged step's top sequences (`--detail`)."""
+
+
+def _print_top(title: str, seqs: Sequence[TopSequence], console: Console) -> None:
+    """A flagged step's top sequences, a row each; each column as wide as its widest cell
+    where the table fits the console, else wrapped by rich."""
+    rows = [
+        (
+            str(seq.seq_id),
+            "-" if seq.group is None else str(seq.group),
+            format_number(seq.reward),
+            format_number(seq.advantage),
+            format_number(seq.log_ratio),
+            format_number(seq.contribution),
+        )
+        for seq in seqs
+    ]
+    widths = whole_widths(TOP_HEADERS, rows)
+    fits = table_width(widths) <= console.width
+    top = Table(title=title, title_justify="left")
+    for header, width in zip(TOP_HEADERS, widths, strict=True):
+        top.add_column(header, width=width if fits else None)
+    for row in rows:
+        top.add_row(*row)
+    console.print(top)
+
+
 def print_detail(
     result: ReplayResult,
     console: Console,
@@ -470,31 +504,20 @@ def print_detail(
             + [",".join(name for name in flags if row[name]) or _unflagged(row)]
             for row in p.series.iter_rows()
         ]
-        widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+        widths = whole_widths(headers, rows)
         for n, part in enumerate(table_parts(requested, widths, console.width, wide=wide)):
             table = Table(title=title if n == 0 else None, title_justify="left")
             for i in part:
                 table.add_column(
-                    headers[i], no_wrap=True, justify="left" if i == flags_at else "right"
+                    headers[i],
+                    no_wrap=True,
+                    justify="left" if i == flags_at else "right",
+                    width=widths[i],
                 )
             for row in rows:
                 table.add_row(*(row[i] for i in part))
             print_whole(table, console)
         for number, seqs in sorted((p.detail or {}).items()):
-            top = Table(
-                title=f"{p.spec} step {number}: sequences contributing most", title_justify="left"
-            )
-            for header in ("seq id", "group", "reward", "advantage", "log ratio", "contribution"):
-                top.add_column(header)
-            for seq in seqs:
-                top.add_row(
-                    str(seq.seq_id),
-                    "-" if seq.group is None else str(seq.group),
-                    format_number(seq.reward),
-                    format_number(seq.advantage),
-                    format_number(seq.log_ratio),
-                    format_number(seq.contribution),
-                )
-            console.print(top)
+            _print_top(f"{p.spec} step {number}: sequences contributing most", seqs, console)
     if legend and any(len(p.series) for p in result.policies):
         print_legend(detail_legend(shown, flags), console)
