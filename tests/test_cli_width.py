@@ -548,18 +548,25 @@ def test_inspect_series_and_diffs_around_step_table_fit_60_columns(grpo_fixture,
     assert re.search(r"^step: \d+\n  rew A: \S+  rew B: ", around, re.M), around
 
 
+def _with_top(result, spec=None):
+    """`result` with one flagged step, 29, and its top sequence, in each policy (`--detail`)."""
+    top = [
+        TopSequence(
+            seq_id=60, group=7, reward=0.2, advantage=-0.275, log_ratio=-0.00345, contribution=38.9
+        )
+    ]
+    policies = [
+        dataclasses.replace(p, detail={29: top}, spec=spec or p.spec) for p in result.policies
+    ]
+    return dataclasses.replace(result, policies=policies)
+
+
 def test_detail_tables_are_sized_without_measuring_each_cell(grpo_fixture_replay, monkeypatch):
     """`replay --detail` prints the per-step rows and a table per flagged step's top sequences
     (478 on the grpo fixture): rich measured every cell of each to size its columns, 45% of
     the 2.7 s the tables took to print. Given the widths of their widest cells, rich measures
     none where a table fits."""
-    top = [
-        TopSequence(
-            seq_id=60, group=7, reward=0.2, advantage=-0.2, log_ratio=6.64, contribution=38.9
-        )
-    ]
-    policies = [dataclasses.replace(p, detail={29: top}) for p in grpo_fixture_replay.policies]
-    result = dataclasses.replace(grpo_fixture_replay, policies=policies)
+    result = _with_top(grpo_fixture_replay)
     measured = []
     get = Measurement.get.__func__
 
@@ -574,3 +581,20 @@ def test_detail_tables_are_sized_without_measuring_each_cell(grpo_fixture_replay
     text = console.file.getvalue()
     assert "step 29: sequences contributing most" in text and "│ 38.9 " in text
     assert not measured, measured[:5]
+
+
+@pytest.mark.parametrize("width", (50, 80))
+def test_detail_top_sequences_are_never_cut_and_their_title_wraps(grpo_fixture_replay, width):
+    """A flagged step's top sequences (`--detail`) were a table rich fitted to the terminal:
+    in 50 columns it cut their figures (-0.275 shown as -0.2…, on 1,853 lines of the grpo
+    fixture's), and in 80 a long spec's title ran past it (98 characters). The table
+    overflows the terminal rather than cut a figure, as the per-step rows do, and its title
+    is wrapped, at a comma or a space."""
+    spec = "grpo:agg=seq-mean-token-sum,eps_high=0.28,eps_low=0.15,rows=all"
+    console = Console(file=io.StringIO(), width=width, soft_wrap=True)  # as stdout's
+    print_detail(_with_top(grpo_fixture_replay, spec), console, legend=False)
+    text = console.file.getvalue()
+    assert "…" not in text
+    assert "│ -0.275    │ -0.00345  │ 38.9         │" in text
+    titles = [line for line in text.splitlines() if "step 29" in line or "contributing" in line]
+    assert titles and max(map(len, titles)) <= width, titles

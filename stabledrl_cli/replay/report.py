@@ -28,7 +28,6 @@ from stabledrl_cli.tables import (
     stack_headers,
     stacked_width,
     table_parts,
-    table_width,
     whole_widths,
 )
 from stabledrl_cli.vocab import MetricGroup, UnjoinedGeometry
@@ -444,8 +443,8 @@ TOP_HEADERS = ("seq id", "group", "reward", "advantage", "log ratio", "contribut
 
 
 def _print_top(title: str, seqs: Sequence[TopSequence], console: Console) -> None:
-    """A flagged step's top sequences, a row each; each column as wide as its widest cell
-    where the table fits the console, else wrapped by rich."""
+    """A flagged step's top sequences, a row each, each column as wide as its widest cell
+    (`print_whole`: never a figure cut, the title wrapped to the console)."""
     rows = [
         (
             str(seq.seq_id),
@@ -457,14 +456,12 @@ def _print_top(title: str, seqs: Sequence[TopSequence], console: Console) -> Non
         )
         for seq in seqs
     ]
-    widths = whole_widths(TOP_HEADERS, rows)
-    fits = table_width(widths) <= console.width
     top = Table(title=title, title_justify="left")
-    for header, width in zip(TOP_HEADERS, widths, strict=True):
-        top.add_column(header, width=width if fits else None)
+    for header, width in zip(TOP_HEADERS, whole_widths(TOP_HEADERS, rows), strict=True):
+        top.add_column(header, no_wrap=True, width=width)
     for row in rows:
         top.add_row(*row)
-    console.print(top)
+    print_whole(top, console)
 
 
 def print_detail(
