@@ -363,3 +363,28 @@ def test_help_and_policies_do_not_import_the_archive_reader(args: list[str], rea
     outcome = readers[name]
     assert isinstance(outcome, list), outcome
     assert "h5py" not in outcome, f"{first_to_import(readers, name, 'h5py')} imported h5py"
+
+
+def test_watch_once_never_cuts_a_figure_on_a_narrow_terminal(tmp_path) -> None:
+    """`watch --once` fitted its table of the last steps to the terminal: in 40 columns rich
+    cut every step number and figure of the grpo fixture's ('1…' for step 150, '1.17e…' for a
+    grad norm of 1.17e+07). Its table overflows the terminal instead, as replay's do."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    import stabledrl_cli as sd
+    from stabledrl_cli.cli.app import app
+
+    with sd.Recorder(tmp_path / "run", policy="grpo") as recorder:
+        for step in range(148, 151):
+            logp = np.linspace(-2, -1, 8, dtype="float32")
+            recorder.log_step(step, logp=logp, logp_old=logp - 0.01,
+                              advantages=np.repeat([1.0, -1.0, 0.5, -0.5], 2),
+                              seq_id=np.repeat(np.arange(4), 2).astype("int32"),
+                              reward=np.full(4, 0.278, "float32"), grad_norm=1.17e7)  # fmt: skip
+    shown = CliRunner().invoke(
+        app, ["watch", str(tmp_path / "run"), "--once"], env={"COLUMNS": "30"}
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "…" not in shown.stdout, shown.stdout
+    assert "150 │" in shown.stdout and "1.17e+07" in shown.stdout, shown.stdout

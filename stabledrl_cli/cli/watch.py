@@ -77,7 +77,7 @@ from stabledrl_cli.replay.run_facts import (
     whole_run_refusal,
 )
 from stabledrl_cli.spec import wrap_spec
-from stabledrl_cli.tables import stack_headers
+from stabledrl_cli.tables import narrowest_width, stack_headers
 
 if TYPE_CHECKING:
     from stabledrl_cli.replay.alerts import Alert
@@ -222,9 +222,12 @@ def _with_ranks(message: str, state: WatchState) -> str:
     return message if ranks is None else f"{message} ({ranks})"
 
 
-def _view(state: WatchState, width: int) -> Group:
+def _view(state: WatchState, width: int, *, whole: bool = False) -> Group:
     """The state as a few lines and a table of the last steps; an own policy too long for the
-    `width` beside its step count is on the lines below it, broken at its commas."""
+    `width` beside its step count is on the lines below it, broken at its commas. `whole`
+    (--once): a table too wide for `width` even with its headers stacked keeps its natural
+    width, overflowing the terminal rather than cut a figure (printed uncropped); a live view
+    wider than the terminal would be cropped at its edge instead."""
     ranks = ranks_text(state)
     if state.waiting is not None:
         waiting = [state.waiting] if ranks is None else [state.waiting, ranks]
@@ -297,7 +300,10 @@ def _view(state: WatchState, width: int) -> Group:
             format_cell(row.risk),
             format_cell(row.drift),
         )
-    stack_headers(table, Console(width=width))  # a verl recording's 7 columns in 60
+    console = Console(width=width)
+    stack_headers(table, console)  # a verl recording's 7 columns in 60
+    if whole and (natural := narrowest_width(table, console)) > width:
+        table.width = natural
     shown = [table] if state.recent else []  # --recent 0: no table, not a header alone
     return Group(*(plain_text(line, wrapped=True) for line in lines), *shown)
 
@@ -431,7 +437,8 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
         data["ok"] = all(r.ok for r in results)
         print_json(data)
     else:
-        out.print(_view(state, out.width), highlight=False, soft_wrap=False)  # a long path wraps
+        view = _view(state, out.width, whole=True)
+        out.print(view, highlight=False, soft_wrap=False, crop=False)  # a long path wraps
     return _report_gates(results)
 
 
