@@ -337,7 +337,8 @@ def _unreplayed_gates(path: Path, gates: Gates, run: Run, *, own: bool) -> Usage
     or it is a scalar run so far."""
     if not own:
         why = (
-            f"the run's policy {run.policy_spec!r} is not in the catalogue"
+            f"the run's policy {run.policy_spec!r} is none the catalogue replays (the note "
+            "above says why)"
             if run.policy_spec is not None
             else "the run names no policy"
         )
