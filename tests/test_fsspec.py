@@ -24,7 +24,7 @@ from _fsspec_runs import answering, count_reads, served, small_run, stalled, to_
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import RunIntegrityWarning, _remote, open_run, pack_run
+from stabledrl_cli.dump import RunIntegrityWarning, _remote, _url_filesystem, open_run, pack_run
 from stabledrl_cli.dump._remote import RemoteRun
 from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.errors import InputError
@@ -282,7 +282,7 @@ def test_a_host_that_never_answers_is_an_error_not_a_hang(run_dir, monkeypatch, 
     """A host that takes the connection and never answers held `inspect` past 400 s (aiohttp's
     5-minute timeout a request, then the next request's); now a stall of
     `HTTP_STALL_SECONDS` is a usage error (exit 2) that says so."""
-    monkeypatch.setattr(_remote, "HTTP_STALL_SECONDS", 0.5)
+    monkeypatch.setattr(_url_filesystem, "HTTP_STALL_SECONDS", 0.5)
     with stalled() as root:
         result = runner.invoke(app, ["inspect", f"{root}/{name}"])
     assert result.exit_code == 2, result.output

@@ -332,6 +332,24 @@ READERS = {
             missing = CliRunner().invoke(app, [args[0], "/no/run", *args[1:]])
             assert missing.exit_code == 3 and "no such run" in missing.stderr, missing.output
     """,
+    "output files checked against the run: a missing run, check of a scalar run": """
+        import tempfile
+        import stabledrl_cli as sd
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        home = tempfile.mkdtemp()
+        for args in (["replay", "--out", home + "/r.h5"],
+                     ["tune", "-p", "grpo", "--plot", home + "/t.png"],
+                     ["check", "--max-spikes", "0", "--write-baseline", home + "/b.json"]):
+            missing = CliRunner().invoke(app, [args[0], "/no/run", *args[1:]])
+            assert missing.exit_code == 3 and "no such run" in missing.stderr, missing.output
+        with sd.Recorder(home + "/run", policy=None) as recorder:
+            for step in range(8):
+                recorder.log_step(step, reward_mean=0.5, grad_norm=1.0 + step % 2)
+        args = ["check", home + "/run", "--max-spikes", "0", "--junit", home + "/j.xml"]
+        gated = CliRunner().invoke(app, args)
+        assert gated.exit_code == 0, gated.output
+    """,
 }
 
 
@@ -350,6 +368,16 @@ def test_a_missing_run_is_refused_without_the_archive_reader(readers) -> None:
     """The path is looked up before any archive is read: h5py (the archive reader's, and the
     replay report writer's) was a third of `stabledrl diff MISSING RUN`'s start."""
     name = "a missing run refused by replay, check, tune, inspect, diff and watch"
+    outcome = readers[name]
+    assert isinstance(outcome, list), outcome
+    assert "h5py" not in outcome, f"{first_to_import(readers, name, 'h5py')} imported h5py"
+
+
+def test_output_files_are_checked_without_the_archive_reader(readers) -> None:
+    """An output option's path is checked against the run (no report inside it) by a module
+    of its own: the URL reader it lived in imports h5py, 0.13 s of CPU before the refusal of
+    a missing run, or the whole of a scalar run's check that writes a JUnit report."""
+    name = "output files checked against the run: a missing run, check of a scalar run"
     outcome = readers[name]
     assert isinstance(outcome, list), outcome
     assert "h5py" not in outcome, f"{first_to_import(readers, name, 'h5py')} imported h5py"

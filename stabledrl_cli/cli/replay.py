@@ -52,6 +52,7 @@ from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._open import open_snapshot, packed_run
+from stabledrl_cli.dump._url_filesystem import inside_local_run
 from stabledrl_cli.errors import ConfigError, UsageError, counted
 from stabledrl_cli.policies._registry import resolve_spec
 from stabledrl_cli.replay.config import (
@@ -110,8 +111,6 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
     would replace the other), and a plot can be drawn (a missing extra fails fast, exit 2)."""
     named = [(flag, path) for flag, path in {**targets, "--plot": plot}.items() if path is not None]
     for flag, target in named:
-        from stabledrl_cli.dump._remote import inside_local_run  # h5py: for a report named only
-
         try:
             inside = inside_local_run(target, run)
             directory = target.is_dir()

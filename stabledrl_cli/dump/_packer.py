@@ -30,10 +30,10 @@ from stabledrl_cli.dump._open import opened_run
 from stabledrl_cli.dump._pack_file import GuardedFile
 from stabledrl_cli.dump._pack_manifest import archive_manifest
 from stabledrl_cli.dump._pack_steps import Packer
-from stabledrl_cli.dump._remote import inside_local_run, local_path
 from stabledrl_cli.dump._run import Run, size_on_disk
 from stabledrl_cli.dump._run_target import os_file
 from stabledrl_cli.dump._schema import COUNT_FIELDS, EXTENSION_FIELDS
+from stabledrl_cli.dump._url_filesystem import inside_local_run, local_path
 from stabledrl_cli.dump._versions import RUN_KIND, written_version
 from stabledrl_cli.errors import InputError, UsageError, counted, type_name
 from stabledrl_cli.vocab import PACK_COMPRESSIONS, PackCompression
