@@ -41,11 +41,13 @@ def rows_of_entries(shape: tuple[int, ...]) -> str:
     """Why a [B, L] logp (L > 1) without seq_id cannot be a unit 'sequence' step: each of its
     rows would be one sequence of L entries, where such a step has one entry a sequence (a
     [1, N] ELBO given without its [0], or an [N, K] of K Monte Carlo masks' estimates, whose
-    mean over the masks is the sequence's estimate)."""
+    mean over the masks is the sequence's estimate), or a loop's [B, L] per-token log-probs,
+    which are unit 'token'."""
     masks = f"the mean over its {shape[1]} masks of an [N, K] of Monte Carlo estimates"
     example = "per_seq_elbo[0] of a [1, N] ELBO" if shape[0] == 1 else f"{masks}, .mean(-1)"
+    tokens = "" if shape[0] == 1 else "; per-token log-probs are unit 'token'"
     return (
         f"logp: shape {list(shape)} holds {shape[1]} entries a row, but unit 'sequence' "
         f"records one entry a sequence: pass [N] arrays, one per sequence ({example}), or "
-        "seq_id"
+        f"seq_id{tokens}"
     )

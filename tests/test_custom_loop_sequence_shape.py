@@ -48,7 +48,7 @@ def test_an_estimate_a_mask_a_row_is_refused_naming_the_mean(tmp_path: Path) -> 
     assert str(refused.value) == (
         "logp: shape [8, 2] holds 2 entries a row, but unit 'sequence' records one entry a "
         "sequence: pass [N] arrays, one per sequence (the mean over its 2 masks of an [N, K] "
-        "of Monte Carlo estimates, .mean(-1)), or seq_id"
+        "of Monte Carlo estimates, .mean(-1)), or seq_id; per-token log-probs are unit 'token'"
     )
 
 

@@ -297,7 +297,10 @@ def _batch_tensors(
         seq_id = np.arange(num_tokens, dtype="int32")
         num_sequences = num_tokens
     else:
-        raise UsageError("seq_id: required for flat per-token arrays (or pass [B, L] arrays)")
+        raise UsageError(
+            "seq_id: required for flat per-token arrays (or pass [B, L] arrays); one entry "
+            "a sequence (its log-probs summed, an ELBO) is unit 'sequence'"
+        )
     tensors["seq_id"] = seq_id
     if unit == "sequence" and np.unique(seq_id).size != seq_id.size:
         raise UsageError("seq_id: unit 'sequence' records one entry per sequence; ids repeat")
