@@ -1,6 +1,6 @@
-"""Mistakes a researcher makes on a first custom dLLM loop, each refused in one line that
-names the fix: a loop's per-token log-probs under unit "sequence", and per-sequence sums
-under unit "token"."""
+"""A researcher's first custom dLLM loop: the mistakes refused in one line that names the fix
+(a loop's per-token log-probs under unit "sequence", per-sequence sums under unit "token"),
+and the loop's two recordings, a Recorder and `stabledrl record`, compared by diff."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import UsageError
 
 B, L = 8, 6
@@ -42,3 +44,27 @@ def test_log_probs_summed_per_sequence_under_unit_token_name_unit_sequence(
         "seq_id: required for flat per-token arrays (or pass [B, L] arrays); one entry a "
         "sequence (its log-probs summed, an ELBO) is unit 'sequence'"
     )
+
+
+def _scalar_run(path: Path, **scalars: float) -> Path:
+    with sd.Recorder(path, policy="grpo", unit="sequence") as rec:
+        for step in range(3):
+            logp = -torch.ones(4)
+            rec.log_step(
+                step, logp=logp, logp_old=logp, advantages=torch.ones(4), grad_norm=1.0, **scalars
+            )
+    return path
+
+
+def test_the_hooks_nonfinite_grads_against_a_recorder_run_is_no_parting(tmp_path: Path) -> None:
+    """The loop recorded with its Recorder and under `stabledrl record -- python loop.py`
+    (whose optimizer hooks add nonfinite_grads): diff read 'scalars part at step 0 /
+    nonfinite_grads: absent vs 0 / parted at step 0', exit 1, on bit-identical training."""
+    recorder = _scalar_run(tmp_path / "recorder")
+    hooks = _scalar_run(tmp_path / "hooks", nonfinite_grads=0)
+    result = CliRunner().invoke(app, ["diff", str(recorder), str(hooks)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "scalars     equal on all 3 compared steps" in result.stdout
+    assert "but for nonfinite_grads (compared bit for bit only)" in result.stdout
+    counted = _scalar_run(tmp_path / "counted", nonfinite_grads=2)
+    assert CliRunner().invoke(app, ["diff", str(hooks), str(counted)]).exit_code == 1

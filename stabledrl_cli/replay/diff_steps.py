@@ -50,10 +50,11 @@ SCALAR_NAMES = tuple(
 """Training scalars compared within the tolerance: the standard ones (format 1.2's series
 scalars too) but the step number, the clocks, a sketch's storage scale and DRAW_SCALARS
 (compared as reward_mean's draw, `RolloutRewards`) (a run's own scalars are not compared)."""
-GEOMETRY_SCALARS = ("grad_norm_covered",)
-"""Scalars a run records with its gradient geometry: one only one run records (the other
-recorded none) differs in bits only, as the geometry does; both record it: within the
-tolerance."""
+RECORDING_SCALARS = ("grad_norm_covered", "nonfinite_grads")
+"""Scalars a recording option adds, not the training: gradient geometry's grad_norm_covered,
+the optimizer hooks' nonfinite_grads (`record -- CMD` against a Recorder of the same loop).
+One only one run records (the other recorded none) differs in bits only, as the geometry
+does; both record it: compared."""
 COUNT_SCALARS = ("inner_step", "nonfinite", "nonfinite_grads")
 """Scalars that count (whole numbers): compared exactly, whatever the tolerance (one more
 non-finite value is a parting)."""
@@ -177,8 +178,8 @@ class Comparison:
             if x is None or y is None or not bitwise_equal(np.float64(x), np.float64(y)):
                 bits = f"{scalar_text(x)} vs {scalar_text(y)}"
                 found["arrays"].append(FieldDifference(field=name, what=bits))
-            if name in GEOMETRY_SCALARS and (x is None or y is None):
-                self.bits_only.add(name)  # recorded with geometry one run did not record
+            if name in RECORDING_SCALARS and (x is None or y is None):
+                self.bits_only.add(name)  # recorded with an option one run did not use
                 continue
             exact = name in COUNT_SCALARS
             atol, rtol = (0.0, 0.0) if exact else (self.atol, self.rtol)
