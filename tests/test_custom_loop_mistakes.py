@@ -1,6 +1,7 @@
 """A researcher's first custom dLLM loop: the mistakes refused in one line that names the fix
 (a loop's per-token log-probs under unit "sequence", per-sequence sums under unit "token"),
-and the loop's two recordings, a Recorder and `stabledrl record`, compared by diff."""
+the loop's two recordings, a Recorder and `stabledrl record`, compared by diff, and the
+check of a spec on one step that docs/custom-loops.md gives."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_readme import block_after
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -68,3 +70,13 @@ def test_the_hooks_nonfinite_grads_against_a_recorder_run_is_no_parting(tmp_path
     assert "but for nonfinite_grads (compared bit for bit only)" in result.stdout
     counted = _scalar_run(tmp_path / "counted", nonfinite_grads=2)
     assert CliRunner().invoke(app, ["diff", str(hooks), str(counted)]).exit_code == 1
+
+
+def test_the_spec_check_of_custom_loops_md_passes_and_catches_a_wrong_spec() -> None:
+    """docs/custom-loops.md's check of a spec on one step runs as written, and trips on the
+    specs it names as not the loop's loss."""
+    block = block_after("spec-check")
+    exec(compile(block, "spec-check", "exec"), {})
+    for wrong in ('"ppo"', 'f"grpo:beta={beta}"'):
+        with pytest.raises(AssertionError):
+            exec(compile(block.replace('f"ppo:beta={beta}"', wrong), "spec-check", "exec"), {})
