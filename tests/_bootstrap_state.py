@@ -21,6 +21,8 @@ FRESH = {
     "_closed": False,
     "_integration": False,
     "_first_batch_logged": False,
+    "_batch_policy": None,
+    "_warned_policy_changed": False,
 }
 """The module's state that one recording changes (set for the test, restored after it: a test
 before it in this process may have left a framework integration's `_integration`, which turns

@@ -1,7 +1,8 @@
 """A researcher's first custom dLLM loop: the mistakes refused in one line that names the fix
 (a loop's per-token log-probs under unit "sequence", per-sequence sums under unit "token"),
-the loop's two recordings, a Recorder and `stabledrl record`, compared by diff, and the
-check of a spec on one step that docs/custom-loops.md gives."""
+a policy that changes mid-run under `stabledrl record`, the loop's two recordings, a Recorder
+and `stabledrl record`, compared by diff, and the check of a spec on one step that
+docs/custom-loops.md gives."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _bootstrap_state import fresh_recording
 from test_readme import block_after
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.capture import bootstrap
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import UsageError
 
@@ -80,3 +83,45 @@ def test_the_spec_check_of_custom_loops_md_passes_and_catches_a_wrong_spec() -> 
     for wrong in ('"ppo"', 'f"grpo:beta={beta}"'):
         with pytest.raises(AssertionError):
             exec(compile(block.replace('f"ppo:beta={beta}"', wrong), "spec-check", "exec"), {})
+
+
+def test_a_policy_changed_mid_run_warns_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A loop that anneals its KL coefficient in the spec it logs: the later specs were
+    dropped without a word (the run read ppo:beta=0.04 on every step, and replay scored its
+    steps 2 and 3 with it)."""
+    fresh_recording(monkeypatch, tmp_path / "run", tmp_path / "status")
+    batch = {"logp": -torch.rand(4), "logp_old": -torch.rand(4), "advantages": torch.randn(4)}
+    kwargs = {"unit": "sequence"}
+    for step, beta in enumerate((0.04, 0.04, 0.02, 0.01)):
+        spec = "ppo:beta=0.04,eps_low=0.2" if step == 1 else f"ppo:beta={beta}"
+        batch["logp_ref"] = -torch.rand(4)
+        assert bootstrap.log_policy_batch(step, policy=spec, recorder_kwargs=kwargs, **batch)
+    bootstrap.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "stabledrl: warning: log_policy_batch(2) names the policy ppo:beta=0.02, where the "
+        "run's, its first batch's, is ppo:beta=0.04: a run has one policy, and replay scores "
+        "every step with it as the run's own"
+    ]
+    assert sd.open_run(tmp_path / "run").policy_spec == "ppo:beta=0.04"
+
+
+def test_later_batches_naming_no_policy_keep_the_scripts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under `record --policy grpo`, a script whose first batch names dapo and later ones
+    none: the run's is dapo (said once), and the later batches change nothing."""
+    fresh_recording(monkeypatch, tmp_path / "run", tmp_path / "status")
+    monkeypatch.setenv(bootstrap.ENV_POLICY, "grpo")
+    batch = {"logp": -torch.rand(4), "logp_old": -torch.rand(4), "advantages": torch.randn(4)}
+    for step in range(3):
+        policy = "dapo" if step == 0 else None
+        assert bootstrap.log_policy_batch(
+            step, policy=policy, recorder_kwargs={"unit": "sequence"}, **batch
+        )
+    bootstrap.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "stabledrl: warning: log_policy_batch(policy=...) names dapo, record --policy grpo: "
+        "the run records the script's, dapo"
+    ]

@@ -1,5 +1,5 @@
 """The Recorder's arguments as `log_policy_batch` takes them from a script: its keywords and
-recorder_kwargs checked by name, its policy against record's --policy."""
+recorder_kwargs checked by name, its policy against record's --policy and the run's."""
 
 from __future__ import annotations
 
@@ -37,19 +37,45 @@ def refuse_unknown(given: Iterable[object], method: str, what: str) -> None:
     refuse_unknown_keywords(given, taken, what)
 
 
-def warn_policies_differ(scripts: str | PolicyLike, given: str) -> None:
-    """Warns when the script's `log_policy_batch(policy=...)` names another policy than
-    `record --policy` (`$STABLEDRL_POLICY`): the script's is recorded. Specs that do not
-    resolve are left to the Recorder's refusal."""
+def spec_of(policy: str | PolicyLike) -> str:
+    """The spec a policy argument is given as."""
+    return policy if isinstance(policy, str) else policy.spec
+
+
+def policies_differ(policy: str | PolicyLike, other: str | PolicyLike) -> bool:
+    """Whether two policies are other losses (`dapo` and `dapo:eps_high=0.28` are one). Specs
+    that do not resolve are left to the Recorder's refusal: not said to differ."""
     from stabledrl_cli.policies import resolve_spec
 
-    ours = scripts if isinstance(scripts, str) else scripts.spec
+    if spec_of(policy) == spec_of(other):
+        return False
     try:
-        (entry, config), (other, other_config) = resolve_spec(ours), resolve_spec(given)
+        (entry, config), (theirs, their_config) = (
+            resolve_spec(spec_of(policy)),
+            resolve_spec(spec_of(other)),
+        )
     except UsageError:
-        return
-    if (entry.name, config) != (other.name, other_config):
+        return False
+    return (entry.name, config) != (theirs.name, their_config)
+
+
+def warn_policies_differ(scripts: str | PolicyLike, given: str) -> None:
+    """Warns when the script's `log_policy_batch(policy=...)` names another policy than
+    `record --policy` (`$STABLEDRL_POLICY`): the script's is recorded."""
+    if policies_differ(scripts, given):
+        ours = spec_of(scripts)
         warn(
             f"stabledrl: warning: log_policy_batch(policy=...) names {ours}, record --policy "
             f"{given}: the run records the script's, {ours}\n"
         )
+
+
+def warn_policy_changed(step: int, policy: str | PolicyLike, runs: str | PolicyLike) -> None:
+    """Warns that `log_policy_batch(step, policy=...)` names another policy than the run's,
+    the one its first batch named (a KL coefficient annealed in the spec, a loss switched
+    mid-run): the run keeps its one policy, which replay scores every step with."""
+    warn(
+        f"stabledrl: warning: log_policy_batch({step}) names the policy {spec_of(policy)}, "
+        f"where the run's, its first batch's, is {spec_of(runs)}: a run has one policy, and "
+        "replay scores every step with it as the run's own\n"
+    )

@@ -65,7 +65,12 @@ from stabledrl_cli.capture import _uncaught
 from stabledrl_cli.capture._child_processes import refuse_child_of_recording
 from stabledrl_cli.capture._process_rank import launcher_rank
 from stabledrl_cli.capture._run_lock import RunLock
-from stabledrl_cli.capture._script_args import refuse_unknown, warn_policies_differ
+from stabledrl_cli.capture._script_args import (
+    policies_differ,
+    refuse_unknown,
+    warn_policies_differ,
+    warn_policy_changed,
+)
 from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.capture._step_pairing import (
     Step,
@@ -248,6 +253,20 @@ def _write(step: Step, recorder: Recorder, *, replace: bool) -> bool:
 _first_batch_logged = False
 """Whether log_policy_batch was called (`_step_pairing.warn_numbered_from_1` looks at the
 first batch)."""
+_batch_policy: str | PolicyLike | None = None
+"""The policy the first batch named (its `policy`, else record's --policy): the run's."""
+_warned_policy_changed = False
+
+
+def _check_policy(step: int, policy: str | PolicyLike | None) -> None:
+    """Notes the run's policy at the first batch that names one (its own, else record's
+    --policy); a later batch naming another warns, once."""
+    global _batch_policy, _warned_policy_changed
+    if _batch_policy is None:
+        _batch_policy = policy or os.environ.get(ENV_POLICY) or None
+    elif policy and not _warned_policy_changed and policies_differ(policy, _batch_policy):
+        _warned_policy_changed = True
+        warn_policy_changed(step, policy, _batch_policy)
 
 
 def _stopped_at(recorder: Recorder, noticed: int | None) -> str:
@@ -349,6 +368,7 @@ def log_policy_batch(
                 _release_held(policy, kwargs)
                 held = None
             recorder = _open(policy, kwargs, batch=True, hooks=pairs_held)
+            _check_policy(step, policy)
             if _no_token(step, fields, recorder):
                 _release_held(policy, kwargs)  # the optimizer's half alone
                 return False
