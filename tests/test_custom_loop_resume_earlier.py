@@ -87,3 +87,32 @@ def test_under_the_optimizer_hooks_the_refusal_names_recorder_kwargs(tmp_path: P
         "resumed from an earlier checkpoint passes recorder_kwargs resume_from=3, which "
         "records the steps from 3 on again)"
     )
+
+
+def test_a_resume_given_another_reward_range_or_estimator_says_the_run_keeps_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A loop resumed with its reward range corrected to (-1, 1) for its +-1 rewards: the run
+    kept (0, 1) without a word, and its observed reward collapse stayed at step 82 where
+    (-1, 1) finds none (success rate 0.7, then 0.45, 120 steps of 16 rewards)."""
+    run = tmp_path / "run"
+    estimator = {"kind": "elbo", "mask_samples": 2}
+    with sd.Recorder(run, policy="grpo", reward_range=(0.0, 1.0), estimator=estimator) as rec:
+        rec.log_step(0, **_batch(0))
+    capsys.readouterr()
+    with sd.Recorder(run, policy="grpo", resume=True, reward_range=(0, 1), estimator=estimator):
+        pass
+    with sd.Recorder(run, policy="grpo", resume=True):
+        pass
+    assert capsys.readouterr().err == ""
+    with sd.Recorder(
+        run, policy="grpo", resume=True, reward_range=(-1.0, 1.0), estimator={"kind": "elbo"}
+    ):
+        pass
+    assert capsys.readouterr().err.splitlines() == [
+        f"stabledrl: warning: {run}: a resumed run keeps its reward_range [0.0, 1.0]; this "
+        "recorder's [-1.0, 1.0] is not recorded (a run has one, for every step)",
+        f"stabledrl: warning: {run}: a resumed run keeps its estimator {estimator!r}; this "
+        "recorder's {'kind': 'elbo'} is not recorded (a run has one, for every step)",
+    ]
+    assert sd.open_run(run).reward_range == (0.0, 1.0)

@@ -26,7 +26,7 @@ from stabledrl_cli.dump._stop_notes import (
     is_stop_note,
     note_text,
 )
-from stabledrl_cli.errors import InputError, UsageError, counted
+from stabledrl_cli.errors import InputError, UsageError, counted, warn
 
 _MUST_AGREE = ("unit", "world_size", "group_ids", "loss_norm")
 
@@ -68,8 +68,21 @@ def check_same_run(old: dict[str, Any], new: dict[str, Any], refused: str) -> No
         raise UsageError(f"{refused}: its policy is {was!r}, this recorder's {now!r}")
 
 
+def _warn_kept(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
+    """Warns of a description of the run's data the resume was given otherwise than the run
+    (`reward_range`, `estimator`): the run keeps its own, which every step is read with."""
+    for name, unset in (("reward_range", None), ("estimator", {})):
+        was, now = old.get(name), new.get(name)
+        if now != unset and now != was:
+            warn(
+                f"stabledrl: warning: {path}: a resumed run keeps its {name} {was!r}; this "
+                f"recorder's {now!r} is not recorded (a run has one, for every step)\n"
+            )
+
+
 def _check_compatible(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
     check_same_run(old, new, f"cannot resume {path}")
+    _warn_kept(old, new, path)
     names, given = old.get("param_names"), new.get("param_names")
     if given is not None and given != names:  # (none given: the run's are kept, as its meta)
         had = counted(len(names), "name") if isinstance(names, list) else "none"
