@@ -51,6 +51,15 @@ def test_log_probs_summed_per_sequence_under_unit_token_name_unit_sequence(
     )
 
 
+def test_a_mask_of_weights_names_loss_weight(tmp_path: Path) -> None:
+    """A loop's per-token weights (here 0.5 and 1) given as the mask."""
+    with sd.Recorder(tmp_path / "run", policy="grpo") as rec, pytest.raises(UsageError) as refused:
+        logp = -torch.rand(B, L)
+        weights = torch.where(torch.arange(L) < 3, 0.5, 1.0).expand(B, L)
+        rec.log_step(0, logp=logp, logp_old=logp, advantages=torch.randn(B), mask=weights)
+    assert str(refused.value) == "mask: values must be 0 or 1 (a weight per entry is loss_weight)"
+
+
 def _scalar_run(path: Path, **scalars: float) -> Path:
     with sd.Recorder(path, policy="grpo", unit="sequence") as rec:
         for step in range(3):

@@ -166,7 +166,8 @@ def _flag_array(array: np.ndarray, field: str) -> np.ndarray:
     if array.dtype.kind == "b":
         return array.view(_UINT8)  # numpy stores a bool as the byte 0 or 1: the same bytes
     if array.size and not np.isin(array, (0, 1)).all():
-        raise UsageError(f"{field}: values must be 0 or 1")
+        weights = " (a weight per entry is loss_weight)" if field == "mask" else ""
+        raise UsageError(f"{field}: values must be 0 or 1{weights}")
     return _stored(array, _UINT8)
 
 
