@@ -134,3 +134,20 @@ def test_later_batches_naming_no_policy_keep_the_scripts(
         "stabledrl: warning: log_policy_batch(policy=...) names dapo, record --policy grpo: "
         "the run records the script's, dapo"
     ]
+
+
+def test_inspect_says_the_rewards_fall_below_the_declared_range(tmp_path: Path) -> None:
+    """+-1 rewards recorded with the docs' reward_range=(0.0, 1.0): the collapse rule measures
+    from their lowest mean instead, which reported a collapse at step 82 of a run whose
+    success rate went 0.7 -> 0.45, where (-1, 1) reports none; inspect showed '[0.0, 1.0]'."""
+    rewards = torch.tensor([[1.0, -1.0, -1.0, -1.0], [1.0, 1.0, -1.0, 1.0]])
+    with sd.Recorder(tmp_path / "run", policy="grpo", unit="sequence", reward_range=(0, 1)) as rec:
+        for step, reward in enumerate(rewards):
+            logp = -torch.rand(4)
+            rec.log_step(step, logp=logp, logp_old=logp, advantages=reward, reward=reward)
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "run")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert (
+        "[0.0, 1.0]; the rewards fall below it (reward_mean -0.5): the collapse rule measures "
+        "from their lowest"
+    ) in result.stdout

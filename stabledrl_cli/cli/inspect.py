@@ -89,6 +89,21 @@ def _world_text(s: RunSummary) -> str:
     return f"{s.world_size} (loss_norm global: over every rank's part)"
 
 
+def _reward_range_text(s: RunSummary) -> str:
+    """The declared range; one the recorded rewards fall below says so, and that the collapse
+    rule measures from their lowest instead (docs/collapse.md)."""
+    if not s.reward_range:
+        return "not given"
+    rewards = s.series.get("reward_mean")
+    lowest = None if rewards is None else rewards.min
+    if lowest is None or lowest >= s.reward_range[0]:
+        return str(s.reward_range)
+    return (
+        f"{s.reward_range}; the rewards fall below it (reward_mean {format_number(lowest)}): "
+        "the collapse rule measures from their lowest"
+    )
+
+
 def _run_table(s: RunSummary) -> Table:
     counts = s.tokens_per_step
     spec = str((s.policy or {}).get("spec", "not known"))
@@ -101,7 +116,7 @@ def _run_table(s: RunSummary) -> Table:
         *([("recording", _recording_text(s))] if _recording_told(s) else []),
         ("unit", s.unit),
         ("estimator", ", ".join(f"{k}={v}" for k, v in s.estimator.items()) or "not given"),
-        ("reward range", str(s.reward_range) if s.reward_range else "not given"),
+        ("reward range", _reward_range_text(s)),
         ("world size", _world_text(s)),
         ("geometry", _geometry_row(s)),
         ("steps", _steps_row(s)),
