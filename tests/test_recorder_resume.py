@@ -45,7 +45,7 @@ def test_resume_keeps_earlier_steps_and_replaces_later_ones(tmp_path):
     (path / "steps" / ".step-00000006.safetensors.tmp-4242").write_bytes(b"left by a kill")
     with sd.Recorder(path, policy="dapo:eps_high=0.28", resume=True, resume_from=3) as rec:
         assert _step_files(path) == [f"step-{n:08d}.safetensors" for n in range(3)]
-        with pytest.raises(UsageError, match="must increase"):
+        with pytest.raises(UsageError, match="step 2 was logged already"):
             rec.log_step(2, **_batch(2))  # before the resume point
         for step in (3, 4):
             rec.log_step(step, **{**_batch(step), "loss": 100.0 + step})

@@ -341,6 +341,11 @@ class Recorder(RecorderEnd):
                     f"rewrite_step rewrites the last step ({self._last_step}), not {step}"
                 )
             if self._last_step is not None and step <= self._last_step and not self._rewriting:
+                if step == self._last_step and self._last_step != self.resumed_after:
+                    raise UsageError(
+                        f"step {step} was logged already: a step is one log_step call "
+                        "(rewrite_step replaces the last one)"
+                    )
                 raise UsageError(
                     f"step {step} does not follow step {self._last_step}; steps must increase"
                     + (
