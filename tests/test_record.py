@@ -229,7 +229,7 @@ def test_a_command_that_records_no_step_fails_with_the_reason(tmp_path, monkeypa
     assert "Traceback" not in result.stderr
 
 
-def test_a_command_that_records_no_step_over_an_earlier_run_fails(tmp_path, monkeypatch):
+def test_a_command_that_records_no_step_over_an_earlier_run_fails(tmp_path, monkeypatch, capfd):
     """`record --force` over a run, with a command that records nothing: the earlier run's
     step files are not the command's. Before, record exited 0, as if the command had
     recorded them."""
@@ -237,37 +237,41 @@ def test_a_command_that_records_no_step_over_an_earlier_run_fails(tmp_path, monk
     with Recorder(out, policy=None) as recorder:
         for n in range(3):
             recorder.log_step(n, grad_norm=1.0, loss=0.5)
-    script = tmp_path / "silent.py"
-    script.write_text("print('trained without logging')\n")
-    result = _record_process(out, script, monkeypatch, "--force", "-p", "grpo")
-    assert result.returncode == 2, result.stderr
-    assert "recorded no step" in result.stderr
-    assert "holds only the 3 step file(s) it held before" in result.stderr
-    assert "Traceback" not in result.stderr
+    silent = "print('trained without logging')\n"
+    code, stderr, _, child_err = _record_text(
+        tmp_path, monkeypatch, capfd, silent, options=("--force", "-p", "grpo")
+    )
+    assert code == 2, stderr + child_err
+    assert "recorded no step" in stderr
+    assert "holds only the 3 step file(s) it held before" in stderr
+    assert "Traceback" not in stderr + child_err
 
 
-def test_a_failed_recorder_fails_record_even_when_the_command_succeeds(tmp_path, monkeypatch):
-    script = tmp_path / "bad.py"
-    script.write_text(
+def test_a_failed_recorder_fails_record_even_when_the_command_succeeds(
+    tmp_path, monkeypatch, capfd
+):
+    script = (
         "import numpy as np, stabledrl_cli as sd\n"
         "ok = sd.log_policy_batch(0, logp=np.zeros(3), logp_old=np.zeros(2), advantages=1)\n"
         "print('logged' if ok else 'not logged')\n"
     )
-    result = _record_process(tmp_path / "run", script, monkeypatch, "-p", "grpo")
-    assert result.stdout.strip() == "not logged"
-    assert result.returncode == 2, result.stderr  # arrays log_step refuses: a usage error
-    assert result.stderr.count("stabledrl: warning:") == 1  # the child's, once
-    assert "error: recording failed: log_policy_batch failed at step 0" in result.stderr
+    code, stderr, child_out, child_err = _record_text(
+        tmp_path, monkeypatch, capfd, script, options=("-p", "grpo")
+    )
+    assert child_out.strip() == "not logged"
+    assert code == 2, stderr + child_err  # arrays log_step refuses: a usage error
+    assert child_err.count("stabledrl: warning:") == 1  # the child's, once
+    assert "warning" not in stderr
+    assert "error: recording failed: log_policy_batch failed at step 0" in stderr
 
 
 def test_a_step_its_policy_cannot_be_replayed_with_stops_recording_not_training(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, capfd
 ):
     """A policy batch without a field the run's policy needs (grpo:beta=0.04, no logp_ref):
     warned once, recording off, training goes on, record exits 2 with the reason. Before, the
     steps were recorded and record exited 0; the run's replay then ended with exit 3."""
-    script = tmp_path / "train.py"
-    script.write_text(
+    script = (
         "import numpy as np, stabledrl_cli as sd\n"
         "ones = np.ones(4, 'float32')\n"
         "for step in range(3):\n"
@@ -277,13 +281,14 @@ def test_a_step_its_policy_cannot_be_replayed_with_stops_recording_not_training(
         "    print('logged' if ok else 'not logged', flush=True)\n"
         "print('training continues', flush=True)\n"
     )
-    result = _record_process(tmp_path / "run", script, monkeypatch)
-    assert result.stdout.split("\n") == ["not logged"] * 3 + ["training continues", ""]
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("stabledrl: warning:") == 1, result.stderr  # the child's, once
+    code, stderr, child_out, child_err = _record_text(tmp_path, monkeypatch, capfd, script)
+    assert child_out.split("\n") == ["not logged"] * 3 + ["training continues", ""]
+    assert code == 2, stderr + child_err
+    assert child_err.count("stabledrl: warning:") == 1, child_err  # the child's, once
+    assert "warning" not in stderr, stderr
     reason = "step 0 has no 'logp_ref', which the run's policy 'grpo:beta=0.04' needs"
-    assert "error: recording failed: log_policy_batch failed at step 0" in result.stderr
-    assert reason in result.stderr and "Traceback" not in result.stderr
+    assert "error: recording failed: log_policy_batch failed at step 0" in stderr
+    assert reason in stderr and "Traceback" not in stderr + child_err
     assert list((tmp_path / "run" / "steps").iterdir()) == []
 
 
@@ -1185,7 +1190,7 @@ def test_record_force_over_a_manifest_that_is_no_file_records_the_run(
 
 
 def test_a_recording_failure_in_a_command_without_stderr_never_reaches_the_training(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, capfd
 ):
     """A command run with its stderr closed (`2>&-`: Python's sys.stderr is None): the
     recording failure's warning is left out, the failure is still reported to record. Before,
@@ -1198,14 +1203,12 @@ def test_a_recording_failure_in_a_command_without_stderr_never_reaches_the_train
         "print('logged' if ok else 'not logged', 'training continues', flush=True)\n"
     )
     command = f"exec {shlex.quote(sys.executable)} {shlex.quote(str(script))} 2>&-"
-    result = subprocess.run(
-        [*cli_command(), "record", "--out", str(tmp_path / "run"), "-p", "grpo", "--",
-         "sh", "-c", command],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
-    )  # fmt: skip
-    assert result.stdout == "not logged training continues\n", result.stderr
-    assert result.returncode == 2, result.stderr  # arrays log_step refuses: a usage error
-    assert "error: recording failed: log_policy_batch failed at step 0" in result.stderr
+    code, stderr, child_out, child_err = _record(
+        monkeypatch, capfd, "--out", str(tmp_path / "run"), "-p", "grpo", "--", "sh", "-c", command
+    )
+    assert child_out == "not logged training continues\n" and child_err == "", stderr
+    assert code == 2, stderr  # arrays log_step refuses: a usage error
+    assert "error: recording failed: log_policy_batch failed at step 0" in stderr
 
 
 @pytest.mark.parametrize("how", [["--", sys.executable, "-c", "pass"], ["--rl-steps", "2"]])
@@ -1308,37 +1311,45 @@ LATE_STEP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("steps", ["batches", "optimizer"])
 def test_a_step_an_exit_handler_registered_before_the_run_logs_is_recorded(
-    tmp_path, monkeypatch, steps
+    tmp_path, monkeypatch, capfd, steps
 ):
     """Before, the run's own exit handler (registered when the run opened, so run first)
     closed it before the script's: the late step was refused ("already exists and is not
     empty", or "log_step on a closed Recorder") and record exited 2."""
-    script, out = tmp_path / "train.py", tmp_path / "run"
-    script.write_text(LATE_STEP_SCRIPT)
-    result = subprocess.run(
-        [*cli_command(), "record", "--out", str(out), "-p", "grpo",
-         "--", sys.executable, str(script), steps],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["late step logged: True"]
+    out = tmp_path / "run"
+    code, stderr, child_out, child_err = _record_text(
+        tmp_path, monkeypatch, capfd, LATE_STEP_SCRIPT, steps, options=("-p", "grpo")
+    )
+    assert code == 0, stderr + child_err
+    assert child_out.splitlines() == ["late step logged: True"]
     run = open_run(out)
     assert run.step_numbers == [0, 1, 2]
     assert json.loads((out / "manifest.json").read_text()).get("recording_closed") is True
 
 
+def _script_args(tmp_path: Path, text: str, args: tuple[str, ...], options: tuple[str, ...]):
+    """record's arguments `--out TMP/run OPTIONS -- python SCRIPT ARGS`, SCRIPT holding
+    `text`."""
+    script = tmp_path / "train.py"
+    script.write_text(text)
+    return ["--out", str(tmp_path / "run"), *options, "--", sys.executable, str(script), *args]
+
+
 def _record_script(
     tmp_path: Path, monkeypatch, text: str, *args: str, options: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """A real `stabledrl record --out TMP/run OPTIONS -- python SCRIPT ARGS` process, SCRIPT
-    holding `text`."""
-    script = tmp_path / "train.py"
-    script.write_text(text)
+    """A real `stabledrl record --out TMP/run OPTIONS -- python SCRIPT ARGS` process."""
     return subprocess.run(
-        [*cli_command(), "record", "--out", str(tmp_path / "run"), *options,
-         "--", sys.executable, str(script), *args],
+        [*cli_command(), "record", *_script_args(tmp_path, text, args, options)],
         capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
     )  # fmt: skip
+
+
+def _record_text(
+    tmp_path: Path, monkeypatch, capfd, text: str, *args: str, options: tuple[str, ...] = ()
+):
+    """`_record_script` with record in-process (`_record`), its command a real process."""
+    return _record(monkeypatch, capfd, *_script_args(tmp_path, text, args, options))
 
 
 THREAD_EXIT_SCRIPT = textwrap.dedent(
@@ -1363,18 +1374,20 @@ THREAD_EXIT_SCRIPT = textwrap.dedent(
 )
 
 
-def test_a_thread_that_exits_while_it_handles_the_tools_error_ends_silently(tmp_path, monkeypatch):
+def test_a_thread_that_exits_while_it_handles_the_tools_error_ends_silently(
+    tmp_path, monkeypatch, capfd
+):
     """threading ignores a SystemExit in a thread only when its type is SystemExit itself:
     before, the exit that reports the error (a subclass) was printed as the thread's
     traceback ("Exception in thread ... _ReportedExit: 1"), though the process went on."""
-    result = _record_script(
-        tmp_path, monkeypatch, THREAD_EXIT_SCRIPT, options=("--no-optimizer-hooks",)
+    code, stderr, child_out, child_err = _record_text(
+        tmp_path, monkeypatch, capfd, THREAD_EXIT_SCRIPT, options=("--no-optimizer-hooks",)
     )
-    assert result.returncode == 5, result.stderr
-    assert result.stdout.splitlines() == ["carries on"]
-    assert result.stderr.splitlines()[1:] == [
+    assert code == 5, stderr + child_err
+    assert child_out.splitlines() == ["carries on"] and child_err == ""
+    assert stderr.splitlines()[1:] == [
         "the training command exited with code 5; the run holds no step file"
-    ], result.stderr
+    ], stderr
 
 
 ENDED_AT_EXIT_SCRIPT = textwrap.dedent(
@@ -1394,16 +1407,18 @@ ENDED_AT_EXIT_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("steps", [1, 5])
-def test_an_exit_handler_that_ends_the_process_loses_no_finished_step(tmp_path, monkeypatch, steps):
+def test_an_exit_handler_that_ends_the_process_loses_no_finished_step(
+    tmp_path, monkeypatch, capfd, steps
+):
     """An exit handler registered before the run opened that ends the process (`os._exit`),
     or never returns: the run is closed after it, so the held and queued steps are written
     before it runs. Before, none was written (the run held no step file, exit 2); at d3346fa
     they all were."""
-    result, out = (
-        _record_script(tmp_path, monkeypatch, ENDED_AT_EXIT_SCRIPT, str(steps)),
-        tmp_path / "run",
+    code, stderr, _, child_err = _record_text(
+        tmp_path, monkeypatch, capfd, ENDED_AT_EXIT_SCRIPT, str(steps)
     )
-    assert result.returncode == 0, result.stderr
+    out = tmp_path / "run"
+    assert code == 0, stderr + child_err
     assert open_run(out).step_numbers == list(range(steps))
     # ended before its close: the run is not marked closed, as a killed recording is not
     assert "recording_closed" not in json.loads((out / "manifest.json").read_text())
@@ -1460,13 +1475,16 @@ INTERRUPTED_DRAIN_SCRIPT = textwrap.dedent(
 )
 
 
-def test_a_ctrl_c_during_the_exit_drain_loses_no_queued_step(tmp_path, monkeypatch):
+def test_a_ctrl_c_during_the_exit_drain_loses_no_queued_step(tmp_path, monkeypatch, capfd):
     """The Recorder's own exit handler used to finish a drain that a Ctrl-C cut short; record
     removed it (the run is closed last), so a step still queued was lost (here the one the
     script's exit handler logs)."""
-    result, out = _record_script(tmp_path, monkeypatch, INTERRUPTED_DRAIN_SCRIPT), tmp_path / "run"
-    assert result.returncode == 0, result.stderr
-    assert "KeyboardInterrupt" in result.stderr  # the Ctrl-C is not hidden
+    code, stderr, _, child_err = _record_text(
+        tmp_path, monkeypatch, capfd, INTERRUPTED_DRAIN_SCRIPT
+    )
+    out = tmp_path / "run"
+    assert code == 0, stderr + child_err
+    assert "KeyboardInterrupt" in child_err  # the Ctrl-C is not hidden
     assert open_run(out).step_numbers == [0, 1, 2, 3, 4]
     assert json.loads((out / "manifest.json").read_text()).get("recording_closed") is True
 
@@ -1536,19 +1554,30 @@ RESUMED_LOOP = textwrap.dedent(
 )
 
 
-def test_record_force_with_a_loop_that_resumes_continues_the_run(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def closed_loop_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`record -p grpo` of RESUMED_LOOP's steps 0 to 4, closed, once: tests copy it."""
+    tmp = tmp_path_factory.mktemp("closed")
+    with pytest.MonkeyPatch.context() as patch:
+        first = _record_script(tmp, patch, RESUMED_LOOP, "0", "5", options=("-p", "grpo"))
+    assert first.returncode == 0, first.stderr
+    return tmp / "run"
+
+
+def test_record_force_with_a_loop_that_resumes_continues_the_run(
+    tmp_path, monkeypatch, capfd, closed_loop_run
+):
     """A custom loop that resumes its run (recorder_kwargs resume=True) under `record --force`
     (the directory is not empty): --force made the Recorder overwrite=True beside the script's
     resume=True, refused ('pick one'): recording was off for the whole resumed training. Now
     the run goes on: steps before resume_from kept, the later ones the resumed loop's."""
     options = ("-p", "grpo", "--no-optimizer-hooks")
-    first = _record_script(tmp_path, monkeypatch, RESUMED_LOOP, "0", "5", options=options)
-    assert first.returncode == 0, first.stderr
-    resumed = _record_script(
-        tmp_path, monkeypatch, RESUMED_LOOP, "3", "7", options=(*options, "--force")
+    shutil.copytree(closed_loop_run, tmp_path / "run")
+    code, stderr, child_out, child_err = _record_text(
+        tmp_path, monkeypatch, capfd, RESUMED_LOOP, "3", "7", options=(*options, "--force")
     )
-    assert resumed.returncode == 0, resumed.stderr
-    assert "False" not in resumed.stdout and "warning" not in resumed.stderr
+    assert code == 0, stderr + child_err
+    assert "False" not in child_out and "warning" not in stderr + child_err
     run = open_run(tmp_path / "run")
     assert run.step_numbers == list(range(7))
     assert [run.step(n).scalars["loss"] for n in range(7)] == [float(n) for n in range(7)]
@@ -1583,21 +1612,21 @@ RESUMED_TORCH_LOOP = textwrap.dedent(
 
 
 @pytest.mark.parametrize("first", ["batch", "step"])
-def test_a_resumed_loops_optimizer_steps_pair_with_its_batches(tmp_path, monkeypatch, first):
+def test_a_resumed_loops_optimizer_steps_pair_with_its_batches(tmp_path, monkeypatch, capfd, first):
     """Under the optimizer hooks, the resumed process's n-th optimizer step is the run's step
     resume_from + n. Before, the hooks numbered it n from 0 again: step 0 'does not follow
     step 3', recording went off and steps 4-6 were lost (or, batch first, 3 kept half)."""
     options = ("-p", "grpo")
-    first_run = _record_script(
-        tmp_path, monkeypatch, RESUMED_TORCH_LOOP, "0", "5", first, options=options
+    code, stderr, _, child_err = _record_text(
+        tmp_path, monkeypatch, capfd, RESUMED_TORCH_LOOP, "0", "5", first, options=options
     )
-    assert first_run.returncode == 0, first_run.stderr
-    resumed = _record_script(
-        tmp_path, monkeypatch, RESUMED_TORCH_LOOP, "3", "7", first,
+    assert code == 0, stderr + child_err
+    code, stderr, _, child_err = _record_text(
+        tmp_path, monkeypatch, capfd, RESUMED_TORCH_LOOP, "3", "7", first,
         options=(*options, "--force"),
     )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    assert "warning" not in resumed.stderr
+    assert code == 0, stderr + child_err
+    assert "warning" not in stderr + child_err
     run = open_run(tmp_path / "run")
     assert run.step_numbers == list(range(7))
     for n in range(7):
@@ -1628,12 +1657,14 @@ SERIES_IN_SCALARS = textwrap.dedent(
 )
 
 
-def test_a_scalar_the_batch_and_the_hooks_both_give_is_the_batchs(tmp_path, monkeypatch):
+def test_a_scalar_the_batch_and_the_hooks_both_give_is_the_batchs(tmp_path, monkeypatch, capfd):
     """step_time and nonfinite_grads in the batch's scalars=, which the hooks give as keywords:
     the step had both, refused ('given twice'), and recording went off at step 0. The batch's
     value wins, as a keyword of the batch's does (lr)."""
-    result = _record_script(tmp_path, monkeypatch, SERIES_IN_SCALARS, options=("-p", "grpo"))
-    assert result.returncode == 0, result.stderr
+    code, stderr, _, child_err = _record_text(
+        tmp_path, monkeypatch, capfd, SERIES_IN_SCALARS, options=("-p", "grpo")
+    )
+    assert code == 0, stderr + child_err
     run = open_run(tmp_path / "run")
     assert run.step_numbers == [0, 1, 2]
     for n in range(3):
@@ -1670,14 +1701,16 @@ GUARDED_LOOP = textwrap.dedent(
 )
 
 
-def test_a_step_the_guard_skips_keeps_the_hooks_steps_paired(tmp_path, monkeypatch):
+def test_a_step_the_guard_skips_keeps_the_hooks_steps_paired(tmp_path, monkeypatch, capfd):
     """A guard skip leaves optimizer.step() uncalled: the hooks' numbering fell one behind
     the loop's, so step 3's batch was paired with step 4's optimizer step (its lr, its grad
     norm), step 2 held step 3's, and step 4 had none. The guard's skip is now the hooks'
     step, recorded as skipped (optimizer_skipped 1), and the numbering goes on."""
-    result = _record_script(tmp_path, monkeypatch, GUARDED_LOOP, options=("-p", "grpo"))
-    assert result.returncode == 0, result.stderr
-    assert "skip" in result.stdout.splitlines()[2]
+    code, stderr, child_out, child_err = _record_text(
+        tmp_path, monkeypatch, capfd, GUARDED_LOOP, options=("-p", "grpo")
+    )
+    assert code == 0, stderr + child_err
+    assert "skip" in child_out.splitlines()[2]
     run = open_run(tmp_path / "run")
     assert run.step_numbers == list(range(5))
     for n in range(5):
@@ -1697,14 +1730,13 @@ def test_a_step_the_guard_skips_keeps_the_hooks_steps_paired(tmp_path, monkeypat
     ],
 )
 def test_record_force_that_changes_no_step_gives_the_run_its_closed_mark_back(
-    tmp_path, monkeypatch, damage, end, policy, code
+    tmp_path, monkeypatch, capfd, closed_loop_run, damage, end, policy, code
 ):
     """`record --force` removes a closed run's mark before its command starts; a command that
     then records nothing (a resume refused, a loop that logs no step) leaves the run's steps
     and manifest as they were closed. Before, the mark stayed gone: a `watch` of the run never
     ended on 'the recording closed'. Now it is back once the command ended."""
-    first = _record_script(tmp_path, monkeypatch, RESUMED_LOOP, "0", "5", options=("-p", "grpo"))
-    assert first.returncode == 0, first.stderr
+    shutil.copytree(closed_loop_run, tmp_path / "run")
     manifest = tmp_path / "run" / "manifest.json"
     closed = json.loads(manifest.read_text())
     assert closed["recording_closed"] is True
@@ -1712,8 +1744,8 @@ def test_record_force_that_changes_no_step_gives_the_run_its_closed_mark_back(
         step = next((tmp_path / "run" / "steps").glob("*000001*"))
         step.write_bytes(step.read_bytes()[:40])
     options = ("--force", "--no-optimizer-hooks", "-p", policy)
-    again = _record_script(tmp_path, monkeypatch, RESUMED_LOOP, "3", end, options=options)
-    assert again.returncode == code, again.stderr
+    again = _record_text(tmp_path, monkeypatch, capfd, RESUMED_LOOP, "3", end, options=options)
+    assert again[0] == code, again
     assert json.loads(manifest.read_text()) == closed
 
 
