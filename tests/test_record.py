@@ -518,19 +518,23 @@ RAISES_SCRIPT = textwrap.dedent(
 )
 
 
-def _record_raising(tmp_path: Path, monkeypatch, *args: str, command: tuple[str, ...] = ()):
-    """A real `stabledrl record ARGS -- COMMAND` process; COMMAND defaults to `python` on
-    RAISES_SCRIPT, whose path COMMAND may hold as `{script}`; the kind is the last of ARGS."""
+def _raising_args(tmp_path: Path, args: tuple[str, ...], command: tuple[str, ...]) -> list[str]:
+    """record's arguments `--out TMP/run OPTIONS -- COMMAND KIND` (ARGS: OPTIONS, then KIND);
+    COMMAND defaults to `python` on RAISES_SCRIPT, whose path COMMAND may hold as `{script}`."""
     script = tmp_path / "train.py"
     script.write_text(RAISES_SCRIPT)
     *options, kind = args
     command = command or (sys.executable, "{script}")
     child = [part.format(script=script) for part in command]
-    return subprocess.run(
-        [*cli_command(), "record", "--out", str(tmp_path / "run"), *options,
-         "--", *child, kind],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=300,
-    )  # fmt: skip
+    return ["--out", str(tmp_path / "run"), *options, "--", *child, kind]
+
+
+def _record_raising(
+    tmp_path: Path, monkeypatch, capfd, *args: str, command: tuple[str, ...] = ()
+) -> tuple[int, str, str, str]:
+    """`_record` of `_raising_args`: record in-process, its command a real process. record
+    prints its first line before the command starts and the others once it ended."""
+    return _record(monkeypatch, capfd, *_raising_args(tmp_path, args, command))
 
 
 RICH_HOOK = (
@@ -553,17 +557,18 @@ scripts often do: `rich.traceback.install()`)."""
     ],
 )
 def test_a_stabledrl_error_the_command_does_not_catch_is_one_line_and_its_exit_code(
-    tmp_path, monkeypatch, hooks, kind, code, line, command
+    tmp_path, monkeypatch, capfd, hooks, kind, code, line, command
 ):
     """Also when the command replaced sys.excepthook (RICH_HOOK): before, rich printed its
     traceback, no status line was written and record exited 1 ("the training command exited
     with code 1")."""
-    result = _record_raising(tmp_path, monkeypatch, hooks, kind, command=command)
-    assert result.returncode == code, result.stderr
-    assert "started" in result.stdout
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert lines[1:] == [line], result.stderr  # after record's own "recording ... into" line
+    ended, stderr, out, err = _record_raising(
+        tmp_path, monkeypatch, capfd, hooks, kind, command=command
+    )
+    assert ended == code, stderr + err
+    assert "started" in out
+    assert err.splitlines() == [line], err  # the command's stderr: no traceback
+    assert len(stderr.splitlines()) == 1, stderr  # record's own "recording ... into" line
 
 
 @pytest.mark.parametrize("hooks", ["--optimizer-hooks", "--no-optimizer-hooks"])
@@ -576,48 +581,53 @@ def test_a_stabledrl_error_the_command_does_not_catch_is_one_line_and_its_exit_c
     ],
 )
 def test_a_stabledrl_error_a_framework_reports_then_exits_1_on_is_our_last_line_and_code(
-    tmp_path, monkeypatch, hooks, what, code, line
+    tmp_path, monkeypatch, capfd, hooks, what, code, line
 ):
     """What hydra's `@hydra.main` (verl's entry point) does: catch the exception, print its
     report and call sys.exit(1) in its except block. Its report stays; ours comes last, with
     the error's exit code. Before, record exited 1 ("the training command exited with code
     1") and printed no line of ours."""
-    result = _record_raising(tmp_path, monkeypatch, hooks, f"reported-{what}")
-    assert result.returncode == code, result.stderr
-    assert result.stdout.splitlines() == ["started"]
-    assert result.stderr.splitlines()[1:] == [
-        f"the job failed: {_RAISED[what]}",
-        line,
-    ], result.stderr
+    ended, stderr, out, err = _record_raising(
+        tmp_path, monkeypatch, capfd, hooks, f"reported-{what}"
+    )
+    assert ended == code, stderr + err
+    assert out.splitlines() == ["started"]
+    assert err.splitlines() == [f"the job failed: {_RAISED[what]}", line], err
+    assert len(stderr.splitlines()) == 1, stderr
 
 
 @pytest.mark.parametrize("how", ["exit", "quit"])
 def test_a_stabledrl_error_a_script_reports_then_ends_with_the_exit_builtin_is_our_line(
-    tmp_path, monkeypatch, how
+    tmp_path, monkeypatch, capfd, how
 ):
     """`exit(1)` or `quit(1)`, the builtins Python's site module gives a script, in the except
     block ends the command as `sys.exit(1)` does: our line last, the error's code. Before, only
     `sys.exit` was wrapped: record exited 1 with no line of ours."""
-    result = _record_raising(tmp_path, monkeypatch, "--no-optimizer-hooks", f"{how}-usage")
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines()[1:] == [
+    ended, stderr, _, err = _record_raising(
+        tmp_path, monkeypatch, capfd, "--no-optimizer-hooks", f"{how}-usage"
+    )
+    assert ended == 2, stderr + err
+    assert err.splitlines() == [
         f"the job failed: {_RAISED['usage']}",
         "error: cannot record this run: a refused setting",
-    ], result.stderr
+    ], err
+    assert len(stderr.splitlines()) == 1, stderr
 
 
 @pytest.mark.parametrize("how", ["", "reported-"])
 def test_the_tools_error_raised_in_a_ray_task_is_its_own_line_not_rays_traceback(
-    tmp_path, monkeypatch, how
+    tmp_path, monkeypatch, capfd, how
 ):
     """Ray raises a task's error in the caller as `RayTaskError(UsageError)`, a UsageError
     whose text is the task's traceback in colour: before, that whole traceback was flattened
     into the `error:` line."""
     pytest.importorskip("ray", reason="needs the ray extra (pip install -e '.[ray]')")
-    result = _record_raising(tmp_path, monkeypatch, "--no-optimizer-hooks", f"{how}remote")
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines()[-1] == "error: cannot record this run: a refused setting"
-    assert "\x1b" not in result.stderr.splitlines()[-1]
+    ended, stderr, _, err = _record_raising(
+        tmp_path, monkeypatch, capfd, "--no-optimizer-hooks", f"{how}remote"
+    )
+    assert ended == 2, stderr + err
+    assert err.splitlines()[-1] == "error: cannot record this run: a refused setting", err
+    assert "\x1b" not in err.splitlines()[-1] and len(stderr.splitlines()) == 1, stderr
 
 
 _RAISED = {
@@ -640,17 +650,16 @@ _RAISED = {
     ],
 )
 def test_a_stabledrl_error_the_command_handles_keeps_its_exit_code(
-    tmp_path, monkeypatch, kind, code, out
+    tmp_path, monkeypatch, capfd, kind, code, out
 ):
-    result = _record_raising(tmp_path, monkeypatch, kind)
-    assert result.returncode == code, result.stderr
-    assert result.stdout.splitlines() == out
+    ended, stderr, child_out, err = _record_raising(tmp_path, monkeypatch, capfd, kind)
+    assert ended == code, stderr + err
+    assert child_out.splitlines() == out
     message = ["the script's message"] if kind.startswith("message-") else []
-    assert result.stderr.splitlines()[1:] == [
-        f"the job failed: {_RAISED[kind.partition('-')[2]]}",
-        *message,
+    assert err.splitlines() == [f"the job failed: {_RAISED[kind.partition('-')[2]]}", *message]
+    assert stderr.splitlines()[1:] == [
         f"the training command exited with code {code}; the run holds no step file",
-    ], result.stderr
+    ], stderr
 
 
 HYDRA_SCRIPT = textwrap.dedent(
@@ -697,35 +706,38 @@ def test_a_stabledrl_error_under_real_hydra_is_our_last_line_and_its_exit_code(
 
 
 def test_any_other_exception_of_the_command_keeps_its_traceback_and_exit_code(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, capfd
 ):
-    result = _record_raising(tmp_path, monkeypatch, "bug")
-    assert result.returncode == 1, result.stderr
-    assert "Traceback (most recent call last)" in result.stderr
-    assert 'KeyError: "the script\'s own bug"' in result.stderr
-    assert "the training command exited with code 1" in result.stderr
+    ended, stderr, _, err = _record_raising(tmp_path, monkeypatch, capfd, "bug")
+    assert ended == 1, stderr + err
+    assert "Traceback (most recent call last)" in err
+    assert 'KeyError: "the script\'s own bug"' in err
+    assert "the training command exited with code 1" in stderr
 
 
-def test_other_exceptions_keep_a_replaced_excepthook(tmp_path, monkeypatch):
+def test_other_exceptions_keep_a_replaced_excepthook(tmp_path, monkeypatch, capfd):
     """Any other exception still goes to the command's own excepthook (rich's traceback, not
     Python's) and keeps its exit code."""
-    result = _record_raising(tmp_path, monkeypatch, "bug", command=RICH_HOOK)
-    assert result.returncode == 1, result.stderr
-    assert "╭" in result.stderr and "Traceback (most recent call last)" in result.stderr  # rich's
-    assert 'KeyError: "the script\'s own bug"' in result.stderr
-    assert "the training command exited with code 1" in result.stderr
+    ended, stderr, _, err = _record_raising(tmp_path, monkeypatch, capfd, "bug", command=RICH_HOOK)
+    assert ended == 1, stderr + err
+    assert "╭" in err and "Traceback (most recent call last)" in err  # rich's
+    assert 'KeyError: "the script\'s own bug"' in err
+    assert "the training command exited with code 1" in stderr
 
 
 @pytest.mark.parametrize("how", ["STABLEDRL_DEBUG=1", "--debug"])
-def test_with_debug_the_commands_stabledrl_error_shows_its_traceback(tmp_path, monkeypatch, how):
+def test_with_debug_the_commands_stabledrl_error_shows_its_traceback(
+    tmp_path, monkeypatch, capfd, how
+):
     if how == "--debug":
-        result = _record_raising(tmp_path, monkeypatch, "--debug", "input")
+        result = _record_raising(tmp_path, monkeypatch, capfd, "--debug", "input")
     else:
         monkeypatch.setenv("STABLEDRL_DEBUG", "1")
-        result = _record_raising(tmp_path, monkeypatch, "input")
-    assert result.returncode == 3, result.stderr
-    assert "Traceback (most recent call last)" in result.stderr
-    assert "stabledrl_cli.errors.InputError: no such run: /nowhere" in result.stderr
+        result = _record_raising(tmp_path, monkeypatch, capfd, "input")
+    ended, stderr, _, err = result
+    assert ended == 3, stderr + err
+    assert "Traceback (most recent call last)" in err
+    assert "stabledrl_cli.errors.InputError: no such run: /nowhere" in err
 
 
 def test_outside_record_a_stabledrl_error_is_pythons_usual_traceback(tmp_path, monkeypatch):
@@ -756,7 +768,11 @@ def test_a_stabledrl_error_on_every_torchrun_rank_is_one_line_per_rank(
     # time to print its line once one has ended (0.1 s, the default, cut one short at times).
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", "2", "--monitor-interval", "2", "{script}")  # fmt: skip
-    result = _record_raising(tmp_path, monkeypatch, hooks, "usage,reported-usage", command=torchrun)
+    result = subprocess.run(  # a real record process: its exit code, torchrun's report left out
+        [*cli_command(), "record",
+         *_raising_args(tmp_path, (hooks, "usage,reported-usage"), torchrun)],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=300,
+    )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
     errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error:"))
