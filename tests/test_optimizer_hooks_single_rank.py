@@ -23,6 +23,7 @@ import pytest
 from _bootstrap_state import fresh_recording
 from _cli import cli_command, close, record, record_env
 from _phases import PHASES_SCRIPT
+from _record_here import record_here
 from typer.testing import CliRunner
 
 from stabledrl_cli.capture import bootstrap
@@ -240,16 +241,20 @@ MIXED = textwrap.dedent(
 
 
 @pytest.mark.parametrize("policy_from", ["record", "script"])
-def test_a_logged_batch_and_its_optimizer_step_share_one_step_file(tmp_path, policy_from):
+def test_a_logged_batch_and_its_optimizer_step_share_one_step_file(
+    tmp_path, monkeypatch, capfd, policy_from
+):
     """The policy from `record --policy`, or from the script's first call, which comes after
     the first optimizer step (the hooks' first step waits for it)."""
     script = tmp_path / "train.py"
     script.write_text(MIXED)
     policy = ["--policy", "dapo"] if policy_from == "record" else []
     run_dir = tmp_path / "run"
-    result = record("--out", str(run_dir), *policy, "--", sys.executable, str(script),
-                     policy_from)  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    code, stderr, _, child_err = record_here(
+        monkeypatch, capfd, "--out", str(run_dir), *policy, "--", sys.executable, str(script),
+        policy_from,
+    )  # fmt: skip
+    assert code == 0, stderr + child_err
     run = open_run(run_dir)
     assert run.step_numbers == [0, 1, 2, 3]
     assert run.policy_spec == ("dapo" if policy_from == "record" else "grpo")
@@ -291,18 +296,22 @@ EMPTY_BATCHES = textwrap.dedent(
 
 
 @pytest.mark.parametrize("hooks", [True, False])
-def test_a_batch_with_no_token_is_skipped_and_recording_goes_on(tmp_path, hooks):
+def test_a_batch_with_no_token_is_skipped_and_recording_goes_on(
+    tmp_path, monkeypatch, capfd, hooks
+):
     """A step's batch with no token (one rank) has no place in the format: it is skipped with
     one warning (log_policy_batch returns False), the steps after it are recorded. Under the
     optimizer hooks its step is still the optimizer's scalar step, whichever half came first."""
     script = tmp_path / "train.py"
     script.write_text(EMPTY_BATCHES)
     flags = [] if hooks else ["--no-optimizer-hooks"]
-    result = record("--out", str(tmp_path / "run"), "-p", "grpo", *flags, "--",
-                     sys.executable, str(script))  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "False", "True", "False", "True"]
-    assert result.stderr.count("no token") == 1, result.stderr
+    code, stderr, out, err = record_here(
+        monkeypatch, capfd, "--out", str(tmp_path / "run"), "-p", "grpo", *flags, "--",
+        sys.executable, str(script),
+    )  # fmt: skip
+    assert code == 0, stderr + err
+    assert out.split() == ["False", "False", "True", "False", "True"]
+    assert err.count("no token") == 1 and "no token" not in stderr, stderr + err
     run = open_run(tmp_path / "run")
     assert run.integrity.ok
     if hooks:
@@ -388,7 +397,7 @@ def test_a_child_that_cannot_import_stabledrl_and_has_no_stderr_still_trains(tmp
     assert (result.stdout, result.returncode) == ("trained\n", 0)
 
 
-def test_no_optimizer_hooks_records_nothing_from_optimizer_steps(tmp_path):
+def test_no_optimizer_hooks_records_nothing_from_optimizer_steps(tmp_path, monkeypatch, capfd):
     script = tmp_path / "train.py"
     script.write_text(
         "import torch\n"
@@ -397,8 +406,8 @@ def test_no_optimizer_hooks_records_nothing_from_optimizer_steps(tmp_path):
         "p.sum().backward(); o.step()\n"
     )
     args = ["--out", str(tmp_path / "run"), "--no-optimizer-hooks", "--"]
-    result = record(*args, sys.executable, str(script))
-    assert result.returncode == 2 and "recorded no step" in result.stderr
+    code, stderr, _, _ = record_here(monkeypatch, capfd, *args, sys.executable, str(script))
+    assert code == 2 and "recorded no step" in stderr
 
 
 UNWRITABLE = textwrap.dedent(
@@ -413,7 +422,7 @@ UNWRITABLE = textwrap.dedent(
 )
 
 
-def test_a_run_that_cannot_be_written_never_breaks_training(tmp_path):
+def test_a_run_that_cannot_be_written_never_breaks_training(tmp_path, monkeypatch, capfd):
     """A module run with `python -m`, whose run directory cannot be written once it trains
     (a file where the steps folder goes: one there before the command is refused up front,
     exit 2; one put there while it runs is a write failure, exit 4: docs/exit-codes.md)."""
@@ -428,15 +437,18 @@ def test_a_run_that_cannot_be_written_never_breaks_training(tmp_path):
     )
     (tmp_path / "train.py").write_text(spoiler + UNWRITABLE)
     out = tmp_path / "run"
-    result = record("--out", str(out), "--force", "--", sys.executable, "-m", "train", cwd=tmp_path)
-    assert "trained" in result.stdout  # training ran to its end
-    assert result.stderr.count("recording is off, training continues") == 1
+    monkeypatch.chdir(tmp_path)
+    code, stderr, child_out, child_err = record_here(
+        monkeypatch, capfd, "--out", str(out), "--force", "--", sys.executable, "-m", "train"
+    )
+    assert "trained" in child_out  # training ran to its end
+    assert child_err.count("recording is off, training continues") == 1
     # a write failure, reported after the training ran
-    assert result.returncode == 4, result.stderr
-    assert result.stderr.splitlines()[-1] == (
+    assert code == 4, stderr + child_err
+    assert stderr.splitlines()[-1] == (
         f"error: recording failed: recording optimizer step 0: {out / 'steps'}: cannot write it "
         "(Not a directory)"
-    ), result.stderr
+    ), stderr
 
 
 TERMINATED = textwrap.dedent(
@@ -1414,7 +1426,7 @@ def test_complex_gradients_are_recorded_with_their_norm(one_process):
     assert all(close(r, c) for r, c in zip(recorded, phase.computed, strict=True))
 
 
-def test_a_clip_compiled_whole_is_left_as_torchs(tmp_path):
+def test_a_clip_compiled_whole_is_left_as_torchs(tmp_path, monkeypatch, capfd):
     """`torch.compile(fullgraph=True)` of a function that clips, by clip_grad_norm_ (steps
     0-2) then by get_total_norm + clip_grads_with_norm_ (steps 3-5, a function compiled on
     its own): each compiles as one graph, as it does without record (the clip is not seen:
@@ -1451,9 +1463,11 @@ def test_a_clip_compiled_whole_is_left_as_torchs(tmp_path):
             """
         )
     )
-    result = record("--out", str(tmp_path / "run"), "--", sys.executable, str(script))
+    code, stderr, out, err = record_here(
+        monkeypatch, capfd, "--out", str(tmp_path / "run"), "--", sys.executable, str(script)
+    )
     trained = ["trained clip_grad_norm", "trained clip_with_total_norm"]
-    assert (result.stdout.splitlines(), result.returncode) == (trained, 0), result.stderr
+    assert (out.splitlines(), code) == (trained, 0), stderr + err
     assert open_run(tmp_path / "run").step_numbers == list(range(6))
 
 

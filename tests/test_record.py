@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from _cli import TIMEOUT, cli_command, cli_environment
 from _corpus import ADDRESS_SPACE
+from _record_here import child_env, record_here
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -101,29 +102,6 @@ def test_force_refuses_a_steps_file_or_a_manifest_folder(tmp_path, name, what):
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
 
 
-def _child_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The environment a wrapped command sees: the package's root first on its path (the
-    script runs from its own folder), and no run directory inherited from outside."""
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    monkeypatch.setenv("PYTHONPATH", path)
-    monkeypatch.delenv("STABLEDRL_RUN_DIR", raising=False)
-    return {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
-
-
-def _record(monkeypatch, capfd, *args: str):
-    """`stabledrl record ARGS` in-process (CliRunner); the wrapped command is a real child
-    process, whose stdout/stderr are read at the file-descriptor level.
-
-    Returns (exit code, record's own stderr, the child's stdout, the child's stderr).
-    """
-    _child_env(monkeypatch)
-    capfd.readouterr()
-    result = CliRunner().invoke(app, ["record", *args])
-    child = capfd.readouterr()
-    return result.exit_code, result.stderr, child.out, child.err
-
-
 @pytest.fixture
 def script(tmp_path: Path) -> Path:
     path = tmp_path / "train.py"
@@ -135,7 +113,7 @@ def test_record_wraps_a_command_and_a_non_empty_out_needs_force(
     tmp_path, script, monkeypatch, capfd
 ):
     out = tmp_path / "run"
-    code, _, child_out, child_err = _record(
+    code, _, child_out, child_err = record_here(
         monkeypatch, capfd, "--out", str(out), "-p", "grpo", "--", sys.executable, str(script), "3"
     )
     assert code == 0, child_err
@@ -146,11 +124,11 @@ def test_record_wraps_a_command_and_a_non_empty_out_needs_force(
     assert names == [f"step-{i:08d}.safetensors" for i in range(3)]
 
     command = ["--", sys.executable, str(script), "1"]
-    code, stderr, child_out, _ = _record(
+    code, stderr, child_out, _ = record_here(
         monkeypatch, capfd, "--out", str(out), "-p", "grpo", *command
     )
     assert code == 2 and "--force" in stderr and child_out == ""  # refused before it runs
-    code, _, _, child_err = _record(
+    code, _, _, child_err = record_here(
         monkeypatch, capfd, "--out", str(out), "--force", "-p", "grpo", *command
     )
     assert code == 0, child_err
@@ -165,7 +143,7 @@ def test_a_failing_log_call_warns_once_and_the_commands_exit_code_passes_through
     result = subprocess.run(
         [*cli_command(), "record", "--out", str(out), "-p", "grpo",
          "--", sys.executable, str(script), "2", "7"],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+        capture_output=True, text=True, env=child_env(monkeypatch), timeout=120,
     )  # fmt: skip
     assert result.returncode == 7  # the command's own failing code wins over the recorder's
     assert "training continues" in result.stdout
@@ -180,7 +158,7 @@ def test_a_failing_log_call_warns_once_and_the_commands_exit_code_passes_through
 
 def test_without_a_policy_the_error_says_what_to_pass(tmp_path, script, monkeypatch, capfd):
     out = tmp_path / "run"
-    code, stderr, child_out, child_err = _record(
+    code, stderr, child_out, child_err = record_here(
         monkeypatch, capfd, "--out", str(out), "--", sys.executable, str(script), "2"
     )
     assert code == 2
@@ -201,7 +179,7 @@ def test_square_brackets_in_the_command_and_a_failure_are_printed_as_they_are(
         "sys.exit(5)\n"
     )
     command = [sys.executable, str(script), "[/bad]"]
-    code, stderr, _, child_err = _record(
+    code, stderr, _, child_err = record_here(
         monkeypatch, capfd, "--out", str(tmp_path / "run"), "--", *command
     )
     assert code == 5, stderr + child_err
@@ -215,7 +193,7 @@ def _record_process(out: Path, script: Path, monkeypatch, *args: str):
     return subprocess.run(
         [*cli_command(), "record", "--out", str(out), *args,
          "--", sys.executable, str(script)],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+        capture_output=True, text=True, env=child_env(monkeypatch), timeout=120,
     )  # fmt: skip
 
 
@@ -532,9 +510,9 @@ def _raising_args(tmp_path: Path, args: tuple[str, ...], command: tuple[str, ...
 def _record_raising(
     tmp_path: Path, monkeypatch, capfd, *args: str, command: tuple[str, ...] = ()
 ) -> tuple[int, str, str, str]:
-    """`_record` of `_raising_args`: record in-process, its command a real process. record
+    """`record_here` of `_raising_args`: record in-process, its command a real process. record
     prints its first line before the command starts and the others once it ended."""
-    return _record(monkeypatch, capfd, *_raising_args(tmp_path, args, command))
+    return record_here(monkeypatch, capfd, *_raising_args(tmp_path, args, command))
 
 
 RICH_HOOK = (
@@ -695,7 +673,7 @@ def test_a_stabledrl_error_under_real_hydra_is_our_last_line_and_its_exit_code(
     result = subprocess.run(
         [*cli_command(), "record", "--out", str(tmp_path / "out"), "--no-optimizer-hooks",
          "--", sys.executable, str(script)],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
+        capture_output=True, text=True, env=child_env(monkeypatch), timeout=TIMEOUT,
         cwd=tmp_path,  # hydra writes its outputs/ there
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
@@ -743,7 +721,7 @@ def test_with_debug_the_commands_stabledrl_error_shows_its_traceback(
 def test_outside_record_a_stabledrl_error_is_pythons_usual_traceback(tmp_path, monkeypatch):
     script = tmp_path / "train.py"
     script.write_text(RAISES_SCRIPT)
-    env = _child_env(monkeypatch)
+    env = child_env(monkeypatch)
     result = subprocess.run(
         [sys.executable, str(script), "usage"], capture_output=True, text=True, env=env, timeout=120
     )
@@ -771,7 +749,7 @@ def test_a_stabledrl_error_on_every_torchrun_rank_is_one_line_per_rank(
     result = subprocess.run(  # a real record process: its exit code, torchrun's report left out
         [*cli_command(), "record",
          *_raising_args(tmp_path, (hooks, "usage,reported-usage"), torchrun)],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=300,
+        capture_output=True, text=True, env=child_env(monkeypatch), timeout=300,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
@@ -809,7 +787,7 @@ def test_a_bad_policy_spec_in_the_environment_is_refused_as_policy_is(
     'nonsense:eps=' failed the first log_policy_batch (a warning, then exit 2)."""
     monkeypatch.setenv("STABLEDRL_POLICY", spec)
     out = tmp_path / "run"
-    code, stderr, child_out, _ = _record(
+    code, stderr, child_out, _ = record_here(
         monkeypatch, capfd, "--out", str(out), "--", sys.executable, str(script), "2"
     )
     assert code == 2 and child_out == "" and not out.exists()
@@ -817,7 +795,7 @@ def test_a_bad_policy_spec_in_the_environment_is_refused_as_policy_is(
     assert line.startswith("error: $STABLEDRL_POLICY in the environment (record's --policy): ")
 
     monkeypatch.setenv("STABLEDRL_POLICY", "dapo:eps_high=0.28")  # a good one is recorded
-    code, _, _, child_err = _record(
+    code, _, _, child_err = record_here(
         monkeypatch, capfd, "--out", str(out), "--", sys.executable, str(script), "2"
     )
     assert code == 0, child_err
@@ -856,7 +834,7 @@ def test_a_command_killed_by_a_signal_is_the_shells_exit_code_and_named(tmp_path
     result = subprocess.run(
         [*cli_command(), "record", "--out", str(tmp_path / "run"), "--no-optimizer-hooks",
          "--", sys.executable, str(script)],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+        capture_output=True, text=True, env=child_env(monkeypatch), timeout=120,
     )  # fmt: skip
     assert result.returncode == 137, result.stderr
     assert result.stderr.splitlines()[-1] == (
@@ -873,7 +851,7 @@ def test_a_command_that_aborts_at_the_interpreters_exit_keeps_every_finished_ste
     result = subprocess.run(
         [*cli_command(), "record", "--out", str(out), "--",
          sys.executable, str(script)],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+        capture_output=True, text=True, env=child_env(monkeypatch), timeout=120,
     )  # fmt: skip
     assert "trained" in result.stdout
     assert result.returncode == 128 + 6, result.stderr  # SIGABRT, as a shell reports it
@@ -1002,7 +980,7 @@ def _signalled(
     process = subprocess.Popen(
         [*cli_command(), "record", "--out", str(out), "--",
          sys.executable, str(script), "3", str(flag)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(monkeypatch),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(monkeypatch),
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not inherited ignored
     )  # fmt: skip
@@ -1120,7 +1098,7 @@ def test_a_status_file_record_cannot_read_leaves_the_commands_exit_code(
     result = subprocess.run(
         [*cli_command(), "record", "--out", str(tmp_path / "run"), "--",
          sys.executable, str(script), "2", status, str(code)],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+        capture_output=True, text=True, env=child_env(monkeypatch), timeout=120,
     )  # fmt: skip
     assert result.stdout == "trained\n"
     assert result.returncode == code, result.stderr
@@ -1197,7 +1175,7 @@ def test_record_force_over_a_manifest_that_is_no_file_records_the_run(
     result = subprocess.run(
         [*cli_command(), "record", "--out", str(out), "--force", "--",
          sys.executable, str(script), "2"],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+        capture_output=True, text=True, env=child_env(monkeypatch), timeout=120,
         preexec_fn=limit,
     )  # fmt: skip
     assert result.stdout == "trained\n" and result.returncode == 0, result.stderr
@@ -1219,7 +1197,7 @@ def test_a_recording_failure_in_a_command_without_stderr_never_reaches_the_train
         "print('logged' if ok else 'not logged', 'training continues', flush=True)\n"
     )
     command = f"exec {shlex.quote(sys.executable)} {shlex.quote(str(script))} 2>&-"
-    code, stderr, child_out, child_err = _record(
+    code, stderr, child_out, child_err = record_here(
         monkeypatch, capfd, "--out", str(tmp_path / "run"), "-p", "grpo", "--", "sh", "-c", command
     )
     assert child_out == "not logged training continues\n" and child_err == "", stderr
@@ -1357,15 +1335,15 @@ def _record_script(
     """A real `stabledrl record --out TMP/run OPTIONS -- python SCRIPT ARGS` process."""
     return subprocess.run(
         [*cli_command(), "record", *_script_args(tmp_path, text, args, options)],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
+        capture_output=True, text=True, env=child_env(monkeypatch), timeout=TIMEOUT,
     )  # fmt: skip
 
 
 def _record_text(
     tmp_path: Path, monkeypatch, capfd, text: str, *args: str, options: tuple[str, ...] = ()
 ):
-    """`_record_script` with record in-process (`_record`), its command a real process."""
-    return _record(monkeypatch, capfd, *_script_args(tmp_path, text, args, options))
+    """`_record_script` with record in-process (`record_here`), its command a real process."""
+    return record_here(monkeypatch, capfd, *_script_args(tmp_path, text, args, options))
 
 
 THREAD_EXIT_SCRIPT = textwrap.dedent(
@@ -1791,7 +1769,7 @@ def test_a_script_that_names_another_policy_than_record_is_told(
     script = tmp_path / "own.py"
     script.write_text(OWN_POLICY_SCRIPT.replace("POLICY", scripts))
     out = tmp_path / "run"
-    code, _, _, child_err = _record(
+    code, _, _, child_err = record_here(
         monkeypatch, capfd, "--out", str(out), "-p", given, "--", sys.executable, str(script)
     )
     assert code == 0, child_err

@@ -1,0 +1,37 @@
+"""`stabledrl record -- CMD` with record in the test's process and CMD a real one: what a
+test of record's exit code, its lines and the run reads, without a Python of record's own."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
+
+def child_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The environment a wrapped command sees: the package's root first on its path (the
+    script runs from its own folder), and no run directory inherited from outside."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.delenv("STABLEDRL_RUN_DIR", raising=False)
+    return {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+
+
+def record_here(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str, str, str]:
+    """`stabledrl record ARGS` in-process (CliRunner); the wrapped command is a real child
+    process, whose stdout/stderr are read at the file-descriptor level.
+
+    Returns (exit code, record's own stderr, the child's stdout, the child's stderr).
+    """
+    child_env(monkeypatch)
+    capfd.readouterr()
+    result = CliRunner().invoke(app, ["record", *args])
+    child = capfd.readouterr()
+    return result.exit_code, result.stderr, child.out, child.err
