@@ -286,6 +286,7 @@ def _ready(
         # A file browser's file (.DS_Store: a folder made in Finder) makes no folder a run's.
         listed = os.listdir(path) if rank == 0 else []
         others = [n for n in listed if n != STEPS_DIR and not os_file(path / n)]
+        others.sort(key=lambda name: name != MANIFEST_NAME)  # the refusal names a run as one
         mine = [file.name for file, _, _ in chain(*own_files(steps, rank, world_size))]
         if MANIFEST_NAME in others:
             check_replaceable(path)  # another tool's: overwrite=True would not help either
