@@ -153,9 +153,10 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         stabledrl_reward_range: tuple[float, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        self.stabledrl_out, self._sd_overwrite = run_dir(
-            stabledrl_out, stabledrl_overwrite, type(self).__name__
-        )
+        trainer = type(self).__name__
+        self.stabledrl_out, forced = run_dir(stabledrl_out, stabledrl_overwrite, trainer)
+        # record's --force: the Recorder takes it, once for the command (`_run_env.forced_run`)
+        self._sd_overwrite = True if stabledrl_overwrite else (None if forced else False)
         self._sd_reward_range = (
             None
             if stabledrl_reward_range is None
@@ -253,7 +254,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             unit=self._sd_unit,
             world_size=world_size,
             rank=self.accelerator.process_index,
-            overwrite=self._sd_overwrite and resume is None,
+            overwrite=self._sd_overwrite if resume is None else False,
             group_ids="global",
             reward_range=self._sd_reward_range,
             on_write_error="warn",
