@@ -27,7 +27,7 @@ import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.replay import follow, incremental
+from stabledrl_cli.replay import follow, stream
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import LocalEngine, resolve_policies
 
@@ -189,13 +189,13 @@ def test_watch_reads_a_rejected_step_once(tmp_path, monkeypatch):
     """The run's last step is bad: later polls neither read it again nor warn again."""
     run = bad_seq_id(tiny_run(tmp_path / "run", steps=STEPS), STEPS - 1)
     streamed: list[list[int]] = []
-    real = incremental.stream_run
+    real = stream.stream_run
 
     def spy(run, *args, **kwargs):
         streamed.append(list(run.step_numbers))
         return real(run, *args, **kwargs)
 
-    monkeypatch.setattr(incremental, "stream_run", spy)
+    monkeypatch.setattr(stream, "stream_run", spy)  # imported where it runs
     watcher = follow.RunWatcher(run, ReplayConfig(device="cpu"))
     watcher.poll()
     assert watcher.replay is not None

@@ -7,8 +7,9 @@ engine), or too many --workers or an empty (or blank) --ray-address; `tune` and 
 (given a baseline naming a policy) refusing a missing run; `diff` of two scalar runs that
 part; `check` and `inspect` of a scalar run (inspect of a run with a policy batch checks each
 step with replay's own code, torch's), `replay` and `tune` refusing it, `check` its --plot
-(nor matplotlib) and `watch --once` a policy gate on it; and the refusals of bad input by
-these, `watch` and `branch`."""
+(nor matplotlib), `watch --once` a policy gate on it, and `watch` of it, live or `--once`
+(torch is loaded when a step with a policy batch is first replayed); and the refusals of bad
+input by these, `watch` and `branch`."""
 
 from __future__ import annotations
 
@@ -185,6 +186,22 @@ PROBES = {
                 recorder.log_step(step, reward_mean=0.5, grad_norm=1.0)
         refused = CliRunner().invoke(app, ["watch", path, "--once", "--max-discard-frac", "0.1"])
         assert refused.exit_code == 2 and "a scalar run so far" in refused.stderr, refused.output
+    """,
+    "watch --once of a scalar run, and its live watch": """
+        import tempfile
+        import stabledrl_cli as sd
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        path = tempfile.mkdtemp() + "/run"
+        with sd.Recorder(path, policy="grpo") as recorder:
+            for step in range(8):
+                recorder.log_step(step, reward_mean=0.5, grad_norm=1.0 + 99 * (step == 7))
+        gated = CliRunner().invoke(app, ["watch", path, "--once", "--max-spikes", "0"])
+        assert gated.exit_code == 1 and "(step 7)" in gated.stderr, gated.output
+        for args in (["--once", "--format", "json"], ["--once", "--device", "cpu"],
+                     ["--interval", "0.1", "--until-idle", "1"]):  # the run ended: one poll
+            watched = CliRunner().invoke(app, ["watch", path, *args])
+            assert watched.exit_code == 0 and "step" in watched.output, watched.output
     """,
     "tune refusing a missing run": """
         from typer.testing import CliRunner

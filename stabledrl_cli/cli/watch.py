@@ -326,9 +326,9 @@ def _refuse_policy_gates(watcher: RunWatcher, gates: Gates) -> None:
     """`_unreplayed_gates` when the own policy replayed no step (as `check` refuses a policy
     gate on a scalar run)."""
     replay = watcher.replay
-    if not gates.policy_gates or replay is None or (replay.policy is not None and replay.steps):
+    if not gates.policy_gates or replay is None or (replay.spec is not None and replay.steps):
         return
-    raise _unreplayed_gates(watcher.path, gates, replay.run, own=replay.policy is not None)
+    raise _unreplayed_gates(watcher.path, gates, replay.run, own=replay.spec is not None)
 
 
 def _unreplayed_gates(path: Path, gates: Gates, run: Run, *, own: bool) -> UsageError:
@@ -374,7 +374,7 @@ def _gates(watcher: RunWatcher, gates: Gates) -> list[GateResult]:
         return []
     _require_replayed(watcher)
     _refuse_policy_gates(watcher, gates)
-    result = replay.result() if replay.policy is not None and replay.steps else None
+    result = replay.result() if replay.spec is not None and replay.steps else None
     return evaluate(result, gates, None, recorded=replay.recorded(), lost=watcher.lost_steps())
 
 
@@ -482,7 +482,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                             line = _policy_change_line(str(watcher.path), change)
                             live.console.print(line, highlight=False)
                         changes = len(watcher.policy_changes)
-                        if watcher.replay is not None and watcher.replay.policy is None:
+                        if watcher.replay is not None and watcher.replay.spec is None:
                             _refuse_policy_gates(watcher, gates)  # no step will be replayed
                         if watcher.replay is not None and watcher.replay is not noted:
                             noted = watcher.replay  # once a run followed
@@ -605,10 +605,12 @@ def command(
             opened = open_run(path)  # a missing path or a non-run (a FIFO): its own error
             if once and device in ("auto", "cpu"):  # a device named is checked first, by torch
                 _refuse_unreplayed_gates(opened, path, gates)
-        from stabledrl_cli._device import resolve_device
-        from stabledrl_cli.replay.follow import RunWatcher  # torch: the own policy's replay
+        from stabledrl_cli.replay.follow import RunWatcher
 
-        resolve_device(device)  # now, not when the first step lands (hours later, live)
+        if device not in ("auto", "cpu"):  # torch: now, not when the first batch lands (live)
+            from stabledrl_cli._device import resolve_device
+
+            resolve_device(device)
         watcher = RunWatcher(path, ReplayConfig(device=device), recent=recent)
         if once:
             code = _once(watcher, gates, output_format)

@@ -49,7 +49,7 @@ def candidates(replay: OwnReplay, spike_factor: float) -> list[Alert]:
     series = replay.series()
     observed = replay.observed()
     found: list[Alert] = []
-    spec = replay.policy.spec if replay.policy is not None else "the own policy"
+    spec = replay.spec or "the own policy"
     spikes = set(flag_steps(series, "spike"))
     risk = flag_steps(series, "collapsed")
     for step in risk:

@@ -46,7 +46,7 @@ class PolicyChange:
 
 def _policy_of(replay: OwnReplay) -> str | None:
     """The spec the watch replays the run by: its own policy's, else the manifest's."""
-    return getattr(replay.policy, "spec", None) or replay.run.policy_spec
+    return replay.spec or replay.run.policy_spec
 
 
 class RunWatcher:
@@ -198,7 +198,7 @@ class RunWatcher:
         now = _policy_of(replay)
         if self._judged is not None and self._judged[0] != now:
             was, after = self._judged
-            replayed = replay.policy is not None
+            replayed = replay.spec is not None
             self.policy_changes.append(
                 PolicyChange(was=was, now=now, after_step=after, replayed=replayed)
             )

@@ -16,18 +16,18 @@ it (`follow.RunWatcher`); `diff` replays the steps around the point two runs par
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import Run, Step
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._views import ReadSteps, StepSubset
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.policies import Policy
+from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.columns import ColumnArray, derive_series
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.engine import own_policy, replay_result, single_torch_thread
 from stabledrl_cli.replay.guards import GuardInput, GuardReplay
 from stabledrl_cli.replay.observed import (
     NoiseFloor,
@@ -36,26 +36,36 @@ from stabledrl_cli.replay.observed import (
     measurements_of,
     observe,
 )
-from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
+from stabledrl_cli.replay.recorded import RecordedRun, policy_loss, recorded_run
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.rows import RowBuffer
-from stabledrl_cli.replay.run_facts import no_steps_message, nothing_to_replay, skipped_reasons
-from stabledrl_cli.replay.stream import StreamedRun, policy_loss, stream_run
+from stabledrl_cli.replay.run_facts import (
+    no_steps_message,
+    nothing_to_replay,
+    own_spec,
+    skipped_reasons,
+)
 from stabledrl_cli.vocab import StepGeometryKind
+
+if TYPE_CHECKING:
+    from stabledrl_cli.policies import Policy
+    from stabledrl_cli.replay.stream import StreamedRun
 
 
 class OwnReplay:
     """The run's own policy (its manifest's spec) replayed over the steps added so far.
 
-    Without an own policy in the catalogue (a custom spec), `policy` is None: no policy is
-    replayed, and the collapse warning's measurements are still gathered.
+    Without an own policy in the catalogue (a custom spec), `spec` and `policy` are None: no
+    policy is replayed, and the collapse warning's measurements are still gathered. The policy
+    (torch) is built when a step with a policy batch is first replayed: a scalar run's watch
+    never loads torch.
     """
 
     def __init__(self, run: Run, config: ReplayConfig | None = None) -> None:
         self.run = run
         self.config = config or ReplayConfig()
-        self.policy: Policy | None = own_policy(run)
-        self._device = resolve_device(self.config.device)
+        self.spec: str | None = own_spec(run)
+        """The canonical spec of the run's own policy (`policy`'s), None without one."""
         self._steps: list[int] = []
         self._scalar: list[int] = []
         self._rejected: list[tuple[int, str]] = []
@@ -81,9 +91,14 @@ class OwnReplay:
         self._series: dict[str, ColumnArray] | None = None
         """What `observed` and `series` derived from the steps read, until more are read."""
 
+    @cached_property
+    def policy(self) -> Policy | None:
+        """The run's own policy (`spec`), built on first use (torch)."""
+        return None if self.spec is None else get_policy(self.spec)
+
     @property
     def _width(self) -> int:
-        return 0 if self.policy is None else 1
+        return 0 if self.spec is None else 1
 
     @property
     def steps(self) -> list[int]:
@@ -134,23 +149,14 @@ class OwnReplay:
             batches = [h for h in headers if not h.is_scalar]
             subset = StepSubset(self.run, [h.step for h in batches])
             rejected: tuple[tuple[int, str], ...] = ()
-            if self.policy is None:
+            if self.spec is None or not batches:  # nothing to replay: no torch loaded
                 floor, gathered = measurements_of(subset)
                 read = [h.step for h in batches]
                 self._geometry.extend("coef" for _ in read)
                 self._loss.append(np.array([policy_loss(h.scalars) for h in batches]))
                 self._covered.append(np.full(len(read), np.nan))
             else:
-                with single_torch_thread():
-                    streamed = stream_run(
-                        subset,
-                        [self.policy],
-                        0,
-                        self._device,
-                        chunk_size=self.config.chunk_size,
-                        memory_budget=self.config.memory_budget,
-                        threads=self.config.threads,
-                    )
+                streamed = self._stream(subset)
                 floor, gathered = streamed.noise_floor, streamed.likelihood
                 read = [int(n) for n in streamed.step_numbers]
                 rejected = streamed.rejected
@@ -172,6 +178,24 @@ class OwnReplay:
         self._likelihood.extend(gathered)
         self._floor.extend(floor)
         return sorted(batch + scalar + ([] if self._tail is None else [self._tail]))
+
+    def _stream(self, subset: StepSubset) -> StreamedRun:
+        """The replay's streaming pass of the own policy over `subset` (torch, loaded now)."""
+        from stabledrl_cli._device import resolve_device
+        from stabledrl_cli.replay.engine import single_torch_thread
+        from stabledrl_cli.replay.stream import stream_run
+
+        assert self.policy is not None
+        with single_torch_thread():
+            return stream_run(
+                subset,
+                [self.policy],
+                0,
+                resolve_device(self.config.device),
+                chunk_size=self.config.chunk_size,
+                memory_budget=self.config.memory_budget,
+                threads=self.config.threads,
+            )
 
     def _same_tail(self, tail: int, headers: list[Step]) -> bool:
         """Whether `headers` (read past the last final step) are the tail's alone, read again
@@ -204,6 +228,8 @@ class OwnReplay:
 
     def stream(self) -> StreamedRun:
         """What the replay's streaming pass over the steps replayed so far would have kept."""
+        from stabledrl_cli.replay.stream import StreamedRun
+
         return StreamedRun(
             step_numbers=np.array(self._steps, dtype=np.int64),
             metrics=self._metrics.rows,
@@ -219,13 +245,12 @@ class OwnReplay:
     def series(self) -> dict[str, ColumnArray]:
         """The own policy's reported columns over the steps replayed so far (name -> [S]);
         {} without an own policy."""
-        if self.policy is None:
+        if self.spec is None:
             return {}
         if self._series is None:
-            stream = self.stream()
-            self._series = derive_series(
-                stream.metrics[:, 0, :], stream.step_numbers, stream.geometry, self.config
-            )
+            steps = np.array(self._steps, dtype=np.int64)
+            rows = self._metrics.rows[:, 0, :]
+            self._series = derive_series(rows, steps, tuple(self._geometry), self.config)
         return self._series
 
     def observed(self) -> Observed:
@@ -276,6 +301,8 @@ class OwnReplay:
             if self.seen:
                 raise nothing_to_replay(self.run, len(self.seen), self.skipped())
             raise InputError(no_steps_message(self.run, self.skipped()))
+        from stabledrl_cli.replay.engine import replay_result
+
         policies = [self.policy] if self.policy is not None else []
         return replay_result(
             self.run,

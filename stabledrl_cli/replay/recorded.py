@@ -19,14 +19,14 @@ logs them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from stabledrl_cli.dump import Run
-from stabledrl_cli.dump._schema import DRAW_SCALARS
+from stabledrl_cli.dump._schema import DRAW_SCALARS, LOSS_AUX
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.integrations._verl_facts import TRAINING_STEP_MEANS
 from stabledrl_cli.replay.detectors import (
@@ -66,6 +66,12 @@ class SeriesStats:
         """One statistic by name (None: no finite value)."""
         value: float | None = getattr(self, name)
         return value
+
+
+def policy_loss(scalars: Mapping[str, float]) -> float:
+    """A step's recorded loss less its part outside the policy's objective (`LOSS_AUX`: an
+    MoE router loss), what the run's own policy replays to; NaN where no loss is recorded."""
+    return scalars.get("loss", math.nan) - scalars.get(LOSS_AUX, 0.0)
 
 
 def series_stats(values: np.ndarray) -> SeriesStats:

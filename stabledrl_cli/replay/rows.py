@@ -3,10 +3,14 @@ written in place a block of steps at a time."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from stabledrl_cli.replay import columns
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RowBuffer:
@@ -38,8 +42,10 @@ class RowBuffer:
             bigger[: self._filled] = self.rows
             self._buffer = bigger
         target = self._buffer[self._filled : end]
-        if isinstance(block, torch.Tensor):
-            torch.from_numpy(target).copy_(block)
-        else:
+        if isinstance(block, np.ndarray):
             target[...] = block
+        else:  # a tensor: torch is loaded
+            import torch
+
+            torch.from_numpy(target).copy_(block)
         self._filled = end

@@ -32,7 +32,7 @@ for, a problem of the request, and skipping the step would drop it for every oth
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -44,7 +44,6 @@ import torch
 
 from stabledrl_cli._memory import heap_kept, release_freed_memory
 from stabledrl_cli.dump import Run, Step
-from stabledrl_cli.dump._schema import LOSS_AUX
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies import Policy, PreparedBatch
 from stabledrl_cli.replay import columns
@@ -58,6 +57,7 @@ from stabledrl_cli.replay.metrics import (
 )
 from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood
 from stabledrl_cli.replay.read_ahead import read_ahead
+from stabledrl_cli.replay.recorded import policy_loss
 from stabledrl_cli.replay.rows import RowBuffer
 from stabledrl_cli.replay.run_facts import run_ranks
 from stabledrl_cli.replay.step_data import (
@@ -125,12 +125,6 @@ class StreamedRun:
     reader_checks: tuple[object, ...] = ()
     """What the readers of a sharded pass checked of the run (`Run.checks`, one a shard), for
     the driver's run to adopt; a local pass leaves its checks in the run it read."""
-
-
-def policy_loss(scalars: Mapping[str, float]) -> float:
-    """A step's recorded loss less its part outside the policy's objective (`LOSS_AUX`: an
-    MoE router loss), what the run's own policy replays to; NaN where no loss is recorded."""
-    return scalars.get("loss", math.nan) - scalars.get(LOSS_AUX, 0.0)
 
 
 def step_row_bytes(policies: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,7 +14,9 @@ from stabledrl_cli.replay.columns import Aggregate, ColumnArray
 from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY
 from stabledrl_cli.replay.detectors import rolling_mean
 from stabledrl_cli.replay.result import PolicySummary, StepSeries, same_mass
-from stabledrl_cli.replay.stream import StreamedRun
+
+if TYPE_CHECKING:
+    from stabledrl_cli.replay.stream import StreamedRun
 
 
 def _median(values: ColumnArray) -> float | None:

@@ -133,7 +133,7 @@ def watch_state(
 ) -> WatchState:
     """What a watcher of `path` knows now: the steps `replay` read (None: none yet), the last
     `recent` of them as rows, the `alerts` raised so far."""
-    policy = None if replay is None else getattr(replay.policy, "spec", None)
+    policy = None if replay is None else replay.spec
     recorded = None if replay is None else replay.run.policy_spec
     seen = [] if replay is None else replay.seen
     if replay is None or not seen:
