@@ -2410,10 +2410,17 @@ def test_stabledrl_force_false_keeps_an_existing_run(
     """$STABLEDRL_FORCE=false read as true (any text but empty or 0 did) and replaced the run;
     it is now off, and text that is no switch is refused as a bad reward range is: a
     UsageError with an `out`, one warning from the setup hook."""
+    run = tmp_path / "run"
+    with Recorder(run, policy=None) as recorder:
+        recorder.log_step(0, loss=1.0)
+    monkeypatch.setenv("STABLEDRL_RUN_DIR", str(run))
     monkeypatch.setenv("STABLEDRL_FORCE", "false")
-    assert stabledrl_verl.install(tmp_path / "run")
-    assert stabledrl_verl._session is not None and not stabledrl_verl._session.overwrite
+    assert stabledrl_verl.install()
+    train(actor_config())
     stabledrl_verl.uninstall()
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert open_run(run).manifest["policy"] is None
+    monkeypatch.delenv("STABLEDRL_RUN_DIR")
     monkeypatch.setenv("STABLEDRL_FORCE", "maybe")
     with pytest.raises(UsageError, match=re.escape("$STABLEDRL_FORCE='maybe': not a switch")):
         stabledrl_verl.install(tmp_path / "other")

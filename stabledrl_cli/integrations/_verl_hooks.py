@@ -67,7 +67,9 @@ class Session:
     """This process's recording: where to write, and the state between optimizer steps."""
 
     out: Path
-    overwrite: bool
+    overwrite: bool | None
+    """True or False as install() was given it; None: record's --force, which the Recorder
+    takes once for the command (`_run_env.forced_run`)."""
     reward_range: tuple[float, float] | None = None
     """(low, high) the reward spans, recorded in the manifest."""
     recorder: Recorder | None = None

@@ -139,9 +139,10 @@ def install(
 ) -> bool:
     """Hooks verl's engine in this process. out: the run directory, default
     $STABLEDRL_RUN_DIR; without either this does nothing and returns False. overwrite: replace
-    an existing run (default $STABLEDRL_FORCE). reward_range: (low, high) the reward spans,
-    recorded in the manifest (default $STABLEDRL_REWARD_RANGE, LOW,HIGH; else none). Returns
-    True when recording is installed.
+    an existing run (default $STABLEDRL_FORCE, which the rank's first Recorder of the command
+    takes: a later process of the rank finds the steps recorded and does not replace them).
+    reward_range: (low, high) the reward spans, recorded in the manifest (default
+    $STABLEDRL_REWARD_RANGE, LOW,HIGH; else none). Returns True when recording is installed.
     Once installed, a call without `out` or with the same directory returns True and changes
     nothing; one naming another directory raises UsageError naming both (its steps would go
     on into the first: uninstall() first). Raises UsageError for an `overwrite` that is not
@@ -167,8 +168,8 @@ def install(
         try:
             check_verl_version()
             span = reward_range if reward_range is not None else _env_reward_range()
-            if overwrite is None:
-                overwrite = env_force()
+            if overwrite is None:  # a bad switch is refused here; the Recorder takes it
+                env_force()  # (`_run_env.forced_run`): once for the command, never again
         except UsageError as exc:
             if out is not None:
                 raise
@@ -188,7 +189,7 @@ def _env_reward_range() -> tuple[float, float] | None:
 
 
 def _hooked_session(
-    out: Path, overwrite: bool, reward_range: tuple[float, float] | None
+    out: Path, overwrite: bool | None, reward_range: tuple[float, float] | None
 ) -> Session:
     """A new recording into `out`, verl's engine (and TrainingWorker) methods wrapped for it."""
     from verl.workers.engine.base import BaseEngine
