@@ -408,8 +408,12 @@ def test_what_the_readers_or_pack_refuse_is_refused_when_recorded(tmp_path):
 def test_step_numbers_and_constructor_are_checked(tmp_path):
     with sd.Recorder(tmp_path / "run", param_names=["a"]) as rec:
         rec.log_step(4, **_flat())
-        with pytest.raises(UsageError, match="must increase"):
+        with pytest.raises(UsageError, match=r"^step 4 was logged already"):
             rec.log_step(4, **_flat())
+        with pytest.raises(
+            UsageError, match=r"^step 3 does not follow step 4; steps must increase$"
+        ):
+            rec.log_step(3, **_flat())
         with pytest.raises(UsageError, match="step must be"):
             rec.log_step(-1, **_flat())
         for not_a_step in (True, 5.0, "5"):
