@@ -55,27 +55,3 @@ def test_a_recorder_refused_for_its_arguments_leaves_the_switch(tmp_path, monkey
         Recorder(run, policy="grpo:eps_low=-1")
     with Recorder(run, policy="grpo") as recorder:
         assert recorder.manifest["policy"]["spec"] == "grpo"
-
-
-def test_a_later_process_under_force_is_told_to_resume_not_to_force(tmp_path, monkeypatch):
-    """`record --force -- sh -c 'python a.py && python b.py'`: b.py's first log_policy_batch
-    found the run a.py recorded (the switch is taken once) and was told '... run `stabledrl
-    record --force` to record into it', the option the user had given. A process of the
-    command opened here (no process started): the rank's switch taken by an earlier one."""
-    from stabledrl_cli.capture import bootstrap
-
-    run, ranks = tmp_path / "run", tmp_path / "ranks"
-    with Recorder(run, policy="grpo") as recorder:
-        recorder.log_step(0, grad_norm=1.0)
-    ranks.mkdir()
-    (ranks / "replaced.rank-0").touch()  # a.py's Recorder took --force
-    for name, value in [("RUN_DIR", run), ("FORCE", "1"), ("RANKS_DIR", ranks)]:
-        monkeypatch.setenv(f"STABLEDRL_{name}", str(value))
-    monkeypatch.setattr(bootstrap, "_closed_at_child_end", True)  # no exit handler to leave
-    with pytest.raises(UsageError) as refused:
-        bootstrap._open("grpo", {}, batch=True, hooks=False)
-    assert str(refused.value) == (
-        f"{run} already exists and is not empty (manifest.json): an earlier process of the "
-        "command recorded it (--force replaces the run once); a later one continues it with "
-        "log_policy_batch's recorder_kwargs resume=True"
-    )

@@ -121,6 +121,13 @@ run it closed) refused: a recording failure after a training that ended well."""
 
 _opening = False
 """Whether the run's Recorder is being made (`_open`)."""
+BATCH_CONTINUES = "a later one continues it with log_policy_batch's recorder_kwargs resume=True"
+HOOKS_CONTINUE_NONE = (
+    "the optimizer hooks do not continue a run (log_policy_batch's recorder_kwargs "
+    "resume=True does): record a later process with a `stabledrl record --out` of its own"
+)
+"""How a later process of record's command continues the run an earlier one recorded
+(`RunNotEmpty.for_record`), when log_policy_batch opens it, and when the hooks do."""
 _closed_at_child_end = False
 """Whether `close` runs as this process's target returns, in a child of multiprocessing."""
 
@@ -218,7 +225,8 @@ def _open(
             refuse_child_of_recording(run_dir, recorder_kwargs.get("rank", 0))
         if isinstance(exc, RunNotEmpty) and records_out(run_dir):
             taken = force_taken(recorder_kwargs.get("rank", 0))
-            raise exc.for_record(taken) from None  # the user typed a command: record's words
+            continues = BATCH_CONTINUES if batch else HOOKS_CONTINUE_NONE
+            raise exc.for_record(taken, continues) from None  # record's words: a command typed
         raise
     finally:
         _opening = False

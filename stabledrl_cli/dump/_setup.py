@@ -59,7 +59,7 @@ from typing import Any
 from stabledrl_cli._atomic import fsync_dir, write_error
 from stabledrl_cli._run_env import note_overwrite
 from stabledrl_cli.dump._directory import DirectoryRun
-from stabledrl_cli.dump._file_names import MANIFEST_NAME, STEPS_DIR
+from stabledrl_cli.dump._file_names import MANIFEST_NAME, STEP_FILE_RE, STEPS_DIR
 from stabledrl_cli.dump._manifest import RUN_ID, check_manifest, parse_manifest
 from stabledrl_cli.dump._manifest_edits import (
     manifest_now,
@@ -104,18 +104,35 @@ class RunNotEmpty(UsageError):
     def __reduce__(self) -> tuple[type[RunNotEmpty], tuple[Path, str]]:
         return type(self), (self.path, self.found)  # (pickled: the arguments are not args)
 
-    def for_record(self, force_taken: bool) -> UsageError:
+    def saying(self, advice: str) -> UsageError:
+        """The refusal with `advice` in place of the Recorder's arguments: how the user of
+        the Recorder's caller (a trainer taking arguments of its own) replaces or continues
+        the run."""
+        return UsageError(f"{self.refused}; {advice}")
+
+    def for_record(self, force_taken: bool, continues: str) -> UsageError:
         """The refusal as `stabledrl record`'s: a run that appeared in --out after record
         checked it (another job recording there), or that an earlier process of the command
-        recorded (`python a.py && python b.py`), which one that took --force (`force_taken`:
-        `_run_env.force_taken`) did, and a later one resumes."""
-        if force_taken:
-            return UsageError(
-                f"{self.refused}: an earlier process of the command recorded it (--force "
-                "replaces the run once); a later one continues it with log_policy_batch's "
-                "recorder_kwargs resume=True"
-            )
-        return UsageError(f"{self.refused}; run `stabledrl record --force` {RECORD_FORCE_HINT}")
+        made (`python a.py && python b.py`), which one that took --force (`force_taken`:
+        `_run_env.force_taken`) did, and a later one of the opener at hand continues as
+        `continues` says. A run that holds no step (the earlier process's first step failed)
+        is said to be one."""
+        if not force_taken:
+            return self.saying(f"run `stabledrl record --force` {RECORD_FORCE_HINT}")
+        made = "recorded it" if _holds_a_step(self.path) else "replaced it and recorded no step"
+        return UsageError(
+            f"{self.refused}: an earlier process of the command {made} (--force replaces "
+            f"the run once); {continues}"
+        )
+
+
+def _holds_a_step(path: Path) -> bool:
+    """Whether the run at `path` holds a step file of any rank."""
+    try:
+        names = os.listdir(path / STEPS_DIR)
+    except OSError:
+        return False
+    return any(STEP_FILE_RE.match(name) for name in names)
 
 
 def _remove_os_files(path: Path) -> None:
