@@ -881,7 +881,8 @@ def test_a_second_training_never_replaces_the_first_ones_steps(
 ) -> None:
     """train() twice into one run directory in one process: on one trainer, or on a second
     one (a script that trains in phases under `stabledrl record`, which gives both its run
-    directory; --force gives both overwrite=True). TRL numbers the second training's steps
+    directory; --force goes to the first training's Recorder, which replaces the run once).
+    TRL numbers the second training's steps
     from 1 again, so recording them would replace the first training's. The first's steps
     stay; the second trains unrecorded, said once on stderr (neither replacing the first's
     steps, with overwrite, nor stopped by the first's run, without)."""
