@@ -58,4 +58,30 @@ def test_a_later_process_under_force_does_not_replace_the_run(
     _train(steps=1)
     kept = sd.open_run(run)
     assert kept.step_numbers == [0, 1] and kept.manifest["run_id"] == first.manifest["run_id"]
-    assert "already exists and is not empty" in capfd.readouterr().err
+    # Before, the Recorder's words: '... pass overwrite=True to replace the run, or
+    # resume=True to continue it', a resume verl's recording does not make.
+    assert (
+        f"{run} already exists and is not empty (manifest.json): an earlier process of the "
+        "command recorded it (--force replaces the run once); verl's recording continues no "
+        "run: record a later job into a --out of its own; recording is off"
+    ) in capfd.readouterr().err
+
+
+def test_a_run_there_outside_record_is_refused_in_verls_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The Ray setup hook's run directory ($STABLEDRL_RUN_DIR, no `stabledrl record`) holds a
+    run: the line named the Recorder's resume=True, which verl's recording does not take."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy=None) as recorder:
+        recorder.log_step(0, loss=1.0)
+    monkeypatch.setenv("STABLEDRL_RUN_DIR", str(run))
+    monkeypatch.delenv("STABLEDRL_RANKS_DIR", raising=False)
+    monkeypatch.delenv("STABLEDRL_FORCE", raising=False)
+    _train(steps=1)
+    assert (
+        f"{run} already exists and is not empty (manifest.json); pass install(overwrite=True) "
+        "or set $STABLEDRL_FORCE=1 to replace the run (verl's recording continues no run: a "
+        "resumed job records into a new directory)"
+    ) in capfd.readouterr().err
+    assert sd.open_run(run).step_numbers == [0]

@@ -22,10 +22,12 @@ from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 from verl.workers.config import ActorConfig
 
+from stabledrl_cli._run_env import force_taken, records_out
 from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._manifest_edits import change_manifest
 from stabledrl_cli.dump._policy import policy_entry
+from stabledrl_cli.dump._setup import RunNotEmpty
 from stabledrl_cli.errors import UsageError, warn
 from stabledrl_cli.integrations._verl_capture import (
     Groups,
@@ -50,6 +52,22 @@ LossFunction = Callable[..., Any]
 REJECTED_FROM = "rejected_tokens_from_step"
 """The manifest's meta key naming the step from which the run's spec counts the tokens verl's
 rollout rejection sampling left in token-mean's count (`Session._count_rejected`)."""
+
+
+def not_empty(refused: RunNotEmpty, rank: int) -> UsageError:
+    """The Recorder's refusal of a directory that holds a run, in the words of what verl's
+    recording takes (install's `overwrite`, $STABLEDRL_FORCE), not the Recorder's `resume`:
+    each process numbers its steps from 0 and continues no run. Record's under `stabledrl
+    record` (`RunNotEmpty.for_record`)."""
+    if records_out(refused.path):
+        return refused.for_record(
+            force_taken(rank),
+            "verl's recording continues no run: record a later job into a --out of its own",
+        )
+    return refused.saying(
+        "pass install(overwrite=True) or set $STABLEDRL_FORCE=1 to replace the run (verl's "
+        "recording continues no run: a resumed job records into a new directory)"
+    )
 
 
 @dataclass
@@ -204,27 +222,33 @@ class Session:
             generations = _num_generations(config, self.groups)
             self.group_size = generations.get("num_generations")
             self.world_size = world_size
-            self.recorder = Recorder(
-                self.out,
-                policy=policy,
-                meta={
-                    "framework": "verl",
-                    "verl_version": importlib.metadata.version("verl"),
-                    "loss_mode": loss_mode(config),
-                    "loss_agg_mode": agg_mode(config),
-                    "loss_scale_factor": config.loss_scale_factor,
-                    "loss": "verl's policy loss (pg + kl) of a rank; the step's is their mean",
-                    **generations,
-                    **({"policy_unidentified": unidentified} if unidentified else {}),
-                    **self._rejected_from(config),
-                },
-                reward_range=self.reward_range,
-                world_size=world_size,
-                rank=int(engine.get_data_parallel_rank()) if world_size > 1 else 0,
-                overwrite=self.overwrite,
-                group_ids="global" if self.groups is not None or world_size == 1 else "per_rank",
-                on_write_error="warn",
-            )
+            rank = int(engine.get_data_parallel_rank()) if world_size > 1 else 0
+            try:
+                self.recorder = Recorder(
+                    self.out,
+                    policy=policy,
+                    meta={
+                        "framework": "verl",
+                        "verl_version": importlib.metadata.version("verl"),
+                        "loss_mode": loss_mode(config),
+                        "loss_agg_mode": agg_mode(config),
+                        "loss_scale_factor": config.loss_scale_factor,
+                        "loss": "verl's policy loss (pg + kl) of a rank; the step's is their mean",
+                        **generations,
+                        **({"policy_unidentified": unidentified} if unidentified else {}),
+                        **self._rejected_from(config),
+                    },
+                    reward_range=self.reward_range,
+                    world_size=world_size,
+                    rank=rank,
+                    overwrite=self.overwrite,
+                    group_ids="global"
+                    if self.groups is not None or world_size == 1
+                    else "per_rank",
+                    on_write_error="warn",
+                )
+            except RunNotEmpty as exc:
+                raise not_empty(exc, rank) from None
         if self.policy_spec:
             self._same_policy(config, micro)
         return self.recorder
