@@ -70,22 +70,30 @@ def forced_run(path: str | os.PathLike[str], rank: int) -> bool:
     replaced = os.environ.get(ENV_RANKS_DIR)
     if not replaced:
         return True
+    switch = os.path.join(replaced, _replaced_name(rank))
     try:
-        os.close(os.open(os.path.join(replaced, _replaced_name(rank)), os.O_CREAT | os.O_EXCL))
+        os.close(os.open(switch, os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         return False
     except OSError as exc:  # record's directory gone: its command outlived it
         return exc.errno != errno.ENOENT
+    _TAKEN_HERE.add(switch)
     return True
 
 
+_TAKEN_HERE: set[str] = set()
+"""The files of $STABLEDRL_RANKS_DIR that a Recorder of this process made (`forced_run`)."""
+
+
 def force_taken(rank: int) -> bool:
-    """Whether a Recorder of `stabledrl record`'s command took --force for `rank` already
-    (`forced_run`): a later one of the rank finds the run that one recorded."""
+    """Whether a Recorder of an earlier process of `stabledrl record`'s command took --force
+    for `rank` (`forced_run`): a later one of the rank finds the run that one recorded (not
+    one of this process, whose second Recorder finds its first's)."""
     replaced = os.environ.get(ENV_RANKS_DIR)
     if not replaced:
         return False
-    return os.path.lexists(os.path.join(replaced, _replaced_name(rank)))
+    switch = os.path.join(replaced, _replaced_name(rank))
+    return switch not in _TAKEN_HERE and os.path.lexists(switch)
 
 
 def _replaced_name(rank: int) -> str:

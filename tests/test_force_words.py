@@ -14,14 +14,19 @@ from stabledrl_cli.dump import Recorder
 from stabledrl_cli.errors import UsageError
 
 
+def _after_an_earlier_process(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """b's environment under `record --force --out run`: a.py's Recorder took the switch."""
+    ranks = run.parent / "ranks"
+    ranks.mkdir()
+    (ranks / "replaced.rank-0").touch()
+    for name, value in [("RUN_DIR", run), ("FORCE", "1"), ("RANKS_DIR", ranks)]:
+        monkeypatch.setenv(f"STABLEDRL_{name}", str(value))
+
+
 def _refused(run: Path, monkeypatch: pytest.MonkeyPatch, *, batch: bool) -> str:
     """The line b's first step gets, its run opened by log_policy_batch (`batch`) or by the
     optimizer hooks alone."""
-    ranks = run.parent / "ranks"
-    ranks.mkdir()
-    (ranks / "replaced.rank-0").touch()  # a.py's Recorder took --force
-    for name, value in [("RUN_DIR", run), ("FORCE", "1"), ("RANKS_DIR", ranks)]:
-        monkeypatch.setenv(f"STABLEDRL_{name}", str(value))
+    _after_an_earlier_process(run, monkeypatch)
     monkeypatch.setattr(bootstrap, "_closed_at_child_end", True)  # no exit handler to leave
     with pytest.raises(UsageError) as refused:
         bootstrap._open("grpo" if batch else None, {}, batch=batch, hooks=not batch)
@@ -73,4 +78,24 @@ def test_a_run_the_earlier_process_recorded_no_step_in_is_said_to_be_one(
         f"{run} already exists and is not empty (manifest.json): an earlier process of the "
         "command replaced it and recorded no step (--force replaces the run once); a later "
         "one continues it with log_policy_batch's recorder_kwargs resume=True"
+    )
+
+
+def test_a_recorder_of_the_scripts_own_is_told_of_the_earlier_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A custom loop's Recorder on record's --out (`--no-optimizer-hooks`) in b.py: before,
+    '... pass overwrite=True to replace the run, or resume=True to continue it', not saying
+    why the --force the user gave did not replace it, nor that overwrite=True replaces the
+    steps a.py recorded."""
+    run = tmp_path / "run"
+    with Recorder(run, policy="grpo") as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+    _after_an_earlier_process(run, monkeypatch)
+    with pytest.raises(UsageError) as refused:
+        Recorder(run, policy="grpo")
+    assert str(refused.value) == (
+        f"{run} already exists and is not empty (manifest.json): an earlier process of the "
+        "command recorded it (--force replaces the run once); a later Recorder continues it "
+        "with resume=True (overwrite=True replaces it)"
     )

@@ -17,6 +17,7 @@ from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 
 import stabledrl_cli as sd  # noqa: E402
+from stabledrl_cli import _run_env  # noqa: E402
 from stabledrl_cli.integrations import verl as stabledrl_verl  # noqa: E402
 
 
@@ -55,6 +56,7 @@ def test_a_later_process_under_force_does_not_replace_the_run(
     capfd.readouterr()
 
     monkeypatch.setenv("STABLEDRL_FORCE", "1")
+    monkeypatch.setattr(_run_env, "_TAKEN_HERE", set())  # a later process: none taken there
     _train(steps=1)
     kept = sd.open_run(run)
     assert kept.step_numbers == [0, 1] and kept.manifest["run_id"] == first.manifest["run_id"]

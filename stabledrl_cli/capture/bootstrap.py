@@ -59,7 +59,7 @@ from stabledrl_cli._run_env import ENV_FORCE as ENV_FORCE  # record exports them
 from stabledrl_cli._run_env import ENV_RANKS_DIR as ENV_RANKS_DIR
 from stabledrl_cli._run_env import ENV_RUN_DIR as ENV_RUN_DIR
 from stabledrl_cli._run_env import env_force as env_force
-from stabledrl_cli._run_env import force_taken, records_out
+from stabledrl_cli._run_env import records_out
 from stabledrl_cli._sigterm import WRITE_SECONDS, steps_written_on_sigterm
 from stabledrl_cli.capture import _uncaught
 from stabledrl_cli.capture._child_processes import refuse_child_of_recording
@@ -224,9 +224,8 @@ def _open(
         if hooks:
             refuse_child_of_recording(run_dir, recorder_kwargs.get("rank", 0))
         if isinstance(exc, RunNotEmpty) and records_out(run_dir):
-            taken = force_taken(recorder_kwargs.get("rank", 0))
             continues = BATCH_CONTINUES if batch else HOOKS_CONTINUE_NONE
-            raise exc.for_record(taken, continues) from None  # record's words: a command typed
+            raise exc.for_record(continues) from None  # the user typed a command: record's words
         raise
     finally:
         _opening = False

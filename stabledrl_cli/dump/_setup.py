@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from stabledrl_cli._atomic import fsync_dir, write_error
-from stabledrl_cli._run_env import note_overwrite
+from stabledrl_cli._run_env import force_taken, note_overwrite, records_out
 from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._file_names import MANIFEST_NAME, STEP_FILE_RE, STEPS_DIR
 from stabledrl_cli.dump._manifest import RUN_ID, check_manifest, parse_manifest
@@ -90,19 +90,28 @@ own check before the command starts, and by its command's Recorder (`RunNotEmpty
 
 class RunNotEmpty(UsageError):
     """A Recorder's refusal of a directory that is not empty (neither overwrite=True nor
-    resume=True given), naming the first file found (`found`) and those two arguments; the
-    Recorder that `stabledrl record -- CMD` makes for its command says `for_record` instead:
-    the user typed a command, not a Recorder's arguments."""
+    resume=True given), naming the first file found (`found`) and those two arguments (of a
+    Recorder of `rank` under `stabledrl record --force`, when an earlier process of the
+    command made the run: `earlier_process`). The Recorder that `stabledrl record -- CMD`
+    makes for its command says `for_record` instead, a trainer `saying` its own arguments:
+    the user typed a command, or a trainer's arguments, not a Recorder's."""
 
-    def __init__(self, path: Path, found: str) -> None:
-        self.path, self.found = path, found
+    def __init__(self, path: Path, found: str, rank: int = 0) -> None:
+        self.path, self.found, self.rank = path, found, rank
         self.refused = f"{path} already exists and is not empty ({found})"
-        super().__init__(
-            f"{self.refused}; pass overwrite=True to replace the run, or resume=True to continue it"
-        )
+        if records_out(path) and force_taken(rank):
+            message = self.earlier_process(
+                "a later Recorder continues it with resume=True (overwrite=True replaces it)"
+            )
+        else:
+            message = (
+                f"{self.refused}; pass overwrite=True to replace the run, or resume=True to "
+                "continue it"
+            )
+        super().__init__(message)
 
-    def __reduce__(self) -> tuple[type[RunNotEmpty], tuple[Path, str]]:
-        return type(self), (self.path, self.found)  # (pickled: the arguments are not args)
+    def __reduce__(self) -> tuple[type[RunNotEmpty], tuple[Path, str, int]]:
+        return type(self), (self.path, self.found, self.rank)  # (the arguments are not args)
 
     def saying(self, advice: str) -> UsageError:
         """The refusal with `advice` in place of the Recorder's arguments: how the user of
@@ -110,19 +119,24 @@ class RunNotEmpty(UsageError):
         the run."""
         return UsageError(f"{self.refused}; {advice}")
 
-    def for_record(self, force_taken: bool, continues: str) -> UsageError:
+    def for_record(self, continues: str) -> UsageError:
         """The refusal as `stabledrl record`'s: a run that appeared in --out after record
         checked it (another job recording there), or that an earlier process of the command
-        made (`python a.py && python b.py`), which one that took --force (`force_taken`:
-        `_run_env.force_taken`) did, and a later one of the opener at hand continues as
-        `continues` says. A run that holds no step (the earlier process's first step failed)
-        is said to be one."""
-        if not force_taken:
-            return self.saying(f"run `stabledrl record --force` {RECORD_FORCE_HINT}")
+        made (`earlier_process`), which a later one of the opener at hand continues as
+        `continues` says."""
+        if force_taken(self.rank):
+            return UsageError(self.earlier_process(continues))
+        return self.saying(f"run `stabledrl record --force` {RECORD_FORCE_HINT}")
+
+    def earlier_process(self, continues: str) -> str:
+        """The refusal of a run that an earlier process of record's command made (`python
+        a.py && python b.py`), one that took --force for the rank (`_run_env.force_taken`),
+        and how a later one `continues` it. A run that holds no step (the earlier process's
+        first step failed) is said to be one."""
         made = "recorded it" if _holds_a_step(self.path) else "replaced it and recorded no step"
-        return UsageError(
-            f"{self.refused}: an earlier process of the command {made} (--force replaces "
-            f"the run once); {continues}"
+        return (
+            f"{self.refused}: an earlier process of the command {made} (--force replaces the "
+            f"run once); {continues}"
         )
 
 
@@ -308,7 +322,7 @@ def _ready(
         if MANIFEST_NAME in others:
             check_replaceable(path)  # another tool's: overwrite=True would not help either
         if others or mine:
-            raise RunNotEmpty(path, (others + mine)[0])
+            raise RunNotEmpty(path, (others + mine)[0], rank)
         if rank != 0:
             _check_rank_0s(path, manifest, rank)
     # One at a time, the run's missing folders too: each one made is unmade if cut short.

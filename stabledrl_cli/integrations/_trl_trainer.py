@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from stabledrl_cli._run_env import force_taken, records_out
+from stabledrl_cli._run_env import records_out
 from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.capture.bootstrap import (
     ENV_POLICY,
@@ -396,7 +396,6 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         the Recorder's; record's under `stabledrl record` (`RunNotEmpty.for_record`)."""
         if records_out(self.stabledrl_out):
             return refused.for_record(
-                force_taken(self.accelerator.process_index),
                 "a later trainer continues it with train(resume_from_checkpoint=CHECKPOINT), "
                 "or replaces it with stabledrl_overwrite=True",
             )

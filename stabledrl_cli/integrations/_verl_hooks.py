@@ -22,7 +22,7 @@ from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 from verl.workers.config import ActorConfig
 
-from stabledrl_cli._run_env import force_taken, records_out
+from stabledrl_cli._run_env import records_out
 from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._manifest_edits import change_manifest
@@ -54,14 +54,13 @@ REJECTED_FROM = "rejected_tokens_from_step"
 rollout rejection sampling left in token-mean's count (`Session._count_rejected`)."""
 
 
-def not_empty(refused: RunNotEmpty, rank: int) -> UsageError:
+def not_empty(refused: RunNotEmpty) -> UsageError:
     """The Recorder's refusal of a directory that holds a run, in the words of what verl's
     recording takes (install's `overwrite`, $STABLEDRL_FORCE), not the Recorder's `resume`:
     each process numbers its steps from 0 and continues no run. Record's under `stabledrl
     record` (`RunNotEmpty.for_record`)."""
     if records_out(refused.path):
         return refused.for_record(
-            force_taken(rank),
             "verl's recording continues no run: record a later job into a --out of its own",
         )
     return refused.saying(
@@ -222,7 +221,6 @@ class Session:
             generations = _num_generations(config, self.groups)
             self.group_size = generations.get("num_generations")
             self.world_size = world_size
-            rank = int(engine.get_data_parallel_rank()) if world_size > 1 else 0
             try:
                 self.recorder = Recorder(
                     self.out,
@@ -240,7 +238,7 @@ class Session:
                     },
                     reward_range=self.reward_range,
                     world_size=world_size,
-                    rank=rank,
+                    rank=int(engine.get_data_parallel_rank()) if world_size > 1 else 0,
                     overwrite=self.overwrite,
                     group_ids="global"
                     if self.groups is not None or world_size == 1
@@ -248,7 +246,7 @@ class Session:
                     on_write_error="warn",
                 )
             except RunNotEmpty as exc:
-                raise not_empty(exc, rank) from None
+                raise not_empty(exc) from None
         if self.policy_spec:
             self._same_policy(config, micro)
         return self.recorder
