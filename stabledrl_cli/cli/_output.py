@@ -83,9 +83,24 @@ class _LiveConsole(Console):
 
 def silence_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's last flush cannot fail again."""
+    _to_devnull(sys.stdout)
+
+
+def silence_broken_stderr() -> None:
+    """Point stderr at /dev/null when its reader is gone (`2>&1 | head`): what its buffer
+    still holds would fail the interpreter's last flush, which exits 120, not 141."""
+    try:
+        sys.stderr.flush()
+    except OSError:
+        _to_devnull(sys.stderr)
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        pass
+
+
+def _to_devnull(stream: Any) -> None:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, stream.fileno())
     except (AttributeError, OSError, ValueError):  # not a real file (e.g. under CliRunner)
         pass
 

@@ -27,7 +27,7 @@ from typer.core import TyperCommand, TyperGroup
 from stabledrl_cli._process import SIGNALLED
 from stabledrl_cli._version import __version__
 from stabledrl_cli.cli import _help
-from stabledrl_cli.cli._output import err, silence_stdout, writing_again
+from stabledrl_cli.cli._output import err, silence_broken_stderr, silence_stdout, writing_again
 from stabledrl_cli.cli._signals import lost_stops_delivered_again
 from stabledrl_cli.errors import DEBUG_ENV, exit_code_for
 
@@ -166,6 +166,7 @@ def mapped_errors(debug: bool) -> Iterator[None]:
         raise
     except BrokenPipeError:
         silence_stdout()
+        silence_broken_stderr()
         raise typer.Exit(BROKEN_PIPE) from None
     except (Exception, KeyboardInterrupt) as exc:
         if isinstance(exc, KeyboardInterrupt):
