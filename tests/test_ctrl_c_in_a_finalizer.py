@@ -59,7 +59,14 @@ def test_a_ctrl_c_swallowed_in_a_finalizer_stops_the_command(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(f"{module}.{work}", _interrupted_in_a_finalizer)
-    result = CliRunner().invoke(app, args)
+    # Ctrl-C at a terminal reaches a foreground process, where Python's own handler raises
+    # KeyboardInterrupt: a test process started in the background (`cmd &`, as a CI job may
+    # be) inherits SIGINT ignored, and the command would rightly never hear it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert result.exit_code == 130, result.output
     assert "error: interrupted" in result.output
     assert "Exception ignored" not in result.output
