@@ -59,7 +59,6 @@ from stabledrl_cli._run_env import ENV_FORCE as ENV_FORCE  # record exports them
 from stabledrl_cli._run_env import ENV_RANKS_DIR as ENV_RANKS_DIR
 from stabledrl_cli._run_env import ENV_RUN_DIR as ENV_RUN_DIR
 from stabledrl_cli._run_env import env_force as env_force
-from stabledrl_cli._run_env import records_out
 from stabledrl_cli._sigterm import WRITE_SECONDS, steps_written_on_sigterm
 from stabledrl_cli.capture import _uncaught
 from stabledrl_cli.capture._child_processes import refuse_child_of_recording
@@ -223,9 +222,8 @@ def _open(
     except UsageError as exc:
         if hooks:
             refuse_child_of_recording(run_dir, recorder_kwargs.get("rank", 0))
-        if isinstance(exc, RunNotEmpty) and records_out(run_dir):
-            continues = BATCH_CONTINUES if batch else HOOKS_CONTINUE_NONE
-            raise exc.for_record(continues) from None  # the user typed a command: record's words
+        if isinstance(exc, RunNotEmpty):  # record's words at its --out
+            raise exc.advised(BATCH_CONTINUES if batch else HOOKS_CONTINUE_NONE) from None
         raise
     finally:
         _opening = False

@@ -113,6 +113,15 @@ class RunNotEmpty(UsageError):
     def __reduce__(self) -> tuple[type[RunNotEmpty], tuple[Path, str, int]]:
         return type(self), (self.path, self.found, self.rank)  # (the arguments are not args)
 
+    def advised(self, under_record: str, elsewhere: str | None = None) -> UsageError:
+        """The refusal in the words of the Recorder's caller: at `stabledrl record`'s --out,
+        record's (`for_record`, a later process continuing the run as `under_record` says);
+        elsewhere with `elsewhere` in place of the Recorder's arguments (`saying`), or as it
+        is (a script's own Recorder: its arguments are the caller's)."""
+        if records_out(self.path):
+            return self.for_record(under_record)
+        return self if elsewhere is None else self.saying(elsewhere)
+
     def saying(self, advice: str) -> UsageError:
         """The refusal with `advice` in place of the Recorder's arguments: how the user of
         the Recorder's caller (a trainer taking arguments of its own) replaces or continues

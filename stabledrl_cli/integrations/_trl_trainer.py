@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from stabledrl_cli._run_env import records_out
 from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.capture.bootstrap import (
     ENV_POLICY,
@@ -383,26 +382,17 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             self._sd_buffer = self._sd_open(resume)
         except (WriteError, InputError, UsageError) as exc:
             if isinstance(exc, RunNotEmpty):  # (resume is None: a resume keeps the run)
-                raise self._sd_not_empty(exc) from None
+                raise exc.advised(  # in the words of the trainer's arguments
+                    "a later trainer continues it with train(resume_from_checkpoint="
+                    "CHECKPOINT), or replaces it with stabledrl_overwrite=True",
+                    "pass stabledrl_overwrite=True to replace the run, or continue it with "
+                    "train(resume_from_checkpoint=CHECKPOINT)",
+                ) from None
             if isinstance(exc, UsageError) and resume is None:
                 raise
             RecordingFailure().fail(exc, "recording the run failed")
             return
         _RECORDED.add(directory)
-
-    def _sd_not_empty(self, refused: RunNotEmpty) -> UsageError:
-        """The Recorder's refusal of a directory that holds a run, in the words of the
-        trainer's arguments (`stabledrl_overwrite`, train's `resume_from_checkpoint`), not
-        the Recorder's; record's under `stabledrl record` (`RunNotEmpty.for_record`)."""
-        if records_out(self.stabledrl_out):
-            return refused.for_record(
-                "a later trainer continues it with train(resume_from_checkpoint=CHECKPOINT), "
-                "or replaces it with stabledrl_overwrite=True",
-            )
-        return refused.saying(
-            "pass stabledrl_overwrite=True to replace the run, or continue it with "
-            "train(resume_from_checkpoint=CHECKPOINT)"
-        )
 
     # -- rollout: groups and rewards --------------------------------------------------------
     def _calculate_rewards(self, *args: Any, **kwargs: Any) -> Any:

@@ -22,7 +22,6 @@ from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 from verl.workers.config import ActorConfig
 
-from stabledrl_cli._run_env import records_out
 from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._manifest_edits import change_manifest
@@ -52,21 +51,6 @@ LossFunction = Callable[..., Any]
 REJECTED_FROM = "rejected_tokens_from_step"
 """The manifest's meta key naming the step from which the run's spec counts the tokens verl's
 rollout rejection sampling left in token-mean's count (`Session._count_rejected`)."""
-
-
-def not_empty(refused: RunNotEmpty) -> UsageError:
-    """The Recorder's refusal of a directory that holds a run, in the words of what verl's
-    recording takes (install's `overwrite`, $STABLEDRL_FORCE), not the Recorder's `resume`:
-    each process numbers its steps from 0 and continues no run. Record's under `stabledrl
-    record` (`RunNotEmpty.for_record`)."""
-    if records_out(refused.path):
-        return refused.for_record(
-            "verl's recording continues no run: record a later job into a --out of its own",
-        )
-    return refused.saying(
-        "pass install(overwrite=True) or set $STABLEDRL_FORCE=1 to replace the run (verl's "
-        "recording continues no run: a resumed job records into a new directory)"
-    )
 
 
 @dataclass
@@ -245,8 +229,13 @@ class Session:
                     else "per_rank",
                     on_write_error="warn",
                 )
-            except RunNotEmpty as exc:
-                raise not_empty(exc) from None
+            except RunNotEmpty as exc:  # in the words of what verl's recording takes
+                raise exc.advised(  # (each process numbers its steps from 0)
+                    "verl's recording continues no run: record a later job into a --out of its own",
+                    "pass install(overwrite=True) or set $STABLEDRL_FORCE=1 to replace the run "
+                    "(verl's recording continues no run: a resumed job records into a new "
+                    "directory)",
+                ) from None
         if self.policy_spec:
             self._same_policy(config, micro)
         return self.recorder
