@@ -23,7 +23,6 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli import _atomic
-from stabledrl_cli.cli import pack as pack_cli
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.cli.pack import _size_change
 from stabledrl_cli.dump import (
@@ -32,6 +31,7 @@ from stabledrl_cli.dump import (
     _layout,
     _pack_column,
     _pack_steps,
+    _packer,
     open_run,
     pack_run,
 )
@@ -1366,7 +1366,7 @@ def test_a_live_run_is_packed_as_listed_when_the_pack_began(tmp_path, monkeypatc
     for n in range(6):
         for recorder in ranks[: 1 if n == 5 else 2]:
             recorder.log_step(n, grad_norm=1.0, loss=0.5)
-    packing = pack_cli.pack_run
+    packing = _packer.pack_run  # (pack imports it once the run is found)
 
     def steps_land(*args, **kwargs):
         ranks[1].log_step(5, grad_norm=1.0, loss=0.5)
@@ -1374,7 +1374,7 @@ def test_a_live_run_is_packed_as_listed_when_the_pack_began(tmp_path, monkeypatc
             recorder.log_step(6, grad_norm=1.0, loss=0.5)
         return packing(*args, **kwargs)
 
-    monkeypatch.setattr(pack_cli, "pack_run", steps_land)
+    monkeypatch.setattr(_packer, "pack_run", steps_land)
     result = runner.invoke(app, ["pack", str(run), str(out), "--format", "json"])
     for recorder in ranks:
         recorder.close()

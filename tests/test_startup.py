@@ -341,11 +341,12 @@ READERS = {
     """
         for args in (["--help"], ["policies"], ["policies", "-f", "json"])
     },
-    "a missing run refused by replay, check, tune, inspect, diff and watch": """
+    "a missing run refused by replay, check, tune, inspect, diff, watch and pack": """
         from typer.testing import CliRunner
         from stabledrl_cli.cli.app import app
         for args in (["replay"], ["check", "--max-spikes", "0"], ["tune", "-p", "grpo"],
-                     ["inspect"], ["diff", "/no/other"], ["watch", "--once"]):
+                     ["inspect"], ["diff", "/no/other"], ["watch", "--once"],
+                     ["pack", "out.h5"]):
             missing = CliRunner().invoke(app, [args[0], "/no/run", *args[1:]])
             assert missing.exit_code == 3 and "no such run" in missing.stderr, missing.output
     """,
@@ -384,7 +385,7 @@ def test_a_recorder_writes_its_steps_without_importing_the_readers(readers):
 def test_a_missing_run_is_refused_without_the_archive_reader(readers) -> None:
     """The path is looked up before any archive is read: h5py (the archive reader's, and the
     replay report writer's) was a third of `stabledrl diff MISSING RUN`'s start."""
-    name = "a missing run refused by replay, check, tune, inspect, diff and watch"
+    name = "a missing run refused by replay, check, tune, inspect, diff, watch and pack"
     outcome = readers[name]
     assert isinstance(outcome, list), outcome
     assert "h5py" not in outcome, f"{first_to_import(readers, name, 'h5py')} imported h5py"

@@ -28,10 +28,9 @@ from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import err, is_standard_output, out, print_json, progress
 from stabledrl_cli.cli._signals import stopped_by_sigterm
-from stabledrl_cli.dump import FORMAT_VERSION, pack_run
 from stabledrl_cli.dump._open import open_snapshot
-from stabledrl_cli.dump._packer import check_pack_target
 from stabledrl_cli.dump._schema import GRAM_KEY
+from stabledrl_cli.dump._versions import FORMAT_VERSION
 from stabledrl_cli.errors import UsageError, counted, quoted
 from stabledrl_cli.vocab import PackCompression
 
@@ -64,6 +63,9 @@ def command(
     open_run, replay and check read it."""
     local_output(archive, "pack", "OUT.h5")  # not a URL, not empty
     opened = open_snapshot(run)  # its manifest: a missing run is named first
+    # The writer (h5py) loads once the run is there: a missing one is refused without it.
+    from stabledrl_cli.dump._packer import check_pack_target, pack_run
+
     # Before any step is read; from the name as given: a trailing / names a directory.
     target = check_pack_target(archive, opened, force, to_force="pass --force")
     # An archive piped on (`pack RUN /dev/stdout --force | ...`): its summary goes to stderr.
