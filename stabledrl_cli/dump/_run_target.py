@@ -114,13 +114,32 @@ def check_outside_run_folders(
 def check_not_in_a_run(path: Path, given: str, *, branch: bool = False) -> None:
     """UsageError when a run at `path` would lie in the steps, checkpoints or branches folder
     of another run (a folder above it holding a manifest, a branch run's too:
-    `check_outside_run_folders`, which says to give another `given`); a `branch` run may be a
-    run's RUN/branches/NAME."""
-    for parent in (*path.parents, *Path(os.path.realpath(path)).parents):  # as given first
-        if os.path.lexists(parent / MANIFEST_NAME):
-            check_outside_run_folders(
-                path, parent, what="a run", run=str(parent), given=given, branch=branch
+    `check_outside_run_folders`, which says to give another `given`), or anywhere else inside
+    a stabledrl run (RUN/sub: recording over that run, --force, would keep it, and its size
+    and `pack`'s warning would count it); a `branch` run may be a run's RUN/branches/NAME. A
+    folder whose manifest.json is another tool's (a web app's) holds no run: runs go below it."""
+    parents = (*path.parents, *Path(os.path.realpath(path)).parents)  # as given first
+    runs = [parent for parent in parents if os.path.lexists(parent / MANIFEST_NAME)]
+    for parent in runs:  # a run's folders first: the line names the folder
+        check_outside_run_folders(
+            path, parent, what="a run", run=str(parent), given=given, branch=branch
+        )
+    where = Path(os.path.realpath(path))
+    for parent in runs:
+        run = Path(os.path.realpath(parent))
+        nested = where != run and where.is_relative_to(run)  # (RUN/sub/.. is RUN itself)
+        if nested and not (branch and where.parent == run / BRANCHES_DIR) and _a_run(parent):
+            raise UsageError(
+                f"{path}: a run would be inside the run {parent}; pass another {given}"
             )
+
+
+def _a_run(path: Path) -> bool:
+    """Whether `path` holds a stabledrl run: a manifest readable as one (`manifest_now`)."""
+    try:
+        return manifest_now(path).get("format") == RUN_KIND
+    except (InputError, ValueError):
+        return False
 
 
 def check_out(out: Path) -> None:

@@ -116,8 +116,9 @@ class Recorder(RecorderEnd):
     own step files and, on rank 0, rewrites the manifest; not given, it is True for the run
     directory of `stabledrl record --force`: `_run_env.forced_run`) or `resume=True`
     (continues the run: steps at or after `resume_from` are replaced, earlier ones kept and
-    verified; see `_setup`). Refuses a `path` inside the steps, checkpoints or branches
-    folder of another run (but for a branch run, RUN/branches/NAME). Rank 0 gives the run a
+    verified; see `_setup`). Refuses a `path` inside another run (its steps, checkpoints or
+    branches folder, or anywhere else: `_run_target.check_not_in_a_run`), but for a branch run,
+    RUN/branches/NAME. Rank 0 gives the run a
     new identity (the manifest's `run_id`) when it creates or overwrites it, and a rank whose
     resume replaces its steps (`_setup`). With
     `world_size > 1` every rank makes its own Recorder on the same path, giving its `rank`
