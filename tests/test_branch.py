@@ -748,7 +748,7 @@ def test_record_force_removes_the_branches_of_the_run_it_replaces(recorded, tmp_
 
     result = CliRunner().invoke(app, [*record, "--out", str(run)])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
+    assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "steps"]  # as a new run
 
     mine = tmp_path / "mine"
     note = mine / "branches" / "grpo@8" / "notes.txt"

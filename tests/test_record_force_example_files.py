@@ -1,7 +1,8 @@
 """`record --force -- CMD` over a run of the built-in example kept its checkpoints and branch
 runs (RUN/checkpoints, RUN/branches) in the command's new run: `branch` read the example's
 checkpoints as the new run's. They go once the command replaced the run (a Recorder of it
-overwrote the run), and stay with a run the command resumed."""
+overwrote the run), their folders too (an empty RUN/checkpoints was left: a fresh run looks
+like one), and stay with a run the command resumed."""
 
 from __future__ import annotations
 
@@ -73,8 +74,7 @@ def test_a_command_that_replaces_the_run_leaves_no_checkpoint_or_branch_of_it(tm
 
     replaced, errors = _loop(tmp_path, 0, 2, *OPTIONS)
     assert replaced.returncode == 0 and errors == [], replaced.stderr
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
-    assert list((run / "checkpoints").iterdir()) == []
+    assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "steps"]
 
 
 def _refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Result:
@@ -140,7 +140,7 @@ def test_a_file_browsers_files_go_with_the_branch_runs_anything_else_is_refused(
 
     replaced, errors = _loop(tmp_path, 0, 2, *OPTIONS)
     assert replaced.returncode == 0 and errors == [], replaced.stderr
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
+    assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "steps"]
 
     mine = tmp_path / "mine" / "branches" / "grpo@0" / "steps" / ".DS_Store"
     mine.mkdir()  # a folder: not what a file browser leaves
@@ -218,6 +218,39 @@ def _in_process(steps: range, **kwargs: object) -> Callable[..., int]:
     return call
 
 
+@pytest.mark.parametrize("theirs", ["notes.txt", "later"])
+def test_a_checkpoints_folder_holding_more_than_checkpoints_is_kept(tmp_path, theirs):
+    """Recording over the run removes its checkpoints, and their folder with a file browser's
+    file in it when that is all it holds; a file of another name (the user's notes) keeps the
+    folder, and so does a checkpoint written there meanwhile (`later`: the new run's own, after
+    the list was made)."""
+    from stabledrl_cli.example.old_run import old_run_files, remove_old_run_files
+
+    with Recorder(tmp_path / "old", policy="grpo") as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+    run, checkpoint = _with_example_files(tmp_path, tmp_path / "old")
+    (checkpoint.parent / ".DS_Store").write_bytes(b"\0")
+    mine = checkpoint.parent / ("notes.txt" if theirs == "notes.txt" else "step-00000004.pt")
+    if theirs == "notes.txt":
+        mine.write_text("mine")
+    old = old_run_files(run)
+    if theirs == "later":
+        mine.write_bytes(b"the new run's checkpoint")
+    remove_old_run_files(old)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
+    kept = {mine.name, ".DS_Store"} if theirs == "notes.txt" else {mine.name}  # (all or none)
+    assert {path.name for path in checkpoint.parent.iterdir()} == kept
+
+
+def test_an_empty_checkpoints_folder_of_no_run_is_left_alone(tmp_path):
+    """A folder holding no run (no manifest) and an empty checkpoints/ is recorded into with
+    --force as before: nothing of it is the run's to remove, and nothing is refused."""
+    from stabledrl_cli.example.old_run import old_run_files
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert old_run_files(tmp_path / "run") == []
+
+
 def test_a_replacement_of_the_same_settings_under_source_date_epoch_is_no_resume(
     tmp_path, monkeypatch
 ):
@@ -241,8 +274,7 @@ def test_a_replacement_of_the_same_settings_under_source_date_epoch_is_no_resume
     monkeypatch.setattr("stabledrl_cli.cli._wrap._call", _in_process(range(2)))
     replaced = CliRunner().invoke(app, args)
     assert replaced.exit_code == 0, replaced.output
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
-    assert list((run / "checkpoints").iterdir()) == []
+    assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "steps"]
 
 
 def test_an_import_over_the_run_leaves_no_checkpoint_or_branch_of_it(tmp_path):
@@ -255,5 +287,4 @@ def test_an_import_over_the_run_leaves_no_checkpoint_or_branch_of_it(tmp_path):
     log.write_text('{"step": 0, "loss": 1.0}\n')
     imported = CliRunner().invoke(app, ["import", str(log), "--out", str(run), "--force"])
     assert imported.exit_code == 0, imported.output
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
-    assert list((run / "checkpoints").iterdir()) == []
+    assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "steps"]

@@ -4,6 +4,7 @@ removed, then removed. Imports no torch: `record` checks them before the command
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -104,8 +105,9 @@ def old_branches(run_dir: Path) -> list[Path]:
 
 def old_run_files(run_dir: Path) -> list[Path]:
     """What the built-in example wrote beside the run at `run_dir` that a run recorded over it
-    must not keep: its checkpoints (`checkpoint_files`) and its branch runs (`old_branches`),
-    folders after their contents. Refused as those refuse, before anything is removed; a
+    must not keep: its checkpoints (`checkpoint_files`, and their folder when it holds no other
+    file: `_checkpoints_folder`) and its branch runs (`old_branches`), folders after their
+    contents. Refused as those refuse, before anything is removed; a
     UsageError names an entry named as a checkpoint that is no file (a directory
     `step-00000008.pt`: the new run would save its checkpoint there, or `branch` read it), and
     `run_dir` holding such files but no run (no manifest): they are no run's (a project's own
@@ -117,18 +119,34 @@ def old_run_files(run_dir: Path) -> list[Path]:
                 f"{path}: not a checkpoint file; recording over the run (--force) removes its "
                 "checkpoints, never another file: remove it, or record elsewhere"
             )
-    files = [*checkpoints, *old_branches(run_dir)]
-    if files and not os.path.lexists(run_dir / MANIFEST_NAME):
-        raise UsageError(
-            f"{files[0]}: no run's ({run_dir} holds no {MANIFEST_NAME}); recording over a run "
-            "(--force) removes its checkpoints and branches, never what is no run's: remove "
-            "it, or record elsewhere"
-        )
-    return files
+    branches = old_branches(run_dir)
+    if not os.path.lexists(run_dir / MANIFEST_NAME):
+        if checkpoints or branches:
+            raise UsageError(
+                f"{[*checkpoints, *branches][0]}: no run's ({run_dir} holds no "
+                f"{MANIFEST_NAME}); recording over a run (--force) removes its checkpoints and "
+                "branches, never what is no run's: remove it, or record elsewhere"
+            )
+        return []
+    return [*checkpoints, *_checkpoints_folder(run_dir, checkpoints), *branches]
+
+
+def _checkpoints_folder(run_dir: Path, checkpoints: list[Path]) -> list[Path]:
+    """The run's checkpoints folder, after a file browser's files in it, when it holds nothing
+    else than those and `checkpoints`: a run recorded over it looks like a new one, with no
+    empty RUN/checkpoints (the example makes it again when it saves one). [] when it holds
+    anything else (a file of the user's), or is not there."""
+    folder = checkpoints_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    rest = [path for path in folder.iterdir() if path not in checkpoints]
+    return [*rest, folder] if all(os_file(path) for path in rest) else []
 
 
 def remove_old_run_files(files: list[Path]) -> None:
-    """Removes the `files` of `old_run_files`; WriteError naming one that cannot be removed."""
+    """Removes the `files` of `old_run_files`; WriteError naming one that cannot be removed. A
+    folder that something came into since the list was made (a checkpoint of the new run) is
+    kept, with it."""
     for path in files:
         try:
             if path.is_dir() and not path.is_symlink():
@@ -136,4 +154,6 @@ def remove_old_run_files(files: list[Path]) -> None:
             else:
                 path.unlink(missing_ok=True)
         except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and path.is_dir():
+                continue
             raise write_error(path, exc) from None
