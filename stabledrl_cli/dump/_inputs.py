@@ -380,6 +380,22 @@ def _batch_tensors(
     return tensors, num_sequences
 
 
+def reward_outside(
+    span: tuple[float, float], tensors: Mapping[str, np.ndarray], values: Mapping[str, float]
+) -> str | None:
+    """The first of a step's rewards (`reward`, else its `reward_mean`) that lies outside
+    `span`, its run's declared reward_range, said as `a reward of -1`; None when none does
+    (NaN is no reward: a completion not scored)."""
+    low, high = span
+    reward = tensors.get("reward")
+    if reward is not None and reward.size:
+        outside = np.flatnonzero((reward < low) | (reward > high))
+        if outside.size:
+            return f"a reward of {float(reward[outside[0]]):g}"
+    mean = values.get("reward_mean", math.nan)
+    return f"a reward_mean of {mean:g}" if mean < low or mean > high else None
+
+
 GRAM_ASYMMETRY = 1e-3
 """The most |K_uv - K_vu| a Gram matrix may show, relative to sqrt(K_uu K_vv) (plus its
 square times the largest diagonal entry, for units whose gradients are next to 0): float32

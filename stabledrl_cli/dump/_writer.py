@@ -43,13 +43,13 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stabledrl_cli._atomic import write_error
 from stabledrl_cli._run_env import forced_run, records_out
 from stabledrl_cli.dump._arguments import path_argument, step_number, switch_argument
 from stabledrl_cli.dump._file_names import STEPS_DIR, step_file_name
-from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step
+from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step, reward_outside
 from stabledrl_cli.dump._manifest import WORLD_SIZE_LIMIT
 from stabledrl_cli.dump._policy import PolicyLike, replayed_fields
 from stabledrl_cli.dump._recorder_args import (
@@ -88,6 +88,9 @@ from stabledrl_cli.vocab import (
     OnWriteError,
     Unit,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def resumed_before(last: int, step: int, keyword: str = "resume_from") -> str:
@@ -263,6 +266,12 @@ class Recorder(RecorderEnd):
             )
             """The run's last step that a resume without `resume_from` kept (the steps go on after
             it), else None: a training resumed from an earlier checkpoint gives resume_from."""
+            span = self.manifest.get("reward_range")  # a resumed run's own
+            self._reward_range: tuple[float, float] | None = (
+                (float(span[0]), float(span[1])) if span else None
+            )
+            self._warned = False
+            """Whether a reward outside the reward_range was warned of (once a Recorder)."""
             names = self.manifest.get("param_names")  # a resumed run's own
             self._num_params = len(names) if isinstance(names, list) else None
             self._rewriting = False
@@ -407,6 +416,8 @@ class Recorder(RecorderEnd):
                     f"step {step} has no {', '.join(map(repr, missing))}, which the run's policy "
                     f"{self._policy_spec!r} needs: pass it, or record the policy the loop computes"
                 )
+            if self._reward_range is not None and not self._warned:
+                self._warn_of_rewards(step, tensors, values)
             values.setdefault("wall_time", self._now())
             metadata = step_metadata(
                 tensors,
@@ -433,6 +444,22 @@ class Recorder(RecorderEnd):
                 raise
             self._last_step = step
             self._raise_writer_error()  # an earlier step's failed fsync: this one is written
+
+    def _warn_of_rewards(
+        self, step: int, tensors: dict[str, np.ndarray], values: dict[str, float]
+    ) -> None:
+        """Warns, once, of a reward outside the run's reward_range as it is recorded: inspect
+        and replay say so too, but after the training."""
+        assert self._reward_range is not None
+        outside = reward_outside(self._reward_range, tensors, values)
+        if outside is not None:
+            self._warned = True
+            whose = f" (rank {self.rank})" if self.world_size > 1 else ""
+            warn(
+                f"stabledrl: warning: {self.path}{whose}: step {step}: {outside} lies outside "
+                f"the run's reward_range {list(self._reward_range)}, which the collapse rule "
+                "reads: declare the range the rewards span (said once)\n"
+            )
 
     def _now(self) -> float:
         """Wall-clock seconds, or SOURCE_DATE_EPOCH when it was set as the Recorder was made."""

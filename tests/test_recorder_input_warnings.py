@@ -1,0 +1,84 @@
+"""What the Recorder warns of as it records, once a run: inputs it records as given that a
+training should hear of while it trains, not after (a refusal would break the training)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+
+
+def _batch(reward: list[float]) -> dict[str, np.ndarray]:
+    """A unit 'sequence' policy batch of one group, its rewards `reward`."""
+    n = len(reward)
+    logp = np.full(n, -1.0, dtype=np.float32)
+    return {
+        "logp": logp,
+        "logp_old": logp,
+        "advantages": np.ones(n, dtype=np.float32),
+        "reward": np.array(reward, dtype=np.float32),
+        "group_id": np.zeros(n, dtype=np.int32),
+    }
+
+
+def test_rewards_outside_the_declared_range_are_warned_of_once_as_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """+-1 rewards recorded with reward_range=(0, 1): nothing was said until inspect or replay,
+    after the training. The first step holding one warns, once; every step is recorded, and
+    inspect's line on it is as before."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo", unit="sequence", reward_range=(0, 1)) as rec:
+        rec.log_step(0, **_batch([1.0, 0.0]))
+        for step in range(1, 4):
+            rec.log_step(step, **_batch([1.0, -1.0 * step]))
+    assert capsys.readouterr().err == (
+        f"stabledrl: warning: {run}: step 1: a reward of -1 lies outside the run's "
+        "reward_range [0.0, 1.0], which the collapse rule reads: declare the range the "
+        "rewards span (said once)\n"
+    )
+    assert sd.open_run(run).step_numbers == [0, 1, 2, 3]
+    shown = CliRunner().invoke(app, ["inspect", str(run), "-f", "json"])
+    assert json.loads(shown.stdout)["reward_range"] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "said"),
+    [
+        ({"reward_mean": 3.5}, "a reward_mean of 3.5"),
+        ({"reward_mean": float("inf")}, "a reward_mean of inf"),
+        ({"reward_mean": 0.5}, None),
+        ({"reward_mean": float("nan")}, None),
+    ],
+)
+def test_a_scalar_steps_reward_mean_outside_the_range_is_warned_of(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kwargs: dict[str, float], said: str | None
+) -> None:
+    """A scalar step's reward_mean (an import's, the hooks') is a reward the rule reads too;
+    NaN is no reward (nothing scored)."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy=None, reward_range=(0, 1), world_size=2, rank=1) as rec:
+        rec.log_step(0, **kwargs)
+    err = capsys.readouterr().err
+    if said is None:
+        assert err == ""
+    else:
+        assert err.startswith(f"stabledrl: warning: {run} (rank 1): step 0: {said} lies outside")
+
+
+def test_rewards_inside_the_range_or_with_no_range_are_not_warned_of(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rewards at the range's ends, NaN ones (a completion not scored), and any reward of a
+    run that declares no range: nothing said."""
+    with sd.Recorder(tmp_path / "a", policy="grpo", unit="sequence", reward_range=(0, 1)) as rec:
+        rec.log_step(0, **_batch([0.0, 1.0, float("nan")]))
+    with sd.Recorder(tmp_path / "b", policy="grpo", unit="sequence") as rec:
+        rec.log_step(0, **_batch([-5.0, 7.0]))
+    assert capsys.readouterr().err == ""
