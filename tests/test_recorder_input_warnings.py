@@ -72,6 +72,17 @@ def test_a_scalar_steps_reward_mean_outside_the_range_is_warned_of(
         assert err.startswith(f"stabledrl: warning: {run} (rank 1): step 0: {said} lies outside")
 
 
+def test_rewards_at_a_range_end_that_float32_rounds_up_are_inside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """reward_range=(0, 0.3) and rewards of 0.3, stored as float32 (0.3000000119): 'a reward
+    of 0.3 lies outside the run's reward_range [0.0, 0.3]', and so did the step's reward_mean
+    of them. A reward is compared as it is stored, and the mean of rewards in range is in it."""
+    with sd.Recorder(tmp_path / "a", policy="grpo", unit="sequence", reward_range=(0, 0.3)) as rec:
+        rec.log_step(0, **_batch([0.3, 0.3]))
+    assert capsys.readouterr().err == ""
+
+
 def test_rewards_inside_the_range_or_with_no_range_are_not_warned_of(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -385,13 +385,14 @@ def reward_outside(
 ) -> str | None:
     """The first of a step's rewards (`reward`, else its `reward_mean`) that lies outside
     `span`, its run's declared reward_range, said as `a reward of -1`; None when none does
-    (NaN is no reward: a completion not scored)."""
+    (NaN is no reward: a completion not scored). Rewards are compared as stored, in float32
+    (0.3 is 0.3000000119 there, a reward at the end of (0, 0.3)); a reward_mean beside them
+    is theirs, or a mean of them (in float64: 0.3000000119 too), and not compared."""
     low, high = span
     reward = tensors.get("reward")
-    if reward is not None and reward.size:
-        outside = np.flatnonzero((reward < low) | (reward > high))
-        if outside.size:
-            return f"a reward of {float(reward[outside[0]]):g}"
+    if reward is not None:
+        outside = np.flatnonzero((reward < low) | (reward > high))  # (a float is weak: float32)
+        return f"a reward of {float(reward[outside[0]]):g}" if outside.size else None
     mean = values.get("reward_mean", math.nan)
     return f"a reward_mean of {mean:g}" if mean < low or mean > high else None
 
