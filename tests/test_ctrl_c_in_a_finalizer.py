@@ -46,7 +46,7 @@ def _interrupted_in_a_finalizer(*args: Any, **kwargs: Any) -> Any:
 @pytest.mark.parametrize(
     ("module", "work", "args"),
     [
-        ("stabledrl_cli.cli.pack", "pack_run", ["pack", str(FIXTURES / "grpo"), "out.h5"]),
+        ("stabledrl_cli.dump._packer", "pack_run", ["pack", str(FIXTURES / "grpo"), "out.h5"]),
         ("stabledrl_cli.cli.inspect", "summarize", ["inspect", str(FIXTURES / "grpo")]),
     ],
 )
