@@ -4,6 +4,8 @@ test of record's exit code, its lines and the run reads, without a Python of rec
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,23 @@ def record_here(
     result = CliRunner().invoke(app, ["record", *args])
     child = capfd.readouterr()
     return result.exit_code, result.stderr, child.out, child.err
+
+
+def record_python_here(
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    script: str,
+    *options: str,
+    cwd: Path,
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """`_cli.record_python` with record in-process (`record_here`), in `cwd`: `stabledrl record
+    --out run OPTIONS -- python -c SCRIPT`, the script a real process. Returns its result (the
+    script's stdout; record's stderr, then the script's) and the lines of that stderr that
+    mention an error (any case)."""
+    monkeypatch.chdir(cwd)
+    args = ("--out", "run", *options, "--", sys.executable, "-c", script)
+    code, stderr, child_out, child_err = record_here(monkeypatch, capfd, *args)
+    done = subprocess.CompletedProcess(
+        ["stabledrl", "record", *args], code, child_out, stderr + child_err
+    )
+    return done, [line for line in done.stderr.splitlines() if "error" in line.lower()]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from _cli import cli_environment, record_python
+from _record_here import record_python_here
 
 from stabledrl_cli import open_run
 
@@ -47,12 +47,14 @@ HOW = (
     ],
     ids=["a skipped optimizer.step()", "optimizer steps before the first batch"],
 )  # fmt: skip
-def test_batches_and_optimizer_steps_that_part_are_named(tmp_path, warm_up, skipped, said):
+def test_batches_and_optimizer_steps_that_part_are_named(
+    tmp_path, monkeypatch, capfd, warm_up, skipped, said
+):
     """Before: 'recording optimizer step 1: step 1 does not follow step 2; steps must
     increase' and 'log_policy_batch failed at step 0: step 0 does not follow step 2; steps must
     increase'."""
     script = SCRIPT.format(warm_up=warm_up, skipped=skipped)
-    done, errors = record_python(script, "-p", "grpo", cwd=tmp_path, env=cli_environment())
+    done, errors = record_python_here(monkeypatch, capfd, script, "-p", "grpo", cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert "trained" in done.stdout
     assert errors == [f"error: recording failed: {said}: {HOW}"], done.stderr
@@ -74,14 +76,16 @@ print("trained")
 """
 
 
-def test_a_skipped_optimizer_step_of_a_loop_that_logs_after_it_is_warned_of(tmp_path):
+def test_a_skipped_optimizer_step_of_a_loop_that_logs_after_it_is_warned_of(
+    tmp_path, monkeypatch, capfd
+):
     """A loop that logs each batch after its optimizer step and skips step() at step 2: from
     there on each batch is paired with the next iteration's optimizer step (batch 2 with the
     step of iteration 3, ...), which nothing said (exit 0, no line). The hooks cannot tell it
     from a loop that turned to logging its batches first, which pairs rightly: the step that
     pairs a batch logged first, in a loop that paired its first batch after, warns once."""
     script = LOGGED_AFTER.format(skipped=2)
-    done, _ = record_python(script, "-p", "grpo", cwd=tmp_path, env=cli_environment())
+    done, _ = record_python_here(monkeypatch, capfd, script, "-p", "grpo", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "trained" in done.stdout
     warned = [line for line in done.stderr.splitlines() if "came before" in line]
@@ -118,7 +122,9 @@ print("trained")
 
 
 @pytest.mark.parametrize("zero", ["optimizer", "model"])
-def test_a_step_the_loop_skips_after_its_clip_is_recorded_as_skipped(tmp_path, zero):
+def test_a_step_the_loop_skips_after_its_clip_is_recorded_as_skipped(
+    tmp_path, monkeypatch, capfd, zero
+):
     """A loop that clips, logs its batch, and skips optimizer.step() on a NaN grad norm: the
     iteration's gradients, which the clip measured, are zeroed with no step. Before, the skip
     was not recorded, the next optimizer step took its number, 'optimizer step 2 comes after
@@ -126,7 +132,7 @@ def test_a_step_the_loop_skips_after_its_clip_is_recorded_as_skipped(tmp_path, z
     recorded as a GradScaler's skip is: optimizer_skipped 1, its NaN grad norm, with its
     batch; every later batch with its own optimizer step."""
     script = CLIPPED_AND_SKIPPED.replace("sys.argv[1]", repr(zero))
-    done, errors = record_python(script, "-p", "grpo", cwd=tmp_path, env=cli_environment())
+    done, errors = record_python_here(monkeypatch, capfd, script, "-p", "grpo", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "trained" in done.stdout and not errors, done.stderr
     run = open_run(tmp_path / "run")
@@ -139,7 +145,7 @@ def test_a_step_the_loop_skips_after_its_clip_is_recorded_as_skipped(tmp_path, z
     assert run.step(2).scalars["nonfinite_grads"] == 1
 
 
-def test_a_batch_logged_once_a_round_is_named(tmp_path):
+def test_a_batch_logged_once_a_round_is_named(tmp_path, monkeypatch, capfd):
     """A loop that logs each accumulation round of a step (StableDRL's grad_accumulation, a
     micro-batch) with the step's number: the second call stopped recording with 'step 0 does
     not follow step 0; steps must increase', which did not say that a step is one call."""
@@ -151,7 +157,7 @@ def test_a_batch_logged_once_a_round_is_named(tmp_path):
         " seq_id=[0])\n"
         "print('trained')\n"
     )
-    done, errors = record_python(script, "-p", "grpo", cwd=tmp_path, env=cli_environment())
+    done, errors = record_python_here(monkeypatch, capfd, script, "-p", "grpo", cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert "trained" in done.stdout
     assert errors == [

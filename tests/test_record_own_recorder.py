@@ -4,10 +4,8 @@ names the way out, `--no-optimizer-hooks`, rather than a Recorder the script nev
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from _record_here import record_here
+from _record_here import record_python_here
 
 from stabledrl_cli.dump import open_run
 
@@ -33,16 +31,6 @@ print("trained")
 """
 
 
-def _record(monkeypatch, capfd, script: str, *options: str) -> tuple[int, str, str, list[str]]:
-    """`stabledrl record --out run OPTIONS -- python -c SCRIPT` in the working directory, record
-    in-process (`record_here`), the script a real process: the exit code, the script's stdout,
-    record's and the script's stderr, and the lines of it that mention an error (any case)."""
-    args = ("--out", "run", *options, "--", sys.executable, "-c", script)
-    code, stderr, child_out, child_err = record_here(monkeypatch, capfd, *args)
-    both = stderr + child_err
-    return code, child_out, both, [line for line in both.splitlines() if "error" in line.lower()]
-
-
 @pytest.mark.parametrize(
     ("warm_up", "trained"),
     [(0, True), (2, False)],
@@ -54,21 +42,21 @@ def test_the_refusal_names_no_optimizer_hooks(tmp_path, monkeypatch, capfd, warm
     Recorder the script cannot close (the hooks'), in the hooks' warning (the script's Recorder
     first) or as the script's own error (the hooks' run first, opened by the warm-up)."""
     script = SCRIPT.format(warm_up=warm_up)
-    monkeypatch.chdir(tmp_path)
-    code, out, stderr, errors = _record(monkeypatch, capfd, script)
-    assert code == 2, stderr
-    assert ("trained" in out) == trained
-    assert len(errors) == 1 and errors[0].startswith("error: "), stderr
+    done, errors = record_python_here(monkeypatch, capfd, script, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert ("trained" in done.stdout) == trained
+    assert len(errors) == 1 and errors[0].startswith("error: "), done.stderr
     assert errors[0].endswith(
         "still open in this process: `stabledrl record` records its --out with its optimizer "
         "hooks; a script that opens a Recorder of its own there runs under "
         "`stabledrl record --no-optimizer-hooks`"
     ), errors
-    assert "close it first" not in stderr
+    assert "close it first" not in done.stderr
     if warm_up:  # the way out, once: without the hooks a warm-up is plain torch (one rerun)
         rerun = tmp_path / "again"
         rerun.mkdir()
-        monkeypatch.chdir(rerun)
-        code, _, stderr, errors = _record(monkeypatch, capfd, script, "--no-optimizer-hooks")
-        assert code == 0 and not errors, stderr
+        done, errors = record_python_here(
+            monkeypatch, capfd, script, "--no-optimizer-hooks", cwd=rerun
+        )
+        assert done.returncode == 0 and not errors, done.stderr
         assert open_run(rerun / "run").step_numbers == [0, 1, 2]
