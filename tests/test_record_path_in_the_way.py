@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _cli import cli_environment, record_python, torch_training
+from _cli import torch_training
+from _record_here import record_python_here
 
 from stabledrl_cli import Recorder
 
@@ -41,13 +42,15 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("force", [False, True], ids=["new run", "--force"])
 @pytest.mark.parametrize("name", ["", "steps"], ids=["the run directory", "its steps"])
-def test_a_file_in_the_runs_place_is_a_write_failure(tmp_path, name, force, recorded):
+def test_a_file_in_the_runs_place_is_a_write_failure(
+    tmp_path, monkeypatch, capfd, name, force, recorded
+):
     run = tmp_path / "run"
     if force:  # a run recorded before, which --force replaces
         shutil.copytree(recorded, run)
     options = ["--force"] if force else []
-    done, errors = record_python(
-        SCRIPT.format(name=name) + TRAIN, *options, cwd=tmp_path, env=cli_environment()
+    done, errors = record_python_here(
+        monkeypatch, capfd, SCRIPT.format(name=name) + TRAIN, *options, cwd=tmp_path
     )
     assert done.returncode == 4, done.stderr
     assert "trained" in done.stdout  # recording never breaks the training
@@ -76,7 +79,7 @@ finally:
 )
 @pytest.mark.parametrize("name", ["", "steps"], ids=["the run directory", "its steps"])
 def test_a_scripts_own_recorder_finds_a_file_in_the_runs_place(
-    tmp_path, name, options, kwargs, recorded
+    tmp_path, monkeypatch, capfd, name, options, kwargs, recorded
 ):
     """The script's own Recorder of record's run reports it as record's own Recorder does:
     exit 4 naming the path (before: exit 2 with --force or overwrite=True, 'not a directory
@@ -85,12 +88,13 @@ def test_a_scripts_own_recorder_finds_a_file_in_the_runs_place(
     run = tmp_path / "run"
     if options:  # a run recorded before, which --force replaces
         shutil.copytree(recorded, run)
-    done, errors = record_python(
+    done, errors = record_python_here(
+        monkeypatch,
+        capfd,
         SCRIPT.format(name=name) + OWN.format(kwargs=kwargs),
         "--no-optimizer-hooks",
         *options,
         cwd=tmp_path,
-        env=cli_environment(),
     )
     assert done.returncode == 4, done.stderr
     assert "trained" in done.stdout
