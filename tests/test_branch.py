@@ -499,6 +499,25 @@ def test_a_checkpoint_name_that_is_no_file_is_refused_naming_it(recorded, tmp_pa
     assert not (run / "branches").exists()
 
 
+def test_a_checkpoint_that_is_a_symlink_is_refused_not_read_through_it(recorded, tmp_path):
+    """`RUN/checkpoints/step-00000016.pt` a symlink to a file outside the run (a crafted run's
+    link to /etc/passwd, or to another run's checkpoint): branch read the file it points at,
+    and from a checkpoint elsewhere branched as from the run's own, exit 0. A checkpoint is
+    never read through a link: one line naming it, exit 3, before any branch run is opened."""
+    run = tmp_path / "linked"
+    shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
+    path = checkpoints_dir(run) / "step-00000016.pt"
+    elsewhere = tmp_path / "elsewhere.pt"
+    path.rename(elsewhere)
+    path.symlink_to(elsewhere)
+    args = ["branch", str(run), "--at", "20", "-p", "grpo", "--rl-steps", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3, result.output
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error == [f"error: {path}: not a checkpoint (a symlink, never followed)"]
+    assert not (run / "branches").exists()
+
+
 def test_branch_runs_are_never_written_through_a_symlinked_branches_folder(recorded, tmp_path):
     """RUN/branches that is a symlink: exit 3 before any branch trains, one line naming it.
     Before, each branch run was recorded into the folder it points at, out of the run (a

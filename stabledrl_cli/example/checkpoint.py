@@ -119,8 +119,11 @@ def save_checkpoint(directory: Path, state: TrainingState) -> Path:
 def load_checkpoint(path: str | Path) -> TrainingState:
     """The state a checkpoint holds; InputError (exit 3) for a file that is not one."""
     path = Path(path)
+    if path.is_symlink():  # it would read a file the run does not hold (docs/trust.md)
+        raise InputError(f"{path}: not a checkpoint (a symlink, never followed)")
     try:
-        fh, info = open_regular(path)  # a FIFO so named would block torch.load
+        # a FIFO so named would block torch.load; a link put there since is not followed
+        fh, info = open_regular(path, follow_links=False)
         with fh, warnings.catch_warnings():  # torch warns of a pickle protocol it did not write
             warnings.simplefilter("ignore")
             unpacked = _unpacked_size(fh)
