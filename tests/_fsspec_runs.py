@@ -105,12 +105,21 @@ class _RangeHandler(_QuietHandler):
 
 
 @contextlib.contextmanager
-def served(folder: Path, *, ranges: bool = True) -> Iterator[str]:
-    """`folder` served over HTTP on 127.0.0.1, ranged reads answered (`ranges`) or given the
-    whole file -> its URL (no slash)."""
+def served(folder: Path, *, ranges: bool = True, host: str = "127.0.0.1") -> Iterator[str]:
+    """`folder` served over HTTP on `host` (an IPv6 one such as `::1` too), ranged reads
+    answered (`ranges`) or given the whole file -> its URL (no slash)."""
     kind = _RangeHandler if ranges else _QuietHandler
-    with _serving(functools.partial(kind, directory=str(folder))) as url:
+    with _serving(functools.partial(kind, directory=str(folder)), host) as url:
         yield url
+
+
+def ipv6_loopback() -> bool:
+    """Whether this machine can serve on IPv6's loopback address `::1`."""
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -156,14 +165,20 @@ class _QuietServer(http.server.ThreadingHTTPServer):
         pass
 
 
+class _QuietServer6(_QuietServer):
+    """`_QuietServer` on an IPv6 address."""
+
+    address_family = socket.AF_INET6
+
+
 @contextlib.contextmanager
-def _serving(handler) -> Iterator[str]:
-    server = _QuietServer(("127.0.0.1", 0), handler)
+def _serving(handler, host: str = "127.0.0.1") -> Iterator[str]:
+    server = (_QuietServer6 if ":" in host else _QuietServer)((host, 0), handler)
     # shutdown() waits for the loop's next poll: 0.5 s by default, a second a test of two servers
     thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://{f'[{host}]' if ':' in host else host}:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

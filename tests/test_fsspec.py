@@ -20,7 +20,15 @@ import fsspec
 import h5py
 import pytest
 from _cli import cli_command, cli_environment, run_cli_together
-from _fsspec_runs import answering, count_reads, served, small_run, stalled, to_memory
+from _fsspec_runs import (
+    answering,
+    count_reads,
+    ipv6_loopback,
+    served,
+    small_run,
+    stalled,
+    to_memory,
+)
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -88,6 +96,22 @@ def test_an_archive_over_http_replays_to_the_local_json(tmp_path):
     assert result.run == url and same_json(result, local)
     assert inspected.exit_code == 0, inspected.output
     assert json.loads(inspected.stdout)["run"] == url
+
+
+def test_an_archive_on_an_ipv6_host_is_read_not_refused_as_chained(tmp_path):
+    """`inspect http://[::1]:PORT/run.h5`: the `::` of the IPv6 literal host was taken for
+    fsspec's chaining, 'chained URLs are not read' (exit 2), of a URL that chains nothing. An
+    IPv6 host is read as any other; a chained URL is still refused."""
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(small_run(tmp_path / "good", world_size=1, steps=3, corrupt=False)), archive)
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this machine")
+    with served(tmp_path, host="::1") as root:
+        inspected = runner.invoke(app, ["inspect", f"{root}/run.h5", "--format", "json"])
+        chained = runner.invoke(app, ["inspect", f"simplecache::{root}/run.h5"])
+    assert inspected.exit_code == 0, inspected.output
+    assert json.loads(inspected.stdout)["run"] == f"{root}/run.h5"
+    assert chained.exit_code == 2 and "chained URLs are not read" in chained.stderr
 
 
 def test_an_archive_on_a_server_that_ignores_ranges(tmp_path, monkeypatch):

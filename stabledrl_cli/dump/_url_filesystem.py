@@ -5,6 +5,7 @@ commands check their output paths against the run before anything is read."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from stabledrl_cli.errors import MissingExtraError, UsageError, one_line
 
 REFUSED_PROTOCOLS = frozenset({"reference"})
 """Filesystems whose files point to other locations."""
+IPV6_HOST_RE = re.compile(r"(://(?:[^/?#@]*@)?)\[[0-9A-Fa-f:.]*\]")
+"""An IPv6 literal host (`http://[::1]:8000/run.h5`), whose `::` chains nothing."""
 HTTP_STALL_SECONDS = 60.0
 """Seconds an HTTP(S) host may leave a connection attempt or a read without an answer before
 the request fails (aiohttp's own bound is 5 minutes a request, however fast the bytes come)."""
@@ -30,14 +33,13 @@ def url_filesystem(url: str) -> tuple[Any, str]:
     if match is None:
         raise UsageError(f"{name!r} is not a URL")
     protocol = match.group(1).lower()
-    if "::" in url:
+    if "::" in IPV6_HOST_RE.sub(r"\1", url, count=1):
         raise UsageError(f"{name}: chained URLs are not read; give the run's own URL")
     if protocol in REFUSED_PROTOCOLS:
         raise UsageError(f"{name}: {protocol}:// maps paths to other URLs; give the run's own URL")
     try:
         import fsspec
         from fsspec.archive import AbstractArchiveFileSystem
-        from fsspec.core import url_to_fs
     except ImportError:
         raise MissingExtraError(f"{name}: reading URLs needs fsspec: pip install fsspec") from None
     if protocol not in fsspec.available_protocols():
@@ -54,8 +56,12 @@ def url_filesystem(url: str) -> tuple[Any, str]:
             "and those are not read: unpack it and give the run's own path"
         )
     try:
-        # a scheme's case is no part of it
-        fs, root = url_to_fs(protocol + url[match.end(1) :], **_storage_options(protocol))
+        # fsspec's url_to_fs would split an IPv6 host's `::` as a chain; a scheme's case is no
+        # part of it
+        spelled = protocol + url[match.end(1) :]
+        kind = fsspec.get_filesystem_class(protocol)
+        options = {**kind._get_kwargs_from_urls(spelled), **_storage_options(protocol)}
+        fs, root = fsspec.filesystem(protocol, **options), kind._strip_protocol(spelled)
     except ImportError as exc:
         raise MissingExtraError(
             f"{name}: {protocol}:// needs a package: {redacted_in(str(exc), url)}"
