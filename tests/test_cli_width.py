@@ -29,6 +29,7 @@ from stabledrl_cli.spec import format_value
 from stabledrl_cli.tables import print_fitted
 
 WIDTHS = (80, 120, 250)
+LONG_SPEC = "tis=token-truncate,tis_min=0.000001,tis_max=123456.789,beta=0.001"
 runner = CliRunner()
 
 
@@ -51,9 +52,17 @@ def _pairs(args: list[str]) -> set[str]:
 
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize(
-    "args", [["policies"], ["policies", "-p", "gspo", "-p", "two-sided:delta=4", "-p", "dapo"]]
+    "args",
+    [
+        ["policies"],
+        ["policies", "-p", "gspo", "-p", "two-sided:delta=4", "-p", "dapo"],
+        ["policies", "-p", f"grpo:{LONG_SPEC},eps_low=0.1,eps_high=0.28,kl_max=1e30", "-p", "is"],
+    ],
 )
 def test_policies_never_split_a_pair_and_fit_the_width(args, width):
+    """A spec given with -p heads its block: one longer than the terminal
+    (`grpo:beta=0.001,...,tis_min=1e-06`, 106 characters) was printed whole on one line, past
+    80 columns; it is broken after its name or a comma, as replay and tune break one."""
     text = _run(args, width)
     assert max(len(line) for line in text.splitlines()) <= width
     words = set(text.replace("│", " ").split())

@@ -24,7 +24,7 @@ from stabledrl_cli.policies import (
     resolve_spec,
 )
 from stabledrl_cli.policies._config import ParamValue
-from stabledrl_cli.spec import SPEC_SYNTAX, format_value
+from stabledrl_cli.spec import SPEC_SYNTAX, format_value, wrap_spec
 from stabledrl_cli.tables import narrowest_width
 from stabledrl_cli.vocab import ADV_MODES, AGGS, ROLLOUT_IS, ROWS
 
@@ -126,9 +126,10 @@ def _blocks(rows: list[PolicyRow], specs: bool) -> Group:
         grid.add_row("formula", Text(row["formula"]))
         grid.add_row("source", Text(row["source"]))
         grid.add_row("conventions", Text(row["conventions"]))
-        heading = Text.assemble(
-            (row["spec"] if specs else row["name"], "bold"), "  ", row["family"]
-        )
+        # a spec too long for a line broken after its name or a comma, never inside a value
+        lines = wrap_spec(row["spec"] if specs else row["name"], out.width, whole=True)
+        beside = len(lines[-1]) + 2 + len(row["family"]) <= out.width
+        heading = Text.assemble(("\n".join(lines), "bold"), "  " if beside else "\n", row["family"])
         blocks.append(Group(heading, Padding(grid, (0, 0, 0, 2))))
     return Group(*blocks)
 
