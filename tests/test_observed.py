@@ -391,6 +391,28 @@ def test_a_spike_threshold_past_the_float_range_flags_nothing_and_warns_nothing(
     assert jump.tolist() == [False] * 10 + [True]
 
 
+def test_a_reward_collapse_near_the_float_range_is_found_and_warns_nothing():
+    """Rewards near float64's largest (an imported log's 1e307, 1e308; a declared reward range
+    of (-1e308, 1e308), which a manifest takes) overflowed `reward - floor`, the noise's
+    squares and the rolling sums: numpy's 'overflow encountered in subtract' and 'invalid value
+    encountered in subtract' RuntimeWarnings, with their source lines, reached the stderr of
+    inspect, check and watch. The rule is scale-free: rewards scaled by a power of two
+    (exact) collapse where the rewards do, with no warning."""
+    steps = np.arange(300)
+    rewards = _noisy(np.where(steps < 150, 0.8, 0.1))
+    found = observed_reward_collapse(steps, rewards)
+    assert found is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert observed_reward_collapse(steps, np.ldexp(rewards, 1020)) == found
+        assert observed_reward_collapse(steps, np.ldexp(rewards, -60)) == found
+        declared = observed_reward_collapse(steps, rewards, reward_range=(-1e308, 1e308))
+        huge = 1.7976931348623157e308
+        means = rolling_mean(np.array([huge, huge, -huge, huge]), 2)
+    assert declared is None  # a fall of 0.7 in a range of 2e308: no collapse
+    assert means[1:].tolist() == [huge, 0.0, 0.0]
+
+
 def test_recorded_series_stats_of_values_near_the_float_range_are_finite():
     """inspect's and check's mean and median of a recorded series whose values are near
     float64's largest overflowed their sum: inf for finite values, and numpy's 'overflow
@@ -422,7 +444,11 @@ def test_recorded_series_stats_of_a_series_at_the_float_range_are_its_value(step
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mixed = series_stats(np.array([huge, -huge, huge]))
+        # numpy's pairwise sum of a longer series reaches inf + -inf: 'invalid value
+        # encountered in reduce' reached inspect's stderr (an imported log of +-1e308)
+        swinging = series_stats(np.array([huge, -huge] * 150))
     assert mixed.mean == pytest.approx(huge / 3, rel=1e-12) and mixed.median == huge
+    assert swinging.mean == 0.0 and swinging.tail == 0.0
 
 
 def _growing_sequence_run(

@@ -21,6 +21,13 @@ from stabledrl_cli.replay.config import (
     SPIKE_MIN_HISTORY,
     WARNING_NOISE_MARGIN,
 )
+from stabledrl_cli.replay.guards import SCALE_ABOVE, unit_of
+
+
+def _largest_finite(values: np.ndarray) -> float:
+    """max |value| over the finite `values`; 0 without any."""
+    finite = values[np.isfinite(values)]
+    return float(np.abs(finite).max()) if finite.size else 0.0
 
 
 def collapse_window(num_steps: int) -> int:
@@ -49,7 +56,10 @@ def rolling_mean(values: np.ndarray, window: int, min_periods: int | None = None
     index = np.arange(n)
     start = np.maximum(index - window + 1, 0)
     count = index + 1 - start
-    means = _window_sums(np.where(finite, values, 0.0), min(window, n), start) / count
+    largest = _largest_finite(values)
+    unit = unit_of(largest) if largest > SCALE_ABOVE else 1.0  # a sum near 1e308 overflows
+    sums = _window_sums(np.where(finite, values / unit, 0.0), min(window, n), start)
+    means = sums / count * unit  # a mean is no larger than the largest value: finite
     has_bad = (bad[index + 1] - bad[start]) > 0
     ok = count >= min_periods
     out[ok] = np.where(has_bad[ok], np.nan, means[ok])
@@ -172,6 +182,10 @@ def observed_reward_collapse(
     floor = float(rewards[np.isfinite(rewards)].min())  # a -inf floor made every level inf
     if reward_range is not None:
         floor = min(floor, reward_range[0])
+    largest = max(abs(floor), _largest_finite(rewards))
+    if largest > SCALE_ABOVE:  # reward - floor and the noise's squares would overflow
+        unit = unit_of(largest)
+        rewards, floor = rewards / unit, floor / unit
     level = rolling_mean(rewards - floor, window)
     best = np.fmax.accumulate(level)  # NaN until the first full window; NaN never wins
     threshold = 0.5 * best

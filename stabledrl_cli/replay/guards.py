@@ -133,7 +133,7 @@ class ZClip:
         if grad_norm == 0.0:  # nothing to clip; in the averages it only decays them to 0
             return _NONE
         if abs(grad_norm) > SCALE_ABOVE * self._unit:
-            self._rescale(_unit_of(grad_norm))
+            self._rescale(unit_of(grad_norm))
         norm = grad_norm / self._unit  # the statistics are in units of self._unit
         if self.mean is None or self.var is None:
             self._buffer.append(norm)
@@ -218,7 +218,7 @@ def _z(value: float, history: Iterable[float], min_history: int) -> float | None
         return None
     largest = max(abs(value), *map(abs, past))
     if largest > SCALE_ABOVE:  # a z-score is scale-free: taken in units where squares fit
-        unit = _unit_of(largest)
+        unit = unit_of(largest)
         value, past = value / unit, [x / unit for x in past]
     # Float sums (math.fsum), not statistics.stdev's exact fractions: a replay takes a z-score
     # a step, and those fractions cost a millisecond each on a 128-step window.
@@ -231,12 +231,13 @@ def _z(value: float, history: Iterable[float], min_history: int) -> float | None
 
 
 SCALE_ABOVE = 2.0**400
-"""Norms (and losses) up to this take their statistics as they are. Past it (the square of
-1e155 overflows float64, and Python raises OverflowError on `x ** 2`) they are taken in units
-of a power of two (exact): the decisions and z-scores are scale-free."""
+"""Norms (and losses, rewards) up to this take their statistics as they are. Past it (the
+square of 1e155 overflows float64, and Python raises OverflowError on `x ** 2`; a sum of values
+near 1e308 overflows too) they are taken in units of a power of two (exact): the decisions,
+z-scores and collapse rules are scale-free."""
 
 
-def _unit_of(value: float) -> float:
+def unit_of(value: float) -> float:
     """The power of two that brings |value| into [1, 2) (never 2**1024, which overflows)."""
     return math.ldexp(1.0, math.frexp(abs(value))[1] - 1)
 

@@ -95,8 +95,9 @@ def _in_range(statistic: Callable[[np.ndarray], Any], finite: np.ndarray) -> flo
     """`statistic` (a mean or median) of finite values; when values near float64's largest
     overflow its sum, the same of the values scaled by the power of two that brings the
     largest below 1 (exactly), scaled back: a sum of those stays in range, and the statistic,
-    no larger than the largest value, is finite, as every value is."""
-    with np.errstate(over="ignore"):
+    no larger than the largest value, is finite, as every value is (a sum past the range in
+    both signs, inf + -inf, is NaN: scaled too)."""
+    with np.errstate(over="ignore", invalid="ignore"):
         value = float(statistic(finite))
     if np.isfinite(value):
         return value
