@@ -364,7 +364,9 @@ class _Output(NamedTuple):
 
 
 def _output(target: Path) -> _Output:
-    """Where the output the user named `target` is written (module docstring)."""
+    """Where the output the user named `target` is written (module docstring). WriteError
+    for a symlink loop: it names no file, and replacing the link would lose it."""
+    named = target
     try:
         if os.path.islink(target):
             proc = _proc_path(target)
@@ -372,7 +374,9 @@ def _output(target: Path) -> _Output:
                 return _Output(target, True, _own_descriptor(proc))
             target = Path(os.path.realpath(target))
         mode = os.stat(target).st_mode
-    except OSError:  # nothing there (or nothing to see): replaced, whose errors say why
+    except OSError as exc:  # nothing there (or nothing to see): replaced, whose errors say why
+        if exc.errno == errno.ELOOP:  # a shell's `>` fails there too
+            raise write_error(named, exc) from None
         return _Output(target, False)
     return _Output(target, not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)))
 

@@ -4,10 +4,12 @@ was `no such run` / `no such file or directory`, and `watch` waited for a run to
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import pytest
+from _corpus import tiny_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -79,3 +81,27 @@ def test_a_missing_path_is_still_no_such_run(tmp_path: Path) -> None:
         result = runner.invoke(app, ["inspect", str(given)])
         assert result.exit_code == 3
         assert result.stderr == f"error: no such run: {given}\n"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["replay", "{run}", "-p", "grpo", "--out", "{out}"],
+        ["pack", "{run}", "{out}", "--force"],
+        ["check", "{run}", "--max-spikes", "100", "--junit", "{out}"],
+    ],
+    ids=["replay-out", "pack", "check-junit"],
+)
+def test_an_output_named_by_a_symlink_loop_is_refused_and_the_link_stays(
+    loop: Path, tmp_path: Path, args: list[str]
+) -> None:
+    """`replay RUN --out loop` (`ln -s b a; ln -s a b`) replaced the link `a` with the report,
+    exit 0, and so did pack and check's reports: a link names the file it leads to (the link
+    stays, docs/trust.md), and a loop leads to none (a shell's `>` fails too). Exit 4 naming
+    it with the system's reason; the link stays."""
+    run = tiny_run(tmp_path / "run")
+    given = [arg.format(run=run, out=loop) for arg in args]
+    result = runner.invoke(app, given)
+    assert result.exit_code == 4, result.output
+    assert result.stderr.strip().splitlines()[-1] == f"error: {loop}: cannot write it ({LOOP})"
+    assert loop.is_symlink() and os.readlink(loop) == "b"
