@@ -514,6 +514,22 @@ def test_a_step_key_no_row_has_is_named(tmp_path: Path) -> None:
     ]
 
 
+def test_a_step_column_the_csv_header_lacks_is_named(tmp_path: Path) -> None:
+    """`import log.csv --step-key nope` said 'no step column (one of step, global_step, ...;
+    or pass --step-key)', the defaults of a key it had been given; and `--step-key ''` (an
+    unset variable) said the same, exit 3. The key given is named (exit 3), an empty one is a
+    usage error (exit 2)."""
+    log = tmp_path / "log.csv"
+    log.write_text("step,loss\n1,1\n2,2\n")
+    with pytest.raises(InputError) as refused:
+        read_log(log, step_key="nope")
+    assert str(refused.value) == f"{log}: the header has no step column 'nope' (--step-key)"
+    out = str(tmp_path / "run")
+    empty = CliRunner().invoke(app, ["import", str(log), "--out", out, "--step-key", ""])
+    assert empty.exit_code == 2, empty.output
+    assert empty.stderr == "error: a step key must name a key or column; got an empty one\n"
+
+
 @pytest.mark.parametrize(
     "name, content, skipped",
     [

@@ -56,6 +56,8 @@ def read_log(
     detected)."""
     if log_format is not None and log_format not in IMPORT_FORMATS:
         raise UsageError(f"format {log_format!r} is not one of: {', '.join(IMPORT_FORMATS)}")
+    if step_key == "":  # an unset variable: the defaults were not asked for
+        raise UsageError("a step key must name a key or column; got an empty one")
     path = log_path(Path(source), log_format)
     found = log_format or detect_format(path)
     if found != "tfevents" and path.is_dir():

@@ -26,7 +26,7 @@ import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, quoted
 from stabledrl_cli.importers._files import text_lines
 from stabledrl_cli.importers._names import (
     EVAL_PREFIXES,
@@ -57,6 +57,9 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
     try:
         names = _metric_names(_header(next(rows), path), path)
         key = step_key if step_key is not None else next((k for k in STEP_KEYS if k in names), None)
+        if step_key is not None and key not in names:
+            given = quoted(step_key)
+            raise InputError(f"{path}: the header has no step column {given} (--step-key)")
         if key is None or key not in names:
             raise InputError(
                 f"{path}: no step column (one of {', '.join(STEP_KEYS)}; or pass --step-key)"
