@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
-from stabledrl_cli.cli import check as check_cli
+from stabledrl_cli.cli import _check_view
 from stabledrl_cli.cli.app import app
 
 
@@ -34,7 +34,7 @@ def test_check_draws_at_most_gates_shown(
     run_and_baseline: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run, baseline = run_and_baseline
-    monkeypatch.setattr(check_cli, "GATES_SHOWN", 10)
+    monkeypatch.setattr(_check_view, "GATES_SHOWN", 10)
     result = CliRunner().invoke(app, ["check", str(run), "-b", str(baseline)])
     assert result.exit_code == 1
     table = result.stdout
