@@ -873,7 +873,7 @@ def test_a_step_count_past_the_bound_is_a_usage_error_before_training(tmp_path, 
     from stabledrl_cli.example.config import MAX_RL_STEPS
 
     trained: list[object] = []
-    monkeypatch.setattr(record, "_run_example", lambda *args: trained.append(args))
+    monkeypatch.setattr(record, "run_example", lambda *args: trained.append(args))
     out = tmp_path / "run"
     for count in (10**30, MAX_RL_STEPS + 1):
         result = CliRunner().invoke(app, ["record", "--out", str(out), flag, str(count)])
