@@ -231,7 +231,7 @@ def test_a_live_watch_names_a_bad_step_that_lands_late_once(tmp_path, monkeypatc
         if polls["n"] == 1:
             aside.rename(late)
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    monkeypatch.setattr("stabledrl_cli.cli._watch_loop.time.sleep", between_polls)
     result = runner.invoke(app, ["watch", str(run), "--until-idle", "0", "--device", "cpu"])
     assert result.exit_code == 0, result.stderr
     assert f"stopped ({STEPS} steps seen)" in result.stderr

@@ -268,7 +268,7 @@ def test_ctrl_c_stops_the_watch_cleanly(grpo_fixture, monkeypatch):
         calls["n"] += 1
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", interrupted)
+    monkeypatch.setattr("stabledrl_cli.cli._watch_loop.time.sleep", interrupted)
     result = CliRunner().invoke(app, ["watch", str(grpo_fixture), "--device", "cpu"])
     assert result.exit_code == 130 and calls["n"] == 1
     assert "stopped (160 steps seen)" in result.stderr and "Traceback" not in result.stderr
@@ -558,7 +558,7 @@ def test_the_live_watch_says_when_the_run_was_replaced(grpo_fixture, tmp_path, m
         if polls["n"] == 1:
             _scalar_run(live, range(4), overwrite=True)
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    monkeypatch.setattr("stabledrl_cli.cli._watch_loop.time.sleep", between_polls)
     args = ["watch", str(live), "--until-idle", "0", "--max-nonfinite", "0", "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     line = f"{live}: the run changed under the watch: following it from its start"
@@ -662,7 +662,7 @@ def test_the_live_watch_says_once_when_the_runs_policy_changed(tmp_path, monkeyp
             _normalised_steps(recorder, range(12, 20))
             recorder.close()
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    monkeypatch.setattr("stabledrl_cli.cli._watch_loop.time.sleep", between_polls)
     result = CliRunner().invoke(app, ["watch", str(live), "--device", "cpu", "--recent", "0"])
     lines = result.stderr.splitlines()
     assert [line for line in lines if line.startswith("alert:")] == [
@@ -685,7 +685,7 @@ def test_a_policy_amended_out_of_the_catalogue_is_named_before_its_gate_is_refus
     _normalised_steps(recorder, range(12))
     entry = {"spec": "mine:x=1", "name": "mine", "params": {"x": 1}}
     monkeypatch.setattr(
-        "stabledrl_cli.cli.watch.time.sleep",
+        "stabledrl_cli.cli._watch_loop.time.sleep",
         lambda seconds: amend_manifest(live, "policy", entry),
     )
     args = ["watch", str(live), "--device", "cpu", "--max-collapsed", "3"]
@@ -778,7 +778,7 @@ def test_an_error_while_following_is_one_line_of_its_own(grpo_fixture, tmp_path,
     def between_polls(seconds: float) -> None:
         (live / "manifest.json").write_text('{"bad')
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    monkeypatch.setattr("stabledrl_cli.cli._watch_loop.time.sleep", between_polls)
     result = CliRunner().invoke(app, ["watch", str(live), "--until-idle", "0", "--device", "cpu"])
     assert result.exit_code == 3
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
@@ -824,7 +824,7 @@ def test_a_stopped_recording_is_named_by_once_and_by_the_live_watch(
     def between_polls(seconds: float) -> None:
         _stop_recording(live)
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    monkeypatch.setattr("stabledrl_cli.cli._watch_loop.time.sleep", between_polls)
     args = ["watch", str(live), "--until-idle", "0", "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.stderr
@@ -1051,7 +1051,7 @@ def _watched_to_the_end(
         if sleeps > 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    monkeypatch.setattr("stabledrl_cli.cli._watch_loop.time.sleep", between_polls)
     return CliRunner().invoke(app, ["watch", str(live), "--max-spikes", "0"]), sleeps
 
 
@@ -1419,7 +1419,7 @@ def test_a_manifest_replaced_by_a_fifo_under_the_watch_is_not_waited_on(
         fifo.unlink()
         os.mkfifo(fifo)
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    monkeypatch.setattr("stabledrl_cli.cli._watch_loop.time.sleep", between_polls)
     results: list[object] = []
     args = ["watch", str(live), "--until-idle", "0", "--device", "cpu"]
     watching = threading.Thread(target=lambda: results.append(CliRunner().invoke(app, args)))
@@ -1447,7 +1447,7 @@ def test_a_manifest_rewritten_past_the_parsers_depth_under_the_watch_is_one_erro
     def between_polls(seconds: float) -> None:
         manifest.write_text("[" * 100_000 + "]" * 100_000)
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    monkeypatch.setattr("stabledrl_cli.cli._watch_loop.time.sleep", between_polls)
     args = ["watch", str(live), "--until-idle", "0", "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 3, result.stderr
@@ -1768,7 +1768,7 @@ def test_the_live_view_keeps_the_newest_steps_on_a_short_terminal(tmp_path, monk
     import io
     import re
 
-    from stabledrl_cli.cli import _output, watch
+    from stabledrl_cli.cli import _output, _watch_loop
 
     live = tmp_path / "live"
     recorder = Recorder(live, policy=None)  # open: the watch goes on
@@ -1778,14 +1778,14 @@ def test_the_live_view_keeps_the_newest_steps_on_a_short_terminal(tmp_path, monk
     console = _output._LineConsole(
         file=screen, force_terminal=True, width=80, height=15, soft_wrap=True, markup=False
     )
-    monkeypatch.setattr(watch, "err", console)
+    monkeypatch.setattr(_watch_loop, "err", console)
     drawn: list[str] = []
 
     def between_polls(seconds: float) -> None:
         drawn.append(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue()))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    monkeypatch.setattr("stabledrl_cli.cli._watch_loop.time.sleep", between_polls)
     result = CliRunner().invoke(app, ["watch", str(live), "--interval", "0.01"])
     assert result.exit_code == 130, result.output
     # the view as last drawn before the first wait: an alert printed above the live view (NaN
@@ -1809,7 +1809,7 @@ def test_the_live_view_wraps_a_line_wider_than_the_terminal(grpo_fixture, tmp_pa
     import io
     import re
 
-    from stabledrl_cli.cli import _output, watch
+    from stabledrl_cli.cli import _output, _watch_loop
 
     live = tmp_path / "live"
     live.mkdir()
@@ -1819,12 +1819,12 @@ def test_the_live_view_wraps_a_line_wider_than_the_terminal(grpo_fixture, tmp_pa
     console = _output._LineConsole(
         file=screen, force_terminal=True, width=80, height=40, soft_wrap=True, markup=False
     )
-    monkeypatch.setattr(watch, "err", console)
+    monkeypatch.setattr(_watch_loop, "err", console)
 
     def between_polls(seconds: float) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    monkeypatch.setattr("stabledrl_cli.cli._watch_loop.time.sleep", between_polls)
     result = CliRunner().invoke(app, ["watch", str(live), "--interval", "0.01", "--device", "cpu"])
     assert result.exit_code == 130, result.output
     drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
@@ -1886,7 +1886,7 @@ def test_a_policy_gate_on_a_run_with_no_policy_is_refused_when_the_run_is_read(
         if sleeps["n"] > 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    monkeypatch.setattr("stabledrl_cli.cli._watch_loop.time.sleep", between_polls)
     result = CliRunner().invoke(app, ["watch", str(live), "--max-collapsed", "0"])
     assert result.exit_code == 2 and sleeps["n"] == 0, result.stderr
     assert result.stderr.splitlines()[-1] == (

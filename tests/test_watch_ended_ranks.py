@@ -56,7 +56,7 @@ def test_a_step_a_rank_never_wrote_is_lost_once_the_recording_ended(
         if sleeps > 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    monkeypatch.setattr("stabledrl_cli.cli._watch_loop.time.sleep", between_polls)
     ended = CliRunner().invoke(app, ["watch", str(run), *GATE])
     assert "the recording closed: stopped (10 steps seen)" in ended.stderr
     assert ended.exit_code == 1, ended.stderr
