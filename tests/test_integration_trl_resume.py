@@ -22,7 +22,6 @@ import torch
 from _cli import cli_command, record_python
 from _trl import (
     SCRIPTS,
-    SKIP_REASON,
     TRAINERS,
     child_env,
     logged_steps,
@@ -130,8 +129,7 @@ def test_stabledrl_force_false_does_not_replace_the_run(
 ) -> None:
     """$STABLEDRL_FORCE=false read as true (any text but empty or 0 did): the trainer replaced
     the run. It is off now, and text that is no switch is refused naming it."""
-    pytest.importorskip("trl", reason=SKIP_REASON)  # _trl_trainer imports it
-    from stabledrl_cli.integrations._trl_trainer import run_dir
+    from stabledrl_cli.integrations._trl_run_dir import run_dir
 
     monkeypatch.setenv("STABLEDRL_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("STABLEDRL_FORCE", "false")
@@ -214,7 +212,7 @@ def test_records_out_given_again_as_stabledrl_out_is_taken(
 ) -> None:
     """The same directory, named another way (relative to the working directory), is no
     conflict."""
-    from stabledrl_cli.integrations._trl_trainer import run_dir
+    from stabledrl_cli.integrations._trl_run_dir import run_dir
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("STABLEDRL_RUN_DIR", str(tmp_path / "run"))
@@ -554,12 +552,12 @@ def test_a_crafted_trainer_state_is_refused_in_one_line(
 ) -> None:
     """The checkpoint's trainer_state.json is read as every JSON input is (UTF-8, strict,
     bounded): one InputError line saying why, never a traceback's exception."""
-    from stabledrl_cli.integrations._trl_trainer import _resume_step
+    from stabledrl_cli.integrations._trl_run_dir import resume_step
 
     raw, reason = CRAFTED_STATES[case]
     (tmp_path / "trainer_state.json").write_bytes(raw)
     with pytest.raises(InputError, match=reason) as info:
-        _resume_step(None, str(tmp_path))
+        resume_step(None, str(tmp_path))
     assert str(info.value).startswith(str(tmp_path / "trainer_state.json"))
     assert "\n" not in str(info.value)
 
@@ -569,25 +567,25 @@ def test_a_trainer_state_with_non_finite_metrics_resumes_at_its_step(
 ) -> None:
     """Python's JSON writer, transformers' too, writes a NaN or infinite metric as NaN or
     Infinity: a real checkpoint's log_history may hold them."""
-    from stabledrl_cli.integrations._trl_trainer import _resume_step
+    from stabledrl_cli.integrations._trl_run_dir import resume_step
 
     state = {"global_step": 2, "log_history": [{"grad_norm": math.nan, "loss": math.inf}]}
     (tmp_path / "trainer_state.json").write_text(json.dumps(state))
-    assert _resume_step(None, str(tmp_path)) == 2
+    assert resume_step(None, str(tmp_path)) == 2
 
 
 def test_a_trainer_state_past_the_size_bound_is_refused_unread(tiny: Any, tmp_path: Path) -> None:
     from stabledrl_cli.importers._files import DOCUMENT_LIMIT
-    from stabledrl_cli.integrations._trl_trainer import _resume_step
+    from stabledrl_cli.integrations._trl_run_dir import resume_step
 
     with open(tmp_path / "trainer_state.json", "wb") as state:
         state.truncate(DOCUMENT_LIMIT + 1)  # sparse: no disk used
     with pytest.raises(InputError, match="over the 128 MiB import limit"):
-        _resume_step(None, str(tmp_path))
+        resume_step(None, str(tmp_path))
     (tmp_path / "trainer_state.json").unlink()
     os.mkfifo(tmp_path / "trainer_state.json")  # no writer: a plain read waits for ever
     with pytest.raises(InputError, match="not a regular file"):
-        _resume_step(None, str(tmp_path))
+        resume_step(None, str(tmp_path))
 
 
 def test_a_checkpoint_stabledrl_cannot_read_warns_once_and_training_runs(

@@ -26,11 +26,8 @@ import stabledrl_cli as sd  # noqa: E402
 from stabledrl_cli.dump import Recorder  # noqa: E402
 from stabledrl_cli.integrations._rows import every_row  # noqa: E402
 from stabledrl_cli.integrations._trl_capture import StepBuffer  # noqa: E402
-from stabledrl_cli.integrations._trl_trainer import (  # noqa: E402
-    GROUP_KEY,
-    REWARD_KEY,
-    RecordingGRPOTrainer,
-)
+from stabledrl_cli.integrations._trl_grpo import RecordingGRPOTrainer  # noqa: E402
+from stabledrl_cli.integrations._trl_trainer import GROUP_KEY, REWARD_KEY  # noqa: E402
 
 ROWS, WIDTH = 4, 5
 SCORED = 18

@@ -1,6 +1,5 @@
-"""The recording TRL trainers (1.16.x): `RecordingTrainer`, what they share, and
-`RecordingGRPOTrainer`, `trl.GRPOTrainer` that records every optimizer step
-(`RecordingRLOOTrainer` is in `_trl_rloo`).
+"""`RecordingTrainer`, what the recording TRL trainers (1.16.x) share: `RecordingGRPOTrainer`
+(in `_trl_grpo`) and `RecordingRLOOTrainer` (in `_trl_rloo`) each record every optimizer step.
 
 The overrides are minimal and call the parent; what each one reads (TRL's source, 1.16; the
 GRPO and RLOO trainers share these methods):
@@ -25,34 +24,20 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from stabledrl_cli.capture._status import RecordingFailure
-from stabledrl_cli.capture.bootstrap import (
-    ENV_POLICY,
-    ENV_RUN_DIR,
-    env_force,
-    integration_records,
-    recorded_into,
-    refuse_another_run_dir,
-)
+from stabledrl_cli.capture.bootstrap import ENV_POLICY, integration_records, recorded_into
 from stabledrl_cli.dump import Recorder
-from stabledrl_cli.dump._arguments import path_argument, switch_argument
 from stabledrl_cli.dump._file_names import MANIFEST_NAME
 from stabledrl_cli.dump._recorder_args import checked_reward_range
 from stabledrl_cli.dump._setup import RunNotEmpty, remove_stepless_run
 from stabledrl_cli.dump._training_end import normal_end
 from stabledrl_cli.errors import InputError, UsageError, WriteError, warn
-from stabledrl_cli.importers._trainer_state import bounded_json_document
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
-from stabledrl_cli.integrations._trl_policy import (
-    cispo_cap_warning,
-    policy_for_config,
-    uses_loss_weight,
-)
+from stabledrl_cli.integrations._trl_run_dir import resume_step, run_dir
 from stabledrl_cli.integrations._trl_version import check_trl_version
 from stabledrl_cli.policies import Policy, get_policy
 from stabledrl_cli.spec import plain_number
@@ -67,50 +52,6 @@ _TrainerCallback: Any = importlib.import_module("transformers").TrainerCallback
 _Untyped: Any = object
 """`RecordingTrainer`'s base as mypy sees it: the TRL trainer that follows it in a recording
 class's MRO (at run time, object)."""
-
-
-def run_dir(out: str | os.PathLike[str] | None, overwrite: bool, trainer: str) -> tuple[Path, bool]:
-    """(directory, overwrite): `out`, else $STABLEDRL_RUN_DIR (set by `stabledrl record`,
-    which also passes --force); UsageError naming `trainer` when neither is there, or when
-    `out` is another directory than record's --out (whose optimizer hooks stand down for the
-    trainer: record would find no step there), or when `out` is empty or no path, or
-    `overwrite` is not True or False."""
-    overwrite = switch_argument(overwrite, "stabledrl_overwrite")
-    if out is not None:
-        out = path_argument(out, "stabledrl_out")
-        refuse_another_run_dir(
-            out, f"{trainer}'s stabledrl_out={os.fspath(out)}", "leave stabledrl_out out"
-        )
-        return Path(out), overwrite
-    env = os.environ.get(ENV_RUN_DIR)
-    if not env:
-        raise UsageError(
-            f"{trainer} needs a run directory: pass stabledrl_out=DIR, or run the "
-            "script under `stabledrl record --out DIR -- python train.py`"
-        )
-    return Path(env), overwrite or env_force()
-
-
-def _resume_step(trainer: Any, checkpoint: str | bool | None) -> int | None:
-    """The global_step of the checkpoint `train(resume_from_checkpoint=...)` resumes, else None.
-    OSError when there is no checkpoint to resume (TRL's train() refuses that with its own
-    error); InputError, one line, when its trainer_state.json is not one (read bounded and
-    strict: `bounded_json_document`)."""
-    if checkpoint is None or checkpoint is False:
-        return None
-    if checkpoint is True:
-        trainer_utils: Any = importlib.import_module("transformers.trainer_utils")
-        checkpoint = trainer_utils.get_last_checkpoint(trainer.args.output_dir)
-        if checkpoint is None:
-            raise FileNotFoundError(f"no checkpoint in {trainer.args.output_dir}")
-    path = Path(str(checkpoint)) / "trainer_state.json"
-    if not os.path.lexists(path):
-        raise FileNotFoundError(f"no {path}")
-    state = bounded_json_document(path)
-    step = state.get("global_step") if isinstance(state, dict) else None
-    if type(step) is not int or step < 0:
-        raise InputError(f"{path}: not a trainer_state.json (no global_step: a whole number >= 0)")
-    return step
 
 
 _RECORDED: set[str] = set()
@@ -273,7 +214,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         begun at the checkpoint's next step when the directory holds no run). A run that
         cannot be written (a full or read-only disk) or continued (a corrupt step before the
         checkpoint's, a resume by another policy or world size than the run's), or a
-        checkpoint whose trainer_state.json it cannot read (`_resume_step`), warns once and
+        checkpoint whose trainer_state.json it cannot read (`resume_step`), warns once and
         training runs unrecorded, the run left as it was; a new run into a directory that
         holds one (without `stabledrl_overwrite`) is refused, UsageError. A second train()
         into a run directory this process has recorded into (of this trainer or of another)
@@ -290,7 +231,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         resume: int | None = None
         unrecorded = False
         try:
-            resume = _resume_step(self, resume_from_checkpoint)
+            resume = resume_step(self, resume_from_checkpoint)
         except OSError:  # TRL's train() refuses it, saying why
             unrecorded = True
         except InputError as exc:
@@ -486,107 +427,3 @@ class _RunOpener(_TrainerCallback):  # type: ignore[misc]
 
     def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
         self.trainer._sd_begin()  # the first one's: later ones find nothing to open
-
-
-class RecordingGRPOTrainer(RecordingTrainer, TRL.GRPOTrainer):  # type: ignore[misc]
-    """`trl.GRPOTrainer` that records each optimizer step into a run directory, one entry a
-    token (`RecordingTrainer` says the arguments)."""
-
-    _sd_trainer = "GRPOTrainer"
-
-    def _sd_check_arguments(self, given: dict[str, Any]) -> None:
-        config = given.get("args")
-        if isinstance(config, TRL.GRPOConfig):  # None: TRL's default config, which maps
-            policy_for_config(config, rollout_func=given.get("rollout_func") is not None)
-
-    def _sd_policy(self) -> Policy:
-        capped = cispo_cap_warning(self.args)
-        if capped is not None and self.accelerator.is_main_process:  # one line a run
-            warn(capped)
-        return policy_for_config(self.args, rollout_func=self.rollout_func is not None)
-
-    def _sd_meta(self) -> dict[str, Any]:
-        args = self.args
-        return {
-            "loss_type": args.loss_type,
-            "importance_sampling_level": args.importance_sampling_level,
-            # how TRL made the recorded advantages from the recorded rewards (adv=zscore is
-            # scale_rewards="group" with sum_then_normalize)
-            "scale_rewards": args.scale_rewards,
-            "multi_objective_aggregation": args.multi_objective_aggregation,
-            "loss_scale": "per-token normaliser of the all-rank objective "
-            "(TRL's micro-batch normaliser times world size)",
-        }
-
-    def get_high_entropy_mask(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        mask: torch.Tensor = super().get_high_entropy_mask(*args, **kwargs)
-        if self._sd_seen is not None:
-            self._sd_seen["entropy_mask"] = mask.detach()
-        return mask
-
-    def get_off_policy_mask(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        mask: torch.Tensor = super().get_off_policy_mask(*args, **kwargs)
-        if self._sd_seen is not None:
-            self._sd_seen["off_policy_mask"] = mask.detach()
-        return mask
-
-    def _sd_micro_batch(
-        self, inputs: dict[str, Any], loss: torch.Tensor, seen: dict[str, torch.Tensor]
-    ) -> MicroBatch:
-        """What `_compute_loss` used for this micro-batch, on CPU."""
-        logp = seen["logp"]
-        completion_mask = inputs["completion_mask"]
-        mask = (
-            completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        )
-        old = inputs.get("old_per_token_logps")
-        advantages = inputs["advantages"]
-        if advantages.dim() == 1:
-            advantages = advantages.unsqueeze(1)
-        weight: torch.Tensor | None = None
-        if uses_loss_weight(self.args):
-            weight = torch.ones_like(logp)
-            for name in ("entropy_mask", "off_policy_mask"):
-                if name in seen:
-                    weight = weight * seen[name]
-            if self.use_vllm and self.vllm_importance_sampling_correction:
-                weight = weight * inputs["importance_sampling_ratio"]
-        ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
-        rollout = inputs.get("sampling_per_token_logps")
-        return MicroBatch(
-            logp=cpu_float32(logp),
-            logp_old=cpu_float32(logp if old is None else old),
-            advantages=cpu_float32(advantages.expand_as(logp)),
-            mask=cpu_float32(mask),
-            kept=completion_mask.detach().bool().cpu(),
-            loss_scale=cpu_float32(self._sd_loss_scale(inputs, mask).expand_as(logp)),
-            group_id=inputs[GROUP_KEY].detach().cpu(),
-            reward=cpu_float32(inputs[REWARD_KEY]),
-            loss=float(loss.detach()),
-            loss_weight=None if weight is None else cpu_float32(weight.expand_as(logp)),
-            logp_ref=None if ref is None else cpu_float32(ref),
-            logp_rollout=None if rollout is None else cpu_float32(rollout),
-        )
-
-    def _sd_loss_scale(self, inputs: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
-        """[B, 1] or 0-d: TRL's normaliser of each token's term in this micro-batch (train
-        mode, `_compute_loss`), times the world size: DDP averages the ranks' gradients, so
-        this is the normaliser in the objective over all ranks."""
-        accumulation = float(self.current_gradient_accumulation_steps)
-        ranks = self.accelerator.num_processes
-        rows = mask.shape[0]
-        loss_type = self.loss_type
-        scale: torch.Tensor
-        if loss_type in ("grpo", "sapo"):
-            scale = accumulation * rows * mask.sum(-1, keepdim=True).clamp(min=1.0)
-        elif loss_type == "bnpo":
-            scale = accumulation * mask.sum().clamp(min=1.0)
-        elif loss_type == "dr_grpo":
-            scale = torch.tensor(accumulation * rows * self.max_completion_length)
-        elif loss_type == "luspo":  # each row's token sum, averaged over every row
-            scale = torch.tensor(accumulation * rows)
-        else:  # dapo, cispo, vespo
-            items = inputs["num_items_in_batch"].clamp(min=1.0) / ranks
-            scale = items * accumulation / self.args.steps_per_generation
-        normaliser: torch.Tensor = (scale * ranks).to(torch.float32)
-        return normaliser

@@ -31,8 +31,8 @@ from stabledrl_cli.integrations._trl_policy import (
 from stabledrl_cli.integrations._trl_version import SUPPORTED_TRL, check_trl_version
 
 if TYPE_CHECKING:
+    from stabledrl_cli.integrations._trl_grpo import RecordingGRPOTrainer
     from stabledrl_cli.integrations._trl_rloo import RecordingRLOOTrainer
-    from stabledrl_cli.integrations._trl_trainer import RecordingGRPOTrainer
 
 __all__ = [
     "LOSS_TYPES",
@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 _TRAINERS = {
-    "RecordingGRPOTrainer": "stabledrl_cli.integrations._trl_trainer",
+    "RecordingGRPOTrainer": "stabledrl_cli.integrations._trl_grpo",
     "RecordingRLOOTrainer": "stabledrl_cli.integrations._trl_rloo",
 }
 """Each recording trainer -> its module, imported (with TRL) on first use."""
