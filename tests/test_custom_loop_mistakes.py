@@ -15,7 +15,7 @@ from test_readme import block_after
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
-from stabledrl_cli.capture import bootstrap
+from stabledrl_cli.capture import bootstrap, log_policy_batch
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import UsageError
 
@@ -106,7 +106,7 @@ def test_a_policy_changed_mid_run_warns_once(
     for step, beta in enumerate((0.04, 0.04, 0.02, 0.01)):
         spec = "ppo:beta=0.04,eps_low=0.2" if step == 1 else f"ppo:beta={beta}"
         batch["logp_ref"] = -torch.rand(4)
-        assert bootstrap.log_policy_batch(step, policy=spec, recorder_kwargs=kwargs, **batch)
+        assert log_policy_batch(step, policy=spec, recorder_kwargs=kwargs, **batch)
     bootstrap.close()
     assert capsys.readouterr().err.splitlines() == [
         "stabledrl: warning: log_policy_batch(2) names the policy ppo:beta=0.02, where the "
@@ -126,9 +126,7 @@ def test_later_batches_naming_no_policy_keep_the_scripts(
     batch = {"logp": -torch.rand(4), "logp_old": -torch.rand(4), "advantages": torch.randn(4)}
     for step in range(3):
         policy = "dapo" if step == 0 else None
-        assert bootstrap.log_policy_batch(
-            step, policy=policy, recorder_kwargs={"unit": "sequence"}, **batch
-        )
+        assert log_policy_batch(step, policy=policy, recorder_kwargs={"unit": "sequence"}, **batch)
     bootstrap.close()
     assert capsys.readouterr().err.splitlines() == [
         "stabledrl: warning: log_policy_batch(policy=...) names dapo, record --policy grpo: "

@@ -26,7 +26,7 @@ from _phases import PHASES_SCRIPT
 from _record_here import record_here
 from typer.testing import CliRunner
 
-from stabledrl_cli.capture import bootstrap
+from stabledrl_cli.capture import bootstrap, log_policy_batch
 from stabledrl_cli.capture._step_stats import _module_norms
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
@@ -1627,11 +1627,11 @@ def test_a_step_logged_by_a_signal_handler_inside_another_step_is_refused(
     @functools.wraps(log_step)
     def signalled(self, step, **fields):  # the handler runs as step 1 is being written
         if step == 1 and not handled:
-            handled.append(bootstrap.log_policy_batch(2, **batch))
+            handled.append(log_policy_batch(2, **batch))
         return log_step(self, step, **fields)
 
     monkeypatch.setattr(Recorder, "log_step", signalled)
-    assert [bootstrap.log_policy_batch(step, **batch) for step in (0, 1, 3)] == [True] * 3
+    assert [log_policy_batch(step, **batch) for step in (0, 1, 3)] == [True] * 3
     assert handled == [False]
     bootstrap.close()
     assert open_run(tmp_path / "run").step_numbers == [0, 1, 3]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from _bootstrap_state import fresh_recording
 
-from stabledrl_cli.capture import bootstrap
+from stabledrl_cli.capture import bootstrap, log_policy_batch
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.dump._manifest import RECORDING_CLOSED
 
@@ -22,7 +22,7 @@ def test_an_optimizer_step_after_the_run_closed_is_left_out(tmp_path, monkeypatc
     bootstrap.close()
     for step in range(3, 5):  # a daemon thread's, during the interpreter's exit
         bootstrap.log_hook_step(step, {"grad_norm": 1.0, "scalars": {}})
-    assert not bootstrap.log_policy_batch(5, policy="grpo", logp=[-1.0], advantages=[1.0])
+    assert not log_policy_batch(5, policy="grpo", logp=[-1.0], advantages=[1.0])
     assert status.read_text() == ""
     run = open_run(tmp_path / "run")
     assert run.step_numbers == [0, 1, 2]

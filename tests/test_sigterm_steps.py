@@ -185,7 +185,7 @@ SIGTERM_INSIDE_A_STEP = textwrap.dedent(
     import functools, os, signal, time
     import numpy as np
     from stabledrl_cli import Recorder
-    from stabledrl_cli.capture import bootstrap
+    from stabledrl_cli.capture import bootstrap, log_policy_batch
 
     bootstrap.hooks_installed()
     bootstrap.log_hook_step(0, {"grad_norm": 1.5, "scalars": {}})  # held: the run not open
@@ -197,7 +197,7 @@ SIGTERM_INSIDE_A_STEP = textwrap.dedent(
         return log_step(self, step, **fields)
     Recorder.log_step = signalled
     print("logging", flush=True)
-    bootstrap.log_policy_batch(
+    log_policy_batch(
         0, policy="grpo", logp=np.zeros(4, np.float32), logp_old=np.zeros(4, np.float32),
         advantages=np.ones(4, np.float32), mask=np.ones(4, bool), seq_id=np.arange(4),
     )

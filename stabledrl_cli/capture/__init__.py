@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from stabledrl_cli.capture.bootstrap import log_policy_batch
+from stabledrl_cli.capture._log_policy_batch import log_policy_batch
 
 __all__ = ["log_policy_batch"]

@@ -1,5 +1,5 @@
-"""The child side of `stabledrl record --out DIR -- CMD`: `log_policy_batch`, and the run that
-it and the optimizer hooks (`optimizer_hooks`) write together.
+"""The child side of `stabledrl record --out DIR -- CMD`: the run that `log_policy_batch`
+(`_log_policy_batch`) and the optimizer hooks (`optimizer_hooks`) write together.
 
 `record` exports to the training command:
 - STABLEDRL_RUN_DIR: the run directory to write;
@@ -52,7 +52,7 @@ import atexit
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from stabledrl_cli._run_env import ENV_FORCE as ENV_FORCE  # record exports them (module doc)
@@ -63,21 +63,12 @@ from stabledrl_cli._sigterm import WRITE_SECONDS, steps_written_on_sigterm
 from stabledrl_cli.capture import _uncaught
 from stabledrl_cli.capture._child_processes import refuse_child_of_recording
 from stabledrl_cli.capture._process_rank import launcher_rank
+from stabledrl_cli.capture._record_out import ENV_OPTIMIZER_HOOKS as ENV_OPTIMIZER_HOOKS
+from stabledrl_cli.capture._record_out import records_its_out
 from stabledrl_cli.capture._run_lock import RunLock
-from stabledrl_cli.capture._script_args import (
-    policies_differ,
-    refuse_unknown,
-    warn_policies_differ,
-    warn_policy_changed,
-)
+from stabledrl_cli.capture._script_args import refuse_unknown, warn_policies_differ
 from stabledrl_cli.capture._status import RecordingFailure
-from stabledrl_cli.capture._step_pairing import (
-    Step,
-    refuse_parted,
-    snapshot,
-    warn_numbered_from_1,
-    warn_order_turned,
-)
+from stabledrl_cli.capture._step_pairing import Step, refuse_parted, warn_order_turned
 from stabledrl_cli.errors import UsageError, WriteError, warn
 
 if TYPE_CHECKING:
@@ -85,8 +76,6 @@ if TYPE_CHECKING:
     from stabledrl_cli.dump._policy import PolicyLike
 
 ENV_POLICY = "STABLEDRL_POLICY"
-ENV_OPTIMIZER_HOOKS = "STABLEDRL_OPTIMIZER_HOOKS"
-""""0": the sitecustomize installs no optimizer hooks (`record --no-optimizer-hooks`)."""
 NO_POLICY = (
     "no policy to record: pass one to `stabledrl record`, e.g. `--policy grpo`, or to the "
     "first call, e.g. `log_policy_batch(step, policy='grpo', ...)`"
@@ -157,20 +146,6 @@ def _close_at_child_end() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
-def _records_its_out() -> str:
-    """What a Recorder of record's --out refused in this process is told
-    (`holds_in_this_process`): record's own Recorder holds it, and how to record with one's
-    own instead."""
-    if os.environ.get(ENV_OPTIMIZER_HOOKS) == "0":
-        how = "log_policy_batch; a script that opens a Recorder of its own there calls none"
-    else:
-        how = (
-            "its optimizer hooks; a script that opens a Recorder of its own there runs under "
-            "`stabledrl record --no-optimizer-hooks`"
-        )
-    return f"`stabledrl record` records its --out with {how}"
-
-
 def _open(
     policy: str | PolicyLike | None,
     recorder_kwargs: dict[str, Any],
@@ -202,7 +177,7 @@ def _open(
     from stabledrl_cli.dump import Recorder  # the training script may never log a step
     from stabledrl_cli.dump._writer_lock import holds_in_this_process
 
-    holds_in_this_process(run_dir, _records_its_out())
+    holds_in_this_process(run_dir, records_its_out())
     refuse_unknown(recorder_kwargs, "__init__", "a key of recorder_kwargs")
     recorder_kwargs.setdefault("on_write_error", "warn")  # a full disk never stops training
     for name, value in launcher_rank().items():
@@ -255,25 +230,6 @@ def _write(step: Step, recorder: Recorder, *, replace: bool) -> bool:
     return not _failure.stopped(recorder.stopped, _stopped_at(recorder, step.number))
 
 
-_first_batch_logged = False
-"""Whether log_policy_batch was called (`_step_pairing.warn_numbered_from_1` looks at the
-first batch)."""
-_batch_policy: str | PolicyLike | None = None
-"""The policy the first batch named (its `policy`, else record's --policy): the run's."""
-_warned_policy_changed = False
-
-
-def _check_policy(step: int, policy: str | PolicyLike | None) -> None:
-    """Notes the run's policy at the first batch that names one (its own, else record's
-    --policy); a later batch naming another warns, once."""
-    global _batch_policy, _warned_policy_changed
-    if _batch_policy is None:
-        _batch_policy = policy or os.environ.get(ENV_POLICY) or None
-    elif policy and not _warned_policy_changed and policies_differ(policy, _batch_policy):
-        _warned_policy_changed = True
-        warn_policy_changed(step, policy, _batch_policy)
-
-
 def _stopped_at(recorder: Recorder, noticed: int | None) -> str:
     """Where recording stopped: at the step whose write failed, which the Recorder knows; else
     at step `noticed` (the one being logged), or at the end of the run (None). A write in the
@@ -304,97 +260,6 @@ def _inside_a_step(call: str) -> bool:
         "signal handler's call): not recorded; recording goes on\n"
     )
     return True
-
-
-_warned_no_token = False
-
-
-def _no_token(step: int, fields: dict[str, Any], recorder: Recorder) -> bool:
-    """Whether `fields` is a batch with no token in a one-rank run, a step the format has no
-    place for (`Recorder.log_step` refuses it): the first one warns that such batches are not
-    recorded. A rank's empty part of a multi-rank step is recorded."""
-    global _warned_no_token
-    logp = fields.get("logp")
-    if logp is None or recorder.world_size > 1:
-        return False
-    from stabledrl_cli.dump._inputs import element_count  # loaded with the Recorder already
-
-    if element_count(logp, "logp"):
-        return False
-    if not _warned_no_token:
-        _warned_no_token = True
-        warn(
-            f"stabledrl: warning: log_policy_batch at step {step}: a batch with no token is "
-            "not recorded (nor the next ones, without another warning); recording goes on\n"
-        )
-    return True
-
-
-def log_policy_batch(
-    step: int,
-    *,
-    policy: str | PolicyLike | None = None,
-    recorder_kwargs: dict[str, Any] | None = None,
-    **fields: Any,
-) -> bool:
-    """Log one optimizer step to the run that `stabledrl record -- CMD` set up.
-
-    `fields` are `Recorder.log_step`'s keyword arguments (logp, logp_old, advantages, mask,
-    seq_id, group_id, reward, grad_norm, loss, ...). `policy` (a spec such as
-    "dapo:eps_high=0.28", or a catalogue policy; else STABLEDRL_POLICY) and `recorder_kwargs`
-    (unit, estimator, meta, ...) are used by the call that opens the Recorder. Under the
-    optimizer hooks, step n is merged with the n-th optimizer step (module docstring).
-    Returns True when the step was recorded: written, or, in a run that the optimizer hooks
-    opened (asynchronous writes), handed to the Recorder's writer thread, whose failure
-    shows at a later call (False) and in `record`'s exit code. False also for a batch with no
-    token in a one-rank run: the format has no such step, so it is skipped (the first one
-    warns) and recording goes on; under the hooks its step stays the optimizer's scalar step.
-    False too for a call that comes while this thread records another step (a signal
-    handler's): it is refused with a warning, and recording goes on.
-    A field or a `recorder_kwargs` key the Recorder does not take is a usage error (exit 2),
-    named, as the steps `log_step` refuses are. Never raises.
-    """
-    global _first_batch_logged
-    if _failure.off or _closed or _inside_a_step(f"log_policy_batch at step {step}"):
-        return False
-    held = None  # a held optimizer step before this one, written (and the run opened) first
-    try:
-        refuse_unknown(fields, "log_step", "a field of log_policy_batch")
-        if recorder_kwargs is not None and not isinstance(recorder_kwargs, Mapping):
-            raise UsageError(
-                f"recorder_kwargs must be a dict, got {type(recorder_kwargs).__name__}"
-            )
-        with _lock:
-            first_batch, _first_batch_logged = not _first_batch_logged, True
-            kwargs = dict(recorder_kwargs or {})
-            pairs_held = _held is not None and _held.number == step
-            if not pairs_held:
-                held = _held
-                _release_held(policy, kwargs)
-                held = None
-            recorder = _open(policy, kwargs, batch=True, hooks=pairs_held)
-            _check_policy(step, policy)
-            if _no_token(step, fields, recorder):
-                _release_held(policy, kwargs)  # the optimizer's half alone
-                return False
-            if _held is not None:  # (pairs_held)
-                _held.batch = fields
-                _release_held(policy, kwargs)
-                return not _failure.off
-            if _last is not None and _last.number == step and _last.batch is None:
-                _last.batch = fields
-                return _write(_last, recorder, replace=True)
-            if first_batch:
-                warn_numbered_from_1(_last, step)
-            return _write(Step(step, batch=snapshot(fields)), recorder, replace=False)
-    except Exception as exc:  # named by the first step it loses: the held one's, if not written
-        _failure.fail(
-            exc,
-            f"log_policy_batch failed at step {step}"
-            if held is None
-            else f"recording optimizer step {held.number}",
-        )
-        return False
 
 
 def log_hook_step(step: int, fields: dict[str, Any]) -> None:
@@ -429,20 +294,6 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
                 _write(Step(step, hooks=fields), recorder, replace=False)
     except Exception as exc:  # named by the first step it loses: the held one's, if not written
         _failure.fail(exc, f"recording optimizer step {step if held is None else held.number}")
-
-
-def refuse_another_run_dir(out: str | os.PathLike[str], given_as: str, leave_out: str) -> None:
-    """UsageError when `stabledrl record --out` set $STABLEDRL_RUN_DIR and `out`, the run
-    directory an integration was given, names another directory: record's optimizer hooks
-    stand down for the integration, so record would find no step in its own. `given_as`: how
-    `out` was given (`install(out=mine)`); `leave_out`: how to leave it out."""
-    env = os.environ.get(ENV_RUN_DIR)
-    if env and os.path.realpath(out) != os.path.realpath(env):
-        raise UsageError(
-            f"{given_as} is not the run directory of `stabledrl record --out` "
-            f"(${ENV_RUN_DIR}), {env}: {leave_out} (it defaults to record's --out) or give "
-            "both the same directory"
-        )
 
 
 def integration_records() -> None:

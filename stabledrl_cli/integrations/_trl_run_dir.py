@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from stabledrl_cli.capture.bootstrap import ENV_RUN_DIR, env_force, refuse_another_run_dir
+from stabledrl_cli.capture._record_out import refuse_another_run_dir
+from stabledrl_cli.capture.bootstrap import ENV_RUN_DIR, env_force
 from stabledrl_cli.dump._arguments import path_argument, switch_argument
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.importers._trainer_state import bounded_json_document

@@ -75,13 +75,9 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stabledrl_cli.capture._record_out import refuse_another_run_dir
 from stabledrl_cli.capture._status import RecordingFailure
-from stabledrl_cli.capture.bootstrap import (
-    ENV_RUN_DIR,
-    env_force,
-    integration_records,
-    refuse_another_run_dir,
-)
+from stabledrl_cli.capture.bootstrap import ENV_RUN_DIR, env_force, integration_records
 from stabledrl_cli.dump._arguments import path_argument, switch_argument
 from stabledrl_cli.dump._recorder_args import checked_reward_range, reward_range_text
 from stabledrl_cli.errors import MissingExtraError, UsageError, install_command

@@ -1,0 +1,140 @@
+"""`log_policy_batch`: a policy batch's half of a step, logged into the run of `stabledrl record
+-- CMD` (`bootstrap`, which pairs it with the optimizer hooks' half and writes the step), after
+the checks a batch gets first: the run's policy named again otherwise (one warning), a batch
+with no token in a one-rank run (skipped, one warning).
+
+The run's state (its Recorder, lock, held and last steps, failure) is `bootstrap`'s, which
+rebinds it (a fork replaces the lock, `close` the Recorder): it is read there at each call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from stabledrl_cli.capture import bootstrap
+from stabledrl_cli.capture._script_args import policies_differ, refuse_unknown, warn_policy_changed
+from stabledrl_cli.capture._step_pairing import Step, snapshot, warn_numbered_from_1
+from stabledrl_cli.errors import UsageError, warn
+
+if TYPE_CHECKING:
+    from stabledrl_cli.dump import Recorder
+    from stabledrl_cli.dump._policy import PolicyLike
+
+_first_batch_logged = False
+"""Whether log_policy_batch was called (`_step_pairing.warn_numbered_from_1` looks at the
+first batch)."""
+_batch_policy: str | PolicyLike | None = None
+"""The policy the first batch named (its `policy`, else record's --policy): the run's."""
+_warned_policy_changed = False
+
+
+def _check_policy(step: int, policy: str | PolicyLike | None) -> None:
+    """Notes the run's policy at the first batch that names one (its own, else record's
+    --policy); a later batch naming another warns, once."""
+    global _batch_policy, _warned_policy_changed
+    if _batch_policy is None:
+        _batch_policy = policy or os.environ.get(bootstrap.ENV_POLICY) or None
+    elif policy and not _warned_policy_changed and policies_differ(policy, _batch_policy):
+        _warned_policy_changed = True
+        warn_policy_changed(step, policy, _batch_policy)
+
+
+_warned_no_token = False
+
+
+def _no_token(step: int, fields: dict[str, Any], recorder: Recorder) -> bool:
+    """Whether `fields` is a batch with no token in a one-rank run, a step the format has no
+    place for (`Recorder.log_step` refuses it): the first one warns that such batches are not
+    recorded. A rank's empty part of a multi-rank step is recorded."""
+    global _warned_no_token
+    logp = fields.get("logp")
+    if logp is None or recorder.world_size > 1:
+        return False
+    from stabledrl_cli.dump._inputs import element_count  # loaded with the Recorder already
+
+    if element_count(logp, "logp"):
+        return False
+    if not _warned_no_token:
+        _warned_no_token = True
+        warn(
+            f"stabledrl: warning: log_policy_batch at step {step}: a batch with no token is "
+            "not recorded (nor the next ones, without another warning); recording goes on\n"
+        )
+    return True
+
+
+def log_policy_batch(
+    step: int,
+    *,
+    policy: str | PolicyLike | None = None,
+    recorder_kwargs: dict[str, Any] | None = None,
+    **fields: Any,
+) -> bool:
+    """Log one optimizer step to the run that `stabledrl record -- CMD` set up.
+
+    `fields` are `Recorder.log_step`'s keyword arguments (logp, logp_old, advantages, mask,
+    seq_id, group_id, reward, grad_norm, loss, ...). `policy` (a spec such as
+    "dapo:eps_high=0.28", or a catalogue policy; else STABLEDRL_POLICY) and `recorder_kwargs`
+    (unit, estimator, meta, ...) are used by the call that opens the Recorder. Under the
+    optimizer hooks, step n is merged with the n-th optimizer step (module docstring).
+    Returns True when the step was recorded: written, or, in a run that the optimizer hooks
+    opened (asynchronous writes), handed to the Recorder's writer thread, whose failure
+    shows at a later call (False) and in `record`'s exit code. False also for a batch with no
+    token in a one-rank run: the format has no such step, so it is skipped (the first one
+    warns) and recording goes on; under the hooks its step stays the optimizer's scalar step.
+    False too for a call that comes while this thread records another step (a signal
+    handler's): it is refused with a warning, and recording goes on.
+    A field or a `recorder_kwargs` key the Recorder does not take is a usage error (exit 2),
+    named, as the steps `log_step` refuses are. Never raises.
+    """
+    global _first_batch_logged
+    if (
+        bootstrap._failure.off
+        or bootstrap._closed
+        or bootstrap._inside_a_step(f"log_policy_batch at step {step}")
+    ):
+        return False
+    held = None  # a held optimizer step before this one, written (and the run opened) first
+    try:
+        refuse_unknown(fields, "log_step", "a field of log_policy_batch")
+        if recorder_kwargs is not None and not isinstance(recorder_kwargs, Mapping):
+            raise UsageError(
+                f"recorder_kwargs must be a dict, got {type(recorder_kwargs).__name__}"
+            )
+        with bootstrap._lock:
+            first_batch, _first_batch_logged = not _first_batch_logged, True
+            kwargs = dict(recorder_kwargs or {})
+            pairs_held = bootstrap._held is not None and bootstrap._held.number == step
+            if not pairs_held:
+                held = bootstrap._held
+                bootstrap._release_held(policy, kwargs)
+                held = None
+            recorder = bootstrap._open(policy, kwargs, batch=True, hooks=pairs_held)
+            _check_policy(step, policy)
+            if _no_token(step, fields, recorder):
+                bootstrap._release_held(policy, kwargs)  # the optimizer's half alone
+                return False
+            if bootstrap._held is not None:  # (pairs_held)
+                bootstrap._held.batch = fields
+                bootstrap._release_held(policy, kwargs)
+                return not bootstrap._failure.off
+            if (
+                bootstrap._last is not None
+                and bootstrap._last.number == step
+                and bootstrap._last.batch is None
+            ):
+                bootstrap._last.batch = fields
+                return bootstrap._write(bootstrap._last, recorder, replace=True)
+            if first_batch:
+                warn_numbered_from_1(bootstrap._last, step)
+            return bootstrap._write(Step(step, batch=snapshot(fields)), recorder, replace=False)
+    except Exception as exc:  # named by the first step it loses: the held one's, if not written
+        bootstrap._failure.fail(
+            exc,
+            f"log_policy_batch failed at step {step}"
+            if held is None
+            else f"recording optimizer step {held.number}",
+        )
+        return False
