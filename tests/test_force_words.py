@@ -29,7 +29,7 @@ def _refused(run: Path, monkeypatch: pytest.MonkeyPatch, *, batch: bool) -> str:
     _after_an_earlier_process(run, monkeypatch)
     monkeypatch.setattr(bootstrap, "_closed_at_child_end", True)  # no exit handler to leave
     with pytest.raises(UsageError) as refused:
-        bootstrap._open("grpo" if batch else None, {}, batch=batch, hooks=not batch)
+        bootstrap.open_recorder("grpo" if batch else None, {}, batch=batch, hooks=not batch)
     return str(refused.value)
 
 

@@ -1573,7 +1573,7 @@ def test_os_exit_in_a_signal_handler_inside_a_hook_writes_the_held_step_at_once(
         monkeypatch, tmp_path / "run", status, _python_os_exit=ended.append, WRITE_SECONDS=2.0
     )
     bootstrap.log_hook_step(0, {"grad_norm": 1.5, "scalars": {}})
-    with bootstrap._lock:  # the hook the signal came in
+    with bootstrap.recording.lock:  # the hook the signal came in
         start = time.perf_counter()
         bootstrap._os_exit(3)
         waited = time.perf_counter() - start
@@ -1594,8 +1594,8 @@ def test_os_exit_in_a_signal_handler_while_the_run_opens_ends_at_once(tmp_path, 
         monkeypatch, tmp_path / "run", status, _python_os_exit=ended.append, WRITE_SECONDS=2.0
     )
     bootstrap.log_hook_step(0, {"grad_norm": 1.5, "scalars": {}})
-    monkeypatch.setattr(bootstrap, "_opening", True)
-    with bootstrap._lock:
+    monkeypatch.setattr(bootstrap.recording, "opening", True)
+    with bootstrap.recording.lock:
         start = time.perf_counter()
         bootstrap._os_exit(3)
         waited = time.perf_counter() - start

@@ -79,7 +79,7 @@ HALVES_CHILD = textwrap.dedent(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(6):
         if step == 3:
-            bootstrap._recorder.flush()  # steps 0-2 are on disk, whole
+            bootstrap.recording.recorder.flush()  # steps 0-2 are on disk, whole
             # a step's scalar half (< 1 KB) still fits; its batch (80 KB) no longer does
             resource.setrlimit(resource.RLIMIT_FSIZE, (30000, resource.RLIM_INFINITY))
         model(torch.ones(8, 4)).sum().backward()
@@ -139,7 +139,7 @@ HOOKS_CHILD = textwrap.dedent(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(6):
         if step == 3:
-            bootstrap._recorder.flush()  # steps 0-2 are on disk, whole
+            bootstrap.recording.recorder.flush()  # steps 0-2 are on disk, whole
             os.writev = full_steps  # step 3's write, in the background, fails
         model(torch.ones(8, 4)).sum().backward()
         optimizer.step()

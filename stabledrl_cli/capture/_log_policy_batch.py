@@ -3,8 +3,8 @@
 the checks a batch gets first: the run's policy named again otherwise (one warning), a batch
 with no token in a one-rank run (skipped, one warning).
 
-The run's state (its Recorder, lock, held and last steps, failure) is `bootstrap`'s, which
-rebinds it (a fork replaces the lock, `close` the Recorder): it is read there at each call.
+The run's state (its Recorder, lock, held and last steps, failure, and this module's own)
+is `bootstrap.recording`, read at each call (a test gives the bootstrap a fresh one).
 """
 
 from __future__ import annotations
@@ -22,33 +22,26 @@ if TYPE_CHECKING:
     from stabledrl_cli.dump import Recorder
     from stabledrl_cli.dump._policy import PolicyLike
 
-_first_batch_logged = False
-"""Whether log_policy_batch was called (`_step_pairing.warn_numbered_from_1` looks at the
-first batch)."""
-_batch_policy: str | PolicyLike | None = None
-"""The policy the first batch named (its `policy`, else record's --policy): the run's."""
-_warned_policy_changed = False
-
 
 def _check_policy(step: int, policy: str | PolicyLike | None) -> None:
     """Notes the run's policy at the first batch that names one (its own, else record's
     --policy); a later batch naming another warns, once."""
-    global _batch_policy, _warned_policy_changed
-    if _batch_policy is None:
-        _batch_policy = policy or os.environ.get(bootstrap.ENV_POLICY) or None
-    elif policy and not _warned_policy_changed and policies_differ(policy, _batch_policy):
-        _warned_policy_changed = True
-        warn_policy_changed(step, policy, _batch_policy)
-
-
-_warned_no_token = False
+    recording = bootstrap.recording
+    if recording.batch_policy is None:
+        recording.batch_policy = policy or os.environ.get(bootstrap.ENV_POLICY) or None
+    elif (
+        policy
+        and not recording.warned_policy_changed
+        and policies_differ(policy, recording.batch_policy)
+    ):
+        recording.warned_policy_changed = True
+        warn_policy_changed(step, policy, recording.batch_policy)
 
 
 def _no_token(step: int, fields: dict[str, Any], recorder: Recorder) -> bool:
     """Whether `fields` is a batch with no token in a one-rank run, a step the format has no
     place for (`Recorder.log_step` refuses it): the first one warns that such batches are not
     recorded. A rank's empty part of a multi-rank step is recorded."""
-    global _warned_no_token
     logp = fields.get("logp")
     if logp is None or recorder.world_size > 1:
         return False
@@ -56,8 +49,8 @@ def _no_token(step: int, fields: dict[str, Any], recorder: Recorder) -> bool:
 
     if element_count(logp, "logp"):
         return False
-    if not _warned_no_token:
-        _warned_no_token = True
+    if not bootstrap.recording.warned_no_token:
+        bootstrap.recording.warned_no_token = True
         warn(
             f"stabledrl: warning: log_policy_batch at step {step}: a batch with no token is "
             "not recorded (nor the next ones, without another warning); recording goes on\n"
@@ -89,11 +82,11 @@ def log_policy_batch(
     A field or a `recorder_kwargs` key the Recorder does not take is a usage error (exit 2),
     named, as the steps `log_step` refuses are. Never raises.
     """
-    global _first_batch_logged
+    recording = bootstrap.recording
     if (
-        bootstrap._failure.off
-        or bootstrap._closed
-        or bootstrap._inside_a_step(f"log_policy_batch at step {step}")
+        recording.failure.off
+        or recording.closed
+        or bootstrap.inside_a_step(f"log_policy_batch at step {step}")
     ):
         return False
     held = None  # a held optimizer step before this one, written (and the run opened) first
@@ -103,35 +96,36 @@ def log_policy_batch(
             raise UsageError(
                 f"recorder_kwargs must be a dict, got {type(recorder_kwargs).__name__}"
             )
-        with bootstrap._lock:
-            first_batch, _first_batch_logged = not _first_batch_logged, True
+        with recording.lock:
+            first_batch = not recording.first_batch_logged
+            recording.first_batch_logged = True
             kwargs = dict(recorder_kwargs or {})
-            pairs_held = bootstrap._held is not None and bootstrap._held.number == step
+            pairs_held = recording.held is not None and recording.held.number == step
             if not pairs_held:
-                held = bootstrap._held
-                bootstrap._release_held(policy, kwargs)
+                held = recording.held
+                bootstrap.release_held(policy, kwargs)
                 held = None
-            recorder = bootstrap._open(policy, kwargs, batch=True, hooks=pairs_held)
+            recorder = bootstrap.open_recorder(policy, kwargs, batch=True, hooks=pairs_held)
             _check_policy(step, policy)
             if _no_token(step, fields, recorder):
-                bootstrap._release_held(policy, kwargs)  # the optimizer's half alone
+                bootstrap.release_held(policy, kwargs)  # the optimizer's half alone
                 return False
-            if bootstrap._held is not None:  # (pairs_held)
-                bootstrap._held.batch = fields
-                bootstrap._release_held(policy, kwargs)
-                return not bootstrap._failure.off
+            if recording.held is not None:  # (pairs_held)
+                recording.held.batch = fields
+                bootstrap.release_held(policy, kwargs)
+                return not recording.failure.off
             if (
-                bootstrap._last is not None
-                and bootstrap._last.number == step
-                and bootstrap._last.batch is None
+                recording.last is not None
+                and recording.last.number == step
+                and recording.last.batch is None
             ):
-                bootstrap._last.batch = fields
-                return bootstrap._write(bootstrap._last, recorder, replace=True)
+                recording.last.batch = fields
+                return bootstrap.write_step(recording.last, recorder, replace=True)
             if first_batch:
-                warn_numbered_from_1(bootstrap._last, step)
-            return bootstrap._write(Step(step, batch=snapshot(fields)), recorder, replace=False)
+                warn_numbered_from_1(recording.last, step)
+            return bootstrap.write_step(Step(step, batch=snapshot(fields)), recorder, replace=False)
     except Exception as exc:  # named by the first step it loses: the held one's, if not written
-        bootstrap._failure.fail(
+        recording.failure.fail(
             exc,
             f"log_policy_batch failed at step {step}"
             if held is None

@@ -13,7 +13,7 @@ class RunLock:
     goes on), a SIGTERM has the thread finish the step first (`after_release`). An RLock's
     owner is set as it is taken, with no instruction between for a handler to run at; a thread
     that takes it again goes through (a step a handler of its own logs is refused before:
-    `bootstrap._inside_a_step`)."""
+    `bootstrap.inside_a_step`)."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()

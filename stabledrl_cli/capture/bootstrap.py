@@ -65,9 +65,9 @@ from stabledrl_cli.capture._child_processes import refuse_child_of_recording
 from stabledrl_cli.capture._process_rank import launcher_rank
 from stabledrl_cli.capture._record_out import ENV_OPTIMIZER_HOOKS as ENV_OPTIMIZER_HOOKS
 from stabledrl_cli.capture._record_out import records_its_out
+from stabledrl_cli.capture._recording import Recording
 from stabledrl_cli.capture._run_lock import RunLock
 from stabledrl_cli.capture._script_args import refuse_unknown, warn_policies_differ
-from stabledrl_cli.capture._status import RecordingFailure
 from stabledrl_cli.capture._step_pairing import Step, refuse_parted, warn_order_turned
 from stabledrl_cli.errors import UsageError, WriteError, warn
 
@@ -81,34 +81,13 @@ NO_POLICY = (
     "first call, e.g. `log_policy_batch(step, policy='grpo', ...)`"
 )
 
-_lock = RunLock()
-_recorder: Recorder | None = None
-_failure = RecordingFailure()
+recording = Recording()
+"""This process's recording of record's run."""
 
 HOOKS_SOURCE = {"kind": "optimizer-hooks"}
 """The manifest's `source` of a run that the optimizer hooks opened."""
 
 
-_last: Step | None = None
-"""The last step written (its halves are kept until the next step starts)."""
-_hooks_first: bool | None = None
-"""Whether the loop's optimizer step comes before its batch: the order of the first step
-that paired both halves (None until one has)."""
-_held: Step | None = None
-"""The hooks' first step, waiting for the next event to open the run (module docstring)."""
-_integration = False
-"""Whether an integration records this process (`integration_records`)."""
-_hooks_start = 0
-"""The run's step of the hooks' optimizer step 0: in a run the script resumes, the first step
-it records again (or appends)."""
-_closed = False
-"""Whether `close` ran: a step logged after it (a daemon thread's, still training as the
-process exits) is left out, where it opened the run again, which the closing Recorder (or the
-run it closed) refused: a recording failure after a training that ended well."""
-
-
-_opening = False
-"""Whether the run's Recorder is being made (`_open`)."""
 BATCH_CONTINUES = "a later one continues it with log_policy_batch's recorder_kwargs resume=True"
 HOOKS_CONTINUE_NONE = (
     "the optimizer hooks do not continue a run (log_policy_batch's recorder_kwargs "
@@ -125,8 +104,8 @@ def _forked() -> None:
     would open the run with it at its exit, and the parent then fail to), as are the queued
     steps that `_written_at_exit` writes (the Recorder refuses a child's flush), and the lock
     may have been held by another thread of the parent, which the child does not have."""
-    global _held, _lock, _closed_at_child_end
-    _held, _lock, _closed_at_child_end = None, RunLock(), False
+    global _closed_at_child_end
+    recording.held, recording.lock, _closed_at_child_end = None, RunLock(), False
     atexit.unregister(_written_at_exit)
 
 
@@ -146,7 +125,7 @@ def _close_at_child_end() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
-def _open(
+def open_recorder(
     policy: str | PolicyLike | None,
     recorder_kwargs: dict[str, Any],
     *,
@@ -156,9 +135,8 @@ def _open(
     """The run's Recorder, opened by the first step to write: a step with a policy `batch`
     needs a policy; one with the `hooks`' half marks the run's source and writes its steps
     from the Recorder's thread (`async_writes`)."""
-    global _recorder, _hooks_start, _opening
-    if _recorder is not None:
-        return _recorder
+    if recording.recorder is not None:
+        return recording.recorder
     _close_at_child_end()
     run_dir = os.environ.get(ENV_RUN_DIR)
     if not run_dir:
@@ -191,9 +169,9 @@ def _open(
         recorder_kwargs.setdefault("async_writes", not in_pool_worker())
     # --force lets the command record into a non-empty directory: the Recorder replaces the
     # run, or continues the one the script resumes (resume=True), and takes the switch.
-    _opening = True
+    recording.opening = True
     try:
-        _recorder = Recorder(run_dir, policy=policy, **recorder_kwargs)
+        recorder = Recorder(run_dir, policy=policy, **recorder_kwargs)
     except UsageError as exc:
         if hooks:
             refuse_child_of_recording(run_dir, recorder_kwargs.get("rank", 0))
@@ -201,33 +179,33 @@ def _open(
             raise exc.advised(BATCH_CONTINUES if batch else HOOKS_CONTINUE_NONE) from None
         raise
     finally:
-        _opening = False
-    if recorder_kwargs.get("resume") and _recorder.last_step is not None:
-        _hooks_start = _recorder.last_step + 1
+        recording.opening = False
+    recording.recorder = recorder
+    if recorder_kwargs.get("resume") and recorder.last_step is not None:
+        recording.hooks_start = recorder.last_step + 1
     if _announce_rank is not None:
-        _announce_rank(_recorder.rank, _recorder.world_size)
+        _announce_rank(recorder.rank, recorder.world_size)
     if _closed_last:
-        _recorder.closed_by_caller_at_exit()
+        recorder.closed_by_caller_at_exit()
         atexit.register(_written_at_exit)
     else:
         atexit.register(close)
-    return _recorder
+    return recorder
 
 
-def _write(step: Step, recorder: Recorder, *, replace: bool) -> bool:
+def write_step(step: Step, recorder: Recorder, *, replace: bool) -> bool:
     """Logs the step (a rewrite of the last one when `replace`); False when recording is off."""
-    global _last, _hooks_first
-    if not replace and _last is not None:
-        refuse_parted(step, _last, recorder.resumed_after)
+    if not replace and recording.last is not None:
+        refuse_parted(step, recording.last, recorder.resumed_after)
     if step.batch is not None and step.hooks is not None:
-        if _hooks_first is None:
-            _hooks_first = step.hooks_first
-        elif _hooks_first and not step.hooks_first:
+        if recording.hooks_first is None:
+            recording.hooks_first = step.hooks_first
+        elif recording.hooks_first and not step.hooks_first:
             warn_order_turned(step.number)
-    _last = step
+    recording.last = step
     log = recorder.rewrite_step if replace else recorder.log_step
     log(step.number, **step.fields())
-    return not _failure.stopped(recorder.stopped, _stopped_at(recorder, step.number))
+    return not recording.failure.stopped(recorder.stopped, _stopped_at(recorder, step.number))
 
 
 def _stopped_at(recorder: Recorder, noticed: int | None) -> str:
@@ -238,22 +216,21 @@ def _stopped_at(recorder: Recorder, noticed: int | None) -> str:
     return "recording stopped " + ("at the end of the run" if step is None else f"at step {step}")
 
 
-def _release_held(policy: str | PolicyLike | None, recorder_kwargs: dict[str, Any]) -> None:
+def release_held(policy: str | PolicyLike | None, recorder_kwargs: dict[str, Any]) -> None:
     """Writes the held first hook step, if any, opening the run (with `policy`, if any)."""
-    global _held
-    held, _held = _held, None
+    held, recording.held = recording.held, None
     if held is not None:
-        recorder = _open(policy, recorder_kwargs, batch=held.batch is not None, hooks=True)
-        held.number += _hooks_start
-        _write(held, recorder, replace=False)
+        recorder = open_recorder(policy, recorder_kwargs, batch=held.batch is not None, hooks=True)
+        held.number += recording.hooks_start
+        write_step(held, recorder, replace=False)
 
 
-def _inside_a_step(call: str) -> bool:
+def inside_a_step(call: str) -> bool:
     """Whether this thread is recording a step already: `call` came from a signal handler (or
     a finalizer) that ran in the middle of it, and the lock lets this thread through, but its
     step would be written inside that one (out of order: recording would stop). It is
     refused, one warning line each; recording goes on."""
-    if not _lock.held_here():
+    if not recording.lock.held_here():
         return False
     warn(
         f"stabledrl: warning: {call} came while this thread was recording another step (a "
@@ -265,14 +242,13 @@ def _inside_a_step(call: str) -> bool:
 def log_hook_step(step: int, fields: dict[str, Any]) -> None:
     """Records the optimizer hooks' step `step` (Recorder.log_step keywords), paired with a
     `log_policy_batch` of the same number (module docstring). Never raises."""
-    global _held
-    if not hooks_wanted() or _closed or _inside_a_step(f"optimizer step {step}"):
+    if not hooks_wanted() or recording.closed or inside_a_step(f"optimizer step {step}"):
         return
     held = None  # the held first step, written (and the run opened) with this one
     try:
-        with _lock:
+        with recording.lock:
             _close_at_child_end()
-            if _recorder is None and _held is None:
+            if recording.recorder is None and recording.held is None:
                 # The Recorder imported now, not when the held step is written at exit: a
                 # library imported during the interpreter's exit may crash it (h5py did:
                 # SIGSEGV in libhdf5's exit handler). The rank seen now: a spawned rank's
@@ -280,37 +256,42 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
                 import stabledrl_cli.dump._writer  # noqa: F401
 
                 launcher_rank()
-                _held = Step(step, hooks=fields)
+                recording.held = Step(step, hooks=fields)
                 return
-            held = _held
-            _release_held(None, {})
+            held = recording.held
+            release_held(None, {})
             held = None
-            recorder = _open(None, {}, batch=False, hooks=True)
-            step += _hooks_start
-            if _last is not None and _last.number == step and _last.hooks is None:
-                _last.hooks = fields
-                _write(_last, recorder, replace=True)
+            recorder = open_recorder(None, {}, batch=False, hooks=True)
+            step += recording.hooks_start
+            if (
+                recording.last is not None
+                and recording.last.number == step
+                and recording.last.hooks is None
+            ):
+                recording.last.hooks = fields
+                write_step(recording.last, recorder, replace=True)
             else:
-                _write(Step(step, hooks=fields), recorder, replace=False)
+                write_step(Step(step, hooks=fields), recorder, replace=False)
     except Exception as exc:  # named by the first step it loses: the held one's, if not written
-        _failure.fail(exc, f"recording optimizer step {step if held is None else held.number}")
+        recording.failure.fail(
+            exc, f"recording optimizer step {step if held is None else held.number}"
+        )
 
 
 def integration_records() -> None:
     """An integration (TRL, verl) records this process's steps itself: the optimizer hooks
     stand down here, so that they never write step files beside its own."""
-    global _integration
-    _integration = True
+    recording.integration = True
 
 
 def recorded_into(directory: str | os.PathLike[str]) -> bool:
     """Whether this process recorded steps of record's run (the optimizer hooks' of a warm-up,
     say, or `log_policy_batch`'s; the hooks' first step held included) and that run is
     `directory`: an integration's steps, numbered from 1 again, cannot go beside them."""
-    with _lock:
-        if _recorder is not None:
-            run = os.fspath(_recorder.path)
-        elif _held is not None:
+    with recording.lock:
+        if recording.recorder is not None:
+            run = os.fspath(recording.recorder.path)
+        elif recording.held is not None:
             run = os.environ.get(ENV_RUN_DIR, "")
         else:
             return False
@@ -319,7 +300,7 @@ def recorded_into(directory: str | os.PathLike[str]) -> bool:
 
 def hooks_wanted() -> bool:
     """Whether the optimizer hooks should record in this process."""
-    return not _failure.off and not _integration
+    return not recording.failure.off and not recording.integration
 
 
 def hooks_installed() -> None:
@@ -327,7 +308,7 @@ def hooks_installed() -> None:
     os._exit (`_os_exit`), and with the queued steps on a SIGTERM that would end the process
     at once (`_sigterm`: the main thread in the middle of a step finishes it first)."""
     atexit.register(_written_at_exit if _closed_last else close)
-    steps_written_on_sigterm(_written_at_exit, lambda then: _lock.after_release(then))
+    steps_written_on_sigterm(_written_at_exit, lambda then: recording.lock.after_release(then))
     os._exit = _os_exit
 
 
@@ -340,10 +321,10 @@ def _os_exit(status: int) -> NoReturn:
     its own, for WRITE_SECONDS at most. Written steps are on disk already. A signal handler
     that calls it in a step being recorded holds the recording lock, which its thread never
     gives back: the held step, whole, is written without it (`_written_at_exit`)."""
-    if _held is not None:
+    if recording.held is not None:
         writing = threading.Thread(
             target=_written_at_exit,
-            kwargs={"unlocked": _lock.held_here()},
+            kwargs={"unlocked": recording.lock.held_here()},
             name="stabledrl-exit",
             daemon=True,
         )
@@ -387,26 +368,26 @@ def _written_at_exit(*, unlocked: bool = False) -> None:
     loses no finished step, and one that logs a step still has it recorded (the run is
     closed last). A SIGTERM that ends the process writes its steps with it too. `unlocked`:
     for `_os_exit` in a signal handler of the thread holding the lock, which never goes on;
-    nothing is written while that thread was opening the run (`_opening`: a second
+    nothing is written while that thread was opening the run (`recording.opening`: a second
     Recorder would be refused), nor while it wrote the held step (no longer held: lost)."""
-    if _failure.off or (unlocked and _opening):
+    if recording.failure.off or (unlocked and recording.opening):
         return
     try:
-        with contextlib.nullcontext() if unlocked else _lock:
-            _release_held(None, {})
-            recorder = _recorder
+        with contextlib.nullcontext() if unlocked else recording.lock:
+            release_held(None, {})
+            recorder = recording.recorder
         if recorder is not None:
             recorder.flush()
-            _failure.stopped(recorder.stopped, _stopped_at(recorder, None))
+            recording.failure.stopped(recorder.stopped, _stopped_at(recorder, None))
     except Exception as exc:
-        _failure.fail(
+        recording.failure.fail(
             WriteError(str(exc)) if isinstance(exc, OSError) else exc, "writing the last steps"
         )
 
 
 def hook_failed(exc: BaseException, context: str) -> None:
     """The optimizer hooks failed: warn once, recording off (RecordingFailure)."""
-    _failure.fail(exc, context)
+    recording.failure.fail(exc, context)
 
 
 def close() -> None:
@@ -414,15 +395,14 @@ def close() -> None:
     close that a Ctrl-C cuts short while the Recorder's queue drains is finished before the
     KeyboardInterrupt goes on: at exit under `record` nothing closes the run after this
     (`closed_last`), and the steps still queued would be lost."""
-    global _recorder, _closed
-    if not _failure.off:
+    if not recording.failure.off:
         try:
-            with _lock:
-                _release_held(None, {})
+            with recording.lock:
+                release_held(None, {})
         except Exception as exc:
-            _failure.fail(exc, "recording the last optimizer step")
-    with _lock:
-        recorder, _recorder, _closed = _recorder, None, True
+            recording.failure.fail(exc, "recording the last optimizer step")
+    with recording.lock:
+        recorder, recording.recorder, recording.closed = recording.recorder, None, True
     if recorder is not None:
         if _uncaught.interrupted is not None:  # after the held step: it is whole, and recorded
             recorder.note_interrupted(_uncaught.interrupted)
@@ -432,8 +412,8 @@ def close() -> None:
             except KeyboardInterrupt:
                 recorder.close()  # (the Recorder finishes an interrupted close)
                 raise
-            _failure.stopped(recorder.stopped, _stopped_at(recorder, None))
+            recording.failure.stopped(recorder.stopped, _stopped_at(recorder, None))
         except Exception as exc:
-            _failure.fail(
+            recording.failure.fail(
                 WriteError(str(exc)) if isinstance(exc, OSError) else exc, "closing the run"
             )

@@ -36,7 +36,7 @@ closed.
 A process that its launcher started as a rank (RANK and WORLD_SIZE set before Python starts:
 torchrun, accelerate, deepspeed) tells `record` so at start-up, before the script runs, and a
 process that takes its rank later (torch.multiprocessing.spawn's, from its process group) as
-it opens the run (`bootstrap._open`): `record` checks that each rank it launched recorded a
+it opens the run (`bootstrap.open_recorder`): `record` checks that each rank it launched recorded a
 step, and leaves alone the ranks that other nodes run.
 
 It imports nothing heavy: a child that never imports torch never imports torch or stabledrl
