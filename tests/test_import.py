@@ -268,6 +268,27 @@ def test_other_formats_land_under_the_same_names(tmp_path: Path) -> None:
     assert [s.scalars["my_metric"] for s in run] == [7.0, 8.0]
 
 
+def test_a_log_that_names_its_metrics_as_a_run_does_lands_under_those_names(
+    tmp_path: Path,
+) -> None:
+    """A custom loop's CSV with the run format's own names (`reward_mean`, `clip_frac`, its low
+    and high sides) was imported with each kept as an extra `reward_mean.2`, ...: inspect
+    then found no reward and judged no collapse. Each standard scalar's own name is its last
+    source: a framework's name, where a log has both, still wins."""
+    (tmp_path / "log.csv").write_text(
+        "step,reward_mean,clip_frac,clip_frac_low,clip_frac_high\n0,0.5,0.1,0.02,0.08\n"
+    )
+    summary = _import(str(tmp_path / "log.csv"), "--out", str(tmp_path / "own"))
+    assert summary["mapped"] == {name: name for name in
+        ("reward_mean", "clip_frac", "clip_frac_low", "clip_frac_high")}  # fmt: skip
+    assert summary["extra"] == {}
+    assert sd.open_run(tmp_path / "own").step(0).scalars["reward_mean"] == 0.5
+    (tmp_path / "both.csv").write_text("step,reward_mean,reward\n0,0.5,0.7\n")
+    summary = _import(str(tmp_path / "both.csv"), "--out", str(tmp_path / "both"))
+    assert summary["mapped"] == {"reward_mean": "reward"}
+    assert summary["extra"] == {"reward_mean": "reward_mean.2"}
+
+
 def test_nonfinite_values_are_kept_and_counted(tmp_path: Path) -> None:
     (tmp_path / "log.jsonl").write_text(
         '{"step": 1, "loss": 1.0, "grad_norm": 2.0}\n'

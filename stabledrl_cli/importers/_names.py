@@ -18,10 +18,12 @@ from typing import Literal
 from stabledrl_cli.errors import InputError
 
 STANDARD_SOURCES: dict[str, tuple[str, ...]] = {
+    # A standard scalar's own name is one of its sources (a custom loop's log, written under
+    # the run format's names), the last where a framework's name for it differs.
     # TRL `reward`: mean total reward of the generation batch; verl `critic/score/mean`: mean
     # sequence score; `critic/rewards/mean` is that score minus the in-reward KL penalty when
     # use_kl_in_reward is on (the same number when it is off), hence only a fallback.
-    "reward_mean": ("reward", "critic/score/mean", "critic/rewards/mean"),
+    "reward_mean": ("reward", "critic/score/mean", "critic/rewards/mean", "reward_mean"),
     # The whole training loss of the step (TRL `loss`, verl `actor/loss`).
     "loss": ("loss", "actor/loss"),
     # Pre-clip global gradient norm (transformers' clip_grad_norm_ result; verl's engine's).
@@ -33,11 +35,11 @@ STANDARD_SOURCES: dict[str, tuple[str, ...]] = {
     "kl": ("kl", "actor/kl_loss"),
     # Tokens whose clipped term won (A > 0 and r > 1 + eps_high, or A < 0 and r < 1 - eps_low):
     # TRL's region, verl's pg_clipfrac (pg_losses2 > pg_losses1 is the same condition).
-    "clip_frac": ("clip_ratio/region_mean", "actor/pg_clipfrac"),
+    "clip_frac": ("clip_ratio/region_mean", "actor/pg_clipfrac", "clip_frac"),
     # TRL's low and high sides. verl's `actor/pg_clipfrac_lower` is the dual-clip bound
     # (A < 0 and r > clip_ratio_c), not the low side: kept as an extra.
-    "clip_frac_low": ("clip_ratio/low_mean",),
-    "clip_frac_high": ("clip_ratio/high_mean",),
+    "clip_frac_low": ("clip_ratio/low_mean", "clip_frac_low"),
+    "clip_frac_high": ("clip_ratio/high_mean", "clip_frac_high"),
     "step_time": ("step_time", "timing_s/step", "perf/time_per_step"),
 }
 """Standard scalar -> the logged names that carry it, most preferred first."""
