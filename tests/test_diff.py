@@ -659,6 +659,27 @@ def test_two_logs_of_scalars_part_where_the_scalars_both_record_do(tmp_path):
     assert lines[-1] == "they never part: every value both record equal, bit for bit"
 
 
+def test_two_logs_that_share_no_scalar_are_refused(tmp_path):
+    """Two runs of scalars only that record no scalar in common (the optimizer hooks' lr and
+    step_time; a log's loss and reward_mean) exited 0, 'they never part', having compared
+    only the non-finite count each derives: as a `--until` gate, one that could not fail.
+    Like two runs that share no step, they have nothing to compare: exit 3, one line."""
+    hooks, log = tmp_path / "hooks", tmp_path / "log"
+    with Recorder(hooks, policy=None) as rec:
+        for step in range(4):
+            rec.log_step(step, lr=1e-3, step_time=0.1)
+    with Recorder(log, policy=None) as rec:
+        for step in range(4):
+            rec.log_step(step, loss=0.5, reward_mean=0.4)
+    result = CliRunner().invoke(app, ["diff", str(hooks), str(log), "--until", "3"])
+    assert result.exit_code == 3, result.output
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: {hooks} and {log} share no scalar: A records lr, B loss, reward_mean "
+        "(nothing to compare)"
+    ]  # (step_time is not compared: a timing)
+
+
 def test_two_runs_of_scalars_only_say_their_batches_were_not_compared(tmp_path):
     """Two runs of scalars only (loss and grad_norm logged with policy=None) said 'inputs
     equal on all 4 compared steps' and 'log-probs   equal on ...', though neither holds an

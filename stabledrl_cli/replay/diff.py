@@ -55,7 +55,7 @@ from stabledrl_cli.replay.alignment import (
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.diff_figures import FIGURES, run_figures
 from stabledrl_cli.replay.diff_result import DiffResult, SideBySide
-from stabledrl_cli.replay.diff_steps import Comparison
+from stabledrl_cli.replay.diff_steps import DERIVED_SCALARS, Comparison
 from stabledrl_cli.replay.observed import is_verl_recording
 from stabledrl_cli.replay.run_facts import (
     SKIPPED_KINDS,
@@ -234,6 +234,12 @@ def diff_runs(
             break
     if not comparison.compared:  # every common step unreadable in one run or the other
         raise share_none
+    if not comparison.batches_compared and not set(comparison.shared) - DERIVED_SCALARS:
+        only_a, only_b = (", ".join(sorted(comparison.unshared[side])) for side in "ab")
+        raise InputError(
+            f"{a.location} and {b.location} share no scalar: A records {only_a or 'none'}, "
+            f"B {only_b or 'none'} (nothing to compare)"
+        )
     unread_a, unread_b = unread
     # A step a run could not read is not among its readable steps: one only the other holds.
     steps_a = [n for n in steps_a if n not in unread_a]

@@ -58,6 +58,9 @@ does; both record it: compared."""
 COUNT_SCALARS = ("inner_step", "nonfinite", "nonfinite_grads")
 """Scalars that count (whole numbers): compared exactly, whatever the tolerance (one more
 non-finite value is a parting)."""
+DERIVED_SCALARS = frozenset({"nonfinite"})
+"""Scalars every step holds, counted by the Recorder from what the step records: two runs
+holding only these in common share no scalar (`diff` has nothing to compare)."""
 FIELDS_SHOWN = 6
 """Differing fields described per kind."""
 
