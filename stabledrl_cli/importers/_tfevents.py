@@ -74,12 +74,14 @@ _SESSION_START = 1
 
 
 def event_files(path: Path) -> list[Path]:
-    """The event files of `path` (a file, or a directory's own event files in name order)."""
+    """The event files of `path` (a file, or a directory's own event files in name order). A
+    name of the pattern that is no regular file (a FIFO, whose open would block) is kept, for
+    `checked_size` to refuse before any is read."""
     if not path.is_dir():
         return [path]
     found = []
     for entry in path.iterdir():
-        if entry.match(EVENT_PATTERN) and entry.is_file():
+        if entry.match(EVENT_PATTERN):
             found.append(entry)
             if len(found) > FILE_LIMIT:
                 raise InputError(f"{path}: more than {FILE_LIMIT} event files")
