@@ -8,6 +8,7 @@ from pathlib import Path
 from stabledrl_cli.errors import InputError, counted
 from stabledrl_cli.importers._crc32c import masked_crc32c
 from stabledrl_cli.importers._files import (
+    ENTRY_LIMIT,
     LINE_LIMIT,
     SCAN_LIMIT,
     first_line_kind,
@@ -40,11 +41,19 @@ _SUFFIXES: dict[str, ImportFormat] = {
 }
 
 
+_HELD_ORDER: tuple[ImportFormat, ...] = ("trainer_state", "tfevents", "wandb", "csv", "jsonl")
+"""The kinds of log a directory is looked at for, the three it may stand for first."""
+
+
 def log_path(path: Path, log_format: ImportFormat | None) -> Path:
     """The file or directory to read: a directory holding trainer_state.json stands for it,
-    and one holding a W&B run file (`wandb/run-<date>-<id>/`, `wandb/latest-run`) for that."""
+    and one holding a W&B run file (`wandb/run-<date>-<id>/`, `wandb/latest-run`) for that.
+    With no `log_format`, a directory holding logs of several kinds is refused, naming them:
+    which one is meant is the user's to say."""
     if not path.is_dir():
         return path
+    if log_format is None and len(held := _held_logs(path)) > 1:
+        raise _several_kinds(path, held)
     if log_format in (None, "trainer_state") and (path / TRAINER_STATE).is_file():
         return path / TRAINER_STATE
     if log_format in (None, "wandb"):
@@ -54,6 +63,48 @@ def log_path(path: Path, log_format: ImportFormat | None) -> Path:
         if runs:
             return path / runs[0]
     return path
+
+
+def _held_logs(path: Path) -> dict[ImportFormat, list[str]]:
+    """The logs directory `path` holds of its own, by their names (among its first ENTRY_LIMIT
+    entries; none when it cannot be listed), in `_HELD_ORDER`, each kind's names sorted: its
+    trainer_state.json, event files and W&B run files, and CSV and JSON-lines files."""
+    held: dict[ImportFormat, list[str]] = {}
+    try:
+        for number, entry in enumerate(path.iterdir()):
+            if number >= ENTRY_LIMIT:
+                break
+            kind = _named_kind(entry)
+            if kind is not None:
+                held.setdefault(kind, []).append(entry.name)
+    except OSError:
+        pass  # read, and refused, as a directory of no log
+    return {kind: sorted(held[kind]) for kind in _HELD_ORDER if kind in held}
+
+
+def _named_kind(entry: Path) -> ImportFormat | None:
+    """The kind of log a directory's entry is by its name, None for none."""
+    if entry.name == TRAINER_STATE:
+        return "trainer_state"
+    if entry.match(EVENT_PATTERN):
+        return "tfevents"
+    if entry.match(WANDB_PATTERN):
+        return "wandb"
+    kind = _SUFFIXES.get(entry.suffix.lower())
+    return kind if kind in ("csv", "jsonl") else None
+
+
+def _several_kinds(path: Path, held: dict[ImportFormat, list[str]]) -> InputError:
+    """The refusal of directory `path` holding logs of several kinds (`_held_logs`)."""
+    named = [
+        counted(len(names), f"{EVENT_PATTERN} file") if kind == "tfevents" else listed(names)
+        for kind, names in held.items()
+    ]
+    picks = " or ".join(kind for kind in held if kind in ("trainer_state", "tfevents", "wandb"))
+    pick = f", or pass --format-in {picks}" if picks else ""
+    return InputError(
+        f"{path}: logs of {len(held)} kinds ({'; '.join(named)}): import one: give its file{pick}"
+    )
 
 
 def detect_format(path: Path) -> ImportFormat:
@@ -162,7 +213,12 @@ def directory_refused(path: Path, log_format: ImportFormat | None) -> InputError
     held = (
         "its subdirectory {} holds a log" if len(logs) == 1 else "its subdirectories {} hold logs"
     )
-    hint = f" ({held.format(listed(logs))}: import one)" if logs else ""
+    hints = [f"{held.format(listed(logs))}: import one"] if logs else []
+    files = [name for names in _held_logs(path).values() for name in names]
+    if log_format is None and files:  # each a log to give as a file
+        one = "the log {}: give it" if len(files) == 1 else "the logs {}: give one of them"
+        hints.insert(0, f"it holds {one.format(listed(files))}")
+    hint = f" ({'; '.join(hints)})" if hints else ""
     wanted = {
         None: f"{TRAINER_STATE}, {EVENT_PATTERN} files or a {WANDB_PATTERN} file",
         "wandb": f"a {WANDB_PATTERN} file",
