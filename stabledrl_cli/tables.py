@@ -155,14 +155,19 @@ def print_fitted(table: Table, console: Console, *, lead: int = 1, named: bool =
 
 
 def _heading(heads: Sequence[str], width: int) -> list[str]:
-    """A block's heading: its last head (a spec) wrapped to `width` (`wrap_line`), the heads
-    before it (a tune setting's mark) on its first line, never a line of their own."""
+    """A block's heading: its last head (a spec, a series' name) wrapped to `width`
+    (`wrap_line`), the heads before it (a tune setting's mark) on its first line, never a line
+    of their own. A part wider than `width` (a name of 250 characters) is broken at its edge:
+    it would overflow the terminal whole."""
     if not heads:
         return []
     before = " ".join(heads[:-1])
     room = width - len(before) - 1 if before else width
     first, *rest = wrap_line(heads[-1], room, whole=True) or [""]
-    return [" ".join(filter(None, (before, first))), *rest]
+    lines = [" ".join(filter(None, (before, first))), *rest]
+    return [
+        part for line in lines for part in (wrap_spec(line, width) if len(line) > width else [line])
+    ]
 
 
 def _unfolded(cell: str) -> str:

@@ -335,6 +335,21 @@ def test_inspect_shows_each_recorded_series_name_whole(grpo_fixture, tmp_path):
     assert lines.count(long_name) == 1 and lines.count("grad_norm") == 1
 
 
+def test_inspect_breaks_a_series_name_longer_than_the_width(tmp_path):
+    """A recorded scalar of a 250-character name (an import keeps up to 256) headed its block
+    on one line of 250 columns at 80, where the run table's list of scalars wraps it. It is
+    broken at the width, its lines together the name."""
+    long_name = "m" * 120 + "/" + "n" * 129
+    with sd.Recorder(tmp_path / "run", policy=None) as rec:
+        for step in range(3):
+            rec.log_step(step, grad_norm=1.0, scalars={long_name: 1.0})
+    lines = _run(["inspect", str(tmp_path / "run")], 80).splitlines()
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    series = lines[lines.index("Recorded series (finite values)") :]
+    first = next(i for i, line in enumerate(series) if line.startswith("mmm"))
+    assert "".join(series[first : first + 4]) == long_name
+
+
 def test_the_series_left_out_of_blocks_are_counted_within_the_width():
     """Past the 200 series shown, the caption counting the rest ran to 50 columns at 40 (the
     terminal broke it inside a word) where the series were blocks. It wraps at its spaces."""
