@@ -98,3 +98,11 @@ def test_an_event_file_that_is_a_fifo_is_refused_unread(tmp_path: Path, beside: 
     os.mkfifo(fifo)
     line = _refusal(folder, tmp_path / "run")
     assert line == f"error: {fifo}: not a regular file"
+
+
+def test_a_trainer_state_that_is_a_fifo_is_named_not_said_missing(tmp_path: Path) -> None:
+    """A directory whose trainer_state.json is a FIFO was refused as 'a directory without
+    trainer_state.json, ...' (it holds one): the file is named as no regular file, unread."""
+    os.mkfifo(tmp_path / "trainer_state.json")
+    line = _refusal(tmp_path, tmp_path / "run")
+    assert line == f"error: {tmp_path / 'trainer_state.json'}: not a regular file"

@@ -54,8 +54,9 @@ def log_path(path: Path, log_format: ImportFormat | None) -> Path:
         return path
     if log_format is None and len(held := _held_logs(path)) > 1:
         raise _several_kinds(path, held)
-    if log_format in (None, "trainer_state") and (path / TRAINER_STATE).is_file():
-        return path / TRAINER_STATE
+    state = path / TRAINER_STATE
+    if log_format in (None, "trainer_state") and state.exists() and not state.is_dir():
+        return state  # a FIFO too: its read refuses it, unopened
     if log_format in (None, "wandb"):
         runs = wandb_files(path)
         if len(runs) > 1:
