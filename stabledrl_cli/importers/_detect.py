@@ -41,8 +41,12 @@ _SUFFIXES: dict[str, ImportFormat] = {
 }
 
 
-_HELD_ORDER: tuple[ImportFormat, ...] = ("trainer_state", "tfevents", "wandb", "csv", "jsonl")
-"""The kinds of log a directory is looked at for, the three it may stand for first."""
+_DIRECTORY_KINDS: tuple[ImportFormat, ...] = ("trainer_state", "tfevents", "wandb")
+"""The kinds of log a directory may stand for."""
+_FILE_KINDS: tuple[ImportFormat, ...] = ("csv", "jsonl")
+"""The kinds of log a directory holds beside them by their names' suffixes, each one file."""
+_HELD_ORDER = (*_DIRECTORY_KINDS, *_FILE_KINDS)
+"""The kinds of log a directory is looked at for, in the order its refusals name them."""
 
 
 def log_path(path: Path, log_format: ImportFormat | None) -> Path:
@@ -92,7 +96,7 @@ def _named_kind(entry: Path) -> ImportFormat | None:
     if entry.match(WANDB_PATTERN):
         return "wandb"
     kind = _SUFFIXES.get(entry.suffix.lower())
-    return kind if kind in ("csv", "jsonl") else None
+    return kind if kind in _FILE_KINDS else None
 
 
 def _several_kinds(path: Path, held: dict[ImportFormat, list[str]]) -> InputError:
@@ -101,7 +105,7 @@ def _several_kinds(path: Path, held: dict[ImportFormat, list[str]]) -> InputErro
         counted(len(names), f"{EVENT_PATTERN} file") if kind == "tfevents" else listed(names)
         for kind, names in held.items()
     ]
-    picks = " or ".join(kind for kind in held if kind in ("trainer_state", "tfevents", "wandb"))
+    picks = " or ".join(kind for kind in held if kind in _DIRECTORY_KINDS)
     pick = f", or pass --format-in {picks}" if picks else ""
     return InputError(
         f"{path}: logs of {len(held)} kinds ({'; '.join(named)}): import one: give its file{pick}"
