@@ -100,7 +100,7 @@ def rollout(
     attention = torch.cat([pmask, rmask], 1)
     prompts = torch.randint(3, 50, (b, PROMPT), generator=gen) * pmask
     responses = torch.randint(3, 50, (b, RESPONSE), generator=gen) * rmask
-    logp = -torch.rand(b, RESPONSE, generator=gen) * 3 * rmask
+    logp = -torch.rand(b, RESPONSE, generator=gen) * 3
     log_ratio = torch.randn(b, RESPONSE, generator=gen) * scale
     log_ratio[0, 0], log_ratio[2, 1], log_ratio[3, 0] = 2.5, -3.0, 1.4  # beyond c, below 1-eps
     score = torch.zeros(b, RESPONSE)
@@ -110,6 +110,10 @@ def rollout(
     adv[4] = -1.0
     if infinite >= 0:
         score[infinite, resp_len[infinite] - 1] = math.inf
+    ref_noise = 0.3 * torch.randn(b, RESPONSE, generator=gen)
+    # lowered where the old or ref log-prob (logp - log_ratio, logp - ref_noise) would pass 0:
+    # each stays <= 0, as log-probabilities are, the ratios as drawn
+    logp = (logp + torch.minimum(log_ratio, ref_noise).clamp(max=0)) * rmask
     tensors = {
         "prompts": prompts,
         "responses": responses,
@@ -119,12 +123,14 @@ def rollout(
         "response_mask": rmask,
         "old_log_probs": (logp - log_ratio) * rmask,
         "advantages": adv[:, None].expand(b, RESPONSE) * rmask,
-        "ref_log_prob": (logp - 0.3 * torch.randn(b, RESPONSE, generator=gen)) * rmask,
+        "ref_log_prob": (logp - ref_noise) * rmask,
         "rollout_log_probs": (logp - log_ratio - 0.05) * rmask,
         "rollout_is_weights": (0.5 + torch.rand(b, RESPONSE, generator=gen)) * rmask,
         "token_level_scores": score,
         "_logp": logp,
     }
+    for name in ("old_log_probs", "ref_log_prob", "rollout_log_probs"):
+        assert float(tensors[name].max()) <= 0, name
     uids = np.array([f"prompt-{i // group}" for i in range(b)], dtype=object)
     data = DataProto.from_dict(tensors=tensors, non_tensors={"uid": uids})
     return left_right_2_no_padding(data.to_tensordict())
