@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent(
     steps = int(sys.argv[1])
     rng = np.random.default_rng(0)
     for step in range(steps):
-        logp = rng.normal(size=8).astype("float32")
+        logp = -np.abs(rng.normal(size=8)).astype("float32") - 0.2  # log-probabilities: <= 0
         ok = sd.log_policy_batch(
             step,
             logp=logp,
