@@ -14,6 +14,14 @@ import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 
 
+def _inspected(run: Path) -> dict[str, object]:
+    """`inspect RUN --format json`'s object."""
+    shown = CliRunner().invoke(app, ["inspect", str(run), "-f", "json"])
+    assert shown.exit_code == 0, shown.output
+    loaded: dict[str, object] = json.loads(shown.stdout)
+    return loaded
+
+
 def _batch(reward: list[float]) -> dict[str, np.ndarray]:
     """A unit 'sequence' policy batch of one group, its rewards `reward`."""
     n = len(reward)
@@ -44,8 +52,7 @@ def test_rewards_outside_the_declared_range_are_warned_of_once_as_recorded(
         "rewards span (said once)\n"
     )
     assert sd.open_run(run).step_numbers == [0, 1, 2, 3]
-    shown = CliRunner().invoke(app, ["inspect", str(run), "-f", "json"])
-    assert json.loads(shown.stdout)["reward_range"] == [0.0, 1.0]
+    assert _inspected(run)["reward_range"] == [0.0, 1.0]
 
 
 @pytest.mark.parametrize(
@@ -93,3 +100,64 @@ def test_rewards_inside_the_range_or_with_no_range_are_not_warned_of(
     with sd.Recorder(tmp_path / "b", policy="grpo", unit="sequence") as rec:
         rec.log_step(0, **_batch([-5.0, 7.0]))
     assert capsys.readouterr().err == ""
+
+
+def _tokens(logp: list[float], **more: object) -> dict[str, object]:
+    """A unit 'token' policy batch of one sequence, its log-probs `logp` (logp_old alike)."""
+    values = np.array(logp, dtype=np.float32)
+    return {
+        "logp": values,
+        "logp_old": more.pop("logp_old", values),
+        "advantages": np.ones(len(logp), dtype=np.float32),
+        "seq_id": np.zeros(len(logp), dtype=np.int32),
+        **more,
+    }
+
+
+def test_positive_log_probabilities_are_warned_of_once_and_marked_in_inspect(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Logits passed as logp (values > 0, which no log-probability nor ELBO estimate of one
+    takes) were recorded silently, and replayed as ratios of nonsense. log_step warns at the
+    first such step, once, and records it as given (recording never breaks the training);
+    inspect lists every such step, its table and its JSON."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        rec.log_step(0, **_tokens([-1.0, -0.5]))
+        rec.log_step(1, **_tokens([-1.0, 2.5, 0.5]))
+        rec.log_step(2, **_tokens([-1.0, -2.0], logp_ref=np.array([-1.0, 0.25], "float32")))
+        rec.log_step(3, **_tokens([-1.0, -2.0]))
+    assert capsys.readouterr().err == (
+        f"stabledrl: warning: {run}: step 1: logp holds a positive value (2.5) among its "
+        "scored entries, where a log-probability, and an ELBO estimate of one, is <= 0: "
+        "logits, or a sign flipped? (recorded as given; inspect lists such steps; said once)\n"
+    )
+    assert sd.open_run(run).step_numbers == [0, 1, 2, 3]
+    assert _inspected(run)["positive_logp"] == {
+        "steps": [1, 2],
+        "first_field": "logp",
+        "first_largest": 2.5,
+    }
+    table = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "250"})
+    row = next(line for line in table.stdout.splitlines() if "log-probabilities" in line)
+    assert (
+        "positive in 2 steps (1, 2; logp up to 2.5 at step 1): a log-probability is <= 0: "
+        "logits, or a sign flipped?" in row
+    )
+
+
+def test_log_probabilities_at_most_0_or_not_scored_are_not_warned_of(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0 (a certain token), a positive value under mask 0 (padding), and NaN or inf (counted
+    as the step's `nonfinite`, said there): nothing said, and inspect shows no row."""
+    run = tmp_path / "run"
+    mask = np.array([[1, 1, 0]], dtype=np.uint8)
+    with sd.Recorder(run, policy="grpo") as rec:
+        logp = np.array([[0.0, -1.0, 7.0]], dtype=np.float32)
+        rec.log_step(0, logp=logp, logp_old=logp, advantages=np.ones(1, "float32"), mask=mask)
+        rec.log_step(1, **_tokens([float("nan"), float("inf"), -1.0]))
+    assert capsys.readouterr().err == ""
+    assert _inspected(run)["positive_logp"] is None
+    table = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "250"})
+    assert "log-probabilities" not in table.stdout

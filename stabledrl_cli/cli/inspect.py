@@ -28,7 +28,7 @@ from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
 from stabledrl_cli.dump._stop_notes import STOP_RESUMED
 from stabledrl_cli.errors import LINE_BREAKS, counted, one_line
 from stabledrl_cli.replay._format import format_number, format_steps
-from stabledrl_cli.replay.inspection import RunSummary, SketchWidth, summarize
+from stabledrl_cli.replay.inspection import PositiveLogp, RunSummary, SketchWidth, summarize
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import SeriesStats
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
@@ -104,6 +104,16 @@ def _reward_range_text(s: RunSummary) -> str:
     )
 
 
+def _positive_text(positive: PositiveLogp) -> str:
+    """The steps whose scored log-probabilities hold a positive value, and the first's."""
+    first = f"{positive.first_field} up to {format_number(positive.first_largest)}"
+    return (
+        f"positive in {counted(len(positive.steps), 'step')} ({_steps_text(positive.steps)}; "
+        f"{first} at step {positive.steps[0]}): a log-probability is <= 0: logits, or a sign "
+        "flipped?"
+    )
+
+
 def _run_table(s: RunSummary) -> Table:
     counts = s.tokens_per_step
     spec = str((s.policy or {}).get("spec", "not known"))
@@ -126,6 +136,7 @@ def _run_table(s: RunSummary) -> Table:
             if counts
             else f"n/a ({_no_counts_reason(s)})",
         ),
+        *([("log-probabilities", _positive_text(s.positive_logp))] if s.positive_logp else []),
         ("fields", ", ".join(s.fields) or "none"),
         ("scalars", _names_text(s.scalars)),
         ("size on disk", f"{s.size_bytes / 1e6:.2f} MB"),

@@ -397,6 +397,26 @@ def reward_outside(
     return f"a reward_mean of {mean:g}" if mean < low or mean > high else None
 
 
+LOGP_FIELDS = ("logp", "logp_old", "logp_ref", "logp_rollout")
+"""The fields of log-probabilities (or a dLLM's Monte Carlo ELBO estimates of them): <= 0."""
+
+
+def positive_logp(arrays: Mapping[str, np.ndarray], mask: np.ndarray) -> tuple[str, float] | None:
+    """The first of a step's `LOGP_FIELDS` (each [T], as `mask`) that holds a finite positive
+    value where `mask` is set, with its largest such value: logits passed, or a flipped sign;
+    None when none does (NaN and inf are the step's `nonfinite`). One pass over a field whose
+    largest value is <= 0, the common case."""
+    for name in LOGP_FIELDS:
+        values = arrays.get(name)
+        if values is None or not values.size or np.maximum.reduce(values, axis=None) <= 0:
+            continue
+        with np.errstate(invalid="ignore"):
+            positive = values[(values > 0) & np.isfinite(values) & mask.astype(bool)]
+        if positive.size:
+            return name, float(np.maximum.reduce(positive))
+    return None
+
+
 GRAM_ASYMMETRY = 1e-3
 """The most |K_uv - K_vu| a Gram matrix may show, relative to sqrt(K_uu K_vv) (plus its
 square times the largest diagonal entry, for units whose gradients are next to 0): float32

@@ -49,7 +49,13 @@ from stabledrl_cli._atomic import write_error
 from stabledrl_cli._run_env import forced_run, records_out
 from stabledrl_cli.dump._arguments import path_argument, step_number, switch_argument
 from stabledrl_cli.dump._file_names import STEPS_DIR, step_file_name
-from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step, reward_outside
+from stabledrl_cli.dump._inputs import (
+    ArrayInput,
+    ScalarInput,
+    build_step,
+    positive_logp,
+    reward_outside,
+)
 from stabledrl_cli.dump._manifest import WORLD_SIZE_LIMIT
 from stabledrl_cli.dump._policy import PolicyLike, replayed_fields
 from stabledrl_cli.dump._recorder_args import (
@@ -270,8 +276,8 @@ class Recorder(RecorderEnd):
             self._reward_range: tuple[float, float] | None = (
                 (float(span[0]), float(span[1])) if span else None
             )
-            self._warned = False
-            """Whether a reward outside the reward_range was warned of (once a Recorder)."""
+            self._warned: set[str] = set()
+            """What `_warn_of_inputs` warned of ("reward", "logp"): each once a Recorder."""
             names = self.manifest.get("param_names")  # a resumed run's own
             self._num_params = len(names) if isinstance(names, list) else None
             self._rewriting = False
@@ -416,8 +422,7 @@ class Recorder(RecorderEnd):
                     f"step {step} has no {', '.join(map(repr, missing))}, which the run's policy "
                     f"{self._policy_spec!r} needs: pass it, or record the policy the loop computes"
                 )
-            if self._reward_range is not None and not self._warned:
-                self._warn_of_rewards(step, tensors, values)
+            self._warn_of_inputs(step, tensors, values)
             values.setdefault("wall_time", self._now())
             metadata = step_metadata(
                 tensors,
@@ -445,21 +450,34 @@ class Recorder(RecorderEnd):
             self._last_step = step
             self._raise_writer_error()  # an earlier step's failed fsync: this one is written
 
-    def _warn_of_rewards(
+    def _warn_of_inputs(
         self, step: int, tensors: dict[str, np.ndarray], values: dict[str, float]
     ) -> None:
-        """Warns, once, of a reward outside the run's reward_range as it is recorded: inspect
-        and replay say so too, but after the training."""
-        assert self._reward_range is not None
-        outside = reward_outside(self._reward_range, tensors, values)
-        if outside is not None:
-            self._warned = True
-            whose = f" (rank {self.rank})" if self.world_size > 1 else ""
-            warn(
-                f"stabledrl: warning: {self.path}{whose}: step {step}: {outside} lies outside "
-                f"the run's reward_range {list(self._reward_range)}, which the collapse rule "
-                "reads: declare the range the rewards span (said once)\n"
-            )
+        """Warns, each once, of a step's inputs recorded as given that the training should hear
+        of while it trains (inspect and replay say so after it): a reward outside the run's
+        reward_range, a positive log-probability."""
+        said = []
+        if self._reward_range is not None and "reward" not in self._warned:
+            outside = reward_outside(self._reward_range, tensors, values)
+            if outside is not None:
+                self._warned.add("reward")
+                said.append(
+                    f"{outside} lies outside the run's reward_range {list(self._reward_range)}, "
+                    "which the collapse rule reads: declare the range the rewards span (said "
+                    "once)"
+                )
+        if "logp" in tensors and "logp" not in self._warned:
+            found = positive_logp(tensors, tensors["mask"])
+            if found is not None:
+                self._warned.add("logp")
+                said.append(
+                    f"{found[0]} holds a positive value ({found[1]:g}) among its scored entries, "
+                    "where a log-probability, and an ELBO estimate of one, is <= 0: logits, or a "
+                    "sign flipped? (recorded as given; inspect lists such steps; said once)"
+                )
+        whose = f" (rank {self.rank})" if self.world_size > 1 else ""
+        for line in said:
+            warn(f"stabledrl: warning: {self.path}{whose}: step {step}: {line}\n")
 
     def _now(self) -> float:
         """Wall-clock seconds, or SOURCE_DATE_EPOCH when it was set as the Recorder was made."""

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from stabledrl_cli.dump import Finding, IntegrityReport, Run
+from stabledrl_cli.dump._inputs import LOGP_FIELDS, positive_logp
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._manifest import RECORDING_CLOSED, RECORDING_WHEN_PACKED, RUN_ID
 from stabledrl_cli.dump._run import Step
@@ -18,7 +19,13 @@ from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
 from stabledrl_cli.dump._stop_notes import RECORDING_STOPPED
 from stabledrl_cli.dump._versions import known_version_below, parse_version
 from stabledrl_cli.dump._views import ReadSteps
-from stabledrl_cli.replay.observed import NoiseFloor, Observed, OwnLikelihood, observe
+from stabledrl_cli.replay.observed import (
+    NoiseFloor,
+    Observed,
+    OwnLikelihood,
+    host_array,
+    observe,
+)
 from stabledrl_cli.replay.recorded import SeriesStats, recorded_run
 from stabledrl_cli.replay.run_facts import in_flight_steps
 
@@ -40,6 +47,18 @@ class SketchWidth:
     steps: int
     first_step: int
     last_step: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class PositiveLogp:
+    """The steps a replay reads whose scored log-probabilities (`LOGP_FIELDS`) hold a positive
+    value, which none takes: logits passed, or a flipped sign (`positive_logp`)."""
+
+    steps: list[int]
+    first_field: str
+    """The first such step's first field holding one."""
+    first_largest: float
+    """Its largest positive value there."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +150,8 @@ class RunSummary:
     """The steps of a live run some rank has not written yet and may still write
     (`run_facts.in_flight_steps`: its Recorder is live, has noted no stop and has not gone past
     them): neither readable nor lost; empty once every rank's Recorder closed."""
+    positive_logp: PositiveLogp | None
+    """The steps whose scored log-probabilities hold a positive value; None when none does."""
     observed: Observed
     series: dict[str, SeriesStats]
     """Every recorded scalar (but step and wall_time) over the run: count, first, last, min,
@@ -227,12 +248,17 @@ def _mapping(value: object) -> dict[str, object]:
     return dict(value) if isinstance(value, dict) else {}
 
 
-def _replayable(run: Run) -> tuple[list[Finding], NoiseFloor, OwnLikelihood]:
+def _replayable(
+    run: Run,
+) -> tuple[list[Finding], NoiseFloor, OwnLikelihood, PositiveLogp | None]:
     """An `invalid` finding for each readable step whose data a replay cannot use, checked by
     replay's own code (`step_data.replay_rejection`), and the noise floor and collapse-warning
-    measurements of the other steps, as a replay pools them (a rejected step adds nothing)."""
+    measurements of the other steps, as a replay pools them (a rejected step adds nothing),
+    and those of them that hold a positive log-probability."""
     findings: list[Finding] = []
     floor, likelihood = NoiseFloor(), OwnLikelihood()
+    positive: list[int] = []
+    first: tuple[str, float] | None = None
     for step in run.steps():
         if step.is_scalar:
             continue
@@ -247,7 +273,15 @@ def _replayable(run: Run) -> tuple[list[Finding], NoiseFloor, OwnLikelihood]:
         gathered, moments = host_measures(step, arrays, run_unit(run))
         likelihood.extend(gathered)
         floor.extend(moments)
-    return findings, floor, likelihood
+        logps = {name: host_array(arrays[name]) for name in LOGP_FIELDS if name in arrays}
+        found = positive_logp(logps, host_array(arrays["mask"]))
+        if found is not None:
+            positive.append(step.step)
+            first = first or found
+    held = None
+    if first is not None:
+        held = PositiveLogp(steps=positive, first_field=first[0], first_largest=first[1])
+    return findings, floor, likelihood, held
 
 
 def summarize(run: Run) -> RunSummary:
@@ -257,7 +291,7 @@ def summarize(run: Run) -> RunSummary:
     file checked already, so a file is read once. The headers are walked once after the pass:
     the observed behaviour and the recorded series are derived from that walk."""
     with integrity_warnings_ignored():  # in `integrity` below
-        invalid, floor, likelihood = _replayable(run)
+        invalid, floor, likelihood, positive = _replayable(run)
         report = run.integrity
         headers = list(run.step_headers())
         read = ReadSteps.of(run, headers)
@@ -320,6 +354,7 @@ def summarize(run: Run) -> RunSummary:
         size_bytes=run.size_bytes,
         integrity=integrity,
         in_flight_steps=sorted(flying),
+        positive_logp=positive,
         observed=observed,
         series=recorded.series,
     )
