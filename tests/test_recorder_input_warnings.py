@@ -161,3 +161,29 @@ def test_log_probabilities_at_most_0_or_not_scored_are_not_warned_of(
     assert _inspected(run)["positive_logp"] is None
     table = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "250"})
     assert "log-probabilities" not in table.stdout
+
+
+def test_a_log_softmax_rounded_above_0_is_not_warned_of_and_a_clear_positive_value_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A float32 log_softmax of a dominant logit, here x - log(sum(exp(x))), can round a
+    log-probability a unit in the last place above 0 (1.2e-7): 0 rounded, not logits, so
+    nothing is said of it, at record time or in inspect, up to `LOGP_ROUNDING`; a value
+    clearly above it (2e-4) is warned of."""
+    logits = np.array([1.8299149, -18.170085, -23.170085], dtype=np.float32)
+    rounded = logits - np.log(np.exp(logits).sum())
+    assert 0 < rounded[0] < 1e-6  # the rounding the bound is for
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        rec.log_step(0, **_tokens([float(rounded[0]), -1.0]))
+        rec.log_step(1, **_tokens([-1.0, -0.5], logp_ref=np.array([-1.0, 1e-4], "float32")))
+    assert capsys.readouterr().err == ""
+    assert _inspected(run)["positive_logp"] is None
+    with sd.Recorder(run, policy="grpo", resume=True) as rec:
+        rec.log_step(2, **_tokens([-1.0, 2e-4]))
+    assert "step 2: logp holds a positive value (0.0002)" in capsys.readouterr().err
+    assert _inspected(run)["positive_logp"] == {
+        "steps": [2],
+        "first_field": "logp",
+        "first_largest": pytest.approx(2e-4),
+    }
