@@ -38,6 +38,7 @@ ScalarInput: TypeAlias = "float | int | torch.Tensor | np.generic | np.ndarray"
 
 _FIELD_NAMES = frozenset(FIELDS)
 _BATCH_FIELD_NAMES = frozenset(BATCH_FIELDS)
+_SEQUENCE_FIELD_NAMES = frozenset(name for name, spec in FIELDS.items() if spec.per == "sequence")
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iu"
 _INT_BITS = {"int32": 31, "int64": 63}
@@ -339,6 +340,13 @@ def _batch_tensors(
         token_ids = _int_array(given.pop("token_ids"), "token_ids", "int64", index=False)
         token_ids = sequence_field("token_ids", token_ids, rows=True)
         tensors["token_ids"] = token_ids.reshape(-1, 1) if token_ids.ndim == 1 else token_ids
+    if num_sequences > num_tokens and _SEQUENCE_FIELD_NAMES.isdisjoint(tensors):
+        raise UsageError(
+            f"seq_id: its largest id {num_sequences - 1} names {num_sequences} sequences (N = "
+            f"max(seq_id) + 1), but the step has {num_tokens} entries and no per-sequence "
+            "array: ids index the step's sequences, 0 to N - 1 (renumber them: "
+            "np.unique(seq_id, return_inverse=True)[1])"
+        )
 
     # U: the entries, or for token entries whose gradients were taken per sequence, N
     units: tuple[int, ...] = (num_tokens,) if unit == "sequence" else (num_tokens, num_sequences)

@@ -1,0 +1,64 @@
+"""What `log_step` refuses of a step's inputs (UsageError, nothing written), where recording
+them as given would keep a step that says something else than the training did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import stabledrl_cli as sd
+from stabledrl_cli.errors import UsageError
+
+
+def _tokens(seq_id: list[int], **more: object) -> dict[str, object]:
+    """A unit 'token' policy batch, one entry per id of `seq_id`."""
+    n = len(seq_id)
+    return {
+        "logp": np.full(n, -1.0, dtype=np.float32),
+        "logp_old": np.full(n, -1.0, dtype=np.float32),
+        "advantages": np.ones(n, dtype=np.float32),
+        "seq_id": np.array(seq_id, dtype=np.int32),
+        **more,
+    }
+
+
+@pytest.mark.parametrize(
+    ("unit", "seq_id", "named"),
+    [
+        ("token", [0, 2**31 - 1], "2147483648 sequences"),
+        ("token", [17, 17, 18], "19 sequences"),  # a dataset's indices, not the step's
+        ("sequence", [0, 2**31 - 1], "2147483648 sequences"),
+    ],
+)
+def test_seq_ids_naming_more_sequences_than_the_step_holds_are_refused(
+    tmp_path: Path, unit: str, seq_id: list[int], named: str
+) -> None:
+    """seq_id [0, 2**31 - 1] declared 2^31 sequences for 2 entries and was recorded: the
+    sequences between exist nowhere in the step, and joined with another rank's such step the
+    ids pass int32 (the step is then invalid, skipped by every reader). An id is an index into
+    the step's sequences: N = max(seq_id) + 1 may not pass the entries, or the per-sequence
+    arrays that hold the sequences no entry is of."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, unit=unit) as rec:
+        with pytest.raises(UsageError) as raised:
+            rec.log_step(0, **_tokens(seq_id))
+        assert str(raised.value) == (
+            f"seq_id: its largest id {max(seq_id)} names {named} (N = max(seq_id) + 1), but "
+            f"the step has {len(seq_id)} entries and no per-sequence array: ids index the "
+            "step's sequences, 0 to N - 1 (renumber them: np.unique(seq_id, "
+            "return_inverse=True)[1])"
+        )
+        rec.log_step(1, **_tokens([1, 0]))
+    assert sd.open_run(run).step_numbers == [1]
+
+
+def test_a_sequence_held_by_a_per_sequence_array_alone_is_taken(tmp_path: Path) -> None:
+    """A sequence no entry is of (an empty completion that still drew a reward) exists in the
+    step when its per-sequence arrays hold it."""
+    run = tmp_path / "run"
+    with sd.Recorder(run) as rec:
+        reward = np.array([1.0, 0.0, 0.5], dtype=np.float32)
+        rec.log_step(0, **_tokens([0, 2], reward=reward, group_id=np.zeros(3, np.int32)))
+    assert sd.open_run(run).step(0).num_sequences == 3
