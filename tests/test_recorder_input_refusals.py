@@ -62,3 +62,28 @@ def test_a_sequence_held_by_a_per_sequence_array_alone_is_taken(tmp_path: Path) 
         reward = np.array([1.0, 0.0, 0.5], dtype=np.float32)
         rec.log_step(0, **_tokens([0, 2], reward=reward, group_id=np.zeros(3, np.int32)))
     assert sd.open_run(run).step(0).num_sequences == 3
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["logp", "logp_old", "advantages", "mask", "seq_id", "loss_weight", "reward", "grad_norm"],
+)
+def test_a_numpy_masked_array_is_refused_in_any_field(tmp_path: Path, field: str) -> None:
+    """np.ma arrays were read through np.asarray, their mask dropped: the masked entries were
+    recorded as if scored (their data, whatever it held). A masked array is refused, naming
+    the field; a plain array of the same data is taken."""
+    batch = _tokens([0, 0, 1], reward=np.array([1.0, 0.0], dtype=np.float32))
+    given = {**batch, "mask": np.ones(3, np.uint8), "loss_weight": np.ones(3, np.float32)}
+    given["grad_norm"] = np.array([2.0])
+    plain = np.asarray(given[field])
+    masked = np.ma.masked_array(plain, mask=np.arange(plain.size) == plain.size - 1)
+    run = tmp_path / "run"
+    with sd.Recorder(run) as rec:
+        with pytest.raises(UsageError) as raised:
+            rec.log_step(0, **{**given, field: masked})
+        assert str(raised.value) == (
+            f"{field}: a numpy masked array, whose mask a step does not keep: pass a plain "
+            "array (np.ma.getdata), and mask= for the entries the loss scores"
+        )
+        rec.log_step(1, **{**given, field: plain})
+    assert sd.open_run(run).step_numbers == [1]

@@ -55,6 +55,7 @@ def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
     moved to the CPU; bfloat16 widened to float32; a subclass's values: an np.matrix stays 2-D
     when flattened). UsageError naming `field` for a tensor numpy cannot take (on the meta
     device, sparse, float8, ...)."""
+    _refuse_masked(value, field)
     try:
         stacked = stack_tensors(value)
     except (RuntimeError, TypeError, ValueError) as exc:
@@ -75,6 +76,16 @@ def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
         return np.asarray(value)
     except Exception as exc:
         raise UsageError(f"{field}: cannot be read as an array ({exc})") from None
+
+
+def _refuse_masked(value: object, field: str) -> None:
+    """UsageError naming `field` for a numpy masked array: np.asarray and .item() read its data,
+    masked entries included, and a step keeps no mask of a field's own."""
+    if isinstance(value, np.ma.MaskedArray):
+        raise UsageError(
+            f"{field}: a numpy masked array, whose mask a step does not keep: pass a plain "
+            "array (np.ma.getdata), and mask= for the entries the loss scores"
+        )
 
 
 def element_count(value: ArrayInput, field: str) -> int:
@@ -177,6 +188,7 @@ def _scalar(value: ScalarInput | object, field: str) -> float:
     array of one; UsageError naming `field` for anything else, text included."""
     if type(value) is float:
         return value
+    _refuse_masked(value, field)
     if isinstance(value, np.ndarray) or is_tensor(value):
         count = value.size if isinstance(value, np.ndarray) else value.numel()
         if count != 1:
