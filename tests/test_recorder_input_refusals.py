@@ -92,7 +92,8 @@ def test_a_numpy_masked_array_is_refused_in_any_field(tmp_path: Path, field: str
 @pytest.mark.parametrize("weight", [-0.5, -np.inf])
 def test_a_negative_loss_weight_is_refused(tmp_path: Path, weight: float) -> None:
     """A negative loss_weight was recorded, and replayed as a term of the other sign: a weight
-    is >= 0 (0 leaves the term out). Refused, naming the value, beside a NaN too; 0 is taken."""
+    is >= 0 (0 leaves the term out). Refused, naming the value, beside a NaN too; 0 is taken,
+    and so is any weight of an entry the mask leaves out (padding: its term is not scored)."""
     run = tmp_path / "run"
     with sd.Recorder(run) as rec:
         with pytest.raises(UsageError) as raised:
@@ -101,4 +102,6 @@ def test_a_negative_loss_weight_is_refused(tmp_path: Path, weight: float) -> Non
             f"loss_weight: a weight is >= 0 (0 leaves the entry's term out), got {weight:g}"
         )
         rec.log_step(1, **_tokens([0, 0], loss_weight=np.array([1.0, 0.0], np.float32)))
-    assert sd.open_run(run).step_numbers == [1]
+        padded = _tokens([0, 0], loss_weight=np.array([1.0, weight], np.float32))
+        rec.log_step(2, **padded, mask=np.array([1, 0], np.uint8))  # its term is not scored
+    assert sd.open_run(run).step_numbers == [1, 2]

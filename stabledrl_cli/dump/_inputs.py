@@ -295,18 +295,19 @@ def _batch_tensors(
     for name in ("logp_old", "advantages", "logp_ref", "logp_rollout", "loss_weight", "loss_scale"):
         if name in given:
             tensors[name] = token_field(name, _float_array(given.pop(name), name))
-    weight = tensors.get("loss_weight")
-    if weight is not None and weight.size:
-        low = np.fmin.reduce(weight, axis=None)  # the least weight, NaN aside
-        if low < 0:  # the term of the other sign, which no weighting of a loss means
-            raise UsageError(
-                f"loss_weight: a weight is >= 0 (0 leaves the entry's term out), got {low:g}"
-            )
     num_tokens = tensors["logp"].shape[0]
     if "mask" in given:
         tensors["mask"] = token_field("mask", _flag_array(given.pop("mask"), "mask"))
     else:
         tensors["mask"] = np.ones(num_tokens, dtype="uint8")
+    weight = tensors.get("loss_weight")
+    if weight is not None and weight.size:
+        scored = weight[tensors["mask"].view(bool)]  # a padded entry's weight is not used
+        low = np.fmin.reduce(scored, axis=None, initial=0.0)  # the least, NaN aside
+        if low < 0:  # the term of the other sign, which no weighting of a loss means
+            raise UsageError(
+                f"loss_weight: a weight is >= 0 (0 leaves the entry's term out), got {low:g}"
+            )
 
     if "seq_id" in given:
         seq_id = token_field("seq_id", _int_array(given.pop("seq_id"), "seq_id", "int32"))
