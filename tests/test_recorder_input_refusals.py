@@ -105,3 +105,19 @@ def test_a_negative_loss_weight_is_refused(tmp_path: Path, weight: float) -> Non
         padded = _tokens([0, 0], loss_weight=np.array([1.0, weight], np.float32))
         rec.log_step(2, **padded, mask=np.array([1, 0], np.uint8))  # its term is not scored
     assert sd.open_run(run).step_numbers == [1, 2]
+
+
+def test_a_reward_column_of_a_reward_models_scores_is_taken_as_one_a_sequence(
+    tmp_path: Path,
+) -> None:
+    """A reward model's scores come as [N, 1] (its logits, one a sequence), as advantages may
+    come as [B, 1]: such a reward was refused ('expected shape [N], got [2, 1]') where the
+    advantages were taken. It is recorded as the [N] rewards it holds; [N, 2] is refused."""
+    run = tmp_path / "run"
+    with sd.Recorder(run) as rec:
+        rec.log_step(0, **_tokens([0, 1], reward=np.array([[0.5], [1.0]], np.float32)))
+        with pytest.raises(UsageError, match=r"^reward: expected shape \[N\], got \[2, 2\]$"):
+            rec.log_step(1, **_tokens([0, 1], reward=np.ones((2, 2), np.float32)))
+    step = sd.open_run(run).step(0)
+    assert step.array("reward").tolist() == [0.5, 1.0]
+    assert step.scalars["reward_mean"] == 0.75

@@ -341,7 +341,10 @@ def _batch_tensors(
         group_id = _int_array(given.pop("group_id"), "group_id", "int32")
         tensors["group_id"] = sequence_field("group_id", group_id)
     if "reward" in given:
-        tensors["reward"] = sequence_field("reward", _float_array(given.pop("reward"), "reward"))
+        reward = _float_array(given.pop("reward"), "reward")
+        if reward.ndim == 2 and reward.shape[1] == 1:  # a reward model's [N, 1] scores
+            reward = reward.reshape(-1)
+        tensors["reward"] = sequence_field("reward", reward)
     if "micro_batch" in given:
         micro_batch = _int_array(given.pop("micro_batch"), "micro_batch", "int32")
         tensors["micro_batch"] = sequence_field("micro_batch", micro_batch)

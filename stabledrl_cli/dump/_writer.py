@@ -334,9 +334,9 @@ class Recorder(RecorderEnd):
     ) -> None:
         """Records one optimizer step. Token arrays: [T], or [B, L] with mask [B, L] (then
         seq_id defaults to the row, and advantages may be [B]; loss_scale may be one number,
-        the step's normaliser of every unit). Per-sequence [N]: group_id,
-        reward, micro_batch (int >= 0), group_split (bool or 0/1), token_count (unit
-        "sequence": each sequence's number of tokens, whole numbers >= 0). With no batch array
+        the step's normaliser of every unit). Per-sequence [N]: group_id, reward (or [N, 1],
+        a reward model's scores), micro_batch (int >= 0), group_split (bool or 0/1), token_count
+        (unit "sequence": each sequence's number of tokens, whole numbers >= 0). With no batch array
         at all the step is a scalar step (its scalars, and param_grad_norm [P] if given); with
         some, logp, logp_old and advantages are required, and each field the run's own policy
         needs to be replayed (`_policy.replayed_fields`: logp_ref for beta > 0, ...). Raises
