@@ -45,13 +45,14 @@ def record_python_here(
     script: str,
     *options: str,
     cwd: Path,
+    out: str = "run",
 ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """`_cli.record_python` with record in-process (`record_here`), in `cwd`: `stabledrl record
-    --out run OPTIONS -- python -c SCRIPT`, the script a real process. Returns its result (the
+    --out OUT OPTIONS -- python -c SCRIPT`, the script a real process. Returns its result (the
     script's stdout; record's stderr, then the script's) and the lines of that stderr that
     mention an error (any case)."""
     monkeypatch.chdir(cwd)
-    args = ("--out", "run", *options, "--", sys.executable, "-c", script)
+    args = ("--out", out, *options, "--", sys.executable, "-c", script)
     code, stderr, child_out, child_err = record_here(monkeypatch, capfd, *args)
     done = subprocess.CompletedProcess(
         ["stabledrl", "record", *args], code, child_out, stderr + child_err

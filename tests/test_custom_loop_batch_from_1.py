@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _cli import cli_environment, record_python
+from _record_here import record_python_here
 
 import stabledrl_cli as sd
 
@@ -39,15 +39,26 @@ WARNING = (
 )
 
 
-def _record(tmp_path: Path, first: int, after: bool) -> str:
-    env = {**cli_environment(), "FIRST": str(first), "AFTER": "1" if after else "0"}
-    done, _ = record_python(SCRIPT, "-p", "grpo", cwd=tmp_path, env=env)
+def _record(
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    first: int,
+    after: bool,
+) -> str:
+    """SCRIPT's loop under `record -p grpo`, its batches numbered from `first`, each logged
+    `after` its optimizer step or before; record's stderr, then the script's."""
+    monkeypatch.setenv("FIRST", str(first))
+    monkeypatch.setenv("AFTER", "1" if after else "0")
+    done, _ = record_python_here(monkeypatch, capfd, SCRIPT, "-p", "grpo", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     return done.stderr
 
 
-def test_batches_numbered_from_1_after_the_step_warn_once(tmp_path: Path) -> None:
-    stderr = _record(tmp_path, first=1, after=True)
+def test_batches_numbered_from_1_after_the_step_warn_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    stderr = _record(monkeypatch, capfd, tmp_path, first=1, after=True)
     assert [line for line in stderr.splitlines() if "warning" in line] == [
         next(line for line in stderr.splitlines() if line.startswith(WARNING))
     ]
@@ -58,10 +69,12 @@ def test_batches_numbered_from_1_after_the_step_warn_once(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("after", [True, False])
-def test_batches_numbered_from_0_warn_of_nothing(tmp_path: Path, after: bool) -> None:
+def test_batches_numbered_from_0_warn_of_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], after: bool
+) -> None:
     """Each batch is recorded with its own optimizer step (its lr), whether the loop logs it
     before the step or after."""
-    assert "warning" not in _record(tmp_path, first=0, after=after)
+    assert "warning" not in _record(monkeypatch, capfd, tmp_path, first=0, after=after)
     run = sd.open_run(tmp_path / "run")
     assert run.step_numbers == [0, 1, 2, 3]
     assert [run.step(s).scalars["loss"] for s in run.step_numbers] == [0.0, 1.0, 2.0, 3.0]

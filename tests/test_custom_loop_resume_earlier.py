@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cli import cli_environment, record_python
+from _record_here import record_python_here
 
 import stabledrl_cli as sd
 from stabledrl_cli.capture.bootstrap import HOOKS_SOURCE
@@ -71,7 +71,9 @@ for step in range(3, 6):  # resumed from the checkpoint of step 3
 """
 
 
-def test_under_the_optimizer_hooks_the_refusal_names_recorder_kwargs(tmp_path: Path) -> None:
+def test_under_the_optimizer_hooks_the_refusal_names_recorder_kwargs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     """The hooks number the resumed training's optimizer steps on from the run's last (5, 6,
     ...), so its batch 3 comes after optimizer step 5. The crashed training's run of steps 0-4
     (each a batch and its optimizer step's scalars, as record's hooks write them) is written
@@ -79,8 +81,8 @@ def test_under_the_optimizer_hooks_the_refusal_names_recorder_kwargs(tmp_path: P
     with sd.Recorder(tmp_path / "run", policy="grpo", source=HOOKS_SOURCE) as rec:
         for step in range(5):
             rec.log_step(step, **_batch(step), grad_norm=1.0, lr=0.1)
-    done, errors = record_python(
-        SCRIPT, "-p", "grpo", "--force", cwd=tmp_path, env=cli_environment()
+    done, errors = record_python_here(
+        monkeypatch, capfd, SCRIPT, "-p", "grpo", "--force", cwd=tmp_path
     )
     assert done.returncode == 2, done.stderr
     assert errors[-1] == (

@@ -11,7 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from _cli import cli_environment, record_python
+from _cli import cli_environment
+from _record_here import record_python_here
 
 from stabledrl_cli.dump._writer_lock import writer_states
 
@@ -39,20 +40,23 @@ RECORDS = LISTS + textwrap.dedent(
 OPTIONS = ("--force", "-p", "grpo", "--no-optimizer-hooks")
 
 
-def test_the_lock_of_a_killed_recording_is_gone_while_the_command_runs(tmp_path):
-    env = cli_environment()
-    killed = subprocess.run([sys.executable, "-c", KILLED], cwd=tmp_path, env=env, timeout=120)
+def test_the_lock_of_a_killed_recording_is_gone_while_the_command_runs(
+    tmp_path, monkeypatch, capfd
+):
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED], cwd=tmp_path, env=cli_environment(), timeout=120
+    )
     assert killed.returncode == -9
     lock = Path(tmp_path, "run", "steps", ".writer.rank-0000.lock")
     text = lock.read_bytes()
     assert writer_states(lock.parent) == {0: "released"}
 
-    unchanged, _ = record_python(LISTS, *OPTIONS, cwd=tmp_path, env=env)
+    unchanged, _ = record_python_here(monkeypatch, capfd, LISTS, *OPTIONS, cwd=tmp_path)
     assert unchanged.returncode == 2, unchanged.stderr  # it recorded no step
     assert unchanged.stdout.strip() == "['step-00000000.safetensors']"  # no lock in its run
     assert lock.read_bytes() == text and writer_states(lock.parent) == {0: "released"}
 
-    recorded, errors = record_python(RECORDS, *OPTIONS, cwd=tmp_path, env=env)
+    recorded, errors = record_python_here(monkeypatch, capfd, RECORDS, *OPTIONS, cwd=tmp_path)
     assert recorded.returncode == 0 and errors == [], recorded.stderr
     assert recorded.stdout.startswith("['step-00000000.safetensors']\n")
     assert writer_states(lock.parent) == {}

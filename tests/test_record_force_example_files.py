@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from _cli import cli_environment, record_python
+from _record_here import record_python_here
 from typer.testing import CliRunner, Result
 
 from stabledrl_cli.cli.app import app
@@ -38,9 +39,13 @@ LOOP = textwrap.dedent(
 OPTIONS = ("--force", "-p", "grpo", "--no-optimizer-hooks")
 
 
-def _loop(tmp_path: Path, start: int, end: int, *options: str):
-    script = f"import sys; sys.argv[1:] = ['{start}', '{end}']\n{LOOP}"
-    return record_python(script, *options, cwd=tmp_path, env=cli_environment())
+def _script(start: int, end: int) -> str:
+    """LOOP over steps `start` to `end` (not included)."""
+    return f"import sys; sys.argv[1:] = ['{start}', '{end}']\n{LOOP}"
+
+
+def _loop(monkeypatch, capfd, tmp_path: Path, start: int, end: int, *options: str):
+    return record_python_here(monkeypatch, capfd, _script(start, end), *options, cwd=tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,9 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run of LOOP's steps 0-2 under `stabledrl record`, recorded once for the module
     (`_with_example_files` gives each test its own copy)."""
     tmp = tmp_path_factory.mktemp("recorded")
-    first, _ = _loop(tmp, 0, 3, "-p", "grpo", "--no-optimizer-hooks")
+    first, _ = record_python(
+        _script(0, 3), "-p", "grpo", "--no-optimizer-hooks", cwd=tmp, env=cli_environment()
+    )
     assert first.returncode == 0, first.stderr
     return tmp / "run"
 
@@ -66,13 +73,15 @@ def _with_example_files(tmp_path: Path, recorded: Path) -> tuple[Path, Path]:
     return run, checkpoint
 
 
-def test_a_command_that_replaces_the_run_leaves_no_checkpoint_or_branch_of_it(tmp_path, recorded):
+def test_a_command_that_replaces_the_run_leaves_no_checkpoint_or_branch_of_it(
+    tmp_path, monkeypatch, capfd, recorded
+):
     run, checkpoint = _with_example_files(tmp_path, recorded)
-    resumed, errors = _loop(tmp_path, 2, 4, *OPTIONS)
+    resumed, errors = _loop(monkeypatch, capfd, tmp_path, 2, 4, *OPTIONS)
     assert resumed.returncode == 0 and errors == [], resumed.stderr
     assert checkpoint.is_file() and (run / "branches" / "grpo@0" / "manifest.json").is_file()
 
-    replaced, errors = _loop(tmp_path, 0, 2, *OPTIONS)
+    replaced, errors = _loop(monkeypatch, capfd, tmp_path, 0, 2, *OPTIONS)
     assert replaced.returncode == 0 and errors == [], replaced.stderr
     assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "steps"]
 
@@ -121,7 +130,9 @@ def test_checkpoints_of_a_directory_that_holds_no_run_are_refused_not_removed(
     assert mine.read_bytes() == b"my model's weights"
 
 
-def test_a_file_browsers_files_go_with_the_branch_runs_anything_else_is_refused(tmp_path, recorded):
+def test_a_file_browsers_files_go_with_the_branch_runs_anything_else_is_refused(
+    tmp_path, monkeypatch, capfd, recorded
+):
     """A .DS_Store Finder left in a branch run (macOS opens RUN/branches/grpo@0 once) made
     `record --force` refuse until it was removed by hand: such files (.DS_Store, ._NAME,
     Thumbs.db) are no one's data and go with the branch runs; a folder so named is refused."""
@@ -138,15 +149,15 @@ def test_a_file_browsers_files_go_with_the_branch_runs_anything_else_is_refused(
         path.write_bytes(b"\0")
     shutil.copytree(run, tmp_path / "mine")
 
-    replaced, errors = _loop(tmp_path, 0, 2, *OPTIONS)
+    replaced, errors = _loop(monkeypatch, capfd, tmp_path, 0, 2, *OPTIONS)
     assert replaced.returncode == 0 and errors == [], replaced.stderr
     assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "steps"]
 
     mine = tmp_path / "mine" / "branches" / "grpo@0" / "steps" / ".DS_Store"
     mine.mkdir()  # a folder: not what a file browser leaves
     script = "print('the command ran')"
-    refused, errors = record_python(
-        script, *OPTIONS, cwd=tmp_path, env=cli_environment(), out="mine"
+    refused, errors = record_python_here(
+        monkeypatch, capfd, script, *OPTIONS, cwd=tmp_path, out="mine"
     )
     assert refused.returncode == 2 and "the command ran" not in refused.stdout
     assert errors == [

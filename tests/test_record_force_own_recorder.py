@@ -6,7 +6,7 @@ overwrite=True ...', exit 2)."""
 
 from __future__ import annotations
 
-from _cli import cli_environment, record_python
+from _record_here import record_python_here
 
 from stabledrl_cli.dump import open_run
 
@@ -25,41 +25,43 @@ record({steps}, resume={resume})
 HOOKS_OFF = "--no-optimizer-hooks"
 
 
-def _record(tmp_path, *options, steps, resume=False, again=""):
+def _record(monkeypatch, capfd, tmp_path, *options, steps, resume=False, again=""):
     script = SCRIPT.format(steps=steps, resume=resume, again=again)
-    return record_python(script, HOOKS_OFF, *options, cwd=tmp_path, env=cli_environment())
+    return record_python_here(monkeypatch, capfd, script, HOOKS_OFF, *options, cwd=tmp_path)
 
 
-def test_force_replaces_the_run_a_scripts_own_recorder_opens(tmp_path):
-    done, errors = _record(tmp_path, steps=5)
+def test_force_replaces_the_run_a_scripts_own_recorder_opens(tmp_path, monkeypatch, capfd):
+    done, errors = _record(monkeypatch, capfd, tmp_path, steps=5)
     assert done.returncode == 0 and not errors, done.stderr
     first = open_run(tmp_path / "run").manifest["run_id"]
 
-    done, errors = _record(tmp_path, "--force", steps=2)
+    done, errors = _record(monkeypatch, capfd, tmp_path, "--force", steps=2)
     assert done.returncode == 0 and not errors, done.stderr
     run = open_run(tmp_path / "run")
     assert run.step_numbers == [0, 1]  # the old steps 2..4 are gone: a new run
     assert run.manifest["run_id"] != first
 
 
-def test_force_continues_the_run_a_scripts_recorder_resumes(tmp_path):
-    done, _ = _record(tmp_path, steps=3)
+def test_force_continues_the_run_a_scripts_recorder_resumes(tmp_path, monkeypatch, capfd):
+    done, _ = _record(monkeypatch, capfd, tmp_path, steps=3)
     assert done.returncode == 0, done.stderr
     first = open_run(tmp_path / "run").manifest["run_id"]
 
-    done, errors = _record(tmp_path, "--force", steps=5, resume=True)
+    done, errors = _record(monkeypatch, capfd, tmp_path, "--force", steps=5, resume=True)
     assert done.returncode == 0 and not errors, done.stderr
     run = open_run(tmp_path / "run")
     assert run.step_numbers == [0, 1, 2, 3, 4]
     assert run.manifest["run_id"] == first  # appended to, not replaced
 
 
-def test_the_switch_is_the_first_recorders_a_second_keeps_the_new_steps(tmp_path):
+def test_the_switch_is_the_first_recorders_a_second_keeps_the_new_steps(
+    tmp_path, monkeypatch, capfd
+):
     """A second Recorder of the script on the run (no overwrite=, no resume=) must not wipe
     the steps the first just recorded under --force: it is refused, and they stay."""
-    done, _ = _record(tmp_path, steps=3)
+    done, _ = _record(monkeypatch, capfd, tmp_path, steps=3)
     assert done.returncode == 0, done.stderr
-    done, errors = _record(tmp_path, "--force", steps=2, again="record(4)")
+    done, errors = _record(monkeypatch, capfd, tmp_path, "--force", steps=2, again="record(4)")
     assert done.returncode == 2, done.stderr
     assert len(errors) == 1 and "pass overwrite=True" in errors[0], done.stderr
     assert open_run(tmp_path / "run").step_numbers == [0, 1]

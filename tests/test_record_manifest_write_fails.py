@@ -6,7 +6,8 @@ manifest.json: cannot write it (no space left on device)', though step 0 was los
 from __future__ import annotations
 
 import pytest
-from _cli import cli_environment, record_python, torch_training
+from _cli import torch_training
+from _record_here import record_python_here
 
 FULL = """
 import errno, os
@@ -29,11 +30,11 @@ BATCH = (
 @pytest.mark.parametrize(
     "each", ["", BATCH], ids=["optimizer steps", "policy batches numbered from 1"]
 )
-def test_the_warning_names_step_0(tmp_path, each):
+def test_the_warning_names_step_0(tmp_path, monkeypatch, capfd, each):
     """Before, with policy batches numbered from 1 (the batch 1 opens the run, writing the
     optimizer's step 0 first): 'log_policy_batch failed at step 1: ...'."""
     script = FULL + torch_training(3, each)
-    done, errors = record_python(script, cwd=tmp_path, env=cli_environment())
+    done, errors = record_python_here(monkeypatch, capfd, script, cwd=tmp_path)
     assert done.returncode == 4, done.stderr
     assert "trained" in done.stdout  # recording never breaks training
     lost = f"recording optimizer step 0: {tmp_path / 'run' / 'manifest.json'}: cannot write it"

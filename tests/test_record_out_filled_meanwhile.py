@@ -7,7 +7,8 @@ or resume=True to continue it', arguments of a Recorder the user never wrote."""
 from __future__ import annotations
 
 import pytest
-from _cli import cli_environment, record_python, torch_training
+from _cli import torch_training
+from _record_here import record_python_here
 
 from stabledrl_cli import Recorder
 from stabledrl_cli.errors import UsageError
@@ -21,8 +22,8 @@ with open(os.path.join(run, "manifest.json"), "w") as manifest:
 """
 
 
-def test_the_refusal_names_record_force(tmp_path):
-    done, errors = record_python(FILLED + torch_training(3), cwd=tmp_path, env=cli_environment())
+def test_the_refusal_names_record_force(tmp_path, monkeypatch, capfd):
+    done, errors = record_python_here(monkeypatch, capfd, FILLED + torch_training(3), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert errors and errors[-1].startswith("error: recording failed: "), done.stderr
     assert (
