@@ -1,7 +1,8 @@
 """`stabledrl record -- python train.py` of a script that never imports stabledrl, trained
 in one process: every optimizer.step() is recorded by the optimizer hooks
-(docs/recording.md), and the recorded values are the ones the script computes itself. Ranks
-and child processes that step: tests/test_optimizer_hooks_multi_rank.py."""
+(docs/recording.md), and the recorded values are the ones the script computes itself. Ranks:
+tests/test_optimizer_hooks_multi_rank.py; child processes that step:
+tests/test_optimizer_hooks_child_processes.py."""
 
 from __future__ import annotations
 
