@@ -197,29 +197,43 @@ def test_a_log_of_no_known_kind_names_what_was_looked_for(tmp_path):
     assert forced.exit_code == 3 and "no training step in this log" in forced.stderr
 
 
-def test_verls_lines_stuck_to_its_progress_bar_import(tmp_path, capsys):
+def test_verls_lines_stuck_to_its_progress_bar_import(tmp_path):
     """verl's trainer draws a tqdm bar on stderr and logs each step on stdout: in one file
     the step's line follows the bar's last draw with no newline
     (`\\rTraining Progress:  33%|...| 1/3 [00:00<00:00, 6.66it/s]step:2 - ...`). The file was
     read as CSV (the bar's commas: 'line 1: not CSV', exit 3), and a step line stuck to the
-    bar was passed over (2 steps of 3 imported)."""
-    from tqdm import tqdm
-    from verl.utils.logger import LocalLogger
+    bar was passed over (2 steps of 3 imported). The log is written by a process of its own,
+    as a job's is: taken from this process's captured stdout, which every thread of the
+    test process shares, it lost step 3 in two whole-suite runs and never alone."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from tqdm import tqdm
+            from verl.utils.logger import LocalLogger
 
-    console = LocalLogger(print_to_console=True)
-    bar = tqdm(total=3, desc="Training Progress", file=sys.stdout, mininterval=0, miniters=1)
-    for step in range(1, 4):
-        console.log(data={"critic/score/mean": 0.25 * step, "actor/pg_loss": -0.5}, step=step)
-        bar.update(1)
-    bar.close()
+            console = LocalLogger(print_to_console=True)
+            bar = tqdm(total=3, desc="Training Progress", file=sys.stdout, mininterval=0,
+                       miniters=1)
+            for step in range(1, 4):
+                console.log(data={"critic/score/mean": 0.25 * step, "actor/pg_loss": -0.5},
+                            step=step)
+                bar.update(1)
+            bar.close()
+            """
+        )
+    )
     log = tmp_path / "slurm-1.out"
-    log.write_text(capsys.readouterr().out)
-    assert "]step:2 - " in log.read_text()
+    with log.open("wb") as out:
+        subprocess.run([sys.executable, str(script)], stdout=out, check=True, timeout=300)
+    text = log.read_bytes().decode()
+    assert "]step:2 - " in text and "]step:3 - " in text, repr(text)
     assert detect_format(log) == "verl_console"
     result = CliRunner().invoke(app, ["import", str(log), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     scalars = _scalars(tmp_path / "run")
-    assert sorted(scalars) == [1, 2, 3]
+    assert sorted(scalars) == [1, 2, 3], repr(text)
     assert [scalars[s]["reward_mean"] for s in (1, 2, 3)] == [0.25, 0.5, 0.75]
 
 
