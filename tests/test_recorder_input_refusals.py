@@ -89,6 +89,20 @@ def test_a_numpy_masked_array_is_refused_in_any_field(tmp_path: Path, field: str
     assert sd.open_run(run).step_numbers == [1]
 
 
+def test_a_list_of_numpy_masked_arrays_is_refused_too(tmp_path: Path) -> None:
+    """A list of np.ma rows (a [B, L] logp given row by row) was read through np.asarray,
+    which drops each row's mask: refused as one masked array is; plain rows are taken."""
+    rows = [np.full(2, -1.0, np.float32), np.full(2, -0.5, np.float32)]
+    masked = [np.ma.masked_array(row, mask=[False, True]) for row in rows]
+    given = {"logp_old": np.full((2, 2), -1.0, np.float32), "advantages": np.ones(2, np.float32)}
+    run = tmp_path / "run"
+    with sd.Recorder(run) as rec:
+        with pytest.raises(UsageError, match=r"^logp: a numpy masked array, whose mask"):
+            rec.log_step(0, logp=masked, **given)
+        rec.log_step(1, logp=rows, **given)
+    assert sd.open_run(run).step_numbers == [1]
+
+
 @pytest.mark.parametrize("weight", [-0.5, -np.inf])
 def test_a_negative_loss_weight_is_refused(tmp_path: Path, weight: float) -> None:
     """A negative loss_weight was recorded, and replayed as a term of the other sign: a weight

@@ -79,9 +79,11 @@ def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
 
 
 def _refuse_masked(value: object, field: str) -> None:
-    """UsageError naming `field` for a numpy masked array: np.asarray and .item() read its data,
-    masked entries included, and a step keeps no mask of a field's own."""
-    if isinstance(value, np.ma.MaskedArray):
+    """UsageError naming `field` for a numpy masked array, or a list or tuple holding one (rows
+    given one by one): np.asarray and .item() read its data, masked entries included, and a
+    step keeps no mask of a field's own."""
+    items = value if isinstance(value, list | tuple) else (value,)
+    if any(isinstance(item, np.ma.MaskedArray) for item in items):
         raise UsageError(
             f"{field}: a numpy masked array, whose mask a step does not keep: pass a plain "
             "array (np.ma.getdata), and mask= for the entries the loss scores"
