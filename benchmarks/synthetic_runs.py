@@ -5,7 +5,9 @@ holds SEQS sequences of LEN positions in prompt groups of 8, recorded as [B, L] 
 mask: a prompt (masked out) then a completion of random length, then padding. Values look like
 a diffusion LM's RL step: token log-probs with a long tail towards -inf (logp_old), a new
 log-prob whose log-ratio carries ELBO-like noise (each sequence its own noise scale, drawn
-log-normally, since the masking ratio sets the estimator's variance), 0/1 rewards drawn at a
+log-normally, since the masking ratio sets the estimator's variance; at most 0, as a
+log-probability is: version 1 let the noise lift a near-certain token's above 0, which the
+Recorder warns of as logits), 0/1 rewards drawn at a
 per-group success rate, group-centred advantages, and with K a float16 sketch [T, K] with its
 per-step scale. Step s draws from its own generator (seed, s): a run with a sketch holds the
 same log-probs, rewards and advantages as the run without one.
@@ -32,7 +34,7 @@ from arguments import at_least
 if TYPE_CHECKING:
     from stabledrl_cli.dump import Run
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the generator's output changes, so stale cached runs are rebuilt."""
 ARCHIVE = "fast"
 """How the cached `run.h5` is packed (`pack_run`'s default compression)."""
@@ -90,7 +92,8 @@ def step_arrays(shape: Shape, seed: int, step: int) -> dict[str, np.ndarray | fl
     mask = (position >= prompt[:, None]) & (position < (prompt + completion)[:, None])
     logp_old = -rng.gamma(0.6, 1.5, size=(b, n)).astype(np.float32)
     noise_scale = (0.03 * np.exp(rng.normal(0.0, 0.7, size=(b, 1)))).astype(np.float32)
-    logp = logp_old + noise_scale * rng.standard_normal((b, n), dtype=np.float32)
+    noisy = logp_old + noise_scale * rng.standard_normal((b, n), dtype=np.float32)
+    logp = np.minimum(noisy, np.float32(0.0))  # a log-probability is <= 0
     success = rng.random(group.max() + 1)[group]
     reward = (rng.random(b) < success).astype(np.float32)
     means = np.bincount(group, weights=reward) / np.bincount(group)
