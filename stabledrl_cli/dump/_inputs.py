@@ -82,8 +82,9 @@ def _refuse_masked(value: object, field: str) -> None:
     """UsageError naming `field` for a numpy masked array, or a list or tuple holding one (rows
     given one by one): np.asarray and .item() read its data, masked entries included, and a
     step keeps no mask of a field's own."""
-    items = value if isinstance(value, list | tuple) else (value,)
-    if any(isinstance(item, np.ma.MaskedArray) for item in items):
+    if isinstance(value, np.ma.MaskedArray) or (
+        isinstance(value, list | tuple) and any(isinstance(v, np.ma.MaskedArray) for v in value)
+    ):
         raise UsageError(
             f"{field}: a numpy masked array, whose mask a step does not keep: pass a plain "
             "array (np.ma.getdata), and mask= for the entries the loss scores"
