@@ -106,3 +106,16 @@ def test_a_trainer_state_that_is_a_fifo_is_named_not_said_missing(tmp_path: Path
     os.mkfifo(tmp_path / "trainer_state.json")
     line = _refusal(tmp_path, tmp_path / "run")
     assert line == f"error: {tmp_path / 'trainer_state.json'}: not a regular file"
+
+
+@pytest.mark.parametrize("name", ["eval.csv", "rows.jsonl", "events.out.tfevents.1.host"])
+def test_a_subdirectory_named_as_a_log_is_no_second_log(tmp_path: Path, name: str) -> None:
+    """A subdirectory named like a log file (an `eval.csv/` folder of plots) beside the
+    directory's trainer_state.json made the directory one of logs of 2 kinds, refused: a
+    directory is no CSV, JSON-lines or event file."""
+    state = {"log_history": [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    (tmp_path / name).mkdir()
+    code, stdout, stderr = _import(str(tmp_path), "--out", str(tmp_path / "run"))
+    assert code == 0, stderr
+    assert json.loads(stdout)["steps"] == 2

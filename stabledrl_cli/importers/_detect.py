@@ -73,14 +73,15 @@ def log_path(path: Path, log_format: ImportFormat | None) -> Path:
 def _held_logs(path: Path) -> dict[ImportFormat, list[str]]:
     """The logs directory `path` holds of its own, by their names (among its first ENTRY_LIMIT
     entries; none when it cannot be listed), in `_HELD_ORDER`, each kind's names sorted: its
-    trainer_state.json, event files and W&B run files, and CSV and JSON-lines files."""
+    trainer_state.json, event files and W&B run files, and CSV and JSON-lines files; a
+    subdirectory so named is none."""
     held: dict[ImportFormat, list[str]] = {}
     try:
         for number, entry in enumerate(path.iterdir()):
             if number >= ENTRY_LIMIT:
                 break
             kind = _named_kind(entry)
-            if kind is not None:
+            if kind is not None and not entry.is_dir():  # an `eval.csv/` folder is no log
                 held.setdefault(kind, []).append(entry.name)
     except OSError:
         pass  # read, and refused, as a directory of no log
