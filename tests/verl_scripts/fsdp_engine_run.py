@@ -18,8 +18,9 @@ trainer sets it), "own_rollout_n" (the batches, 0 the rollout and 1 the NaN one,
 prompt 1 takes prompt 0's uid: one prompt of 6 responses, as a prompt's own
 `__rollout_n__` gives it in verl's v1 trainer), "rejected" (the [rank, row, token] whose
 response_mask alone is zeroed in the rollout that rank trains, as verl's v1 trainer's rollout
-rejection sampling leaves it; token -1: the whole response) and "rejected_from" (the first
-rollout so rejected, default 0). Each job builds its own model, worker and hook
+rejection sampling leaves it; token -1: the whole response), "rejected_from" (the first
+rollout so rejected, default 0) and "hook" (false: train without the hook, OUT left
+unwritten; default true). Each job builds its own model, worker and hook
 (install(OUT), uninstall() at its end), and each rank writes verl's own logged metrics of
 each mini-batch to RESULT.json (rank 0) or RESULT.json.rank<r> ("steps"), and the actor's
 metrics of each rollout as verl's trainer logs them ("logged": `rename_dict(..., "actor/")`
@@ -140,7 +141,9 @@ def train(out: str, result: str, loss_mode: str, settings: str) -> None:
     if rank == 0:
         tiny_model(model_dir[0] or "")
     dist.broadcast_object_list(model_dir, src=0)
-    assert stabledrl_verl.install(out, overwrite=True)
+    hooked = bool(options.get("hook", True))
+    if hooked:
+        assert stabledrl_verl.install(out, overwrite=True)
     actor = worker(model_dir[0] or "", options.get("engine", {}), options.get("optimizer", {}))
     policy_loss = {"kl_cov_ratio": 0.2} if loss_mode == "kl_cov" else {}
     config = actor_config(loss_mode=loss_mode, policy_loss=policy_loss, **options.get("actor", {}))
@@ -194,7 +197,8 @@ def train(out: str, result: str, loss_mode: str, settings: str) -> None:
                     if key in metrics
                 }
             )
-    stabledrl_verl.uninstall()
+    if hooked:
+        stabledrl_verl.uninstall()
     target = result if rank == 0 else f"{result}.rank{rank}"
     results = {"rank": rank, "world": world, "steps": steps, "logged": logged}
     Path(target).write_text(json.dumps(results))
