@@ -45,7 +45,7 @@ def _no_token(step: int, fields: dict[str, Any], recorder: Recorder) -> bool:
     logp = fields.get("logp")
     if logp is None or recorder.world_size > 1:
         return False
-    from stabledrl_cli.dump._inputs import element_count  # loaded with the Recorder already
+    from stabledrl_cli.dump._input_arrays import element_count  # loaded with the Recorder already
 
     if element_count(logp, "logp"):
         return False

@@ -115,7 +115,7 @@ def snapshot(fields: dict[str, Any]) -> dict[str, Any]:
     """`fields` (log_step keywords) with each array, tensor and list copied into a numpy
     array of its own: a batch that waits for its optimizer step's half is written again then,
     and the script may have reused its buffers since `log_policy_batch` returned."""
-    from stabledrl_cli.dump._inputs import to_numpy  # loaded with the Recorder already
+    from stabledrl_cli.dump._input_arrays import to_numpy  # loaded with the Recorder already
 
     def copy(name: str, value: Any) -> Any:
         return (

@@ -49,13 +49,8 @@ from stabledrl_cli._atomic import write_error
 from stabledrl_cli._run_env import forced_run, records_out
 from stabledrl_cli.dump._arguments import path_argument, step_number, switch_argument
 from stabledrl_cli.dump._file_names import STEPS_DIR, step_file_name
-from stabledrl_cli.dump._inputs import (
-    ArrayInput,
-    ScalarInput,
-    build_step,
-    positive_logp,
-    reward_outside,
-)
+from stabledrl_cli.dump._input_arrays import ArrayInput, ScalarInput
+from stabledrl_cli.dump._inputs import build_step
 from stabledrl_cli.dump._manifest import WORLD_SIZE_LIMIT
 from stabledrl_cli.dump._policy import PolicyLike, replayed_fields
 from stabledrl_cli.dump._recorder_args import (
@@ -81,6 +76,7 @@ from stabledrl_cli.dump._step_writes import (
     write_step_file,
 )
 from stabledrl_cli.dump._stfile import encode_step
+from stabledrl_cli.dump._suspect_values import positive_logp, reward_outside
 from stabledrl_cli.dump._training_end import warned_at_the_end
 from stabledrl_cli.errors import UsageError, WriteError, warn
 from stabledrl_cli.spec import SpecValue
