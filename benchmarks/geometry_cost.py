@@ -45,7 +45,8 @@ from stabledrl_cli.capture.geometry import (
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.example import ModelConfig, SortTask, TinyDiffusionLM, draw_mask, token_logp
 from stabledrl_cli.example import unit_logp as example_unit_logp
-from stabledrl_cli.example.trainer import ExampleConfig, recorder_kwargs, train
+from stabledrl_cli.example.run_setup import recorder_kwargs
+from stabledrl_cli.example.trainer import ExampleConfig, train
 from stabledrl_cli.policies import get_policy
 
 

@@ -33,7 +33,8 @@ from stabledrl_cli.errors import UsageError
 from stabledrl_cli.example import ExampleConfig
 from stabledrl_cli.example.__main__ import main as example_main
 from stabledrl_cli.example.checkpoint import CheckpointPlan
-from stabledrl_cli.example.trainer import recorder_kwargs, train
+from stabledrl_cli.example.run_setup import recorder_kwargs
+from stabledrl_cli.example.trainer import train
 from stabledrl_cli.policies import get_policy
 
 

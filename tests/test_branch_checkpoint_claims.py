@@ -18,7 +18,8 @@ from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.example.checkpoint import CheckpointPlan
 from stabledrl_cli.example.config import ExampleConfig
-from stabledrl_cli.example.trainer import recorder_kwargs, train
+from stabledrl_cli.example.run_setup import recorder_kwargs
+from stabledrl_cli.example.trainer import train
 from stabledrl_cli.policies import get_policy
 
 

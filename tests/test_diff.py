@@ -26,7 +26,8 @@ from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run, pack_run
 from stabledrl_cli.example import ExampleConfig
 from stabledrl_cli.example.checkpoint import CheckpointPlan, load_checkpoint
-from stabledrl_cli.example.trainer import recorder_kwargs, train
+from stabledrl_cli.example.run_setup import recorder_kwargs
+from stabledrl_cli.example.trainer import train
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.diff import diff_runs

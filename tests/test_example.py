@@ -207,7 +207,7 @@ def test_bad_configs_are_usage_errors():
 
 
 def test_token_unit_manifest_says_old_and_new_share_the_mask_and_no_weights():
-    from stabledrl_cli.example.trainer import recorder_kwargs
+    from stabledrl_cli.example.run_setup import recorder_kwargs
     from stabledrl_cli.policies import get_policy
 
     config = ExampleConfig(unit="token", estimator="elbo")

@@ -18,7 +18,8 @@ from stabledrl_cli.example.checkpoint import (
     CheckpointPlan,
     load_checkpoint,
 )
-from stabledrl_cli.example.trainer import recorder_kwargs, train
+from stabledrl_cli.example.run_setup import recorder_kwargs
+from stabledrl_cli.example.trainer import train
 from stabledrl_cli.policies import get_policy
 
 CONFIG = ExampleConfig(seed=2, steps=16, pretrain_steps=10)
@@ -285,7 +286,7 @@ def test_a_checkpoint_training_cannot_go_on_from_is_refused_before_the_branch(
     a string amsgrad), a step count of two numbers or a non-finite model passed the restore and
     ended `branch` with 'internal error: TypeError' (or ValueError, KeyError, RuntimeError),
     exit 70, after the branch run was opened; a NaN lr or a negative step trained on."""
-    from stabledrl_cli.example.trainer import check_restorable
+    from stabledrl_cli.example.rollout_state import check_restorable
 
     config, saved = _saved_state
     data = torch.load(saved, weights_only=True)

@@ -32,14 +32,9 @@ from stabledrl_cli.example import (
     token_logp,
     trainer,
 )
-from stabledrl_cli.example.trainer import (
-    ExampleConfig,
-    _rollout_arrays,
-    geometry_unit_fn,
-    policy_loss,
-    recorder_kwargs,
-    train,
-)
+from stabledrl_cli.example.run_setup import recorder_kwargs
+from stabledrl_cli.example.step_geometry import geometry_unit_fn
+from stabledrl_cli.example.trainer import ExampleConfig, _rollout_arrays, policy_loss, train
 from stabledrl_cli.policies import STANDARD_CATALOGUE, get_policy
 
 # torch's own forward-AD decompositions still call torch.jit.script when first loaded.

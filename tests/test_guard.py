@@ -18,7 +18,8 @@ from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.example import ExampleConfig
-from stabledrl_cli.example.trainer import recorder_kwargs, train
+from stabledrl_cli.example.run_setup import recorder_kwargs
+from stabledrl_cli.example.trainer import train
 from stabledrl_cli.guard import ACTION_CODES, SCALARS, Decision, Guard
 from stabledrl_cli.policies import PolicyBatch, get_policy
 from stabledrl_cli.replay.config import ReplayConfig

@@ -97,7 +97,8 @@ def run_example(
     from stabledrl_cli.dump import Recorder
     from stabledrl_cli.example.checkpoint import CheckpointPlan
     from stabledrl_cli.example.old_run import old_run_files, remove_old_run_files
-    from stabledrl_cli.example.trainer import recorder_kwargs, train
+    from stabledrl_cli.example.run_setup import recorder_kwargs
+    from stabledrl_cli.example.trainer import train
     from stabledrl_cli.guard import Guard
     from stabledrl_cli.policies import get_policy
 

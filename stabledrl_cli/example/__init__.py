@@ -21,15 +21,10 @@ if TYPE_CHECKING:
         token_logp,
         unit_logp,
     )
+    from stabledrl_cli.example.run_setup import recorder_kwargs
     from stabledrl_cli.example.sampler import generate
     from stabledrl_cli.example.task import SortTask
-    from stabledrl_cli.example.trainer import (
-        StepInfo,
-        TrainResult,
-        policy_loss,
-        recorder_kwargs,
-        train,
-    )
+    from stabledrl_cli.example.trainer import StepInfo, TrainResult, policy_loss, train
 
 _HOMES: dict[str, str] = {
     "ModelConfig": "stabledrl_cli.example._model",
@@ -44,7 +39,7 @@ _HOMES: dict[str, str] = {
     "StepInfo": "stabledrl_cli.example.trainer",
     "TrainResult": "stabledrl_cli.example.trainer",
     "policy_loss": "stabledrl_cli.example.trainer",
-    "recorder_kwargs": "stabledrl_cli.example.trainer",
+    "recorder_kwargs": "stabledrl_cli.example.run_setup",
     "train": "stabledrl_cli.example.trainer",
 }
 

@@ -21,13 +21,9 @@ from stabledrl_cli.dump._manifest_edits import manifest_now
 from stabledrl_cli.errors import InputError, UsageError, quoted
 from stabledrl_cli.example.checkpoint import TrainingState, load_checkpoint
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
-from stabledrl_cli.example.trainer import (
-    StepInfo,
-    TrainResult,
-    check_restorable,
-    recorder_kwargs,
-    train,
-)
+from stabledrl_cli.example.rollout_state import check_restorable
+from stabledrl_cli.example.run_setup import recorder_kwargs
+from stabledrl_cli.example.trainer import StepInfo, TrainResult, train
 from stabledrl_cli.guard import Guard
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.policies._spec import base_type

@@ -35,17 +35,11 @@ from typing import Any
 
 import torch
 
-from stabledrl_cli.capture.geometry import (
-    GeometryConfig,
-    ModuleCall,
-    capture_geometry,
-    covered_grad_norm,
-    covered_parameters,
-)
+from stabledrl_cli.capture.geometry import GeometryConfig, covered_grad_norm, covered_parameters
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._training_end import cut_short
-from stabledrl_cli.errors import InputError, UsageError
-from stabledrl_cli.example._model import ModelConfig, TinyDiffusionLM
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.example._model import TinyDiffusionLM
 from stabledrl_cli.example.checkpoint import (
     CheckpointPlan,
     TrainingState,
@@ -54,16 +48,13 @@ from stabledrl_cli.example.checkpoint import (
     save_checkpoint,
 )
 from stabledrl_cli.example.config import ExampleConfig
-from stabledrl_cli.example.estimator import (
-    MaskSample,
-    draw_mask,
-    sequence_logp,
-    token_logp,
-    unit_logp,
-)
+from stabledrl_cli.example.estimator import MaskSample, draw_mask, sequence_logp, token_logp
 from stabledrl_cli.example.pretrain import pretrain
+from stabledrl_cli.example.rollout_state import guard_record, training_state
+from stabledrl_cli.example.run_setup import model_config
 from stabledrl_cli.example.sampler import NonFiniteOutput, generate
-from stabledrl_cli.example.task import VOCAB_SIZE, SortTask
+from stabledrl_cli.example.step_geometry import geometry_keywords, geometry_unit_fn
+from stabledrl_cli.example.task import SortTask
 from stabledrl_cli.guard import Guard
 from stabledrl_cli.policies import Policy, PolicyBatch, Weights, get_policy
 from stabledrl_cli.vocab import Unit
@@ -120,96 +111,6 @@ class TrainResult:
         return 1000.0 * self.rl_seconds / max(self.steps, 1)
 
 
-def _model_config(config: ExampleConfig) -> ModelConfig:
-    return ModelConfig(vocab_size=VOCAB_SIZE, seq_len=SortTask(length=config.digits).seq_len)
-
-
-def check_restorable(state: TrainingState, config: ExampleConfig) -> None:
-    """InputError unless `state` restores into the model, AdamW optimizer and generator that
-    `config` makes (`checkpoint.restore`), or sits off a rollout boundary (a step that is not
-    its rollout's first, rollout x mu: the recorded rollout indices would not be the
-    original's): a check before a run is opened to resume it."""
-    if state.step != state.rollout * config.mu:
-        where = state.source or f"the checkpoint at step {state.step}"
-        raise InputError(
-            f"{where}: it resumes at step {state.step} and rollout {state.rollout}, off a rollout "
-            f"boundary (rollout {state.rollout} of mu = {config.mu} steps starts at step "
-            f"{state.rollout * config.mu})"
-        )
-    model = TinyDiffusionLM(_model_config(config))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    restore(state, model, optimizer, torch.Generator())
-
-
-def geometry_manifest(config: ExampleConfig, geometry: GeometryConfig) -> dict[str, Any]:
-    """The manifest's `geometry` entry for an example run: settings, Omega recipe, covered
-    parameters (names and sizes from a parameter-free copy of the model on the meta device)."""
-    with torch.device("meta"):
-        skeleton = TinyDiffusionLM(_model_config(config))
-    covered = covered_parameters(skeleton, geometry)
-    return geometry.to_manifest(
-        [name for name, _ in covered], [p.numel() for _, p in covered], unit=config.unit
-    )
-
-
-def recorder_kwargs(
-    config: ExampleConfig, policy: Policy, geometry: GeometryConfig | None = None
-) -> dict[str, Any]:
-    """Everything the Recorder's manifest needs to describe an example run: the policy object
-    itself (the manifest stores its canonical spec, name and params), unit, estimator, meta."""
-    estimator: dict[str, Any] = dict(config.estimator_config.manifest())
-    if config.unit == "token":  # each scored position is a unit: its own log-prob, no weights
-        estimator["weighting"] = "none (per-token log-prob of each hidden position)"
-    return {
-        "policy": policy,
-        "unit": config.unit,
-        "estimator": estimator,
-        "reward_range": (0.0, 1.0),
-        "meta": {
-            "source": "stabledrl built-in example (sort digits, tiny masked diffusion LM)",
-            "example_config": asdict(config),
-            "reward": "fraction of completion positions correct",
-        },
-        "geometry": geometry_manifest(config, geometry) if geometry is not None else None,
-    }
-
-
-def geometry_unit_fn(unit: Unit, prompt_len: int) -> Callable[..., torch.Tensor]:
-    """The per-row log-likelihood that `capture_geometry` differentiates, for one sequence.
-
-    Inputs of a row: tokens [L] int64, noise_mask [L] bool, weights [L] float32 (the step's
-    mask sample). Sequence unit -> 0-d ELBO estimate (the same arithmetic as `sequence_logp`);
-    token unit -> [L_c] log-probs of the completion positions (as `token_logp` in `train`).
-    """
-    if unit == "sequence":
-
-        def sequence_unit(call: ModuleCall, tokens: torch.Tensor, noise_mask: torch.Tensor,
-                          weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
-            return unit_logp(call.model, call.params, tokens, noise_mask, weights)
-
-        return sequence_unit
-
-    def token_units(call: ModuleCall, tokens: torch.Tensor, noise_mask: torch.Tensor,
-                    weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        return token_logp(call, tokens[None], noise_mask[None])[0, prompt_len:]
-
-    return token_units
-
-
-def _step_geometry(
-    model: torch.nn.Module,
-    geometry: GeometryConfig | None,
-    unit_fn: Callable[..., torch.Tensor],
-    inputs: tuple[torch.Tensor, ...],
-    step: int,
-) -> dict[str, Any]:
-    """The step's geometry as `log_step` keywords (CPU arrays, a float scale), or {}."""
-    if geometry is None:
-        return {}
-    captured = capture_geometry(model, unit_fn, inputs, geometry, step)
-    return {k: (v.cpu() if v.ndim else float(v)) for k, v in captured.items()}
-
-
 def _rollout_arrays(
     config: ExampleConfig,
     reward: torch.Tensor,
@@ -243,52 +144,6 @@ def _rollout_arrays(
         "seq_id": seq_id.to(torch.int32),
         "group_id": group_id.to(torch.int32),
         "reward": reward,
-    }
-
-
-def _cpu(value: Any) -> Any:
-    """A state_dict's tensors moved to the CPU (nested dicts and lists followed)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cpu(v) for v in value)
-    return value
-
-
-def _training_state(
-    step: int,
-    rollout: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    rng: torch.Generator,
-    config: ExampleConfig,
-    geometry: GeometryConfig | None,
-    guard: dict[str, Any] | None,
-) -> TrainingState:
-    """The loop's state at a rollout boundary, on the CPU, with the geometry the run records
-    and its guard (`guard_record`)."""
-    return TrainingState(
-        step=step,
-        rollout=rollout,
-        model=_cpu(model.state_dict()),
-        optimizer=_cpu(optimizer.state_dict()),
-        rng=rng.get_state(),
-        config=asdict(config),
-        geometry=None if geometry is None else asdict(geometry),
-        guard=guard,
-    )
-
-
-def guard_record(guard: Guard, norms: list[float]) -> dict[str, Any]:
-    """A checkpoint's `guard`: the guard's mode and rule, and the grad norms it was asked about
-    (`norms`, in order), from which a branch rebuilds it (`example.branch.branch_guard`)."""
-    note = guard.manifest_note()
-    return {
-        "mode": note["mode"],
-        "rule": note["rule"],
-        "norms": torch.tensor(norms, dtype=torch.float64),
     }
 
 
@@ -367,7 +222,7 @@ def train(
     started = time.perf_counter()
     rng = torch.Generator().manual_seed(config.seed)  # the one training RNG (see module doc)
 
-    model = TinyDiffusionLM(_model_config(config))
+    model = TinyDiffusionLM(model_config(config))
     model.reset_parameters(rng)
     model.to(device)
     if geometry is not None:
@@ -422,7 +277,7 @@ def train(
             if checkpoints is not None and step >= due:
                 save_checkpoint(
                     checkpoints.directory,
-                    _training_state(
+                    training_state(
                         step,
                         rollout,
                         model,
@@ -467,7 +322,7 @@ def train(
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
                 clip_scale = min(1.0, config.max_grad_norm / (grad_norm + 1e-6))
                 # On the parameters and inputs this backward used, before the optimizer moves them.
-                step_geometry = _step_geometry(
+                step_geometry = geometry_keywords(
                     model,
                     geometry,
                     unit_fn,
