@@ -93,7 +93,7 @@ def run_example(
 
     from stabledrl_cli._device import resolve_device
     from stabledrl_cli.capture.branch_protocol import checkpoints_dir
-    from stabledrl_cli.cli.replay import option_names
+    from stabledrl_cli.cli._option_names import option_names
     from stabledrl_cli.dump import Recorder
     from stabledrl_cli.example.checkpoint import CheckpointPlan
     from stabledrl_cli.example.old_run import old_run_files, remove_old_run_files

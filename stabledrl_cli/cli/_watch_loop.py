@@ -12,6 +12,7 @@ from rich.live import Live
 
 from stabledrl_cli._process import SIGNALLED
 from stabledrl_cli.cli._output import err, out, print_json, writing_again
+from stabledrl_cli.cli._replay_notes import missing_line
 from stabledrl_cli.cli._signals import Terminated, sigterm_handled, terminate
 from stabledrl_cli.cli._watch_gates import (
     gates_so_far,
@@ -29,7 +30,6 @@ from stabledrl_cli.cli._watch_view import (
     stopped_lines,
     with_ranks,
 )
-from stabledrl_cli.cli.replay import missing_line
 from stabledrl_cli.errors import INTERRUPTED, InputError, counted
 from stabledrl_cli.replay.gate import Gates
 from stabledrl_cli.replay.run_facts import print_own_policy_note, run_gaps, whole_run_refusal

@@ -22,7 +22,7 @@ from stabledrl_cli.cli._live import note_live
 from stabledrl_cli.cli._local import local_output, local_run
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, number_option
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
-from stabledrl_cli.cli.replay import note_skipped, note_stopped
+from stabledrl_cli.cli._replay_notes import note_skipped, note_stopped
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import InputError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS

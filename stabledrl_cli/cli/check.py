@@ -40,6 +40,7 @@ from stabledrl_cli.cli._check_baseline import (
 )
 from stabledrl_cli.cli._check_view import print_figures, print_recorded, print_table, print_verdict
 from stabledrl_cli.cli._live import note_live
+from stabledrl_cli.cli._option_names import option_names
 from stabledrl_cli.cli._options import (
     BaselineCollapseWindowOpt,
     BaselineDriftThresholdOpt,
@@ -65,18 +66,11 @@ from stabledrl_cli.cli._options import (
     report_path,
 )
 from stabledrl_cli.cli._output import err, print_json
+from stabledrl_cli.cli._replay_notes import note_skipped, note_stopped, warn_damaged
+from stabledrl_cli.cli._replay_outputs import check_outputs, same_file
+from stabledrl_cli.cli._replay_run import replay_engine, replay_with_progress
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
-from stabledrl_cli.cli.replay import (
-    check_outputs,
-    check_policy_specs,
-    note_skipped,
-    note_stopped,
-    option_names,
-    replay_engine,
-    replay_with_progress,
-    same_file,
-    warn_damaged,
-)
+from stabledrl_cli.cli.replay import check_policy_specs
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._integrity import Gap, integrity_warnings_ignored, missing_count
 from stabledrl_cli.dump._live import live_read

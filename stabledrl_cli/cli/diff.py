@@ -18,9 +18,9 @@ from rich import box
 from rich.table import Table
 
 from stabledrl_cli.cli._live import note_live
+from stabledrl_cli.cli._option_names import option_names
 from stabledrl_cli.cli._options import RUN_SOURCE_HELP, DeviceOpt, FormatOpt, number_option
 from stabledrl_cli.cli._output import err, out, plain_text, print_json
-from stabledrl_cli.cli.replay import option_names
 from stabledrl_cli.dump import RunIntegrityWarning
 from stabledrl_cli.dump._live import live_read
 from stabledrl_cli.dump._open import open_snapshot

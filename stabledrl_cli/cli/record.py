@@ -373,7 +373,7 @@ def command(
             f"{flag}: for a training command (-- CMD); the built-in example records its steps "
             "through its own Recorder"
         )
-    from stabledrl_cli.cli.replay import option_names  # the example's settings as options
+    from stabledrl_cli.cli._option_names import option_names  # the example's settings as options
 
     geometry_config = None
     sketch_settings = {

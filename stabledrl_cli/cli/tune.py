@@ -20,6 +20,7 @@ from rich.table import Table
 
 from stabledrl_cli._url import redacted
 from stabledrl_cli.cli._live import note_live
+from stabledrl_cli.cli._option_names import option_names
 from stabledrl_cli.cli._options import (
     DeviceOpt,
     EngineOpt,
@@ -31,14 +32,9 @@ from stabledrl_cli.cli._options import (
     report_path,
 )
 from stabledrl_cli.cli._output import err, out, print_json
-from stabledrl_cli.cli.replay import (
-    check_outputs,
-    note_skipped,
-    note_stopped,
-    option_names,
-    replay_engine,
-    replay_with_progress,
-)
+from stabledrl_cli.cli._replay_notes import note_skipped, note_stopped
+from stabledrl_cli.cli._replay_outputs import check_outputs
+from stabledrl_cli.cli._replay_run import replay_engine, replay_with_progress
 from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.errors import WriteError, counted
 from stabledrl_cli.replay.config import (

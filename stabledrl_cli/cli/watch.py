@@ -29,6 +29,7 @@ from typing import Annotated
 import typer
 
 from stabledrl_cli.cli._local import local_run
+from stabledrl_cli.cli._option_names import option_names
 from stabledrl_cli.cli._options import (
     DeviceOpt,
     FailOnCollapseOpt,
@@ -45,7 +46,6 @@ from stabledrl_cli.cli._options import (
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.cli._watch_gates import refuse_unreplayed_gates
 from stabledrl_cli.cli._watch_loop import follow, read_once
-from stabledrl_cli.cli.replay import option_names
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.dump._open import run_to_come
 from stabledrl_cli.errors import UsageError
