@@ -19,8 +19,8 @@ from rich.table import Table
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli._inspect_tables import series_table
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.cli.inspect import series_table
 from stabledrl_cli.replay.gate import GateResult
 from stabledrl_cli.replay.metrics import TopSequence
 from stabledrl_cli.replay.recorded import SeriesStats

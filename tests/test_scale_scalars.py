@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
-from stabledrl_cli.cli import inspect as inspect_cli
+from stabledrl_cli.cli import _inspect_tables as inspect_cli
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import _schema, _stfile
 from stabledrl_cli.errors import UsageError

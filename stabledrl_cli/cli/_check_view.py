@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
+from stabledrl_cli.cli._inspect_tables import series_table
 from stabledrl_cli.cli._output import err, out
-from stabledrl_cli.cli.inspect import series_table
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.baseline_write import baseline_figure

@@ -23,7 +23,8 @@ def note_stopped(run: Run, named: str) -> None:
     (an interrupted training, a full disk: the run's `recording_stopped` notes, as `inspect`
     and `watch` show them), at most LIST_LIMIT: a replay, a check or a tune covers the steps
     before it only."""
-    from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
+    from stabledrl_cli.cli._inspect_run_table import stopped_text
+    from stabledrl_cli.cli._inspect_tables import LIST_LIMIT
 
     stops = run.recording_stops
     for note in stops[:LIST_LIMIT]:

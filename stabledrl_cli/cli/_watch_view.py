@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 from rich.console import Console, Group
 from rich.table import Table
 
+from stabledrl_cli.cli._inspect_run_table import stopped_text
+from stabledrl_cli.cli._inspect_tables import LIST_LIMIT
 from stabledrl_cli.cli._output import plain_text
-from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.inspection import group_findings
