@@ -1,6 +1,6 @@
 """The name of the empty file by which a process of `record`'s command says that it runs as a
 rank (RANK-of-WORLD_SIZE, in record's $STABLEDRL_RANKS_DIR): written by the sitecustomize
-beside this module, read by `record` (cli/_wrap.py), one rule for both. It imports nothing:
+beside this module, read by `record` (cli/_wrap_outcome.py), one rule for both. It imports nothing:
 the sitecustomize imports it at the start of every Python process of the command.
 """
 
