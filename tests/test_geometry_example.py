@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.capture.geometry import GeometryConfig, capture_geometry
+from stabledrl_cli.cli import record as record_command
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.example import (
     ModelConfig,
@@ -30,7 +31,6 @@ from stabledrl_cli.example import (
     generate,
     sequence_logp,
     token_logp,
-    trainer,
 )
 from stabledrl_cli.example.run_setup import recorder_kwargs
 from stabledrl_cli.example.step_geometry import geometry_unit_fn
@@ -247,7 +247,7 @@ def test_jvp_sketch_equals_the_exact_sketch_on_one_step():
 def test_record_cli_sketch_float16_on_selected_parameters(tmp_path, monkeypatch):
     # The CLI's defaults with a 5-step pretraining (the CLI has no option for it): seconds less.
     monkeypatch.setattr(
-        trainer, "ExampleConfig", functools.partial(ExampleConfig, pretrain_steps=5)
+        record_command, "ExampleConfig", functools.partial(ExampleConfig, pretrain_steps=5)
     )
     out = tmp_path / "run"
     args = ["record", "--out", str(out), "--steps", "2", "--device", "cpu", "--geometry",
