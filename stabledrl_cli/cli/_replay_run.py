@@ -1,5 +1,5 @@
-"""A replay run for a command: the --engine's engine, and the replay with its progress on
-stderr (`replay_with_progress`, which `replay`, `check` and `tune` share).
+"""A replay run for a command: its policy specs checked, the --engine's engine, and the replay
+with its progress on stderr (`replay_with_progress`, which `replay`, `check` and `tune` share).
 
 The replay engines (torch) are imported where they run: the checks of the options and the run
 never load torch."""
@@ -19,6 +19,7 @@ from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.policies._registry import resolve_spec
 from stabledrl_cli.replay.config import MAX_THREADS, ReplayConfig, check_workers
 from stabledrl_cli.replay.plot import require_matplotlib
 from stabledrl_cli.replay.result import ReplayResult
@@ -27,6 +28,13 @@ from stabledrl_cli.vocab import ReplayEngine
 
 if TYPE_CHECKING:
     from stabledrl_cli.replay.engine import Engine
+
+
+def check_policy_specs(policies: Sequence[str] | None) -> None:
+    """A bad policy spec refused (exit 2) before an engine's module or a replay loads torch,
+    which takes a second or more."""
+    for spec in policies or ():
+        resolve_spec(spec)
 
 
 def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None) -> Engine | None:

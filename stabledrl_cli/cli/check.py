@@ -68,9 +68,8 @@ from stabledrl_cli.cli._options import (
 from stabledrl_cli.cli._output import err, print_json
 from stabledrl_cli.cli._replay_notes import note_skipped, note_stopped, warn_damaged
 from stabledrl_cli.cli._replay_outputs import check_outputs, same_file
-from stabledrl_cli.cli._replay_run import replay_engine, replay_with_progress
+from stabledrl_cli.cli._replay_run import check_policy_specs, replay_engine, replay_with_progress
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
-from stabledrl_cli.cli.replay import check_policy_specs
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._integrity import Gap, integrity_warnings_ignored, missing_count
 from stabledrl_cli.dump._live import live_read

@@ -43,11 +43,10 @@ from stabledrl_cli.cli._options import (
 from stabledrl_cli.cli._output import err, out, stdout_written
 from stabledrl_cli.cli._replay_notes import note_empty_range, note_skipped, note_stopped
 from stabledrl_cli.cli._replay_outputs import check_outputs
-from stabledrl_cli.cli._replay_run import replay_engine, replay_with_progress
+from stabledrl_cli.cli._replay_run import check_policy_specs, replay_engine, replay_with_progress
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.policies._registry import resolve_spec
 from stabledrl_cli.replay.config import (
     DEFAULT_SPIKE_FACTOR,
     SPIKE_HISTORY,
@@ -71,13 +70,6 @@ def metric_groups(names: Sequence[str] | None) -> tuple[MetricGroup, ...]:
             raise UsageError(f"--metrics {name!r} is not one of {', '.join(METRIC_GROUPS)}")
         groups.append(group)
     return tuple(groups)
-
-
-def check_policy_specs(policies: Sequence[str] | None) -> None:
-    """A bad policy spec refused (exit 2) before an engine's module or a replay loads torch,
-    which takes a second or more."""
-    for spec in policies or ():
-        resolve_spec(spec)
 
 
 def command(
