@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-from _cli import run_cli
 from test_gates_max_collapsed_unjudged import _baseline_gates, _policy_run
 from test_gates_unjudged import _baseline
 from typer.testing import CliRunner
@@ -66,10 +65,11 @@ def test_write_baseline_leaves_out_drift_steps_the_rule_judged_nothing_of(tmp_pa
         assert code == 0  # a baseline written of a run holds on it
 
 
-def test_a_baseline_drift_steps_not_judged_fails_in_a_process(tmp_path):
+def test_a_baseline_drift_steps_not_judged_fails_the_check_on_stderr(tmp_path):
+    """(check's exit 1 in a real process: test_check's test_exit_codes_in_a_real_process.)"""
     baseline = _baseline(tmp_path / "b.json", {}, DRIFT)
     run = _policy_run(tmp_path / "short", 3)
-    done = run_cli("check", run, "-b", baseline, "--device", "cpu")
-    assert done.returncode == 1, done.stderr
+    done = runner.invoke(app, ["check", str(run), "-b", str(baseline), "--device", "cpu"])
+    assert done.exit_code == 1, done.stderr
     assert f"grpo baseline.present: {NOT_JUDGED}the run has 3 steps" in done.stderr
     assert "check passed" not in done.stderr and "Traceback" not in done.stderr

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import torch
-from _cli import run_cli
 from test_gates_unjudged import _baseline
 from typer.testing import CliRunner
 
@@ -77,10 +76,13 @@ def test_max_collapsed_on_judged_spikes_still_passes(tmp_path):
     assert (code, gate["ok"], gate["figure"]) == (0, True, 0)
 
 
-def test_max_collapsed_not_judged_fails_in_a_process(tmp_path):
+def test_max_collapsed_not_judged_fails_the_check_on_stderr(tmp_path):
+    """(check's exit 1 in a real process: test_check's test_exit_codes_in_a_real_process.)"""
     run = _policy_run(tmp_path / "short", 3)
-    done = run_cli("check", run, "-p", "grpo", "--max-collapsed", "0", "--device", "cpu")
-    assert done.returncode == 1, done.stderr
+    done = runner.invoke(
+        app, ["check", str(run), "-p", "grpo", "--max-collapsed", "0", "--device", "cpu"]
+    )
+    assert done.exit_code == 1, done.stderr
     assert f"grpo max_collapsed: {SPIKES_UNJUDGED}" in done.stderr
     assert "check passed" not in done.stderr
 

@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-from _cli import run_cli
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -71,10 +70,11 @@ def test_max_spikes_on_judged_grad_norms_still_counts_their_spikes(tmp_path):
     assert (code, gate["ok"], gate["figure"]) == (1, False, 1)
 
 
-def test_max_spikes_without_grad_norms_fails_in_a_process_in_junit_and_in_watch(tmp_path):
+def test_max_spikes_without_grad_norms_fails_the_check_in_junit_and_in_watch(tmp_path):
+    """(check's exit 1 in a real process: test_check's test_exit_codes_in_a_real_process.)"""
     run = _scalar_run(tmp_path / "rewards", 30, reward_mean=[0.5] * 30)
-    done = run_cli("check", run, "--max-spikes", "3")
-    assert done.returncode == 1, done.stderr
+    done = runner.invoke(app, ["check", str(run), "--max-spikes", "3"])
+    assert done.exit_code == 1, done.stderr
     assert "(run) max_spikes: the run recorded no finite, nonzero grad_norm" in done.stderr
     junit = tmp_path / "gates.xml"
     result = runner.invoke(app, ["check", str(run), "--max-spikes", "3", "--junit", str(junit)])
@@ -121,10 +121,10 @@ def test_fail_on_collapse_judges_a_reward_with_a_nan_step_in_three(tmp_path):
     assert (code, gate["ok"], gate["figure"]) == (0, True, None)
 
 
-def test_fail_on_collapse_on_an_unjudged_reward_fails_in_a_process_and_in_watch(tmp_path):
+def test_fail_on_collapse_on_an_unjudged_reward_fails_the_check_and_the_watch(tmp_path):
     run = _scalar_run(tmp_path / "short", 5, reward_mean=[0.5] * 5)
-    done = run_cli("check", run, "--fail-on-collapse")
-    assert done.returncode == 1, done.stderr
+    done = runner.invoke(app, ["check", str(run), "--fail-on-collapse"])
+    assert done.exit_code == 1, done.stderr
     assert "(run) reward_collapse: the run's reward_mean has 5 finite values" in done.stderr
     watched = runner.invoke(app, ["watch", str(run), "--once", "--fail-on-collapse"])
     assert watched.exit_code == 1, watched.output
