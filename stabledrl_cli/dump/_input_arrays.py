@@ -41,6 +41,8 @@ def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
     moved to the CPU; bfloat16 widened to float32; a subclass's values: an np.matrix stays 2-D
     when flattened). UsageError naming `field` for a tensor numpy cannot take (on the meta
     device, sparse, float8, ...)."""
+    if type(value) is np.ndarray:  # the common case first (no masked array, no list)
+        return value
     _refuse_masked(value, field)
     try:
         stacked = stack_tensors(value)
@@ -56,8 +58,6 @@ def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
             return value.cpu().numpy()
         except Exception as exc:
             raise UsageError(f"{field}: cannot be read as an array ({exc})") from None
-    if type(value) is np.ndarray:
-        return value
     try:
         return np.asarray(value)
     except Exception as exc:
@@ -102,6 +102,8 @@ def float_array(array: np.ndarray, field: str) -> np.ndarray:
     overflow warning, which names neither the field nor the step, is not printed on the
     training's stderr. A field of `NUMBER_FIELDS` also takes integers and bools (a 0/1
     correctness reward, +-1 advantages), stored as the floats they are."""
+    if array.dtype is _FLOAT32:  # stored as given: nothing to check or convert (the common case)
+        return array
     kinds = _FLOAT_KINDS + (_INT_KINDS + "b" if field in NUMBER_FIELDS else "")
     if field == "reward" and array.dtype.kind == "O":
         array = _rewards_with_none(array)
