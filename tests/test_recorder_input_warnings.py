@@ -187,3 +187,62 @@ def test_a_log_softmax_rounded_above_0_is_not_warned_of_and_a_clear_positive_val
         "first_field": "logp",
         "first_largest": pytest.approx(2e-4),
     }
+
+
+_ROUNDED_SUM = np.float32(1000 * 1.2e-7)
+"""The sum of 1000 near-certain tokens' log-probabilities, each rounded 1.2e-7 above 0."""
+
+
+def _counted_sequences(run: Path) -> None:
+    """A unit 'sequence' run of 2 steps recording token_count: step 0 holds a sum of 1000
+    rounded tokens (`_ROUNDED_SUM`); step 1 the same sum, and 2e-4 for a one-token sequence
+    (given first, as id 1: a count is its sequence's, by seq_id)."""
+    with sd.Recorder(run, policy="grpo", unit="sequence") as rec:
+        logp = np.array([_ROUNDED_SUM, -1.0], dtype=np.float32)
+        rec.log_step(0, logp=logp, logp_old=logp, advantages=np.ones(2, "float32"),
+                     token_count=np.array([1000, 3]))  # fmt: skip
+        logp = np.array([2e-4, _ROUNDED_SUM], dtype=np.float32)
+        rec.log_step(1, logp=logp, logp_old=logp, advantages=np.ones(2, "float32"),
+                     seq_id=np.array([1, 0]), token_count=np.array([1000, 1]))  # fmt: skip
+
+
+def test_a_sequence_entry_is_bounded_by_its_token_count_as_it_is_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under unit 'sequence' an entry sums its sequence's token log-probabilities: 1000
+    near-certain tokens sum to 1.2e-4, past the one-token bound `LOGP_ROUNDING`, and were
+    warned of as logits. With `token_count` recorded an entry's bound is LOGP_ROUNDING times
+    its count: nothing is said of that sum, and a one-token sequence at 2e-4 is warned of."""
+    _counted_sequences(tmp_path / "run")
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1
+    assert "step 1: logp holds a positive value (0.0002)" in said[0]
+
+
+def test_inspect_bounds_a_sequence_entry_by_its_token_count(tmp_path: Path) -> None:
+    """inspect's list of steps holding a positive log-probability agrees with the Recorder:
+    the step whose only positive entry is a sum of 1000 rounded tokens is not in it."""
+    _counted_sequences(tmp_path / "run")
+    assert _inspected(tmp_path / "run")["positive_logp"] == {
+        "steps": [1],
+        "first_field": "logp",
+        "first_largest": pytest.approx(2e-4),
+    }
+
+
+def test_a_sequence_entry_without_token_count_is_bounded_as_one_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A unit 'sequence' step that records no token_count says nothing of its sequences'
+    lengths: each entry is bounded as one token's (docs/recording.md), so that a flipped sign
+    of a short sequence is still heard of; the same sum of 1000 rounded tokens is warned of."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo", unit="sequence") as rec:
+        logp = np.array([_ROUNDED_SUM, -1.0], dtype=np.float32)
+        rec.log_step(0, logp=logp, logp_old=logp, advantages=np.ones(2, "float32"))
+    assert "step 0: logp holds a positive value (0.00012)" in capsys.readouterr().err
+    assert _inspected(run)["positive_logp"] == {
+        "steps": [0],
+        "first_field": "logp",
+        "first_largest": pytest.approx(1.2e-4),
+    }

@@ -463,7 +463,9 @@ class Recorder(RecorderEnd):
                     "once)"
                 )
         if "logp" in tensors and "logp" not in self._warned:
-            found = positive_logp(tensors, tensors["mask"])
+            counts = tensors.get("token_count")  # (a sequence run's: [N], by seq_id)
+            tokens = None if counts is None else counts[tensors["seq_id"]]
+            found = positive_logp(tensors, tensors["mask"], tokens)
             if found is not None:
                 self._warned.add("logp")
                 said.append(

@@ -264,7 +264,12 @@ def _replayable(
             continue
         # Replay's checks are torch's: loaded here, at the first policy batch (a scalar run's
         # inspect, and the commands' help, never load it).
-        from stabledrl_cli.replay.step_data import host_measures, replay_rejection, run_unit
+        from stabledrl_cli.replay.step_data import (
+            host_measures,
+            host_token_counts,
+            replay_rejection,
+            run_unit,
+        )
 
         rejected, arrays = replay_rejection(run, step)
         if rejected is not None:
@@ -274,7 +279,8 @@ def _replayable(
         likelihood.extend(gathered)
         floor.extend(moments)
         logps = {name: host_array(arrays[name]) for name in LOGP_FIELDS if name in arrays}
-        found = positive_logp(logps, host_array(arrays["mask"]))
+        tokens = host_token_counts(arrays, run_unit(run))
+        found = positive_logp(logps, host_array(arrays["mask"]), tokens)
         if found is not None:
             positive.append(step.step)
             first = first or found

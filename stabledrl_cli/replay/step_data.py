@@ -228,6 +228,16 @@ def array_bytes(arrays: Arrays) -> int:
     return sum(a.numel() * a.element_size() for a in arrays.values())
 
 
+def host_token_counts(arrays: Arrays, unit: Unit) -> np.ndarray | None:
+    """[U] each unit's recorded token count in a sequence run, on the host
+    (`unit_token_counts` of the step's seq_id and token_count); None for a token run or a
+    step without counts."""
+    counts = arrays.get("token_count")
+    return unit_token_counts(
+        unit, host_array(arrays["seq_id"]), None if counts is None else host_array(counts)
+    )
+
+
 def host_measures(step: Step, arrays: Arrays, unit: Unit) -> Measures:
     """The step's collapse-warning measurement (steps with inner_step 0 or none recorded) and
     noise-floor moments (inner_step 0), from its arrays on the host."""
@@ -235,11 +245,7 @@ def host_measures(step: Step, arrays: Arrays, unit: Unit) -> Measures:
     inner = step.scalars.get("inner_step")
     if OwnLikelihood.wanted(inner):
         logp_old, mask = host_array(arrays["logp_old"]), host_array(arrays["mask"])
-        counts = arrays.get("token_count")
-        token_count = unit_token_counts(
-            unit, host_array(arrays["seq_id"]), None if counts is None else host_array(counts)
-        )
-        likelihood.add(step.step, inner, logp_old, mask, token_count)
+        likelihood.add(step.step, inner, logp_old, mask, host_token_counts(arrays, unit))
         if inner == NOISE_FLOOR_INNER_STEP:
             floor.add(*logratio_moments(host_array(arrays["logp"]), logp_old, mask))
     return likelihood, floor
