@@ -201,6 +201,21 @@ def _batch_tensors(
             "np.unique(seq_id, return_inverse=True)[1])"
         )
 
+    if "unit_grad_gram" in given or "unit_grad_sketch" in given:
+        tensors.update(_geometry(unit, given, num_tokens, num_sequences, sketch_scaled))
+    return tensors, num_sequences
+
+
+def _geometry(
+    unit: Unit,
+    given: dict[str, np.ndarray],
+    num_tokens: int,
+    num_sequences: int,
+    sketch_scaled: bool,
+) -> dict[str, np.ndarray]:
+    """The step's unit_grad_gram or unit_grad_sketch (removed from `given`), checked against
+    its U units and converted; `sketch_scaled` as `_batch_tensors`."""
+    tensors: dict[str, np.ndarray] = {}
     # U: the entries, or for token entries whose gradients were taken per sequence, N
     units: tuple[int, ...] = (num_tokens,) if unit == "sequence" else (num_tokens, num_sequences)
     shown = f"U = {num_tokens}"
@@ -238,7 +253,7 @@ def _batch_tensors(
                 f"unit_grad_sketch: expected [U, k] with {shown}{columns}, got {list(sketch.shape)}"
             )
         tensors["unit_grad_sketch"] = sketch
-    return tensors, num_sequences
+    return tensors
 
 
 GRAM_ASYMMETRY = 1e-3
