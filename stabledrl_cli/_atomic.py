@@ -200,7 +200,10 @@ def _write_all(fd: int, parts: Iterable[bytes | memoryview]) -> None:
     batch: list[bytes | memoryview] = []
     size = 0
     for part in parts:
-        nbytes = len(part) if isinstance(part, (bytes, bytearray)) else memoryview(part).nbytes
+        if isinstance(part, memoryview):  # (its size without a second view made of it)
+            nbytes = part.nbytes
+        else:
+            nbytes = len(part) if isinstance(part, (bytes, bytearray)) else memoryview(part).nbytes
         if size and size + nbytes > _BATCH:
             _write_batch(fd, batch, size)
             batch, size = [], 0

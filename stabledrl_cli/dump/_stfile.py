@@ -85,7 +85,7 @@ def encode_step(
         if swapped:
             array = array.astype(array.dtype.newbyteorder("<"))
         stored = np.ascontiguousarray(array)
-        part = stored.reshape(-1).data.cast("B")
+        part = (stored if stored.ndim == 1 else stored.reshape(-1)).data.cast("B")
         crc = crc32(part, crc)
         data.append(part)
     meta = dict(metadata)
