@@ -51,7 +51,8 @@ def test_a_list_of_tensors_is_recorded_as_the_tensor_it_stacks_into(
 
 
 def test_a_list_of_rows_is_a_b_by_l_array(tmp_path: Path) -> None:
-    rows = [torch.rand(6, requires_grad=True) * 1.0 for _ in range(3)]
+    draws = torch.Generator().manual_seed(0)
+    rows = [-torch.rand(6, generator=draws, requires_grad=True) for _ in range(3)]
     with sd.Recorder(tmp_path / "run") as recorder:
         recorder.log_step(0, logp=rows, logp_old=rows, advantages=[1.0, 0.0, -1.0])
     step = sd.open_run(tmp_path / "run").step(0)
