@@ -1,5 +1,6 @@
-"""Shared test settings and fixtures: a stable terminal, the committed fixture runs, and their
-replays computed once per session (a fixture replay takes seconds)."""
+"""Shared test settings and fixtures: a stable terminal, seeded global generators, the
+committed fixture runs, and their replays computed once per session (a fixture replay takes
+seconds)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # One intra-op thread in each test process and in each process a test starts (they inherit
@@ -16,6 +18,8 @@ import pytest
 # of 2, test_record_exit_code_note and test_trl_cut_short: 26 % less CPU). A test of
 # thread counts sets its own.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch
 
 from stabledrl_cli.replay.engine import replay
 from stabledrl_cli.replay.result import ReplayResult
@@ -39,6 +43,15 @@ def _no_disk_flush() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(os, "fsync", _checked_no_sync)
         yield
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_generators() -> None:
+    """A test that draws from torch's or numpy's global generator (`torch.rand`,
+    `np.random.rand`) draws the same values on every run, whichever tests its worker ran
+    before it."""
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(autouse=True)
