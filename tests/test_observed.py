@@ -20,7 +20,8 @@ from stabledrl_cli.replay.detectors import (
     rolling_mean,
     spike_flags,
 )
-from stabledrl_cli.replay.observed import host_array, logratio_moments, observe
+from stabledrl_cli.replay.measurements import host_array, logratio_moments
+from stabledrl_cli.replay.observed import observe
 
 
 def _noisy(curve: np.ndarray, seed: int = 0, scale: float = 0.02) -> np.ndarray:

@@ -35,7 +35,8 @@ from stabledrl_cli.replay.detectors import drift_flags, rolling_mean
 from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.replay.gate import Gates, evaluate
 from stabledrl_cli.replay.hdf5 import REPORT_KIND, read_hdf5, write_hdf5
-from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood, observe
+from stabledrl_cli.replay.measurements import NoiseFloor, OwnLikelihood
+from stabledrl_cli.replay.observed import observe
 from stabledrl_cli.replay.report import print_detail
 from stabledrl_cli.replay.step_data import array_bytes, read_arrays
 from stabledrl_cli.replay.stream import step_row_bytes

@@ -146,7 +146,8 @@ import numpy as np
 from stabledrl_cli.replay import engine
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import replay_run
-from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood, observe
+from stabledrl_cli.replay.measurements import NoiseFloor, OwnLikelihood
+from stabledrl_cli.replay.observed import observe
 run = open_run(RUN)
 policies = [get_policy("grpo")] * POLICIES
 steps = 2000

@@ -4,8 +4,8 @@
 `metrics` (device computation of a step), `framework` (TRL's and verl's own clip metrics),
 `stream` (the streaming pass), `summary`, `engine` (`replay`, `replay_run`), `result` (the
 typed result and its JSON); `observed` and `inspection` (the recorded run itself, with the
-collapse warning of `detectors`); `report` (tables), `hdf5`, `plot`; `baseline`, `figures`,
-`gate`, `junit` (CI checks).
+collapse warning of `detectors`; `measurements` gathers its per-step figures); `report`
+(tables), `hdf5`, `plot`; `baseline`, `figures`, `gate`, `junit` (CI checks).
 """
 
 from __future__ import annotations

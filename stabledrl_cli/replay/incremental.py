@@ -29,13 +29,8 @@ from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.columns import ColumnArray, derive_series
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.guards import GuardInput, GuardReplay
-from stabledrl_cli.replay.observed import (
-    NoiseFloor,
-    Observed,
-    OwnLikelihood,
-    measurements_of,
-    observe,
-)
+from stabledrl_cli.replay.measurements import NoiseFloor, OwnLikelihood, measurements_of
+from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.recorded import RecordedRun, policy_loss, recorded_run
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.rows import RowBuffer

@@ -19,13 +19,8 @@ from stabledrl_cli.dump._stop_notes import RECORDING_STOPPED
 from stabledrl_cli.dump._suspect_values import LOGP_FIELDS, positive_logp
 from stabledrl_cli.dump._versions import known_version_below, parse_version
 from stabledrl_cli.dump._views import ReadSteps
-from stabledrl_cli.replay.observed import (
-    NoiseFloor,
-    Observed,
-    OwnLikelihood,
-    host_array,
-    observe,
-)
+from stabledrl_cli.replay.measurements import NoiseFloor, OwnLikelihood, host_array
+from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.recorded import SeriesStats, recorded_run
 from stabledrl_cli.replay.run_facts import in_flight_steps
 

@@ -29,7 +29,7 @@ from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.errors import StabledrlError, UsageError
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood
+from stabledrl_cli.replay.measurements import NoiseFloor, OwnLikelihood
 from stabledrl_cli.replay.rows import RowBuffer
 from stabledrl_cli.replay.stream import StreamedRun, expected_rows, stream_run
 from stabledrl_cli.vocab import StepGeometryKind

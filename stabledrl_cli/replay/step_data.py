@@ -18,8 +18,7 @@ from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY, SKETCH_SCALE_KEY
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import Policy, PolicyBatch, PreparedBatch, prepare
 from stabledrl_cli.replay.framework import MicroBatches, micro_batches
-from stabledrl_cli.replay.metrics import StepGeometry
-from stabledrl_cli.replay.observed import (
+from stabledrl_cli.replay.measurements import (
     NOISE_FLOOR_INNER_STEP,
     NoiseFloor,
     OwnLikelihood,
@@ -27,6 +26,7 @@ from stabledrl_cli.replay.observed import (
     logratio_moments,
     unit_token_counts,
 )
+from stabledrl_cli.replay.metrics import StepGeometry
 from stabledrl_cli.replay.run_facts import run_ranks
 from stabledrl_cli.vocab import Unit
 

@@ -48,6 +48,7 @@ from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies import Policy, PreparedBatch
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET
+from stabledrl_cli.replay.measurements import NoiseFloor, OwnLikelihood
 from stabledrl_cli.replay.metrics import (
     StepGeometry,
     TopSequence,
@@ -55,7 +56,6 @@ from stabledrl_cli.replay.metrics import (
     top_sequences,
     varies_within_sequence,
 )
-from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood
 from stabledrl_cli.replay.read_ahead import read_ahead
 from stabledrl_cli.replay.recorded import policy_loss
 from stabledrl_cli.replay.rows import RowBuffer
