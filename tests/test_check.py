@@ -24,8 +24,10 @@ from stabledrl_cli.replay import columns, config
 from stabledrl_cli.replay.baseline import BASELINE_SCHEMA, Tolerance
 from stabledrl_cli.replay.baseline_read import load_baseline
 from stabledrl_cli.replay.baseline_write import baseline_text, write_baseline
+from stabledrl_cli.replay.evaluation import _regression
 from stabledrl_cli.replay.figures import RUN_METRICS, policy_metrics
-from stabledrl_cli.replay.gate import Gates, _absolute, _regression, _unjudged_gate
+from stabledrl_cli.replay.gate import Gates, _unjudged_gate
+from stabledrl_cli.replay.gate import absolute as _absolute
 from stabledrl_cli.replay.junit import junit_xml, write_junit
 
 ROOT = Path(__file__).resolve().parents[1]

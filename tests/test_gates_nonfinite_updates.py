@@ -16,7 +16,9 @@ from stabledrl_cli.replay.baseline import check_settings
 from stabledrl_cli.replay.baseline_read import load_baseline
 from stabledrl_cli.replay.baseline_write import baseline_dict, write_baseline
 from stabledrl_cli.replay.engine import replay
-from stabledrl_cli.replay.gate import Gates, _absolute, evaluate
+from stabledrl_cli.replay.evaluation import evaluate
+from stabledrl_cli.replay.gate import Gates
+from stabledrl_cli.replay.gate import absolute as _absolute
 
 runner = CliRunner()
 

@@ -33,7 +33,8 @@ from stabledrl_cli.replay.baseline_write import baseline_dict, write_baseline
 from stabledrl_cli.replay.config import ReplayConfig, parse_size, parse_step_range
 from stabledrl_cli.replay.detectors import drift_flags, rolling_mean
 from stabledrl_cli.replay.engine import replay_run
-from stabledrl_cli.replay.gate import Gates, evaluate
+from stabledrl_cli.replay.evaluation import evaluate
+from stabledrl_cli.replay.gate import Gates
 from stabledrl_cli.replay.hdf5 import REPORT_KIND, read_hdf5, write_hdf5
 from stabledrl_cli.replay.measurements import NoiseFloor, OwnLikelihood
 from stabledrl_cli.replay.observed import observe

@@ -10,7 +10,8 @@ from stabledrl_cli.cli._output import err
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.errors import UsageError, counted
-from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
+from stabledrl_cli.replay.evaluation import evaluate
+from stabledrl_cli.replay.gate import GateResult, Gates
 from stabledrl_cli.replay.run_facts import own_spec, print_own_policy_note, scalar_steps
 
 if TYPE_CHECKING:

@@ -84,7 +84,8 @@ from stabledrl_cli.replay.config import (
     parse_size,
     replay_config,
 )
-from stabledrl_cli.replay.gate import Gates, LostSteps, evaluate
+from stabledrl_cli.replay.evaluation import evaluate
+from stabledrl_cli.replay.gate import Gates, LostSteps
 from stabledrl_cli.replay.junit import write_junit
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.plot import plot_replay

@@ -5,7 +5,7 @@
 `stream` (the streaming pass), `summary`, `engine` (`replay`, `replay_run`), `result` (the
 typed result and its JSON); `observed` and `inspection` (the recorded run itself, with the
 collapse warning of `detectors`; `measurements` gathers its per-step figures); `report`
-(tables), `hdf5`, `plot`; `baseline`, `figures`, `gate`, `junit` (CI checks).
+(tables), `hdf5`, `plot`; `baseline`, `figures`, `gate`, `evaluation`, `junit` (CI checks).
 """
 
 from __future__ import annotations
