@@ -5,7 +5,8 @@
 `stream` (the streaming pass), `summary`, `engine` (`replay`, `replay_run`), `result` (the
 typed result and its JSON); `observed` and `inspection` (the recorded run itself, with the
 collapse warning of `detectors`; `measurements` gathers its per-step figures); `report`
-(tables), `hdf5`, `plot`; `baseline`, `figures`, `gate`, `evaluation`, `junit` (CI checks).
+(tables; `report_observed`, its lines on the recorded run), `hdf5`, `plot`; `baseline`,
+`figures`, `gate`, `evaluation`, `junit` (CI checks).
 """
 
 from __future__ import annotations

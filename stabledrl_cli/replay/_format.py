@@ -1,4 +1,5 @@
-"""The one number formatter of replay's tables, gate messages and `inspect`."""
+"""The one number formatter of replay's tables, gate messages and `inspect`, and the cut of
+replay's step lists."""
 
 from __future__ import annotations
 
@@ -83,3 +84,7 @@ def format_cell(
     if isinstance(value, bool):
         return yes if value else no
     return f"{100 * value:.1f}%" if percent else format_number(value)
+
+
+LIST_LIMIT = 8
+"""Step lists longer than this are cut in the table (JSON has them all)."""

@@ -1,5 +1,6 @@
 """The human output of a replay: rich tables on stdout (the per-policy summary, the observed
-run, and with `--detail` or `--steps` the per-step rows and the flagged steps' sequences)."""
+run's lines of `report_observed`, and with `--detail` or `--steps` the per-step rows and the
+flagged steps' sequences)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ from rich.table import Table
 
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay import columns
-from stabledrl_cli.replay._format import format_number, format_steps
+from stabledrl_cli.replay._format import LIST_LIMIT, format_number, format_steps
 from stabledrl_cli.replay.columns import CellFormat
 from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY, format_step_range
-from stabledrl_cli.replay.guards import GuardAction, GuardReport
-from stabledrl_cli.replay.observed import CollapseWarning, Observed
+from stabledrl_cli.replay.report_observed import print_observed
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.spec import wrap_line
 from stabledrl_cli.tables import (
@@ -41,8 +41,6 @@ BEST_RULE = (
     "one-step update is non-finite or spikes; bias = steps where net_push's rolling mean is low"
 )
 """The legend line stating the rule that picks `best`."""
-LIST_LIMIT = 8
-"""Step lists longer than this are cut in the table (JSON has them all)."""
 FOOTER = (
     "A replay is a one-step counterfactual: each step's recorded batch and weights, scored by "
     "another policy. It does not simulate the trajectory that policy would have trained."
@@ -328,79 +326,6 @@ def print_summary(
     hidden = "" if wide else "  More columns: --wide."
     for line in (*wrap_line(note, console.width), FOOTER + hidden):  # a spec never split in a pair
         console.print(line, highlight=False, soft_wrap=False)
-
-
-def warning_text(warning: CollapseWarning, observed: Observed) -> str:
-    """The collapse warning in one line, beside the observed collapse (no lead is claimed for
-    a policy's one-step risk flags)."""
-    head = _judged(
-        observed,
-        "collapse_warning_first_step",
-        "none"
-        if warning.first_step is None
-        else f"first at step {warning.first_step} ({warning.rule_text})",
-    )
-    collapse = observed.first_reward_collapse
-    seen = "none" if collapse is None else f"at {collapse}"
-    if observed.unjudged("first_reward_collapse") is not None:  # why: on the line above
-        seen = "not judged"
-    return f"collapse warning: {head}; observed collapse {seen}"
-
-
-def _judged(observed: Observed, figure: str, text: str) -> str:
-    """`text`, or "not judged (why)" where the rule of `figure` judged no step of the run
-    ("none" would read as a run judged and found clean)."""
-    unjudged = observed.unjudged(figure)
-    return text if unjudged is None else f"not judged ({unjudged})"
-
-
-def print_observed(result: ReplayResult, console: Console) -> None:
-    """The recorded run's collapse, spikes and noise floor, and the run's collapse warning."""
-    obs = result.observed
-    collapse = obs.first_reward_collapse
-    reward = "none" if collapse is None else f"at step {collapse}"
-    spikes = format_steps(obs.recorded_spike_steps, LIST_LIMIT, empty="none", named=True)
-    console.print(
-        f"observed (recorded run): first reward collapse "
-        f"{_judged(obs, 'first_reward_collapse', reward)}; recorded grad-norm spikes: "
-        f"{_judged(obs, 'spike_steps', spikes)}; noise floor std log r: "
-        f"{format_number(obs.noise_floor_logratio_std)}",
-        highlight=False,
-        soft_wrap=False,
-    )
-    console.print(warning_text(obs.collapse_warning, obs), highlight=False, soft_wrap=False)
-    if obs.guards:
-        console.print(guards_text(obs.guards), highlight=False, soft_wrap=False)
-
-
-def guards_text(reports: Sequence[GuardReport]) -> str:
-    """One line: which recorded steps each adaptive guard would have clipped or skipped."""
-    verbs: tuple[tuple[GuardAction, str], ...] = (
-        ("clip", "clip"),
-        ("skip", "skip"),
-        ("nonfinite", "drop"),
-    )
-    parts = []
-    for report in reports:
-        acted = [
-            verb
-            + " "
-            + format_steps([s.step for s in report.acted if s.action == action], LIST_LIMIT)
-            for action, verb in verbs
-            if report.count(action)
-        ]
-        if report.judged:
-            parts.append(f"{report.spec} would " + (", ".join(acted) if acted else "act on none"))
-            continue
-        why = (
-            f"its statistics need more than the {counted(report.steps_seen, 'recorded grad norm')}"
-            if report.steps_seen
-            else "the run recorded no grad norm"
-        )
-        parts.append(
-            f"{report.spec} judged no step ({why})" + "".join(f", would {a}" for a in acted)
-        )
-    return "guards on the recorded grad norms: " + "; ".join(parts)
 
 
 def _unflagged(row: Mapping[str, object]) -> str:
