@@ -22,9 +22,9 @@ import stabledrl_cli as sd
 from stabledrl_cli.cli._inspect_tables import series_table
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.replay.gate import GateResult
-from stabledrl_cli.replay.metrics import TopSequence
 from stabledrl_cli.replay.recorded import SeriesStats
 from stabledrl_cli.replay.report import print_detail
+from stabledrl_cli.replay.top_sequences import TopSequence
 from stabledrl_cli.spec import format_value
 from stabledrl_cli.tables import print_fitted
 

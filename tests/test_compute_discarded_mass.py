@@ -12,7 +12,8 @@ from stabledrl_cli.policies import PolicyBatch, PreparedBatch, prepare
 from stabledrl_cli.policies._masked import counts, keep_times
 from stabledrl_cli.replay import columns, metrics
 from stabledrl_cli.replay.framework import micro_batches
-from stabledrl_cli.replay.metrics import StepGeometry, step_metrics
+from stabledrl_cli.replay.metrics import step_metrics
+from stabledrl_cli.replay.step_geometry import StepGeometry
 
 SEQ_ID = torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.int32)
 

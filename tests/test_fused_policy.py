@@ -17,7 +17,8 @@ from synthetic_runs import Shape, step_arrays
 from stabledrl_cli.policies import PolicyBatch, get_policy, prepare
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.framework import micro_batches
-from stabledrl_cli.replay.metrics import StepGeometry, step_metrics
+from stabledrl_cli.replay.metrics import step_metrics
+from stabledrl_cli.replay.step_geometry import StepGeometry
 
 
 def _step() -> dict[str, torch.Tensor]:

@@ -443,7 +443,7 @@ def test_blocked_product_is_the_decoded_product_and_the_replays_norm(monkeypatch
     reaching every product of its column; the replay's norms equal replayed_update_norm's."""
     from stabledrl_cli import geometry
     from stabledrl_cli.policies import PolicyBatch, prepare
-    from stabledrl_cli.replay.metrics import StepGeometry
+    from stabledrl_cli.replay.step_geometry import StepGeometry
 
     generator = torch.Generator().manual_seed(3)
     units, k = 1000, 12

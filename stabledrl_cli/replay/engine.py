@@ -44,7 +44,6 @@ from stabledrl_cli.replay.config import (
     parse_size,
     replay_config,
 )
-from stabledrl_cli.replay.metrics import TopSequence
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult, StepSeries, Unjoined
 from stabledrl_cli.replay.run_facts import (
@@ -65,6 +64,7 @@ from stabledrl_cli.replay.summary import (
     parity_gap,
     summarize_policy,
 )
+from stabledrl_cli.replay.top_sequences import TopSequence
 from stabledrl_cli.vocab import ReplayEngine, RunGeometryKind, StepGeometryKind
 
 __all__ = [

@@ -17,138 +17,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
-from stabledrl_cli.errors import InputError
-from stabledrl_cli.geometry import (
-    check_gram,
-    check_scale,
-    decode_geometry,
-    geometry_product,
-    product_dtype,
-    require_scale,
-    update_norms,
-)
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
 from stabledrl_cli.policies._base import kl_terms
 from stabledrl_cli.policies._masked import as_bytes, count, counts, keep_times
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
 from stabledrl_cli.replay.framework import MicroBatches, framework_metrics
-from stabledrl_cli.vocab import StepGeometryKind
-
-
-@dataclass(frozen=True, kw_only=True)
-class TopSequence:
-    """One sequence behind a flagged step's update (`detail`)."""
-
-    seq_id: int
-    """As recorded."""
-    group: int | None
-    """Its group id; None when the run records none."""
-    reward: float | None
-    advantage: float
-    """Mean advantage over its scored entries."""
-    log_ratio: float
-    """Mean log r over its scored entries."""
-    contribution: float
-    """sum over its units of |coef_u| x ||grad_u|| (the coefficient alone without geometry)."""
-
-
-@dataclass
-class StepGeometry:
-    """A step's recorded gradient geometry on the device.
-
-    kind: "gram" (`stored` [U, U]), "sketch" (`stored` [U, k]) or "coef" (none: norms are
-    coefficient norms, a proxy). `stored` is the matrix as recorded (float16 sketches with their
-    per-step `scale`). `per_sequence`: U counts sequences while the step has token entries
-    (token coefficients are summed per sequence).
-    """
-
-    kind: StepGeometryKind
-    stored: torch.Tensor | None = None
-    scale: float | None = None
-    per_sequence: bool = False
-
-    @classmethod
-    def from_arrays(
-        cls,
-        gram: torch.Tensor | None,
-        sketch: torch.Tensor | None,
-        scale: float | None,
-        prep: PreparedBatch,
-        step: int,
-    ) -> StepGeometry:
-        kind: StepGeometryKind = "gram" if gram is not None else "sketch"
-        stored = gram if gram is not None else sketch
-        if stored is None:
-            return cls("coef")
-        rows = stored.shape[0]
-        if kind == "gram" and (stored.ndim != 2 or stored.shape[1] != rows):
-            raise InputError(f"step {step}: unit_grad_gram has shape {list(stored.shape)}")
-        if kind == "sketch" and stored.ndim != 2:
-            raise InputError(f"step {step}: unit_grad_sketch has shape {list(stored.shape)}")
-        if kind == "sketch" and stored.shape[1] == 0:
-            raise InputError(
-                f"step {step}: unit_grad_sketch has no columns (shape {list(stored.shape)}): "
-                "it measures no update, its norms would all read 0"
-            )
-        if rows == prep.num_tokens:
-            per_sequence = False
-        elif rows == prep.n_seq:
-            per_sequence = True
-        else:
-            raise InputError(
-                f"step {step}: {kind} geometry has {rows} units but the step has "
-                f"{prep.num_tokens} entries and {prep.n_seq} sequences"
-            )
-        try:
-            require_scale(stored, scale)
-            if kind == "gram":
-                check_gram(stored)
-            if scale is not None:
-                check_scale(scale)
-        except InputError as exc:
-            raise InputError(f"step {step}: {exc}") from None
-        return cls(kind, stored.to(prep.device), scale, per_sequence)
-
-    def units(self, coef: torch.Tensor, prep: PreparedBatch) -> torch.Tensor:
-        """[P, T] token coefficients -> [P, U] unit coefficients of the geometry."""
-        return prep.seq_sum(coef) if self.per_sequence else coef
-
-    @cached_property
-    def matrix(self) -> torch.Tensor | None:
-        """The recorded matrix decoded to float32 (`geometry.decode_geometry`), made on first
-        use: the streaming pass never needs it whole (`measure` decodes a block at a time)."""
-        return None if self.stored is None else decode_geometry(self.stored, self.scale)
-
-    def measure(
-        self, coef_units: torch.Tensor, own: int | None, rows: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[R, U] of a step with geometry -> ([R] float64 norms of sum_u c_u grad_u, [rows] inner
-        products of the first `rows` updates with update `own`, or None without `own`). Both
-        come from one product coef @ matrix (`geometry.geometry_product`)."""
-        assert self.stored is not None
-        gram = self.kind == "gram"
-        coef = coef_units.to(product_dtype(self.stored.device, gram=gram))
-        products = geometry_product(coef, self.stored, self.scale)
-        # Rounded through float32 like `replayed_update_norm`, so both give the same figure.
-        norms = update_norms(products, coef, gram=gram).float().double()
-        if own is None:
-            return norms, None
-        other = coef[own] if gram else products[own]
-        return norms, products[:rows] @ other
-
-    def unit_scale(self) -> torch.Tensor | None:
-        """[U] ||grad_u||: sqrt(K_uu) or the sketch row norm; None without geometry."""
-        if self.matrix is None:
-            return None
-        if self.kind == "gram":
-            return torch.diagonal(self.matrix).clamp(min=0).sqrt()
-        norm: torch.Tensor = torch.linalg.vector_norm(self.matrix, dim=-1)
-        return norm
+from stabledrl_cli.replay.step_geometry import StepGeometry
 
 
 def varies_within_sequence(coef: torch.Tensor, prep: PreparedBatch) -> torch.Tensor:
@@ -465,50 +343,3 @@ def step_metrics(
         **frameworks,
     }
     return torch.stack([computed[name].double() for name in columns.device_metrics()], dim=1)
-
-
-def top_sequences(
-    prep: PreparedBatch,
-    coef: torch.Tensor,
-    weights: Weights,
-    geometry: StepGeometry,
-    raw_seq_id: torch.Tensor,
-    group_id: torch.Tensor | None,
-    reward: torch.Tensor | None,
-    k: int = 5,
-) -> list[TopSequence]:
-    """The k sequences contributing most to one policy's update of a step.
-
-    Score of sequence i: sum over its units of |coef_u| * ||grad_u|| (||grad_u|| = sqrt(K_uu)
-    with a gram, the sketch row norm with a sketch, 1 without geometry: then |coef_u|).
-    coef: [T]; raw_seq_id: [T] as recorded; group_id, reward: [N] or None.
-    """
-    scale = geometry.unit_scale()
-    if geometry.per_sequence:
-        per_seq_coef = geometry.units(coef[None], prep)[0].abs()
-        score = per_seq_coef * (scale if scale is not None else 1.0)
-    else:
-        token_score = coef.abs() * (scale if scale is not None else 1.0)
-        score = prep.seq_sum(token_score)
-    score = torch.where(prep.seq_live, score, torch.full_like(score, -math.inf))
-    # A NaN contribution sorts first: a non-finite sequence is the prime suspect of its step.
-    ranked = torch.where(torch.isnan(score), math.inf, score)
-    order = torch.argsort(ranked, descending=True)[:k]
-    raw = torch.zeros(prep.n_seq, dtype=torch.int64, device=prep.device)
-    raw = raw.index_copy(0, prep.seq, raw_seq_id.to(prep.device, torch.int64))
-    mean_adv = prep.seq_sum(weights.advantages) / prep.seq_len.clamp(min=1.0)
-    rows = []
-    for i in order.tolist():
-        if not bool(prep.seq_live[i]):
-            continue
-        rows.append(
-            TopSequence(
-                seq_id=int(raw[i]),
-                group=int(group_id[i]) if group_id is not None else None,
-                reward=float(reward[i]) if reward is not None else None,
-                advantage=float(mean_adv[i]),
-                log_ratio=float(prep.seq_mean_log_ratio[i]),
-                contribution=float(score[i]),
-            )
-        )
-    return rows

@@ -33,7 +33,7 @@ from stabledrl_cli.tables import (
 from stabledrl_cli.vocab import MetricGroup, UnjoinedGeometry
 
 if TYPE_CHECKING:
-    from stabledrl_cli.replay.metrics import TopSequence
+    from stabledrl_cli.replay.top_sequences import TopSequence
 
 BEST_RULE = (
     "best: fewest bias steps, then the lowest discarded mass, among policies without risk "

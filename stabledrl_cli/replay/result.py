@@ -34,7 +34,7 @@ from stabledrl_cli.vocab import UNJOINED_KINDS, RunGeometryKind, UnjoinedGeometr
 if TYPE_CHECKING:
     from stabledrl_cli.dump._live import LiveRead
     from stabledrl_cli.policies import Policy
-    from stabledrl_cli.replay.metrics import TopSequence
+    from stabledrl_cli.replay.top_sequences import TopSequence
 
 JsonRow = dict[str, object]
 """One JSON object of the contract, before NaN and inf become null."""

@@ -26,8 +26,8 @@ from stabledrl_cli.replay.measurements import (
     logratio_moments,
     unit_token_counts,
 )
-from stabledrl_cli.replay.metrics import StepGeometry
 from stabledrl_cli.replay.run_facts import run_ranks
+from stabledrl_cli.replay.step_geometry import StepGeometry
 from stabledrl_cli.vocab import Unit
 
 BASE_FIELDS = ("logp", "logp_old", "advantages", "mask", "seq_id")

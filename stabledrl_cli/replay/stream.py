@@ -49,13 +49,7 @@ from stabledrl_cli.policies import Policy, PreparedBatch
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET
 from stabledrl_cli.replay.measurements import NoiseFloor, OwnLikelihood
-from stabledrl_cli.replay.metrics import (
-    StepGeometry,
-    TopSequence,
-    step_metrics,
-    top_sequences,
-    varies_within_sequence,
-)
+from stabledrl_cli.replay.metrics import step_metrics, varies_within_sequence
 from stabledrl_cli.replay.read_ahead import read_ahead
 from stabledrl_cli.replay.recorded import policy_loss
 from stabledrl_cli.replay.rows import RowBuffer
@@ -75,6 +69,8 @@ from stabledrl_cli.replay.step_data import (
     to_device,
     usable,
 )
+from stabledrl_cli.replay.step_geometry import StepGeometry
+from stabledrl_cli.replay.top_sequences import TopSequence, top_sequences
 from stabledrl_cli.vocab import StepGeometryKind, Unit
 
 _T = TypeVar("_T")
