@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from stabledrl_cli.policies._config import BaseConfig, GSPOConfig
+from stabledrl_cli.policies._config import BaseConfig
+from stabledrl_cli.policies._family_config import GSPOConfig
 
 SUPPORTED_VERL = "0.9.x"
 """The verl releases whose engine-worker methods the integration wraps."""

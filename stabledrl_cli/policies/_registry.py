@@ -14,6 +14,11 @@ from stabledrl_cli.errors import UsageError, quoted, quoted_spec
 from stabledrl_cli.policies._config import (
     AggConfig,
     BaseConfig,
+    ParamValue,
+    param_order,
+    type_hints,
+)
+from stabledrl_cli.policies._family_config import (
     CISPOConfig,
     ClipConfig,
     ClipCovConfig,
@@ -23,13 +28,10 @@ from stabledrl_cli.policies._config import (
     GPPOConfig,
     GSPOConfig,
     KLCovConfig,
-    ParamValue,
     SAPOConfig,
     StableDRLConfig,
     TwoSidedConfig,
     VESPOConfig,
-    param_order,
-    type_hints,
 )
 from stabledrl_cli.policies._spec import convert_value
 from stabledrl_cli.spec import format_spec, split_spec

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
-from stabledrl_cli.policies._config import CISPOConfig
+from stabledrl_cli.policies._family_config import CISPOConfig
 from stabledrl_cli.policies._masked import above, below
 from stabledrl_cli.policies._prepared_batch import PreparedBatch
 

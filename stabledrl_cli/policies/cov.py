@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
-from stabledrl_cli.policies._config import ClipCovConfig, KLCovConfig
+from stabledrl_cli.policies._family_config import ClipCovConfig, KLCovConfig
 from stabledrl_cli.policies._masked import keep_times, ratio_times
 from stabledrl_cli.policies._prepared_batch import PreparedBatch
 from stabledrl_cli.policies.ppo import ppo_terms

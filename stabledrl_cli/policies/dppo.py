@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
-from stabledrl_cli.policies._config import DPPOConfig
+from stabledrl_cli.policies._family_config import DPPOConfig
 from stabledrl_cli.policies._masked import keep_times
 from stabledrl_cli.policies._prepared_batch import PreparedBatch
 from stabledrl_cli.policies.ppo import VERL_LOG_RATIO_CLAMP

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from stabledrl_cli.policies._base import Policy, PolicyTerms, num_sequences, rank_sum
-from stabledrl_cli.policies._config import GMPOConfig
+from stabledrl_cli.policies._family_config import GMPOConfig
 from stabledrl_cli.policies._masked import above, below, keep_times
 from stabledrl_cli.policies._prepared_batch import PreparedBatch
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
-from stabledrl_cli.policies._config import GPPOConfig
+from stabledrl_cli.policies._family_config import GPPOConfig
 from stabledrl_cli.policies._masked import ratio_times
 from stabledrl_cli.policies._prepared_batch import PreparedBatch
 from stabledrl_cli.policies.ppo import ppo_terms

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from stabledrl_cli.policies._base import Policy, PolicyTerms
-from stabledrl_cli.policies._config import GSPOConfig
+from stabledrl_cli.policies._family_config import GSPOConfig
 from stabledrl_cli.policies._masked import above, below, keep_times, masked_sum, ratio_times
 from stabledrl_cli.policies._prepared_batch import PreparedBatch
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
-from stabledrl_cli.policies._config import ClipConfig, DualClipConfig, TwoSidedConfig
+from stabledrl_cli.policies._family_config import ClipConfig, DualClipConfig, TwoSidedConfig
 from stabledrl_cli.policies._masked import above, below, keep_times, ratio_times
 from stabledrl_cli.policies._prepared_batch import PreparedBatch
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
-from stabledrl_cli.policies._config import SAPOConfig
+from stabledrl_cli.policies._family_config import SAPOConfig
 from stabledrl_cli.policies._masked import above, as_bytes
 from stabledrl_cli.policies._prepared_batch import PreparedBatch
 

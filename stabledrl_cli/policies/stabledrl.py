@@ -28,7 +28,7 @@ import math
 import torch
 
 from stabledrl_cli.policies._base import Policy, PolicyTerms
-from stabledrl_cli.policies._config import StableDRLConfig
+from stabledrl_cli.policies._family_config import StableDRLConfig
 from stabledrl_cli.policies._masked import above, masked_sum
 from stabledrl_cli.policies._prepared_batch import PreparedBatch
 

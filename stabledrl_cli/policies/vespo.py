@@ -18,7 +18,7 @@ import math
 import torch
 
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
-from stabledrl_cli.policies._config import VESPOConfig
+from stabledrl_cli.policies._family_config import VESPOConfig
 from stabledrl_cli.policies._masked import as_bytes, below
 from stabledrl_cli.policies._prepared_batch import PreparedBatch
 

@@ -47,7 +47,7 @@ import torch
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.integrations._verl_facts import VERL_SEQ_LOG_RATIO_MAX
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
-from stabledrl_cli.policies._config import (
+from stabledrl_cli.policies._family_config import (
     CISPOConfig,
     ClipConfig,
     ClipCovConfig,
