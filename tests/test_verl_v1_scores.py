@@ -31,7 +31,7 @@ from stabledrl_cli.cli.app import app  # noqa: E402
 from stabledrl_cli.dump import open_run  # noqa: E402
 from stabledrl_cli.integrations import verl as stabledrl_verl  # noqa: E402
 from stabledrl_cli.integrations._verl_capture import Groups  # noqa: E402
-from stabledrl_cli.integrations._verl_hooks import Session, _num_generations  # noqa: E402
+from stabledrl_cli.integrations._verl_session import Session, _num_generations  # noqa: E402
 
 PAD_UID = "pad" + "0123456789abcdef" * 2
 """A uid of verl's v1 padding samples ("pad" + a uuid4's hex)."""

@@ -85,7 +85,7 @@ from stabledrl_cli.integrations._verl_facts import SUPPORTED_VERL, supported_ver
 from stabledrl_cli.integrations._verl_policy import LOSS_MODES, policy_for_actor_config
 
 if TYPE_CHECKING:
-    from stabledrl_cli.integrations._verl_hooks import Session
+    from stabledrl_cli.integrations._verl_session import Session
 
 __all__ = [
     "LOSS_MODES",
@@ -191,11 +191,11 @@ def _hooked_session(
     from verl.workers.engine.base import BaseEngine
 
     from stabledrl_cli.integrations._verl_hooks import (
-        Session,
         train_batch_hook,
         train_mini_batch_hook,
         worker_train_batch_hook,
     )
+    from stabledrl_cli.integrations._verl_session import Session
 
     session = Session(out, overwrite, reward_range)
     session.originals["train_batch"] = BaseEngine.train_batch
