@@ -17,6 +17,15 @@ LogpDtype = Literal["float32", "bfloat16", "float16"]
 """A training run's log-prob dtype, where verl computes in it (kl-cov, dppo `logp_dtype`)."""
 
 
+def _fill_bounds(config: BaseConfig, low: str, high: str) -> None:
+    """A clip's two bounds of frozen `config`, named `low` and `high`: `high` None takes
+    `low`'s value (a symmetric clip); then each must be a finite number >= 0."""
+    if getattr(config, high) is None:
+        object.__setattr__(config, high, getattr(config, low))
+    check_min(low, getattr(config, low), 0.0, strict=False)
+    check_min(high, getattr(config, high), 0.0, strict=False)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClipConfig(AggConfig):
     """PPO's conditional clip (ppo, grpo, dapo)."""
@@ -28,10 +37,7 @@ class ClipConfig(AggConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.eps_high is None:
-            object.__setattr__(self, "eps_high", self.eps_low)
-        check_min("eps_low", self.eps_low, 0.0, strict=False)
-        check_min("eps_high", self.eps_high, 0.0, strict=False)
+        _fill_bounds(self, "eps_low", "eps_high")
 
     @property
     def high(self) -> float:
@@ -132,10 +138,7 @@ class CISPOConfig(AggConfig):
             )
         if self.eps_low is None:
             object.__setattr__(self, "eps_low", CISPO_DEFAULT_EPS_LOW)
-        if self.eps_high is None:
-            object.__setattr__(self, "eps_high", self.eps_low)
-        check_min("eps_low", self.eps_low, 0.0, strict=False)
-        check_min("eps_high", self.eps_high, 0.0, strict=False)
+        _fill_bounds(self, "eps_low", "eps_high")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -307,8 +310,5 @@ class DPPOConfig(AggConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.delta_high is None:
-            object.__setattr__(self, "delta_high", self.delta_low)
-        check_min("delta_low", self.delta_low, 0.0, strict=False)
-        check_min("delta_high", self.delta_high, 0.0, strict=False)
+        _fill_bounds(self, "delta_low", "delta_high")
         check_min("c", self.c, 0.0, strict=True)
