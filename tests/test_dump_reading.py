@@ -440,7 +440,7 @@ def test_a_rank_recorded_with_another_world_size_is_not_joined(tmp_path):
     assert report["steps"] == 0
     messages = [f["message"] for f in report["integrity"]["findings"]]
     assert messages == [
-        f"step {n}: unreadable: its header says rank 1 of world_size 3, its file name rank 1 "
+        f"step {n}: unreadable: its header says rank '1' of world_size '3', its file name rank 1 "
         "of the run's world_size 2"
         for n in (0, 1)
     ]

@@ -23,6 +23,7 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.dump._stfile import FileKey, StepHeader
 from stabledrl_cli.dump._versions import SCALAR_STEP_VERSION
+from stabledrl_cli.errors import quoted, shown
 from stabledrl_cli.spec import spec_float, spec_int
 
 
@@ -77,7 +78,7 @@ def _check_fields(header: StepHeader, tokens: int, sequences: int, *, scalar: bo
         ):
             raise StepReadError(
                 "unreadable",
-                f"{name}: shape {list(shape)} disagrees with the step's {tokens} tokens and "
+                f"{name}: shape {shown(list(shape))} disagrees with the step's {tokens} tokens and "
                 f"{sequences} sequences",
             )
 
@@ -147,13 +148,14 @@ def header_record(
     scalars = _parse_scalars(metadata)
     if "step" in scalars and scalars["step"] != float(step):
         raise StepReadError(
-            "unreadable", f"its header says step {metadata['step']}, its file name {step}"
+            "unreadable", f"its header says step {quoted(metadata['step'])}, its file name {step}"
         )
     said = (metadata.get(META_RANK, str(rank)), metadata.get(META_WORLD_SIZE))
     if said[0] != str(rank) or said[1] not in (None, str(world_size)):
         raise StepReadError(
             "unreadable",
-            f"its header says rank {said[0]} of world_size {said[1]}, its file name rank "
+            f"its header says rank {quoted(said[0])} of world_size "
+            f"{said[1] if said[1] is None else quoted(said[1])}, its file name rank "
             f"{rank} of the run's world_size {world_size}",
         )
     tokens = _count(metadata, META_NUM_TOKENS)

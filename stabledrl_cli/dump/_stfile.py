@@ -31,7 +31,7 @@ from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._file_names import temp_file_name
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import MAX_METADATA, MAX_TENSORS, META_CRC_DATA, META_CRC_HEADER
-from stabledrl_cli.errors import UsageError, counted
+from stabledrl_cli.errors import UsageError, counted, quoted, shown
 
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on the header size
 HEADER_ITEM_LIMIT = 1_000_000
@@ -285,6 +285,21 @@ _Layout = tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, int], int]
 """Each tensor's (dtype, shape), its first byte, and the data length they cover."""
 
 
+def _shape_bytes(shape: list[int], width: int, most: int) -> int | None:
+    """The bytes of a tensor of `shape` whose elements take `width` bytes, or None when they
+    are more than `most`. The product stops there: a crafted shape of a million dimensions of
+    2**62 each (20 MB of header) would take hours to multiply out, each product longer than
+    the last."""
+    if 0 in shape:
+        return 0
+    total = width
+    for dim in shape:
+        total *= dim
+        if total > most:
+            return None
+    return total
+
+
 def _tensor_entries(header: dict[str, Any]) -> _Layout:
     """The header's layout; StepReadError unless every tensor has a known dtype, a shape whose
     bytes equal its extent, and the extents tile the data buffer without gaps or overlaps
@@ -295,10 +310,12 @@ def _tensor_entries(header: dict[str, Any]) -> _Layout:
         if name == "__metadata__":
             continue
         if not isinstance(info, dict):
-            raise StepReadError("unreadable", f"tensor {name!r}: entry is not an object")
+            raise StepReadError("unreadable", f"tensor {quoted(name)}: entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in DTYPE_SIZES:
-            raise StepReadError("unreadable", f"tensor {name!r}: unknown dtype {dtype!r}")
+            raise StepReadError(
+                "unreadable", f"tensor {quoted(name)}: unknown dtype {shown(dtype)}"
+            )
         if not (
             isinstance(shape, list)
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
@@ -306,20 +323,23 @@ def _tensor_entries(header: dict[str, Any]) -> _Layout:
             and len(offsets) == 2
             and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         ):
-            raise StepReadError("unreadable", f"tensor {name!r}: malformed shape or offsets")
+            raise StepReadError("unreadable", f"tensor {quoted(name)}: malformed shape or offsets")
         begin, end = offsets
-        if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
+        extent = end - begin
+        need = _shape_bytes(shape, DTYPE_SIZES[dtype], max(extent, 0))
+        if need != extent:
+            needs = f"more than {max(extent, 0)}" if need is None else need
             raise StepReadError(
                 "unreadable",
-                f"tensor {name!r}: {dtype} {shape} needs "
-                f"{math.prod(shape) * DTYPE_SIZES[dtype]} bytes, its extent has {end - begin}",
+                f"tensor {quoted(name)}: {dtype} {shown(shape)} needs {needs} bytes, its "
+                f"extent has {extent}",
             )
         tensors[name] = (dtype, tuple(shape))
         extents.append((begin, end, name))
     position = 0
     for begin, end, name in sorted(extents):
         if begin != position:
-            raise StepReadError("unreadable", f"tensor {name!r}: data extents overlap or gap")
+            raise StepReadError("unreadable", f"tensor {quoted(name)}: data extents overlap or gap")
         position = end
     return tensors, {name: begin for begin, _, name in extents}, position
 
