@@ -4,12 +4,11 @@ scalars, size, meta)."""
 
 from __future__ import annotations
 
-import json
 from itertools import islice
 
 from rich.table import Table
 
-from stabledrl_cli.cli._inspect_tables import LIST_LIMIT, names_text, steps_text
+from stabledrl_cli.cli._inspect_tables import LIST_LIMIT, names_text, shortened, steps_text
 from stabledrl_cli.cli._output import out
 from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
 from stabledrl_cli.dump._stop_notes import STOP_RESUMED
@@ -320,26 +319,15 @@ WHAT_WIDTH = 32
 META_KEYS_SHOWN = 50
 """Meta keys the run table shows (a config flattened into meta may hold 40,000: rich takes
 0.2 ms a row to render, `--format json` has them all)."""
-META_SHOWN = 200
-"""Characters of a meta key or value the table shows (`--format json` has it whole)."""
 
 
 def _meta_rows(meta: dict[str, object]) -> list[tuple[str, str]]:
     """The run table's meta rows: the first META_KEYS_SHOWN keys, then a row counting the
     rest."""
     rows = [
-        (f"meta.{_shortened(k)}", _shortened(v)) for k, v in islice(meta.items(), META_KEYS_SHOWN)
+        (f"meta.{shortened(k)}", shortened(v)) for k, v in islice(meta.items(), META_KEYS_SHOWN)
     ]
     hidden = len(meta) - META_KEYS_SHOWN
     if hidden > 0:
         rows.append(("meta ...", f"{hidden:,} more keys: --format json has them all"))
     return rows
-
-
-def _shortened(value: object) -> str:
-    """A meta key or value as text, cut at META_SHOWN characters: a multi-MB one never prints
-    whole."""
-    text = value if isinstance(value, str) else json.dumps(value)
-    if len(text) <= META_SHOWN:
-        return text
-    return f"{text[:META_SHOWN]}... ({len(text):,} characters; --format json has it whole)"

@@ -4,6 +4,7 @@ and the recorded series; and the cuts of long lists that all its tables share (`
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -43,9 +44,31 @@ SERIES_SHOWN = 200
 may hold 10,000 scalars: `--format json` has them all)."""
 
 
+META_SHOWN = 200
+"""Characters of a meta key or value that a table shows (`--format json` has it whole)."""
+NAME_SHOWN = 1000
+"""Characters of a scalar's name that a table shows: whole for any name a log holds (an import
+keeps names of up to 256), cut for a crafted step file's name of megabytes (`--format json`
+has it whole)."""
+
+
+def shortened(value: object, limit: int = META_SHOWN) -> str:
+    """A meta key or value (or a scalar's name, `limit` NAME_SHOWN) as text, cut at `limit`
+    characters: a multi-MB one never prints whole, nor is wrapped or padded to its width."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters; --format json has it whole)"
+
+
+def _name(name: str) -> str:
+    """A scalar's name for a table (`shortened` at NAME_SHOWN)."""
+    return shortened(name, NAME_SHOWN)
+
+
 def names_text(names: list[str]) -> str:
-    """`names` joined, at most SERIES_SHOWN of them, the rest counted."""
-    text = ", ".join(names[:SERIES_SHOWN]) or "none"
+    """`names` joined, at most SERIES_SHOWN of them (each `shortened`), the rest counted."""
+    text = ", ".join(map(_name, names[:SERIES_SHOWN])) or "none"
     hidden = len(names) - SERIES_SHOWN
     return text if hidden <= 0 else f"{text} ... and {hidden:,} more: --format json has them all"
 
@@ -58,13 +81,13 @@ def series_table(series: dict[str, SeriesStats], title: str) -> Table:
     hidden = len(series) - SERIES_SHOWN
     caption = f"... and {hidden:,} more series: --format json has them all" if hidden > 0 else None
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
-    series = dict(islice(series.items(), SERIES_SHOWN))
-    widest = max((cell_len(name) for name in series), default=0)
+    rows = [(_name(name), stats) for name, stats in islice(series.items(), SERIES_SHOWN)]
+    widest = max((cell_len(name) for name, _ in rows), default=0)
     table.add_column("scalar", no_wrap=True, min_width=widest)
     table.add_column("steps", justify="right")
     for name in ("first", "last", "min", "max"):
         table.add_column(name, justify="right", no_wrap=True)
-    for name, stats in series.items():
+    for name, stats in rows:
         bad = f", {stats.nonfinite} non-finite" if stats.nonfinite else ""
         table.add_row(
             name,
