@@ -138,7 +138,11 @@ def check_attributes(
     `owner`) of an `unbounded_type`, from its type and shape, before any value is read: all
     of its attributes, or the one named `only`, if it has it."""
     if only is None:
-        opened = (h5py.h5a.open(oid, index=i) for i in range(h5py.h5a.get_num_attrs(oid)))
+        # Listed once, then opened by name: an open by index walks the attributes before it,
+        # and 20,000 of them opened so took minutes.
+        names: list[bytes] = []
+        h5py.h5a.iterate(oid, names.append)
+        opened = (h5py.h5a.open(oid, name) for name in names)
     else:
         opened = (h5py.h5a.open(oid, n) for n in [only.encode()] if h5py.h5a.exists(oid, n))
     for attribute in opened:
