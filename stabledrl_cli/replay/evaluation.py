@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from stabledrl_cli.errors import quoted
 from stabledrl_cli.replay._format import format_figures
 from stabledrl_cli.replay.baseline import (
     FINITE_UPDATE_METRICS,
@@ -60,7 +61,7 @@ def _recorded_regressions(
                 found.append(
                     _absent(
                         None,
-                        f"recorded series {name!r} ({stat}) is in the baseline but the run "
+                        f"recorded series {quoted(name)} ({stat}) is in the baseline but the run "
                         + ("has no finite value of it" if name in series else "did not record it"),
                         f"recorded.{name}.{stat}",
                     )
