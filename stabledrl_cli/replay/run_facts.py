@@ -67,10 +67,11 @@ def own_policy_note(run: Run) -> str | None:
 
 def print_own_policy_note(run: Run, console: Console) -> None:
     """Prints `own_policy_note`, if any, on `console` (a command's stderr), as every command
-    that replays the run's own policy does (replay, check, tune, watch)."""
+    that replays the run's own policy does (replay, check, tune, watch): one line, as every
+    note on stderr is, never wrapped at the terminal's width."""
     note = own_policy_note(run)
     if note is not None:
-        console.print(note, highlight=False, soft_wrap=False)
+        console.print(note, highlight=False, soft_wrap=True)
 
 
 @dataclass(frozen=True)
