@@ -58,3 +58,15 @@ def record_python_here(
         ["stabledrl", "record", *args], code, child_out, stderr + child_err
     )
     return done, [line for line in done.stderr.splitlines() if "error" in line.lower()]
+
+
+def record_done_here(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`_cli.record(ARGS)` with record in-process (`record_here`): its exit code, the wrapped
+    command's stdout, and a stderr of the command's lines then record's own (whose last line is
+    record's last, as in a real record process)."""
+    code, stderr, child_out, child_err = record_here(monkeypatch, capfd, *args)
+    return subprocess.CompletedProcess(
+        ["stabledrl", "record", *args], code, child_out, child_err + stderr
+    )

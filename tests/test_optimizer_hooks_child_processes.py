@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 import pytest
-from _cli import record
+from _record_here import record_done_here
 
 from stabledrl_cli.dump import open_run
 
@@ -37,7 +37,9 @@ IN_A_CHILD = textwrap.dedent(
 
 
 @pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
-def test_training_in_a_multiprocessing_child_is_recorded_to_its_last_step(tmp_path, start_method):
+def test_training_in_a_multiprocessing_child_is_recorded_to_its_last_step(
+    tmp_path, monkeypatch, capfd, start_method
+):
     """A script that trains in a child process of `multiprocessing` (a notebook launcher's
     fork; Python 3.14's default forkserver): such a child ends with os._exit, which runs no
     atexit handler, so its last step (held until the next event) and the steps still queued
@@ -45,7 +47,7 @@ def test_training_in_a_multiprocessing_child_is_recorded_to_its_last_step(tmp_pa
     script = tmp_path / "train.py"
     script.write_text(IN_A_CHILD)
     command = [sys.executable, str(script), start_method]
-    result = record("--out", str(tmp_path / "run"), "--", *command)
+    result = record_done_here(monkeypatch, capfd, "--out", str(tmp_path / "run"), "--", *command)
     assert result.returncode == 0, result.stderr
     run = open_run(tmp_path / "run")
     assert run.step_numbers == list(range(5))
@@ -75,7 +77,9 @@ IN_A_POOL = textwrap.dedent(
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_training_in_a_pool_worker_is_recorded_to_its_last_step(tmp_path, start_method):
+def test_training_in_a_pool_worker_is_recorded_to_its_last_step(
+    tmp_path, monkeypatch, capfd, start_method
+):
     """A Pool's worker never returns from its target: leaving `with Pool()` terminates it
     (SIGTERM) once the results are in, and nothing of it runs then. Before, the steps its
     Recorder's thread had not written yet were lost (12 of 40 recorded), and `record` exited
@@ -83,7 +87,7 @@ def test_training_in_a_pool_worker_is_recorded_to_its_last_step(tmp_path, start_
     script = tmp_path / "train.py"
     script.write_text(IN_A_POOL)
     command = [sys.executable, str(script), start_method]
-    result = record("--out", str(tmp_path / "run"), "--", *command)
+    result = record_done_here(monkeypatch, capfd, "--out", str(tmp_path / "run"), "--", *command)
     assert (result.stdout, result.returncode) == ("40\n", 0), result.stderr
     assert open_run(tmp_path / "run").step_numbers == list(range(40))
 
@@ -111,7 +115,9 @@ SPAWNS = textwrap.dedent(
 )
 
 
-def test_force_replaces_the_run_once_not_again_from_a_process_the_command_starts(tmp_path):
+def test_force_replaces_the_run_once_not_again_from_a_process_the_command_starts(
+    tmp_path, monkeypatch, capfd
+):
     """--force is for the run the command finds: a worker the recording process spawns later
     (its own optimizer, rank 0 again) must not replace that process's finished steps. It
     cannot record beside them either (the parent's Recorder holds rank 0: `_writer_lock`): it
@@ -122,7 +128,9 @@ def test_force_replaces_the_run_once_not_again_from_a_process_the_command_starts
     script.write_text(SPAWNS)
     out.mkdir()
     (out / "old").write_text("a run that --force replaces")
-    result = record("--out", str(out), "--force", "--", sys.executable, str(script))
+    result = record_done_here(
+        monkeypatch, capfd, "--out", str(out), "--force", "--", sys.executable, str(script)
+    )
     assert "trained" in result.stdout
     assert result.returncode == 2, result.stderr
     _said_a_child_stepped(result.stderr)
@@ -179,7 +187,9 @@ CHILD_STEPS = textwrap.dedent(
     ("start", "first", "optimizer"),
     [("fork", 5, "own"), ("fork", 5, "copy"), ("fork", 1, "copy"), ("spawn", 1, "own")],
 )
-def test_a_child_that_steps_records_nothing_and_says_so(tmp_path, start, first, optimizer):
+def test_a_child_that_steps_records_nothing_and_says_so(
+    tmp_path, monkeypatch, capfd, start, first, optimizer
+):
     """A child started from the process whose optimizer is the run's records none of its
     steps. Before: forked, its own optimizer's steps were summarised into a run step it never
     takes (left out without a line, record exit 0); its copy of the run's optimizer wrote
@@ -191,7 +201,9 @@ def test_a_child_that_steps_records_nothing_and_says_so(tmp_path, start, first, 
     script, out = tmp_path / "train.py", tmp_path / "run"
     script.write_text(CHILD_STEPS)
     argv = [str(first), optimizer, start]
-    result = record("--out", str(out), "--", sys.executable, str(script), *argv)
+    result = record_done_here(
+        monkeypatch, capfd, "--out", str(out), "--", sys.executable, str(script), *argv
+    )
     assert "trained 0" in result.stdout
     assert result.returncode == 2, result.stderr
     _said_a_child_stepped(result.stderr)
