@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from _cli import TIMEOUT, cli_command, cli_environment
 from _corpus import ADDRESS_SPACE
-from _record_here import child_env, record_here
+from _record_here import child_env, record_done_here, record_here
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -1086,7 +1086,7 @@ STATUS_SCRIPT = POLICY_STEPS + textwrap.dedent(
     ("status", "code"), [("removed", 5), ("removed", 0), ("garbage", 0), ("fifo", 5)]
 )
 def test_a_status_file_record_cannot_read_leaves_the_commands_exit_code(
-    tmp_path, monkeypatch, status, code
+    tmp_path, monkeypatch, capfd, status, code
 ):
     """The command may remove or write to record's status file (it is in its environment):
     record still ends with the command's own exit code. Before, a removed file was exit 3
@@ -1095,11 +1095,14 @@ def test_a_status_file_record_cannot_read_leaves_the_commands_exit_code(
     put in its place made record wait for ever for a writer."""
     script = tmp_path / "train.py"
     script.write_text(STATUS_SCRIPT)
-    result = subprocess.run(
-        [*cli_command(), "record", "--out", str(tmp_path / "run"), "--",
-         sys.executable, str(script), "2", status, str(code)],
-        capture_output=True, text=True, env=child_env(monkeypatch), timeout=120,
-    )  # fmt: skip
+    args = ["--out", str(tmp_path / "run"), "--", sys.executable, str(script), "2", status]
+    if (status, code) in (("removed", 5), ("garbage", 0)):  # the codes' real processes below
+        result = record_done_here(monkeypatch, capfd, *args, str(code))
+    else:  # a real record process: a FIFO may leave it waiting (the timeout ends it)
+        result = subprocess.run(
+            [*cli_command(), "record", *args, str(code)],
+            capture_output=True, text=True, env=child_env(monkeypatch), timeout=120,
+        )  # fmt: skip
     assert result.stdout == "trained\n"
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr and "error:" not in result.stderr, result.stderr
@@ -1509,7 +1512,9 @@ def test_the_exit_that_reports_a_handled_error_pickles_as_pythons_own(tmp_path, 
         (b"#!/bin/sh\n", 0o644, "cannot run {cmd}: Permission denied"),
     ],
 )  # fmt: skip
-def test_a_command_the_system_cannot_start_is_one_line_and_exit_2(tmp_path, first_line, mode, why):
+def test_a_command_the_system_cannot_start_is_one_line_and_exit_2(
+    tmp_path, monkeypatch, capfd, first_line, mode, why
+):
     """A script whose interpreter is missing made exec say the script itself did not exist
     (exit 3, "No such file or directory"), and a file the system cannot execute exited 3
     with the OSError's text: each is now a usage error saying why, before any step. A file
@@ -1519,10 +1524,13 @@ def test_a_command_the_system_cannot_start_is_one_line_and_exit_2(tmp_path, firs
         cmd.write_bytes(first_line + b"exit 0\n")
         cmd.chmod(mode)
     out = tmp_path / "run"
-    done = subprocess.run(
-        [*cli_command(), "record", "--out", str(out), "--", str(cmd)],
-        capture_output=True, text=True, timeout=TIMEOUT, env=cli_environment(),
-    )  # fmt: skip
+    if first_line is None:  # a real process for the exit code; the other ways to it here
+        done = subprocess.run(
+            [*cli_command(), "record", "--out", str(out), "--", str(cmd)],
+            capture_output=True, text=True, timeout=TIMEOUT, env=cli_environment(),
+        )  # fmt: skip
+    else:
+        done = record_done_here(monkeypatch, capfd, "--out", str(out), "--", str(cmd))
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines()[-1] == f"error: {why.format(cmd=cmd)}"
     assert "Traceback" not in done.stderr
