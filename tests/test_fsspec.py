@@ -606,7 +606,7 @@ def test_a_step_name_listed_twice_is_a_finding_and_never_read(tmp_path):
     assert replay(url, POLICIES, device="cpu").steps == 3
 
 
-def test_a_url_given_as_a_run_to_write_is_refused(tmp_path):
+def test_a_url_given_as_a_run_to_write_is_refused(tmp_path, monkeypatch):
     """`import LOG --out s3://bucket/run` wrote the run into a local directory `./s3:/bucket/run`
     and said 'imported ... into s3:/bucket/run' (exit 0), as did `record --out` and `branch
     --out`: typer's Path made the URL a relative path. Each writes a local path, as `pack`
@@ -620,11 +620,16 @@ def test_a_url_given_as_a_run_to_write_is_refused(tmp_path):
         "branch": ["branch", tmp_path / "run", "--at", "0", "-p", "grpo", "--out", url],
         "pack": ["pack", tmp_path / "run", url],
     }
-    done = run_cli_together(*commands.values(), cwd=tmp_path)
+    (imported,) = run_cli_together(commands["import"], cwd=tmp_path)  # a real process for exit 2
+    ended = {"import": (imported.returncode, imported.stderr)}
+    monkeypatch.chdir(tmp_path)  # where a URL taken as a relative path would be written
+    for command in ("record", "branch", "pack"):
+        result = runner.invoke(app, [str(arg) for arg in commands[command]])
+        ended[command] = (result.exit_code, result.stderr)
     what = {"import": "its run", "record": "its run", "branch": "its branch runs"}
-    for command, result in zip(commands, done, strict=True):
-        assert result.returncode == 2, (command, result.stderr)
-        assert result.stderr.splitlines() == [
+    for command, (returncode, stderr) in ended.items():
+        assert returncode == 2, (command, stderr)
+        assert stderr.splitlines() == [
             f"error: {url}: {command} writes {what.get(command, 'OUT.h5')} to a local path, "
             "not a URL"
         ], command

@@ -189,21 +189,24 @@ def test_bad_url_runs_and_a_url_out_are_one_line_with_their_code(run_dir, tmp_pa
 
 def test_pack_url_exit_codes_in_a_real_process(run_dir, tmp_path):
     """In a real process: a file:// URL packs (exit 0) what its path packs; a missing one is
-    exit 3, an unknown scheme or a URL as OUT exit 2, each in one line."""
+    exit 3, an unknown scheme exit 2, each in one line; a URL as OUT, a second way to exit 2,
+    in this one."""
     out = tmp_path / "run.h5"
     cases = (
         ([run_dir.as_uri(), out, "--format", "json"], 0),
         ([(tmp_path / "missing").as_uri(), tmp_path / "a.h5"], 3),
         (["nope://x/run", tmp_path / "b.h5"], 2),
-        ([run_dir.as_uri(), "file:///tmp/out.h5"], 2),
     )
     runs = run_cli_together(*(["pack", *args] for args, _ in cases), timeout=120)
-    for (_, code), done in zip(cases, runs, strict=True):
-        assert done.returncode == code, done.stderr
+    ended = [(done.returncode, done.stdout, done.stderr) for done in runs]
+    url_out = runner.invoke(app, ["pack", run_dir.as_uri(), "file:///tmp/out.h5"])
+    ended.append((url_out.exit_code, url_out.stdout, url_out.stderr))
+    for code, (returncode, stdout, stderr) in zip([0, 3, 2, 2], ended, strict=True):
+        assert returncode == code, stderr
         if code:
-            assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
+            assert len(stderr.strip().splitlines()) == 1 and stdout == ""
         else:
-            assert json.loads(done.stdout)["run"] == run_dir.as_uri()
+            assert json.loads(stdout)["run"] == run_dir.as_uri()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"]
 
 
