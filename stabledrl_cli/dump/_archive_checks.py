@@ -155,9 +155,19 @@ def check_attributes(
             )
 
 
+NAME_SHOWN = 300
+"""Characters of an object's name that a refusal shows: whole for every name `pack` writes (a
+recorded scalar's, up to 256, under its group), cut for a crafted one of megabytes."""
+
+
+def named(name: str) -> str:
+    """An object's name for a refusal: as it is, or `quoted` and cut past NAME_SHOWN."""
+    return name if len(name) <= NAME_SHOWN else quoted(name, NAME_SHOWN)
+
+
 def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, where: str, file_size: int) -> None:
     def refuse(why: str) -> InputError:
-        return InputError(f"{where}: refused: dataset {name} {why}")
+        return InputError(f"{where}: refused: dataset {named(name)} {why}")
 
     plist = dataset.get_create_plist()
     if plist.get_external_count() > 0:
@@ -167,7 +177,8 @@ def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, where: str, file_size
         raise refuse("is a virtual dataset (maps other files)")
     if dataset.get_space().get_simple_extent_type() == h5py.h5s.NULL:
         raise InputError(
-            f"{where}: corrupt run archive (dataset {name} is h5py.Empty: no shape, no values)"
+            f"{where}: corrupt run archive (dataset {named(name)} is h5py.Empty: no shape, "
+            "no values)"
         )
     dtype = dataset.dtype
     declared = math.prod(dataset.shape) * dtype.itemsize  # Python ints: exact
@@ -339,15 +350,16 @@ def walk_objects(
         except UnicodeDecodeError:
             problem.append(InputError(f"{where}: corrupt run archive (a link name is not UTF-8)"))
             return True
+        label = named(name)
         if link.type == h5py.h5l.TYPE_EXTERNAL:
-            problem.append(InputError(f"{where}: refused: {name} is an external link"))
+            problem.append(InputError(f"{where}: refused: {label} is an external link"))
             return True
         if link.type != h5py.h5l.TYPE_HARD:
-            problem.append(InputError(f"{where}: refused: {name} is a soft link"))
+            problem.append(InputError(f"{where}: refused: {label} is a soft link"))
             return True
         try:
             target = h5py.h5o.open(handle.id, raw)
-            check_attributes(target, name, where)
+            check_attributes(target, label, where)
             attrs = dict(attributes(target).items())  # parsed here, in the probe's child first
             if isinstance(target, h5py.h5d.DatasetID):
                 _check_dataset(name, target, where, file_size)
@@ -355,7 +367,7 @@ def walk_objects(
                 if on_dataset is not None:
                     on_dataset(name, target, attrs)
             elif not isinstance(target, h5py.h5g.GroupID):
-                raise InputError(f"{where}: refused: {name} is neither a group nor a dataset")
+                raise InputError(f"{where}: refused: {label} is neither a group nor a dataset")
         except InputError as exc:
             problem.append(exc)
             return True

@@ -25,6 +25,7 @@ from stabledrl_cli.dump._archive_checks import (
     crc_matches,
     index_crc,
     index_type,
+    named,
 )
 from stabledrl_cli.dump._archive_probe import names_a_run, probe
 from stabledrl_cli.dump._integrity import Finding
@@ -235,8 +236,8 @@ class ArchiveFile(Run):
         as 1, 2**63 as a negative one)."""
         if len(shape) != ndim or dtype.newbyteorder("=") not in [np.dtype(d) for d in dtypes]:
             raise InputError(
-                f"{self.location}: corrupt run archive ({name} is {dtype.name} {list(shape)}, "
-                f"expected a {ndim}-D {' or '.join(dtypes)} array)"
+                f"{self.location}: corrupt run archive ({named(name)} is {dtype.name} "
+                f"{list(shape)}, expected a {ndim}-D {' or '.join(dtypes)} array)"
             )
 
     @property

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stabledrl_cli.dump._archive_checks import H5_ERRORS
+from stabledrl_cli.dump._archive_checks import H5_ERRORS, named
 from stabledrl_cli.dump._archive_chunks import chunk_count, chunks_to_check, unread_chunks
 from stabledrl_cli.dump._archive_index import data_dataset
 from stabledrl_cli.dump._archive_marks import ArchiveMarks
@@ -286,6 +286,7 @@ class ArchiveRun(ArchiveMarks):
         said = f"{what}: {exc}"
         if failure is not None:
             said = f"unreadable: {failure}"
+        name = named(name)
         path = f"{self.location}:{name}"
         if not hit:
             return [Finding("unreadable", None, path, f"archive dataset {name} ({said})")]
