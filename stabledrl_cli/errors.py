@@ -153,6 +153,13 @@ def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+def key_shown(name: str) -> str:
+    """A key an input names (a baseline's policy spec or recorded series) in an error line or
+    a gate's name: as it is, or quoted (and cut) when it is long or holds a character that is
+    not printable (a newline would split the line)."""
+    return name if name.isprintable() and len(name) <= QUOTE_LIMIT else quoted(name)
+
+
 def quoted_spec(spec: str) -> str:
     """A policy, guard or sweep spec `quoted`, whole up to `SPEC_QUOTE_LIMIT` characters (two
     long specs that differ at their end stay apart); a longer one is no spec anyone typed, and

@@ -763,8 +763,10 @@ def test_junit_report_is_well_formed_xml_whatever_the_names(tmp_path):
     (suite,) = ET.parse(junit).getroot().findall("testsuite")
     assert suite.get("name") == f"stabledrl check {tmp_path}/run\\x01"
     (case,) = suite.findall("testcase")
-    assert case.get("name") == "baseline.recorded.a\\x01\\x1b[31mb\\uffff.max"
-    assert case.find("failure").get("message").startswith("recorded.a\\x01\\x1b[31mb\\uffff.max 5")
+    # the name is quoted (`errors.key_shown`): it holds characters that are not printable
+    assert case.get("name") == "baseline.recorded.'a\\x01\\x1b[31mb\\uffff'.max"
+    message = case.find("failure").get("message")
+    assert message.startswith("recorded.'a\\x01\\x1b[31mb\\uffff'.max 5")
     # A path that is not UTF-8 (CliRunner's streams cannot print it; a terminal's can).
     surrogate = os.fsdecode(b"run\xff")
     (suite,) = ET.fromstring(junit_xml([], surrogate)).findall("testsuite")

@@ -125,7 +125,7 @@ def print_table(results: list[GateResult], run: str) -> None:
     wrapped onto the row's next lines); else `_grouped_table`."""
     shown, more = _shown(results)
     rows: list[Row] = [
-        (r.policy or "(run)", r.gate, "ok" if r.ok else "FAILED", *r.shown(), r.message)
+        (r.policy or "(run)", r.label, "ok" if r.ok else "FAILED", *r.shown(), r.message)
         for r in shown
     ]
     # The title is text, wrapped to the width: a long run path never widens the table.
@@ -206,7 +206,7 @@ def print_verdict(results: list[GateResult]) -> None:
             highlight=False,
         )
         for r in tripped[:GATES_SHOWN]:
-            err.print(f"  {r.policy or '(run)'} {r.gate}: {r.message}", highlight=False)
+            err.print(f"  {r.policy or '(run)'} {r.label}: {r.message}", highlight=False)
         if len(tripped) > GATES_SHOWN:
             hidden = counted(len(tripped) - GATES_SHOWN, "more tripped gate")
             err.print(f"  ... and {hidden}: --format json and --junit have them all")

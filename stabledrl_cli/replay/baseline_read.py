@@ -12,7 +12,7 @@ from dataclasses import fields
 
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli._version import __version__
-from stabledrl_cli.errors import QUOTE_LIMIT, InputError, UsageError, quoted, quoted_spec, shown
+from stabledrl_cli.errors import InputError, UsageError, key_shown, quoted, quoted_spec, shown
 from stabledrl_cli.policies import MAX_POLICIES
 from stabledrl_cli.policies._registry import resolve_spec
 from stabledrl_cli.replay.baseline import (
@@ -175,12 +175,6 @@ def _window(replay: dict[str, object], key: str, where: str) -> int:
     return int(value)
 
 
-def _key(name: str) -> str:
-    """A key of the baseline in an error line: as it is, or quoted (and cut) when it is long
-    or holds a character that is not printable (a newline would split the line)."""
-    return name if name.isprintable() and len(name) <= QUOTE_LIMIT else quoted(name)
-
-
 def _policies(data: object, where: str) -> dict[str, dict[str, Tolerance]]:
     if not isinstance(data, dict):
         raise InputError(f"{where}: 'policies' must be an object of spec -> metrics")
@@ -199,17 +193,17 @@ def _policies(data: object, where: str) -> dict[str, dict[str, Tolerance]]:
         canonical = found.spec_of(config)
         if not isinstance(metrics, dict):
             raise InputError(
-                f"{where}: policies.{_key(spec)} must be an object of metric -> tolerance"
+                f"{where}: policies.{key_shown(spec)} must be an object of metric -> tolerance"
             )
         entry = {}
         for name, tol in metrics.items():
             rule = rules.get(name)
             if rule is None:
                 raise InputError(
-                    f"{where}: policies.{_key(spec)}: unknown metric {quoted(name)} "
+                    f"{where}: policies.{key_shown(spec)}: unknown metric {quoted(name)} "
                     f"(known: {', '.join(rules)})"
                 )
-            entry[name] = _tolerance(tol, f"{where}: policies.{_key(spec)}.{name}", rule.worse)
+            entry[name] = _tolerance(tol, f"{where}: policies.{key_shown(spec)}.{name}", rule.worse)
         if canonical in policies:
             raise InputError(
                 f"{where}: policy {quoted_spec(spec)} appears twice (as {canonical!r})"
@@ -225,7 +219,7 @@ def _recorded(data: object, where: str) -> dict[str, dict[SeriesStat, Tolerance]
     for name, stats in data.items():
         if not isinstance(stats, dict):
             raise InputError(
-                f"{where}: recorded.{_key(name)} must be an object of statistic -> tolerance"
+                f"{where}: recorded.{key_shown(name)} must be an object of statistic -> tolerance"
             )
         rule = SERIES_RULES.get(name)
         entry: dict[SeriesStat, Tolerance] = {}
@@ -233,11 +227,11 @@ def _recorded(data: object, where: str) -> dict[str, dict[SeriesStat, Tolerance]
             known = next((s for s in SERIES_STATS if s == stat), None)
             if known is None:
                 raise InputError(
-                    f"{where}: recorded.{_key(name)}: unknown statistic {quoted(stat)} "
+                    f"{where}: recorded.{key_shown(name)}: unknown statistic {quoted(stat)} "
                     f"(known: {', '.join(SERIES_STATS)})"
                 )
             worse = rule.worse if rule is not None else None
-            entry[known] = _tolerance(tol, f"{where}: recorded.{_key(name)}.{stat}", worse)
+            entry[known] = _tolerance(tol, f"{where}: recorded.{key_shown(name)}.{stat}", worse)
         recorded[name] = entry
     return recorded
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from stabledrl_cli.errors import quoted
+from stabledrl_cli.errors import key_shown, quoted
 from stabledrl_cli.replay._format import format_figures
 from stabledrl_cli.replay.baseline import (
     FINITE_UPDATE_METRICS,
@@ -57,17 +57,19 @@ def _recorded_regressions(
     for name, stats in baseline.recorded.items():
         for stat, tol in stats.items():
             figure = series[name].stat(stat) if name in series else None
+            # a crafted name of megabytes goes whole into the JSON's gate only: cut elsewhere
+            key, label = f"recorded.{name}.{stat}", f"recorded.{key_shown(name)}.{stat}"
             if figure is None:
                 found.append(
                     _absent(
                         None,
                         f"recorded series {quoted(name)} ({stat}) is in the baseline but the run "
                         + ("has no finite value of it" if name in series else "did not record it"),
-                        f"recorded.{name}.{stat}",
+                        label,
                     )
                 )
                 continue
-            found.append(_regression(None, f"recorded.{name}.{stat}", tol, figure, strict=strict))
+            found.append(_regression(None, key, tol, figure, strict=strict, label=label))
     return found
 
 
@@ -90,9 +92,11 @@ def _regression(
     count: bool = False,
     flagged: list[int] | None = None,
     unit: str = "step",
+    label: str | None = None,
 ) -> GateResult:
     """A baseline metric's gate; count: the figure counts steps or is a step (shown whole);
-    flagged: the steps such a count counts (each a `unit`), named when it trips."""
+    flagged: the steps such a count counts (each a `unit`), named when it trips; label: `name`
+    as a reader sees it, where it holds a value of an input (`errors.key_shown`; None: `name`)."""
     tripped = tol.tripped(figure)
     improved = strict and not tripped and tol.improved(figure)
     # null is infinity: for a run-level step (a collapse, a warning) it means "none", for a
@@ -113,6 +117,7 @@ def _regression(
         rule = f"{side} the limit {limit} ({slack})" + _passed_at(flagged or [], tol.limit(), unit)
     else:
         rule = f"fails {side} {limit} ({slack})"
+    label = name if label is None else label
     return GateResult(
         policy=policy,
         gate=f"baseline.{name}",
@@ -120,7 +125,8 @@ def _regression(
         figure=math.inf if figure is None else figure,
         limit=tol.limit(),
         count=count,
-        message=f"{name} {shown}, baseline {base}: {rule}",
+        message=f"{label} {shown}, baseline {base}: {rule}",
+        shown_gate=None if label == name else f"baseline.{label}",
     )
 
 

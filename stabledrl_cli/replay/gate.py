@@ -45,6 +45,15 @@ class GateResult:
     figure the check has none of), for the JUnit testcase name; not in the check JSON."""
     count: bool = False
     """The figure counts steps (or is a step): shown whole; not in the check JSON."""
+    shown_gate: str | None = None
+    """The gate as the table, stderr and JUnit name it where `gate` holds a recorded series'
+    name that is long or not printable (`errors.key_shown`: cut, its length said); None:
+    `gate`. Not in the check JSON, which has `gate` whole."""
+
+    @property
+    def label(self) -> str:
+        """The gate's name for a reader: `shown_gate`, else `gate`."""
+        return self.shown_gate or self.gate
 
     def shown(self) -> tuple[str, str]:
         """The figure and the limit as the table and the JUnit report show them ("n/a": no
@@ -55,7 +64,7 @@ class GateResult:
     def to_dict(self) -> dict[str, object]:
         """The check JSON's entry: infinite figures and limits as null."""
         data: dict[str, object] = asdict(self)
-        del data["subject"], data["count"]
+        del data["subject"], data["count"], data["shown_gate"]
         for key, value in (("figure", self.figure), ("limit", self.limit)):
             data[key] = value if value is None or math.isfinite(value) else None
         return data

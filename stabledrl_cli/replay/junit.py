@@ -38,13 +38,25 @@ def class_of(policy: str | None) -> str:
 
 
 def case_name(result: GateResult) -> str:
-    """The JUnit testcase name, unique within its class: the gate, and what it judges when one
-    gate may appear more than once (`baseline.present (recorded.kl.max)`)."""
-    return result.gate if result.subject is None else f"{result.gate} ({result.subject})"
+    """The JUnit testcase name: the gate (its `label`: a recorded series' long name cut), and
+    what it judges when one gate may appear more than once (`baseline.present
+    (recorded.kl.max)`)."""
+    return result.label if result.subject is None else f"{result.label} ({result.subject})"
+
+
+def _unique(cases: list[tuple[str, str]]) -> list[str]:
+    """The names of `cases` (classname, name), each once in its class: a name met before gets
+    ` #2`, ` #3`, ... (two long series names cut alike: the same start, the same length)."""
+    seen: dict[tuple[str, str], int] = {}
+    names = []
+    for case in cases:
+        seen[case] = seen.get(case, 0) + 1
+        names.append(case[1] if seen[case] == 1 else f"{case[1]} #{seen[case]}")
+    return names
 
 
 def junit_xml(results: list[GateResult], run: str, *, seconds: float = 0.0) -> bytes:
-    """One testsuite, one testcase per policy and gate (`class_of`, `case_name`)."""
+    """One testsuite, one testcase per policy and gate (`class_of`, `case_name`, `_unique`)."""
     failures = str(sum(not r.ok for r in results))
     tests, time = str(len(results)), f"{seconds:.3f}"
     suites = ET.Element(
@@ -61,9 +73,10 @@ def junit_xml(results: list[GateResult], run: str, *, seconds: float = 0.0) -> b
         time=time,
         timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    for r in results:
+    cases = [(class_of(r.policy), case_name(r)) for r in results]
+    for r, (classname, _), name in zip(results, cases, _unique(cases), strict=True):
         case = ET.SubElement(
-            suite, "testcase", classname=_xml(class_of(r.policy)), name=_xml(case_name(r)), time="0"
+            suite, "testcase", classname=_xml(classname), name=_xml(name), time="0"
         )
         message = _xml(r.message)
         if not r.ok:
