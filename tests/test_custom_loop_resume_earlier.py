@@ -5,6 +5,7 @@ The refusal names the way out, resume_from=3, not only 'steps must increase' (a 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,7 @@ def test_a_resume_given_another_reward_range_or_estimator_says_the_run_keeps_its
     assert capsys.readouterr().err.splitlines() == [
         f"stabledrl: warning: {run}: a resumed run keeps its reward_range [0.0, 1.0]; this "
         "recorder's [-1.0, 1.0] is not recorded (a run has one, for every step)",
-        f"stabledrl: warning: {run}: a resumed run keeps its estimator {estimator!r}; this "
-        "recorder's {'kind': 'elbo'} is not recorded (a run has one, for every step)",
+        f"stabledrl: warning: {run}: a resumed run keeps its estimator {json.dumps(estimator)}; "
+        'this recorder\'s {"kind": "elbo"} is not recorded (a run has one, for every step)',
     ]
     assert sd.open_run(run).reward_range == (0.0, 1.0)

@@ -26,7 +26,7 @@ from stabledrl_cli.dump._stop_notes import (
     is_stop_note,
     note_text,
 )
-from stabledrl_cli.errors import InputError, UsageError, counted, warn
+from stabledrl_cli.errors import InputError, UsageError, counted, quoted_spec, shown, warn
 
 _MUST_AGREE = ("unit", "world_size", "group_ids", "loss_norm")
 
@@ -65,7 +65,9 @@ def check_same_run(old: dict[str, Any], new: dict[str, Any], refused: str) -> No
             raise UsageError(f"{refused}: its {name} is {was!r}, this recorder's {now!r}")
     was, now = (old.get("policy") or {}).get("spec"), (new.get("policy") or {}).get("spec")
     if not same_policy(was, now):  # (the run keeps its own spelling of it)
-        raise UsageError(f"{refused}: its policy is {was!r}, this recorder's {now!r}")
+        # a crafted manifest's spec may be 1 MB: cut
+        was_text, now_text = (None if s is None else quoted_spec(s) for s in (was, now))
+        raise UsageError(f"{refused}: its policy is {was_text}, this recorder's {now_text}")
 
 
 def _warn_kept(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
@@ -74,9 +76,9 @@ def _warn_kept(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
     for name, unset in (("reward_range", None), ("estimator", {})):
         was, now = old.get(name), new.get(name)
         if now != unset and now != was:
-            warn(
-                f"stabledrl: warning: {path}: a resumed run keeps its {name} {was!r}; this "
-                f"recorder's {now!r} is not recorded (a run has one, for every step)\n"
+            warn(  # as JSON, cut (`shown`): a crafted manifest's estimator may be 1 MB
+                f"stabledrl: warning: {path}: a resumed run keeps its {name} {shown(was)}; this "
+                f"recorder's {shown(now)} is not recorded (a run has one, for every step)\n"
             )
 
 
