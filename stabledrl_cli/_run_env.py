@@ -9,7 +9,7 @@ import errno
 import os
 from contextlib import suppress
 
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, quoted
 
 ENV_RUN_DIR = "STABLEDRL_RUN_DIR"
 ENV_FORCE = "STABLEDRL_FORCE"
@@ -33,7 +33,7 @@ def env_force(*, take: bool = False) -> bool:
     value = text.strip().lower()
     if value not in FORCE_ON + FORCE_OFF:
         raise UsageError(
-            f"${ENV_FORCE}={text!r}: not a switch; give 1 to replace an existing run (or "
+            f"${ENV_FORCE}={quoted(text)}: not a switch; give 1 to replace an existing run (or "
             "true, yes, on), 0 not to (or false, no, off, nothing)"
         )
     return value in FORCE_ON

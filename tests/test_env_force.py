@@ -35,6 +35,17 @@ def test_any_other_text_is_refused_naming_it(monkeypatch, text):
     assert str(refused.value).startswith(f"$STABLEDRL_FORCE={text!r}: not a switch; give 1 ")
 
 
+def test_a_long_text_is_cut_in_the_refusal(monkeypatch):
+    """A value of 100,000 characters (a variable set from a file by mistake) went whole into
+    the line: it is quoted cut at 40 characters, its length said."""
+    monkeypatch.setenv("STABLEDRL_FORCE", "x" * 100_000)
+    with pytest.raises(UsageError) as refused:
+        env_force()
+    message = str(refused.value)
+    assert len(message) < 300, message[:300]
+    assert message.startswith(f"$STABLEDRL_FORCE={'x' * 40!r}... (100000 characters): not a ")
+
+
 def test_take_removes_it_from_the_environment(monkeypatch):
     monkeypatch.setenv("STABLEDRL_FORCE", "1")
     assert env_force(take=True) is True
