@@ -26,7 +26,7 @@ import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
-from stabledrl_cli.errors import InputError, quoted
+from stabledrl_cli.errors import InputError, key_shown, quoted
 from stabledrl_cli.importers._files import text_lines
 from stabledrl_cli.importers._names import (
     EVAL_PREFIXES,
@@ -117,10 +117,10 @@ def _within(values: dict[str, str], bound: str, line: str, where: str) -> None:
     edge = values.pop(bound, None)
     if edge is None or line not in values or _same(edge, values[line]):
         return
-    raise InputError(
-        f"{where}: {line} is {values[line]} but its {bound[len(line) :]} is {edge}: the W&B "
-        "chart drew one point for a bucket of steps or for grouped runs, not the run's values; "
-        "export run.scan_history() or import the run's .wandb file"
+    raise InputError(  # a cell may be 128 KB (csv's field limit): cut
+        f"{where}: {line} is {key_shown(values[line])} but its {bound[len(line) :]} is "
+        f"{key_shown(edge)}: the W&B chart drew one point for a bucket of steps or for grouped "
+        "runs, not the run's values; export run.scan_history() or import the run's .wandb file"
     )
 
 
