@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, quoted
 
 ENV_TORCH_RANK = "RANK"
 ENV_TORCH_WORLD_SIZE = "WORLD_SIZE"
@@ -42,5 +42,6 @@ def launcher_rank() -> dict[str, int]:
         return {"rank": int(rank), "world_size": int(world_size)}
     except ValueError:
         raise UsageError(
-            f"{ENV_TORCH_RANK}={rank!r} and {ENV_TORCH_WORLD_SIZE}={world_size!r} must be integers"
+            f"{ENV_TORCH_RANK}={quoted(rank)} and {ENV_TORCH_WORLD_SIZE}={quoted(world_size)} must "
+            "be integers"
         ) from None

@@ -31,6 +31,7 @@ from typing import Literal
 from stabledrl_cli._regular import NotRegularFile, open_regular_fd
 from stabledrl_cli.dump._file_names import WRITER_LOCK_RE, writer_lock_name
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.spec import spec_int
 
 try:
     import fcntl
@@ -307,6 +308,15 @@ def holds_in_this_process(run: str | os.PathLike[str], why: str) -> None:
     _HOLDERS[os.path.realpath(run)] = why
 
 
+def _launched() -> tuple[int, int] | None:
+    """torchrun's RANK and WORLD_SIZE of this process; None when either is unset or no integer
+    of a spec's digits (`spec_int`: one of 5,000 digits, or `²`, never reaches int())."""
+    try:
+        return spec_int(os.environ.get("RANK", "")), spec_int(os.environ.get("WORLD_SIZE", ""))
+    except ValueError:
+        return None
+
+
 def _held_elsewhere(run: Path, rank: int, where: str, world_size: int) -> UsageError:
     """Why a Recorder of rank `rank` (of `world_size`) cannot have `run`: the Recorder holding
     it, and what to do. A process that its launcher made one of several ranks (torchrun's RANK
@@ -315,16 +325,13 @@ def _held_elsewhere(run: Path, rank: int, where: str, world_size: int) -> UsageE
     why = _HOLDERS.get(os.path.realpath(run)) if where == "in this process" else None
     if why is not None:
         return UsageError(f"{held} {where}: {why}")
-    launched_rank, launched = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "")
-    if (
-        where == "in another process"
-        and launched.isdigit()
-        and int(launched) not in (1, world_size)
-    ):
+    launched = _launched() if where == "in another process" else None
+    if launched is not None and launched[1] > 1 and launched[1] != world_size:
+        launched_rank, size = launched
         return UsageError(
-            f"{held} {where}: this process is rank {launched_rank} of {launched} (RANK and "
+            f"{held} {where}: this process is rank {launched_rank} of {size} (RANK and "
             "WORLD_SIZE, set by its launcher), and each rank records its own steps: "
-            f"Recorder(path, world_size={launched}, rank={launched_rank})"
+            f"Recorder(path, world_size={size}, rank={launched_rank})"
         )
     if where == "in the process that started this one":  # a spawned worker's import
         return UsageError(
