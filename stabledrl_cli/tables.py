@@ -4,6 +4,7 @@ one block of `header: cell` pairs a row. Never a figure cut or a word broken."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 
 from rich.console import Console
@@ -12,6 +13,20 @@ from rich.table import Table
 from rich.text import Text
 
 from stabledrl_cli.spec import wrap_line, wrap_spec
+
+META_SHOWN = 200
+"""Characters of a value of an input (a meta key or value, a policy spec) that a
+table or a note shows (`--format json` has it whole)."""
+
+
+def shortened(value: object, limit: int = META_SHOWN) -> str:
+    """A value of an input for a table or a note (a meta key or value, a manifest's policy spec,
+    estimator or source; a scalar's name, `limit` NAME_SHOWN) as text, cut at `limit`
+    characters: a multi-MB one never prints whole, nor is wrapped or padded to its width."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters; --format json has it whole)"
 
 
 def table_parts(

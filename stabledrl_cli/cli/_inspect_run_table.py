@@ -8,7 +8,7 @@ from itertools import islice
 
 from rich.table import Table
 
-from stabledrl_cli.cli._inspect_tables import LIST_LIMIT, names_text, shortened, steps_text
+from stabledrl_cli.cli._inspect_tables import LIST_LIMIT, names_text, steps_text
 from stabledrl_cli.cli._output import out
 from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
 from stabledrl_cli.dump._stop_notes import STOP_RESUMED
@@ -16,7 +16,7 @@ from stabledrl_cli.errors import counted, one_line
 from stabledrl_cli.replay._format import format_number
 from stabledrl_cli.replay.inspection import PositiveLogp, RunSummary, SketchWidth
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
-from stabledrl_cli.tables import fold_specs, spec_room, stacked_width
+from stabledrl_cli.tables import fold_specs, shortened, spec_room, stacked_width
 
 
 def _writer_text(tool_version: object) -> str:
@@ -82,7 +82,7 @@ def _positive_text(positive: PositiveLogp) -> str:
 
 def run_summary_table(s: RunSummary) -> Table:
     counts = s.tokens_per_step
-    spec = str((s.policy or {}).get("spec", "not known"))
+    spec = shortened(str((s.policy or {}).get("spec", "not known")))  # a crafted one: 1 MB
     rows = [
         ("format", _format_text(s)),
         ("created", s.created if isinstance(s.created, str) else "not recorded"),
@@ -91,7 +91,10 @@ def run_summary_table(s: RunSummary) -> Table:
         ("source", _source_text(s.source) if s.source else "recorded in the training loop"),
         *([("recording", _recording_text(s))] if _recording_told(s) else []),
         ("unit", s.unit),
-        ("estimator", ", ".join(f"{k}={v}" for k, v in s.estimator.items()) or "not given"),
+        (
+            "estimator",
+            shortened(", ".join(f"{k}={v}" for k, v in s.estimator.items())) or "not given",
+        ),
         ("reward range", _reward_range_text(s)),
         ("world size", _world_text(s)),
         ("geometry", _geometry_row(s)),
@@ -209,9 +212,9 @@ def stopped_text(stopped: dict[str, object]) -> str:
 
 
 def _source_text(source: dict[str, object]) -> str:
-    """The manifest's source entry in one line: its kind, then its other keys."""
+    """The manifest's source entry in one line: its kind, then its other keys (`shortened`)."""
     rest = ", ".join(f"{k}={v}" for k, v in source.items() if k != "kind")
-    return f"{source.get('kind')}" + (f" ({rest})" if rest else "")
+    return shortened(f"{source.get('kind')}" + (f" ({rest})" if rest else ""))
 
 
 def _steps_row(s: RunSummary) -> str:

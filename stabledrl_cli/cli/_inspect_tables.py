@@ -4,7 +4,6 @@ and the recorded series; and the cuts of long lists that all its tables share (`
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -19,6 +18,7 @@ from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import SeriesStats
+from stabledrl_cli.tables import shortened
 
 LIST_LIMIT = 20
 """Step lists, and integrity rows, longer than this are cut in the table (JSON has them
@@ -44,21 +44,10 @@ SERIES_SHOWN = 200
 may hold 10,000 scalars: `--format json` has them all)."""
 
 
-META_SHOWN = 200
-"""Characters of a meta key or value that a table shows (`--format json` has it whole)."""
 NAME_SHOWN = 1000
 """Characters of a scalar's name that a table shows: whole for any name a log holds (an import
 keeps names of up to 256), cut for a crafted step file's name of megabytes (`--format json`
 has it whole)."""
-
-
-def shortened(value: object, limit: int = META_SHOWN) -> str:
-    """A meta key or value (or a scalar's name, `limit` NAME_SHOWN) as text, cut at `limit`
-    characters: a multi-MB one never prints whole, nor is wrapped or padded to its width."""
-    text = value if isinstance(value, str) else json.dumps(value)
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text):,} characters; --format json has it whole)"
 
 
 def _name(name: str) -> str:

@@ -24,6 +24,7 @@ from stabledrl_cli.tables import (
     fold_specs,
     print_legend,
     print_whole,
+    shortened,
     spec_room,
     stack_headers,
     stacked_width,
@@ -308,7 +309,8 @@ def print_summary(
     own = result.own
     if own is None:
         note = (
-            f"the run's own policy ({result.run_policy_spec or 'not recorded'}) is not among "
+            f"the run's own policy ({shortened(result.run_policy_spec or 'not recorded')}) is "
+            "not among "
             "the replayed policies"
         )
     else:
