@@ -153,11 +153,11 @@ def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
-def key_shown(name: str) -> str:
-    """A key an input names (a baseline's policy spec or recorded series) in an error line or
-    a gate's name: as it is, or quoted (and cut) when it is long or holds a character that is
-    not printable (a newline would split the line)."""
-    return name if name.isprintable() and len(name) <= QUOTE_LIMIT else quoted(name)
+def key_shown(name: str, limit: int = QUOTE_LIMIT) -> str:
+    """A key an input names (a baseline's policy spec or recorded series, an archive's object)
+    in an error line or a gate's name: as it is, or quoted (and cut at `limit`) when it is
+    longer or holds a character that is not printable (a newline would split the line)."""
+    return name if name.isprintable() and len(name) <= limit else quoted(name, limit)
 
 
 def quoted_spec(spec: str) -> str:

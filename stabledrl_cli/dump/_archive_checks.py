@@ -35,7 +35,7 @@ import h5py
 import numpy as np
 
 from stabledrl_cli.dump._layout import CHECKSUMS, RANK_SEQUENCES, UNJOINED
-from stabledrl_cli.errors import InputError, quoted
+from stabledrl_cli.errors import InputError, key_shown, quoted
 
 CRC_ATTR = "crc32"
 """The attribute holding an index dataset's checksum (`index_crc` of its values)."""
@@ -161,8 +161,8 @@ recorded scalar's, up to 256, under its group), cut for a crafted one of megabyt
 
 
 def named(name: str) -> str:
-    """An object's name for a refusal: as it is, or `quoted` and cut past NAME_SHOWN."""
-    return name if len(name) <= NAME_SHOWN else quoted(name, NAME_SHOWN)
+    """An object's name for a refusal (`key_shown`, cut past NAME_SHOWN)."""
+    return key_shown(name, NAME_SHOWN)
 
 
 def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, where: str, file_size: int) -> None:
