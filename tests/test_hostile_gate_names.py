@@ -52,7 +52,9 @@ def test_a_gate_on_a_long_series_name_is_a_short_line(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.stderr[:500]
     lines = [line for line in result.stderr.splitlines() if line.startswith("  (run) ")]
     assert len(lines) == 4, lines
-    assert all(len(line) < 300 for line in lines), [line[:300] for line in lines]
+    assert all(len(line) < 300 + len(str(tmp_path)) for line in lines), [
+        line[:300] for line in lines
+    ]
     cut = f"recorded.{'s' * 40!r}... ({LONG} characters)"
     assert f"  (run) baseline.{cut}.max: {cut}.max 1.5, baseline 0:" in result.stderr
     assert len(result.stdout) < 20_000, len(result.stdout)
