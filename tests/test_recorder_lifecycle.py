@@ -237,13 +237,13 @@ def test_log_step_from_another_thread_waits_for_the_call_under_way(
     thread's call is under way waits for it, so the step order the Recorder checks is the
     order in which the steps were logged (here step 1 then a duplicate step 1, refused; with
     the calls interleaved, step 0's call finished last and the duplicate was taken)."""
-    from stabledrl_cli.dump import _writer
+    from stabledrl_cli.dump import _recorder_steps
     from stabledrl_cli.errors import UsageError
 
     rec = sd.Recorder(tmp_path / "run", async_writes=async_writes)
     logp = np.full(4, -1.0, np.float32)
     step = dict(logp=logp, logp_old=logp, advantages=np.ones(4, np.float32), seq_id=[0] * 4)
-    real_build = _writer.build_step
+    real_build = _recorder_steps.build_step
     other = threading.Thread(target=rec.log_step, args=(1,), kwargs=step)
 
     def build_step(**kwargs):  # step 0's call, under way, lets another thread log step 1
@@ -252,7 +252,7 @@ def test_log_step_from_another_thread_waits_for_the_call_under_way(
             other.join(0.5)  # a wait for the other call, which may not end before this one
         return real_build(**kwargs)
 
-    monkeypatch.setattr(_writer, "build_step", build_step)
+    monkeypatch.setattr(_recorder_steps, "build_step", build_step)
     rec.log_step(0, **step)
     other.join()
     with pytest.raises(UsageError, match=r"^step 1 was logged already"):
@@ -371,7 +371,7 @@ def test_a_close_from_another_thread_marks_the_run_after_a_step_under_way(tmp_pa
     run is marked `recording_closed` only once that step is final (a watch that reads the
     mark then lists every step). Before, close marked it at once, the step landing after
     the mark; the async Recorder already waited for a log_step under way."""
-    from stabledrl_cli.dump import _manifest_edits, _recorder_end, _writer
+    from stabledrl_cli.dump import _manifest_edits, _recorder_end, _recorder_steps
 
     run = tmp_path / "run"
     recorder = sd.Recorder(run, policy=None)
@@ -379,7 +379,7 @@ def test_a_close_from_another_thread_marks_the_run_after_a_step_under_way(tmp_pa
     lock = _TellingLock()
     recorder._lock = lock  # type: ignore[assignment]
     writing = threading.Event()
-    write, amend = _writer.write_step_file, _manifest_edits.amend_manifest
+    write, amend = _recorder_steps.write_step_file, _manifest_edits.amend_manifest
     step = run / "steps" / "step-00000001.safetensors"
     landed: list[bool] = []
 
@@ -393,7 +393,7 @@ def test_a_close_from_another_thread_marks_the_run_after_a_step_under_way(tmp_pa
         lock.wanted.set()
         amend(path, name, value)
 
-    monkeypatch.setattr(_writer, "write_step_file", slow_write)
+    monkeypatch.setattr(_recorder_steps, "write_step_file", slow_write)
     monkeypatch.setattr(_recorder_end, "amend_manifest", telling_amend)
     logging = threading.Thread(target=recorder.log_step, args=(1,), kwargs={"grad_norm": 1.0})
     logging.start()
@@ -599,12 +599,12 @@ def test_a_close_from_a_signal_handler_during_log_step_comes_after_the_step(
     through the Recorder's own lock at once: async, the writer thread was stopped before the
     step was queued, so a step whose log_step returned was never written; sync, the run was
     marked closed before the step landed."""
-    from stabledrl_cli.dump import _manifest_edits, _recorder_end, _writer
+    from stabledrl_cli.dump import _manifest_edits, _recorder_end, _recorder_steps
 
     run = tmp_path / "run"
     recorder = sd.Recorder(run, policy=None, async_writes=mode == "async")
     recorder.log_step(0, grad_norm=1.0)
-    encode, amend = _writer.encode_step, _manifest_edits.amend_manifest
+    encode, amend = _recorder_steps.encode_step, _manifest_edits.amend_manifest
     step = run / "steps" / "step-00000001.safetensors"
     landed: list[bool] = []
 
@@ -618,7 +618,7 @@ def test_a_close_from_a_signal_handler_during_log_step_comes_after_the_step(
         landed.append(step.exists())
         amend(path, name, value)
 
-    monkeypatch.setattr(_writer, "encode_step", encode_then_signal)
+    monkeypatch.setattr(_recorder_steps, "encode_step", encode_then_signal)
     monkeypatch.setattr(_recorder_end, "amend_manifest", telling_amend)
     recorder.log_step(1, grad_norm=1.0)
     assert step.exists()

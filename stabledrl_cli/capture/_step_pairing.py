@@ -88,7 +88,7 @@ def refuse_parted(step: Step, last: Step, resumed_after: int | None) -> None:
     batch has (a loop that logs each micro-batch or accumulation round of a step). Another half
     behind one of its own kind is left to the Recorder's refusal."""
     from stabledrl_cli.dump._arguments import step_number
-    from stabledrl_cli.dump._writer import resumed_before
+    from stabledrl_cli.dump._recorder_steps import resumed_before
 
     number, behind = step_number(step.number), step_number(last.number)
     if number > behind:
