@@ -34,7 +34,7 @@ import numpy as np
 import stabledrl_cli as sd
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
-from stabledrl_cli.dump._stfile import _canonical_crc
+from stabledrl_cli.dump._stfile import canonical_crc as _canonical_crc
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4

@@ -62,7 +62,8 @@ def test_a_run_recorded_without_the_scored_count_joins_by_sequences(tmp_path):
     weighted by their sequences, as then."""
     from safetensors.numpy import load_file
 
-    from stabledrl_cli.dump._stfile import encode_step, read_header
+    from stabledrl_cli.dump._step_encoding import encode_step
+    from stabledrl_cli.dump._stfile import read_header
 
     def rewrite(file, scored: str | None) -> None:
         metadata = read_header(file, deep=False).metadata

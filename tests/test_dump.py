@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import RunIntegrityWarning, _stfile, pack_run
+from stabledrl_cli.dump import RunIntegrityWarning, _step_encoding, pack_run
 from stabledrl_cli.dump._integrity import gap_findings
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 
@@ -340,7 +340,7 @@ def test_a_step_header_past_the_readers_bound_is_refused_not_written_unreadable(
     """The readers refuse a step header longer than HEADER_LIMIT (safetensors' 100 MB cap)
     as unreadable: before, log_step wrote such a step (a long scalar name) and returned, and
     the finished step was lost. The bound is lowered here so that the test stays small."""
-    monkeypatch.setattr(_stfile, "HEADER_LIMIT", 4096)
+    monkeypatch.setattr(_step_encoding, "HEADER_LIMIT", 4096)
     with sd.Recorder(tmp_path / "run") as rec:
         with pytest.raises(UsageError, match=r"header of \d+ bytes is larger than 4096") as info:
             rec.log_step(0, **_flat(), scalars={"x" * 5000: 1.0})
@@ -515,7 +515,8 @@ def test_version_newer_major_refused_newer_minor_read(tmp_path):
     _rewrite_manifest(path, format_version="1.9", some_future_field={"x": 1})
     # A 1.9 step file: an extra tensor and extra metadata, written through the same encoder.
     from stabledrl_cli._atomic import write_atomic
-    from stabledrl_cli.dump._stfile import encode_step, read_header
+    from stabledrl_cli.dump._step_encoding import encode_step
+    from stabledrl_cli.dump._stfile import read_header
 
     step_path = path / "steps" / "step-00000001.safetensors"
     header = read_header(path / "steps" / "step-00000000.safetensors", deep=True)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import _stfile, pack_run
+from stabledrl_cli.dump import _step_encoding, _stfile, pack_run
 from stabledrl_cli.errors import InputError
 
 
@@ -457,7 +457,7 @@ def test_a_field_of_another_dtype_is_named_with_every_dtype_it_may_have(tmp_path
     header = _stfile.read_header(file, deep=True, keep_data=True)
     tensors = {name: header.array(name) for name in header.tensors}
     tensors["unit_grad_sketch"] = tensors["unit_grad_sketch"].astype(np.int32)
-    file.write_bytes(b"".join(_stfile.encode_step(tensors, header.metadata)))
+    file.write_bytes(b"".join(_step_encoding.encode_step(tensors, header.metadata)))
     (finding,) = sd.open_run(path).integrity.findings
     assert finding.message.endswith("unit_grad_sketch: dtype I32, expected float32 or float16")
 

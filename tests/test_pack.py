@@ -1301,7 +1301,8 @@ def test_pack_names_the_arrays_of_a_newer_minor_version_it_leaves_out(tmp_path):
     the field ignored) packed with exit 0 and no word, its archive without the array: a run
     shared by a newer release, packed and the directory deleted, lost it. The warning names
     it, as the JSON's unknown_fields."""
-    from stabledrl_cli.dump._stfile import encode_step, read_header
+    from stabledrl_cli.dump._step_encoding import encode_step
+    from stabledrl_cli.dump._stfile import read_header
 
     run = tiny_run(tmp_path / "run")
     step_file = run / "steps" / "step-00000001.safetensors"

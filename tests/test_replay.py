@@ -671,7 +671,8 @@ def test_missing_field_for_a_requested_policy_exits_3_naming_it(tmp_path):
 def _break_step(path: Path, number: int) -> None:
     """Rewrites a step file with logp_old one entry short (a shape the header disagrees with)."""
     from stabledrl_cli._atomic import write_atomic
-    from stabledrl_cli.dump._stfile import encode_step, read_header
+    from stabledrl_cli.dump._step_encoding import encode_step
+    from stabledrl_cli.dump._stfile import read_header
 
     step_path = path / "steps" / f"step-{number:08d}.safetensors"
     header = read_header(step_path, deep=True)

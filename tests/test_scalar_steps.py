@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import pack_run
-from stabledrl_cli.dump._stfile import encode_step, read_header
+from stabledrl_cli.dump._step_encoding import encode_step
+from stabledrl_cli.dump._stfile import read_header
 from stabledrl_cli.errors import InputError, UsageError
 
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import stabledrl_cli as sd
 from stabledrl_cli.cli import _inspect_tables as inspect_cli
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import _schema, _stfile
+from stabledrl_cli.dump import _schema, _step_encoding, _stfile
 from stabledrl_cli.errors import UsageError
 
 
@@ -80,7 +80,7 @@ def test_a_step_file_of_too_many_tensors_is_a_finding(
     assert not header.tensors
     tensors = {f"extra{i}": np.zeros(0, np.uint8) for i in range(8)}
     metadata = {k: v for k, v in header.metadata.items() if not k.startswith("_crc32")}
-    step_file.write_bytes(b"".join(bytes(p) for p in _stfile.encode_step(tensors, metadata)))
+    step_file.write_bytes(b"".join(bytes(p) for p in _step_encoding.encode_step(tensors, metadata)))
     assert sd.open_run(tmp_path / "run").integrity.ok  # a newer minor's fields: ignored
     monkeypatch.setattr(_stfile, "MAX_TENSORS", 7)
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "--format", "json"])
@@ -119,7 +119,7 @@ def test_a_step_header_of_too_many_json_items_is_refused_before_it_is_parsed(
 def test_log_step_refuses_a_header_its_readers_would_not_parse(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_stfile, "HEADER_ITEM_LIMIT", 100)
+    monkeypatch.setattr(_step_encoding, "HEADER_ITEM_LIMIT", 100)
     with sd.Recorder(tmp_path / "run") as rec:
         refused = r"header holds [\d,]+ JSON items .* more than the 100 "
         with pytest.raises(UsageError, match=refused):

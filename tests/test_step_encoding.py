@@ -17,7 +17,7 @@ from safetensors.numpy import save as st_save
 import stabledrl_cli as sd
 from stabledrl_cli import _atomic
 from stabledrl_cli._atomic import write_atomic
-from stabledrl_cli.dump import _stfile
+from stabledrl_cli.dump import _step_encoding
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._schema import (
     META_CRC_DATA,
@@ -26,7 +26,9 @@ from stabledrl_cli.dump._schema import (
     META_NUM_TOKENS,
     META_SCORED_TOKENS,
 )
-from stabledrl_cli.dump._stfile import _canonical_crc, encode_step, read_header
+from stabledrl_cli.dump._step_encoding import encode_step
+from stabledrl_cli.dump._stfile import canonical_crc as _canonical_crc
+from stabledrl_cli.dump._stfile import read_header
 from stabledrl_cli.errors import UsageError
 
 
@@ -237,13 +239,15 @@ def test_steps_that_share_a_layout_are_each_encoded_as_safetensors_own():
     other layouts came in between and after the kept layouts were cleared."""
     rng = np.random.default_rng(2)
     tensors = _tensors()
-    shapes = [(10,), (12,), (10,)] + [(n,) for n in range(1, _stfile._LAYOUTS_KEPT + 2)] + [(10,)]
+    shapes = (
+        [(10,), (12,), (10,)] + [(n,) for n in range(1, _step_encoding._LAYOUTS_KEPT + 2)] + [(10,)]
+    )
     for step, (length,) in enumerate(shapes):
         tensors = dict(tensors, logp=rng.random(length).astype(np.float32))
         metadata = {"step": f"{step}.0", "loss": repr(rng.random()), "Zz": "before the CRCs"}
         encoded = b"".join(bytes(part) for part in encode_step(tensors, metadata))
         assert encoded == _through_safetensors(tensors, metadata), step
-    assert len(_stfile._LAYOUTS) <= _stfile._LAYOUTS_KEPT
+    assert len(_step_encoding._LAYOUTS) <= _step_encoding._LAYOUTS_KEPT
 
 
 def test_a_tensor_named_like_the_metadata_is_refused():

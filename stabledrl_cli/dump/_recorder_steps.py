@@ -28,9 +28,9 @@ from stabledrl_cli.dump._input_arrays import ArrayInput, ScalarInput
 from stabledrl_cli.dump._inputs import build_step
 from stabledrl_cli.dump._recorder_args import keywords_checked
 from stabledrl_cli.dump._recorder_end import RecorderEnd
+from stabledrl_cli.dump._step_encoding import encode_step
 from stabledrl_cli.dump._step_metadata import step_metadata
 from stabledrl_cli.dump._step_writes import StepWrite, discard_failed, write_step_file
-from stabledrl_cli.dump._stfile import encode_step
 from stabledrl_cli.dump._suspect_values import positive_logp, reward_outside
 from stabledrl_cli.dump._training_end import warned_at_the_end
 from stabledrl_cli.errors import UsageError, WriteError, warn

@@ -17,7 +17,7 @@ from stabledrl_cli._atomic import write_atomic
 from stabledrl_cli._json import json_text
 from stabledrl_cli.dump._file_names import STEPS_DIR, stop_note_name
 from stabledrl_cli.dump._manifest_edits import amend_manifest
-from stabledrl_cli.dump._stfile import discard_step, make_step_durable, write_step
+from stabledrl_cli.dump._step_encoding import discard_step, make_step_durable, write_step
 from stabledrl_cli.dump._stop_notes import RECORDING_STOPPED, note_text
 from stabledrl_cli.dump._writer_lock import WriterLock
 from stabledrl_cli.errors import InputError, WriteError, counted
