@@ -310,8 +310,7 @@ def print_summary(
     if own is None:
         note = (
             f"the run's own policy ({shortened(result.run_policy_spec or 'not recorded')}) is "
-            "not among "
-            "the replayed policies"
+            "not among the replayed policies"
         )
     else:
         s = own.summary
