@@ -12,8 +12,9 @@ if TYPE_CHECKING:
     from stabledrl_cli.dump._integrity import Finding, IntegrityReport, RunIntegrityWarning
     from stabledrl_cli.dump._open import open_run
     from stabledrl_cli.dump._packer import PackSummary, pack_run
-    from stabledrl_cli.dump._run import Run, Step
+    from stabledrl_cli.dump._run import Run
     from stabledrl_cli.dump._schema import FIELDS
+    from stabledrl_cli.dump._step import Step
     from stabledrl_cli.dump._versions import FORMAT_VERSION, RUN_KIND
     from stabledrl_cli.dump._writer import Recorder
 
@@ -28,7 +29,7 @@ _HOMES: dict[str, str] = {
     "Recorder": "stabledrl_cli.dump._writer",
     "Run": "stabledrl_cli.dump._run",
     "RunIntegrityWarning": "stabledrl_cli.dump._integrity",
-    "Step": "stabledrl_cli.dump._run",
+    "Step": "stabledrl_cli.dump._step",
     "open_run": "stabledrl_cli.dump._open",
     "pack_run": "stabledrl_cli.dump._packer",
 }

@@ -28,8 +28,9 @@ from stabledrl_cli.dump._archive_marks import ArchiveMarks
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError
 from stabledrl_cli.dump._layout import SEQUENCE_FIELDS, STEP_COUNTS, TOKEN_FIELDS
-from stabledrl_cli.dump._run import Run, Step, scalar_names, unjoined_kind
+from stabledrl_cli.dump._run import Run, scalar_names
 from stabledrl_cli.dump._schema import SKETCH_KEY
+from stabledrl_cli.dump._step import Step, unjoined_kind
 from stabledrl_cli.dump._stfile import FileKey
 from stabledrl_cli.errors import InputError
 

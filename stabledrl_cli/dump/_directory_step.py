@@ -42,7 +42,6 @@ from pathlib import Path
 import numpy as np
 
 from stabledrl_cli.dump._integrity import StepReadError
-from stabledrl_cli.dump._run import Step, omegas_differ, unjoined_kind
 from stabledrl_cli.dump._schema import (
     BATCH_FIELDS,
     GRAM_KEY,
@@ -51,6 +50,7 @@ from stabledrl_cli.dump._schema import (
     SKETCH_KEY,
     nonfinite_norms,
 )
+from stabledrl_cli.dump._step import Step, omegas_differ, unjoined_kind
 from stabledrl_cli.dump._step_record import Checked, HeaderRecord
 from stabledrl_cli.dump._stfile import FileKey, StepHeader
 from stabledrl_cli.errors import InputError

@@ -20,8 +20,8 @@ from stabledrl_cli.dump._layout import (
     scalar_dataset_name,
 )
 from stabledrl_cli.dump._pack_column import Column, column_filters
-from stabledrl_cli.dump._run import Step
 from stabledrl_cli.dump._schema import FIELDS
+from stabledrl_cli.dump._step import Step
 from stabledrl_cli.errors import InputError, quoted
 from stabledrl_cli.vocab import OMEGA_KINDS, PackCompression, UnjoinedGeometry
 

@@ -7,7 +7,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError
-from stabledrl_cli.dump._run import Run, Step
+from stabledrl_cli.dump._run import Run
+from stabledrl_cli.dump._step import Step
 
 
 class StepSubset(Run):

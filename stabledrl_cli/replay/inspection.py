@@ -13,8 +13,8 @@ import numpy as np
 from stabledrl_cli.dump import Finding, IntegrityReport, Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._manifest import RECORDING_CLOSED, RECORDING_WHEN_PACKED, RUN_ID
-from stabledrl_cli.dump._run import Step
 from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
+from stabledrl_cli.dump._step import Step
 from stabledrl_cli.dump._stop_notes import RECORDING_STOPPED
 from stabledrl_cli.dump._suspect_values import LOGP_FIELDS, positive_logp
 from stabledrl_cli.dump._versions import known_version_below, parse_version
