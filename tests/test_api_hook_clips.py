@@ -18,7 +18,7 @@ from _cli import close
 from _cli import record as _record
 from _phases import PHASES_SCRIPT
 
-from stabledrl_cli.capture._clip_records import grad_states, unchanged
+from stabledrl_cli.capture._pending_clips import grad_states, unchanged
 from stabledrl_cli.dump import Run, Step, open_run
 
 SCRIPT = textwrap.dedent(

@@ -2,7 +2,7 @@
 `torch.nn.utils.clip_grad_norm_`, `clip_grads_with_norm_` (with `get_total_norm`, for the
 norm type of its total), `clip_grad_value_` and FSDP1's
 `FullyShardedDataParallel.clip_grad_norm_` to keep each clip's pre-clip gradient norms and
-total until the step of their optimizer claims them (`take_clips`, `clip_totals`). The
+total until the step of their optimizer claims them (`_pending_clips`). The
 wrappers call torch's own clip, which they never change, and pass through when recording is
 off or torch.compile traces them."""
 
@@ -14,8 +14,7 @@ import inspect
 import math
 import types
 import warnings
-import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -24,10 +23,8 @@ import torch.nn.utils
 import torch.nn.utils.clip_grad
 
 from stabledrl_cli.capture import _fsdp1, _norms, bootstrap
-from stabledrl_cli.capture._hook_state import Clip, GradState, OptimizerView, fail, state
-
-PENDING_CLIPS = 8
-"""clip_grad_norm_ results kept for an optimizer step to claim (the oldest are dropped)."""
+from stabledrl_cli.capture._hook_state import Clip, GradState, fail, state
+from stabledrl_cli.capture._pending_clips import grad_states, keep
 
 
 def _clip_signature(
@@ -155,7 +152,7 @@ def _recorded_clip(
             total = original(params, *rest, **kwargs)
         except Exception:  # refused before it clipped (error_if_nonfinite): the loop's to skip
             if with_grad:
-                _keep(Clip(norms, None, local, True, unreduced=unreduced), before, with_grad)
+                keep(Clip(norms, None, local, True, unreduced=unreduced), before, with_grad)
             raise
         l2 = _is_l2(rest, kwargs)
         whole = total if l2 and not local else None
@@ -165,46 +162,8 @@ def _recorded_clip(
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach)
         clip = Clip(dict(zip(map(id, with_grad), listed, strict=True)), total)
     if with_grad:
-        _keep(clip, before, with_grad)
+        keep(clip, before, with_grad)
     return total
-
-
-def grad_states(params: Iterable[torch.Tensor]) -> dict[int, GradState]:
-    """id(parameter) -> its gradient and that gradient's version counter (`unchanged`)."""
-    return {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
-
-
-def unchanged(then: GradState | None, now: GradState | None) -> bool:
-    """Whether a gradient is the one it was, neither zeroed, made again nor changed in place
-    since (no gradient then and now: nothing happened to it either)."""
-    if then is None or now is None:
-        return then is now
-    return then[0]() is now[0]() and then[1] == now[1]
-
-
-def _keep(clip: Clip, before: dict[int, GradState], params: Iterable[torch.Tensor]) -> None:
-    """Keeps a clip of `params` for the next step of their optimizer to claim (`before`: their
-    `grad_states` as it began). A parameter that a clip kept before it clipped
-    too counts for one of the two: the earlier, when the gradient is as that clip left it
-    (this clip clips it again: a clip_grad_norm_ with max_norm=inf that reads the norm, then
-    the real one), else this one (the earlier clip's gradient is gone since, zeroed or made
-    again: the script skipped that step's optimizer.step())."""
-    clip.after = grad_states(params)
-    again: set[int] = set()
-    kept: list[Clip] = []
-    for pending in state.clips:
-        shared = pending.parameters() & clip.parameters()
-        same = {key for key in shared if unchanged(pending.after.get(key), before.get(key))}
-        again |= same
-        if shared - same:
-            pending = pending.beyond(shared - same)
-        if pending.norms or pending.local:
-            kept.append(pending)
-    if again:
-        clip = clip.beyond(again)
-    if clip.norms or clip.local:
-        kept.append(clip)
-    state.clips[:] = kept[-PENDING_CLIPS:]
 
 
 def _wrap_utils(name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
@@ -342,7 +301,7 @@ def _wrap_measured(
             return original(*bound.args, **bound.kwargs)
         original(*bound.args, **bound.kwargs)
         if with_grad:
-            _keep(clip, before, with_grad)
+            keep(clip, before, with_grad)
 
     return wrapper
 
@@ -398,49 +357,10 @@ def _wrap_fsdp_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torc
             return original(self, *args, **kwargs)
         with _torch_clip():
             total = original(self, *args, **kwargs)
-        _keep(Clip(norms, total if float(norm_type) == 2.0 else None, local), before, params)
+        keep(Clip(norms, total if float(norm_type) == 2.0 else None, local), before, params)
         return total
 
     return clip_grad_norm_
-
-
-def take_clips(view: OptimizerView) -> list[Clip]:
-    """The clip_grad_norm_ calls on this optimizer's parameters since its last step, which
-    are consumed. A clip of other optimizers' parameters too (an actor and a critic clipped
-    together) gives each optimizer its own parameters' part, summed from their norms before
-    it: its total is no optimizer's."""
-    mine: list[Clip] = []
-    kept: list[Clip] = []
-    for clip in state.clips:
-        params = clip.parameters()
-        others = params - view.ids
-        if others == params:
-            kept.append(clip)
-        elif others:
-            mine.append(clip.beyond(others))
-            kept.append(clip.beyond(params - others))
-        else:
-            mine.append(clip)
-    state.clips[:] = kept
-    return mine
-
-
-def clip_totals(clips: list[Clip], whole: dict[int, float]) -> list[float]:
-    """The L2 totals of a step's clips (`whole`: id(parameter) -> whole gradient norm), each
-    total that clip_grads_with_norm_ calls shared counted once."""
-    totals: list[float] = []
-    shared: set[float | None] = set()
-    for clip in clips:
-        total = clip.l2(whole)
-        if total is None:
-            continue
-        if clip.shared:
-            key = None if math.isnan(total) else total
-            if key in shared:
-                continue
-            shared.add(key)
-        totals.append(total)
-    return totals
 
 
 def _wrap_clip_value(original: Callable[..., None]) -> Callable[..., None]:

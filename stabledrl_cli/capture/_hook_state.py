@@ -1,6 +1,6 @@
-"""What the optimizer hooks keep in this process (`optimizer_hooks`, `_clip_records`): a view
-of each optimizer that stepped, the clips of gradients no step has claimed yet, and whether
-recording is on here (`fail` turns it off)."""
+"""What the optimizer hooks keep in this process (`optimizer_hooks`, `_clip_records`,
+`_pending_clips`): a view of each optimizer that stepped, the clips of gradients no step has
+claimed yet, and whether recording is on here (`fail` turns it off)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class Clip:
         return {*self.norms, *self.local}
 
     def beyond(self, clipped: set[int]) -> Clip:
-        """This clip without the parameters in `clipped` (another clip's: `_clip_records`): its L2
+        """This clip without the parameters in `clipped` (another clip's: `_pending_clips`): its L2
         result is then summed from the other parameters' norms, taken before it clipped
         them."""
         return Clip(

@@ -9,9 +9,9 @@ from typing import Any
 from torch.optim.optimizer import Optimizer
 
 from stabledrl_cli.capture import bootstrap
-from stabledrl_cli.capture._clip_records import take_clips
 from stabledrl_cli.capture._hook_state import OtherSteps, Stats, fail, state
 from stabledrl_cli.capture._optimizers import is_run_optimizer, view_of
+from stabledrl_cli.capture._pending_clips import take_clips
 from stabledrl_cli.capture._step_stats import step_stats
 
 

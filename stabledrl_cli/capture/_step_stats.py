@@ -14,7 +14,6 @@ from torch.optim.optimizer import Optimizer
 
 from stabledrl_cli.capture import _fsdp1, _norms, bootstrap
 from stabledrl_cli.capture._child_processes import ENV_HOOKS_RECORDER, descendant_stepped
-from stabledrl_cli.capture._clip_records import clip_totals, take_clips
 from stabledrl_cli.capture._hook_state import (
     Clip,
     OptimizerView,
@@ -26,6 +25,7 @@ from stabledrl_cli.capture._hook_state import (
 )
 from stabledrl_cli.capture._optimizers import measured_view, optimizer_params, view_of
 from stabledrl_cli.capture._param_names import module_names
+from stabledrl_cli.capture._pending_clips import clip_totals, take_clips
 
 TOP_MODULES = 5
 """How many modules' gradient norms each step records (the largest at that step)."""

@@ -11,9 +11,9 @@ import torch
 from torch.amp.grad_scaler import GradScaler
 from torch.optim.optimizer import Optimizer
 
-from stabledrl_cli.capture._clip_records import grad_states, unchanged
 from stabledrl_cli.capture._hook_state import fail, state
 from stabledrl_cli.capture._optimizers import optimizer_params, run_optimizer
+from stabledrl_cli.capture._pending_clips import grad_states, unchanged
 from stabledrl_cli.capture._step_end import finish_step, outer_step_ends
 
 

@@ -27,7 +27,7 @@ What each step records (all gradient norms are L2, taken before clipping):
   parameters by their L2 norm since its previous step (the root-sum-of-squares of the
   returned norms when it clipped several disjoint sets; a clip of gradients an earlier one
   clipped counts only for the others, measured before it, and a clip whose gradients were
-  zeroed or made again since, its step skipped by the script, is no step's: `_clip_records`; a
+  zeroed or made again since, its step skipped by the script, is no step's: `_pending_clips`; a
   clip of several optimizers' parameters gives each its own part: `take_clips`), or
   the `total_norm` it gave
   `clip_grads_with_norm_` (once, however many groups it clipped with it: accelerate's and
