@@ -217,7 +217,7 @@ def test_archive_opens_each_dataset_once_per_run(tmp_path, monkeypatch):
 
 
 def _count_listings(monkeypatch):
-    from stabledrl_cli.dump import _directory
+    from stabledrl_cli.dump import _directory_files
 
     listed = []
     real_scandir = os.scandir
@@ -226,7 +226,7 @@ def _count_listings(monkeypatch):
         listed.append(path)
         return real_scandir(path)
 
-    monkeypatch.setattr(_directory.os, "scandir", counting_scandir)
+    monkeypatch.setattr(_directory_files.os, "scandir", counting_scandir)
     return listed
 
 

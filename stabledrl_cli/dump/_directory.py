@@ -8,34 +8,29 @@ its data CRC when its step is loaded (`verify=True`, the default). Loading a ste
 file whole in one read (header, data, CRC); its arrays are then views of that buffer (a file
 whose check was cached is read whole at the first array asked for). A torn or corrupt file is
 reported in `run.integrity` and skipped with a `RunIntegrityWarning`, never a crash.
-A step of several ranks joins their files (`_directory_step`).
+A step of several ranks joins their files (`_directory_step`); the files are reached through
+`_directory_files`.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from stabledrl_cli.dump._directory_files import DirectoryFiles
 from stabledrl_cli.dump._directory_step import DirectoryStep, joined_step
 from stabledrl_cli.dump._file_names import MANIFEST_NAME, OS_FILE_RE, STEPS_DIR, WRITER_LOCK_RE
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError, gap_findings
 from stabledrl_cli.dump._listing import Entry, Listing, listed_entry, missing_ranks, stray_findings
 from stabledrl_cli.dump._manifest import RUN_ID, check_manifest, parse_manifest
 from stabledrl_cli.dump._run import Run
-from stabledrl_cli.dump._run_files import (
-    is_symlink,
-    parse_stop_note,
-    read_manifest_bytes,
-    symlink_refused,
-)
+from stabledrl_cli.dump._run_files import parse_stop_note
 from stabledrl_cli.dump._schema import META_FORMAT
 from stabledrl_cli.dump._step_record import Checked, HeaderRecord, header_record
-from stabledrl_cli.dump._stfile import FileKey, StepHeader, file_key, read_header
-from stabledrl_cli.dump._stop_notes import STOP_NOTE_LIMIT, manifest_stops, stops_by_rank
+from stabledrl_cli.dump._stfile import StepHeader
+from stabledrl_cli.dump._stop_notes import manifest_stops, stops_by_rank
 from stabledrl_cli.dump._versions import check_readable_version
 from stabledrl_cli.dump._writer_lock import WriterState, writer_states
 from stabledrl_cli.errors import InputError
@@ -48,12 +43,7 @@ class _DirectoryChecks:
     files: dict[str, Checked]
 
 
-_SETTLED_NS = 2_000_000_000
-"""How long before a listing the steps directory must have last changed for the listing to be
-reused (far above any filesystem's timestamp granularity)."""
-
-
-class DirectoryRun(Run):
+class DirectoryRun(DirectoryFiles, Run):
     """A run directory written by `Recorder` (format v1)."""
 
     def __init__(self, path: Path, *, verify: bool = True) -> None:
@@ -109,26 +99,6 @@ class DirectoryRun(Run):
     def manifest(self) -> dict[str, Any]:
         return self._manifest
 
-    # -- storage: what a run read from elsewhere (dump/_remote.py) does its own way ------------
-    def named(self, path: Path) -> str:
-        """How messages and findings name `path`, a file of this run: under the run's
-        `location` (here the path itself)."""
-        return str(path)
-
-    def _said(self, exc: OSError) -> str:
-        """What the filesystem said of a failed call, for a message."""
-        return exc.strerror or str(exc)
-
-    def _exists(self, path: Path) -> bool:
-        return os.path.lexists(path)
-
-    def _manifest_bytes(self, path: Path) -> bytes:
-        return read_manifest_bytes(path)
-
-    def _note_bytes(self, path: Path) -> bytes:
-        """A rank's note file's bytes, at most `STOP_NOTE_LIMIT` + 1 of them; InputError."""
-        return read_manifest_bytes(path, STOP_NOTE_LIMIT, "note")
-
     def _stop_notes(self, listing: Listing) -> tuple[dict[int, dict[str, Any]], list[Finding]]:
         """Each note file of `listing` as its note, by rank, and an `unknown_file` finding for
         each that does not read as one (`parse_stop_note`); each file read once a listing."""
@@ -160,57 +130,6 @@ class DirectoryRun(Run):
 
     def _stops(self, listing: Listing) -> list[dict[str, Any]]:
         return stops_by_rank(self._stop_notes(listing)[0].values(), manifest_stops(self.manifest))
-
-    def _entries(self, directory: Path) -> list[tuple[str, bool]]:
-        """(name, whether it is a regular file, not a link) of each entry, sorted by name;
-        FileNotFoundError when there is no such directory, NotADirectoryError when it is
-        something else (a file), InputError when it is a symlink (never followed)."""
-        try:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError:  # a symlink: ENOTDIR on Linux, ELOOP elsewhere
-            if is_symlink(directory):
-                raise symlink_refused(self.named(directory)) from None
-            raise
-        try:
-            with os.scandir(fd) as entries:
-                found = sorted(entries, key=lambda entry: entry.name)
-        finally:
-            os.close(fd)
-        listed = []
-        for entry in found:
-            try:
-                regular = entry.is_file(follow_symlinks=False)
-            except OSError:
-                regular = False
-            listed.append((entry.name, regular))
-        return listed
-
-    def _stamp(self, directory: Path) -> object | None:
-        """What changes whenever the directory's entries do, or None when no stamp can be
-        trusted now (then it is listed again). Here its inode and modification time, once that
-        time is older than `_SETTLED_NS` (a file added within the clock's granularity after a
-        listing can leave the time as it was)."""
-        try:
-            st = os.stat(directory)
-        except OSError:
-            return None
-        if time.time_ns() - st.st_mtime_ns <= _SETTLED_NS:
-            return None
-        return (st.st_ino, st.st_mtime_ns)
-
-    def _file_key(self, path: Path) -> FileKey:
-        """What changes when the file does; OSError if it is gone."""
-        return file_key(path.stat())
-
-    def _header(
-        self, path: Path, *, deep: bool, keep: bool = False, known: int | None = None
-    ) -> StepHeader:
-        """`parse_header` of the file (its arguments), `key` filled in; StepReadError."""
-        return read_header(path, deep=deep, keep_data=keep, known=known)
-
-    def _load(self, path: Path, known: int) -> StepHeader:
-        """The file read whole, its header not checked again if its CRC is `known`."""
-        return self._header(path, deep=False, keep=True, known=known)
 
     def _scan(self) -> Listing:
         """The steps directory's files, sorted into finals, temporaries and unknown ones; the
