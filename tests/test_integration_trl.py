@@ -912,14 +912,16 @@ def test_a_second_training_never_replaces_the_first_ones_steps(
 
 
 @pytest.mark.parametrize(
-    ("given", "warned"), [("grpo", True), ("dapo:agg=recorded", False), (None, False)]
+    ("given", "warned"),
+    [("grpo", True), ("dapo:agg=recorded", False), (None, False), ("grpo" * 25_000, True)],
 )
 def test_a_record_policy_the_trainer_does_not_record_is_named(
     tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: Any, given: Any, warned: bool
 ) -> None:
     """`stabledrl record -p grpo -- python train.py` with a dapo GRPOConfig recorded dapo, TRL's
     loss, and said nothing of the -p (it is `log_policy_batch`'s spec): one warning now names
-    both; a -p naming the trainer's own policy, or none, says nothing."""
+    both; a -p naming the trainer's own policy, or none, says nothing. A $STABLEDRL_POLICY of
+    100,000 characters (set by hand: `record` refuses such a spec) is cut in the line."""
     if given is None:
         monkeypatch.delenv("STABLEDRL_POLICY", raising=False)
     else:
@@ -934,9 +936,10 @@ def test_a_record_policy_the_trainer_does_not_record_is_named(
     )
     assert trainer.stabledrl_policy.spec.startswith("dapo")
     lines = [line for line in capfd.readouterr().err.splitlines() if "stabledrl:" in line]
+    as_given = given if given != "grpo" * 25_000 else f"{given[:120]!r}... (100000 characters)"
     expected = (
-        f"stabledrl: warning: record --policy grpo is not what RecordingGRPOTrainer records: "
-        f"it records TRL's loss as its config makes it, {trainer.stabledrl_policy.spec}"
+        f"stabledrl: warning: record --policy {as_given} is not what RecordingGRPOTrainer "
+        f"records: it records TRL's loss as its config makes it, {trainer.stabledrl_policy.spec}"
     )
     assert lines == ([expected] if warned else [])
 

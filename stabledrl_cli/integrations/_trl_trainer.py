@@ -35,7 +35,14 @@ from stabledrl_cli.dump._file_names import MANIFEST_NAME
 from stabledrl_cli.dump._recorder_args import checked_reward_range
 from stabledrl_cli.dump._setup import RunNotEmpty, remove_stepless_run
 from stabledrl_cli.dump._training_end import normal_end
-from stabledrl_cli.errors import InputError, UsageError, WriteError, warn
+from stabledrl_cli.errors import (
+    SPEC_QUOTE_LIMIT,
+    InputError,
+    UsageError,
+    WriteError,
+    key_shown,
+    warn,
+)
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
 from stabledrl_cli.integrations._trl_run_dir import resume_step, run_dir
 from stabledrl_cli.integrations._trl_version import check_trl_version
@@ -284,7 +291,8 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             named = given
         if named != self.stabledrl_policy.spec:
             warn(
-                f"stabledrl: warning: record --policy {given} is not what "
+                f"stabledrl: warning: record --policy {key_shown(given, SPEC_QUOTE_LIMIT)} "
+                "is not what "
                 f"{type(self).__name__} records: it records TRL's loss as its config makes "
                 f"it, {self.stabledrl_policy.spec}\n"
             )
