@@ -53,9 +53,9 @@ from collapse_suite import (  # type: ignore[import-not-found]
 from extras import require_extra
 
 from stabledrl_cli.dump import Run, open_run
-from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
 from stabledrl_cli.replay.engine import replay
 from stabledrl_cli.replay.observed import observe
+from stabledrl_cli.replay.rollouts import REWARD_DRAW_SCALARS, run_reward_draws
 
 EXAMPLE_LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 EXAMPLE_SEEDS = (1, 2, 3, 4)

@@ -12,7 +12,7 @@ Each step's `reward_mean` is the success rate of BATCH independent 0/1 rewards:
 `--mu MU` (default 1) reuses each rollout over MU optimizer steps (ppo_epochs,
 num_iterations): STEPS counts optimizer steps, a run draws STEPS / MU rollouts and logs each
 one's success rate on its MU steps, inner_step 0 .. MU - 1, as a recorder does; the fall is
-at the middle step. The rule reads one draw a rollout (`detectors.reward_draws`), as replay,
+at the middle step. The rule reads one draw a rollout (`rollouts.reward_draws`), as replay,
 inspect and check do; `--count-reused` reads every logged step as a draw instead, which is
 the rule before that.
 
@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from false_alarms import add_common_arguments, emit, seed_range
 
 from stabledrl_cli.replay.config import COLLAPSE_NOISE_MARGIN, DEFAULT_COLLAPSE_WINDOW
-from stabledrl_cli.replay.detectors import observed_reward_collapse, reward_draws
+from stabledrl_cli.replay.detectors import observed_reward_collapse
+from stabledrl_cli.replay.rollouts import reward_draws
 
 
 def rewards(

@@ -39,13 +39,10 @@ from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS, refuse_untrainable
 from stabledrl_cli.policies._registry import resolve_spec
 from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW
-from stabledrl_cli.replay.detectors import (
-    REWARD_DRAW_SCALARS,
-    observed_reward_collapse,
-    run_reward_draws,
-)
+from stabledrl_cli.replay.detectors import observed_reward_collapse
 from stabledrl_cli.replay.observed import is_verl_recording, reward_windows
 from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.replay.rollouts import REWARD_DRAW_SCALARS, run_reward_draws
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
 
 NO_CHECKPOINTS = (
@@ -232,7 +229,7 @@ _Series = tuple[np.ndarray, np.ndarray]
 
 
 def _rewards(run: Run) -> tuple[_Series, _Series]:
-    """The run's reward_mean series, and its draws, one a rollout (`detectors.reward_draws`),
+    """The run's reward_mean series, and its draws, one a rollout (`rollouts.reward_draws`),
     from one pass over the headers."""
     series = run.scalar_series_many(REWARD_DRAW_SCALARS)
     return series["reward_mean"], run_reward_draws(series, verl=is_verl_recording(run))

@@ -12,7 +12,7 @@ import pytest
 
 import stabledrl_cli as sd
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
+from stabledrl_cli.replay.rollouts import REWARD_DRAW_SCALARS, run_reward_draws
 
 
 def _log(recorder: sd.Recorder, reward: list[float], given: bool) -> None:

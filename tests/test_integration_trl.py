@@ -42,7 +42,7 @@ import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.integrations import trl as integration
-from stabledrl_cli.replay.detectors import reward_draws
+from stabledrl_cli.replay.rollouts import reward_draws
 
 __all__ = ["tiny"]  # the tiny run's fixture, shared with the RLOO tests
 

@@ -60,10 +60,10 @@ from stabledrl_cli.integrations._verl_policy import (  # noqa: E402
 )
 from stabledrl_cli.policies import PolicyBatch, get_policy  # noqa: E402
 from stabledrl_cli.replay.config import ReplayConfig  # noqa: E402
-from stabledrl_cli.replay.detectors import reward_draws  # noqa: E402
 from stabledrl_cli.replay.engine import replay_run  # noqa: E402
 from stabledrl_cli.replay.observed import observe  # noqa: E402
 from stabledrl_cli.replay.recorded import recorded_run  # noqa: E402
+from stabledrl_cli.replay.rollouts import reward_draws  # noqa: E402
 from stabledrl_cli.spec import format_spec  # noqa: E402
 
 PROMPT, RESPONSE = 4, 7

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
+from stabledrl_cli.replay.rollouts import REWARD_DRAW_SCALARS, run_reward_draws
 
 __all__ = ["tiny"]
 

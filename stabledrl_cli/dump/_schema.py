@@ -165,11 +165,11 @@ SERIES_SCALARS = (
 )
 ROLLOUT_SCALARS = ("rollout_reward", "rollout_count")
 """The TRL integration's mark of the rollouts generated during a step: their mean reward (the
-step's reward draw, `detectors.reward_draws`) and how many it is a mean of. Not series of
+step's reward draw, `rollouts.reward_draws`) and how many it is a mean of. Not series of
 their own: they are reward_mean's draws."""
 REWARD_COUNT = "reward_count"
 """How many rewards a step's `reward_mean` is a mean of (its sequences scored, over every
-rank): its weight in its rollout's reward draw (`detectors.reward_draws`). The verl
+rank): its weight in its rollout's reward draw (`rollouts.reward_draws`). The verl
 integration records it; a step without it weighs as much as any other of its rollout."""
 DRAW_SCALARS = (*ROLLOUT_SCALARS, REWARD_COUNT)
 """The scalars reward_mean's draws are made of, not series of their own."""

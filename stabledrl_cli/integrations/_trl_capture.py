@@ -77,7 +77,7 @@ class LoggedMetrics:
         logs None). With logging_steps=1 each is the value TRL logs for the step. And
         `rollout_reward` where TRL generated rollouts during the step: the mean of their
         rewards as TRL logs `reward` (NaN where it logs None: none scored), the mark of a
-        rollout begun in the step that `detectors.reward_draws` reads; and `rollout_count`,
+        rollout begun in the step that `rollouts.reward_draws` reads; and `rollout_count`,
         how many rollouts that is a mean of (a log written every k steps averages them)."""
         scalars: dict[str, float] = {}
         for standard in LOGGED_SCALARS:

@@ -5,9 +5,9 @@
 `--detail`), `framework` (TRL's and verl's own clip metrics), `stream` (the streaming pass),
 `summary`, `engine` (`replay`, `replay_run`), `result` (the typed result and its JSON);
 `observed` and `inspection` (the recorded run itself, with the collapse warning of
-`detectors`; `measurements` gathers its per-step figures); `report` (tables;
-`report_observed`, its lines on the recorded run), `hdf5`, `plot`; `baseline`, `figures`,
-`gate`, `evaluation`, `junit` (CI checks).
+`detectors` over the reward draws of `rollouts`; `measurements` gathers its per-step
+figures); `report` (tables; `report_observed`, its lines on the recorded run), `hdf5`,
+`plot`; `baseline`, `figures`, `gate`, `evaluation`, `junit` (CI checks).
 """
 
 from __future__ import annotations

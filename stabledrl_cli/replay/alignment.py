@@ -18,15 +18,15 @@ import numpy as np
 
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._schema import REWARD_COUNT
-from stabledrl_cli.replay.detectors import (
+from stabledrl_cli.replay.observed import import_source, is_verl_recording
+from stabledrl_cli.replay.recorded import training_step_means
+from stabledrl_cli.replay.rollouts import (
     REWARD_DRAW_SCALARS,
     count_weights,
     rollout_indices,
     run_reward_draws,
     training_step_starts,
 )
-from stabledrl_cli.replay.observed import import_source, is_verl_recording
-from stabledrl_cli.replay.recorded import training_step_means
 
 WINDOW_MEAN_SCALARS = ("loss", "entropy", "kl", "clip_frac", "clip_frac_low", "clip_frac_high")
 """Scalars a log written every k steps holds, at a row, as the mean over the steps since the
@@ -151,7 +151,7 @@ steps (`TrainingSteps`)."""
 @dataclass(frozen=True)
 class TrainingSteps:
     """A verl recording (one step an optimizer step, numbered from 0) as verl's log holds it:
-    one step a training step (a rollout: `detectors.training_step_starts`, each step's from its
+    one step a training step (a rollout: `rollouts.training_step_starts`, each step's from its
     step minus its inner_step), numbered as the log's: the recording's k-th rollout (from
     0, `rollout_indices`: counted in its optimizer steps, so a rollout whose every step file
     is lost or unreadable still takes its number) is the log's step `first` + k, `first` the

@@ -13,7 +13,7 @@ the names below are `diff_steps`'s):
   counts (`COUNT_SCALARS`), exactly.
 
 `reward_mean` is compared at a rollout's first step as the observed-collapse rule reads it
-(`detectors.reward_draws`, over the steps both runs hold): the mean of its steps' rewards, or
+(`rollouts.reward_draws`, over the steps both runs hold): the mean of its steps' rewards, or
 the step's `rollout_reward` where it records one (a TRL recording: the rollouts TRL generated
 during the step), TRL's logged `reward` (a recording of a rollout trained over several steps
 holds each step's own, the framework's log one a rollout); at its other steps, as recorded

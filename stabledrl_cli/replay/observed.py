@@ -20,18 +20,20 @@ from stabledrl_cli.replay.config import (
     ReplayConfig,
 )
 from stabledrl_cli.replay.detectors import (
-    REWARD_DRAW_SCALARS,
     collapse_warning,
     observed_reward_collapse,
     rolling_mean,
-    rollout_indices,
-    run_reward_draws,
     spike_flags,
-    training_step_starts,
     warning_judged,
 )
 from stabledrl_cli.replay.guards import GuardReport, replay_guards
 from stabledrl_cli.replay.measurements import NoiseFloor, OwnLikelihood, measurements_of
+from stabledrl_cli.replay.rollouts import (
+    REWARD_DRAW_SCALARS,
+    rollout_indices,
+    run_reward_draws,
+    training_step_starts,
+)
 
 NONFINITE_COUNTS = ("nonfinite", "nonfinite_grads")
 """The recorded counts that make a step non-finite when above 0."""
@@ -147,7 +149,7 @@ class Observed:
     """How many scored units (tokens, or sequences for unit "sequence") it was measured on."""
     reward_curve: RewardCurve | None = None
     reward_values: int = 0
-    """Finite recorded reward draws, one a rollout (`detectors.reward_draws`): the values the
+    """Finite recorded reward draws, one a rollout (`rollouts.reward_draws`): the values the
     observed-collapse rule reads."""
     reward_steps: int = 0
     """Steps that recorded a reward_mean: more than the draws where a rollout spans steps, and

@@ -35,10 +35,11 @@ from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._views import StepSubset
 from stabledrl_cli.errors import MissingExtraError, UsageError, counted, install_command
 from stabledrl_cli.replay.config import format_step_range, in_range
-from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, rolling_mean, run_reward_draws
+from stabledrl_cli.replay.detectors import rolling_mean
 from stabledrl_cli.replay.observed import is_verl_recording
 from stabledrl_cli.replay.report import BEST_RULE, percent, proxy_reason
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
+from stabledrl_cli.replay.rollouts import REWARD_DRAW_SCALARS, run_reward_draws
 from stabledrl_cli.spec import wrap_spec
 
 INSTALL_COMMAND = install_command("plot")

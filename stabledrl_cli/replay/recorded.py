@@ -6,7 +6,7 @@ an optimizer-hook recording) has them too.
 A series statistic is taken over the finite values of the steps that recorded the scalar:
 first, last, min, max, mean, median, tail (the mean of the last `TAIL_STEPS`) (None when there
 is none); `nonfinite` counts the others. `reward_mean`'s values are its draws, one a rollout
-(`detectors.reward_draws`, what the observed-collapse rule reads): the framework's logged
+(`rollouts.reward_draws`, what the observed-collapse rule reads): the framework's logged
 reward (TRL's `reward`, verl's `critic/score/mean`), where a rollout is trained over several
 recorded steps and the framework's log has one value for it (a TRL step's `rollout_reward`,
 its mark of the rollouts begun in it, is in those draws, not a series of its own, nor its
@@ -29,13 +29,13 @@ from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._schema import DRAW_SCALARS, LOSS_AUX
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.integrations._verl_facts import TRAINING_STEP_MEANS
-from stabledrl_cli.replay.detectors import (
+from stabledrl_cli.replay.observed import Observed, is_verl_recording
+from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.replay.rollouts import (
     REWARD_DRAW_SCALARS,
     run_reward_draws,
     training_step_starts,
 )
-from stabledrl_cli.replay.observed import Observed, is_verl_recording
-from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.vocab import SeriesStat, Worse
 
 BOOKKEEPING_SCALARS = ("step", "wall_time")
@@ -119,7 +119,7 @@ class RecordedRun:
     scalar_steps: int
     """Steps without a policy batch (format 1.2)."""
     training_steps: int | None = None
-    """A verl recording's training steps (rollouts: `detectors.training_step_starts`), a line
+    """A verl recording's training steps (rollouts: `rollouts.training_step_starts`), a line
     each in verl's log; None for any other run."""
     observed: Observed
     series: dict[str, SeriesStats]
@@ -169,7 +169,7 @@ def training_step_means(
     weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The value verl's trainer logs for each training step of a verl run (a rollout:
-    `detectors.training_step_starts`, so a rollout whose first step is unread keeps its own),
+    `rollouts.training_step_starts`, so a rollout whose first step is unread keeps its own),
     at its first step: the plain mean of its optimizer steps' values, as verl's
     `reduce_metrics` (np.mean) takes it: NaN when one is, inf when one is inf. steps, values:
     [S] the series; inner_steps, inner_step: [I] the inner_step series; weights: [S] each

@@ -10,15 +10,15 @@ import numpy as np
 
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.replay.alerts import Alert, flag_steps
-from stabledrl_cli.replay.detectors import (
+from stabledrl_cli.replay.incremental import OwnReplay
+from stabledrl_cli.replay.observed import is_verl_recording
+from stabledrl_cli.replay.rank_files import RankProgress, behind
+from stabledrl_cli.replay.rollouts import (
     REWARD_DRAW_SCALARS,
     rollout_indices,
     run_reward_draws,
     training_step_starts,
 )
-from stabledrl_cli.replay.incremental import OwnReplay
-from stabledrl_cli.replay.observed import is_verl_recording
-from stabledrl_cli.replay.rank_files import RankProgress, behind
 from stabledrl_cli.replay.summary import unjudged_rules
 
 
@@ -44,7 +44,7 @@ def _training_rewards(
     """Of a verl recording, each of `steps` -> (its training step, from 1 as verl's log
     numbers them, None where the recording does not establish it (`rollout_indices`); that
     training step's reward as verl logs it, `critic/score/mean`: its rollout's draw,
-    `detectors.run_reward_draws`, None where it recorded no reward), over the steps read so
+    `rollouts.run_reward_draws`, None where it recorded no reward), over the steps read so
     far."""
     read = ReadSteps.of(replay.run, replay.headers(replay.seen))
     scalars = read.scalar_series_many(list(REWARD_DRAW_SCALARS))
