@@ -42,7 +42,8 @@ import torch
 
 from stabledrl_cli.errors import ConfigError, UsageError, counted, one_line
 from stabledrl_cli.policies import Policy, PolicyBatch, get_policy, prepare
-from stabledrl_cli.replay.guards import SkipStep, ZClip, guard_spec, make_guard
+from stabledrl_cli.replay.guard_rules import SkipStep, ZClip
+from stabledrl_cli.replay.guards import guard_spec, make_guard
 from stabledrl_cli.vocab import GUARD_MODES, GuardMode
 
 Action = Literal["none", "scale", "skip"]

@@ -19,13 +19,8 @@ from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import replay_run
-from stabledrl_cli.replay.guards import (
-    GuardDecision,
-    SkipStep,
-    ZClip,
-    make_guard,
-    replay_guards,
-)
+from stabledrl_cli.replay.guard_rules import GuardDecision, SkipStep, ZClip
+from stabledrl_cli.replay.guards import make_guard, replay_guards
 
 
 def norms_with_spikes(n: int = 200, seed: int = 0) -> list[float]:

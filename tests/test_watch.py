@@ -1215,7 +1215,7 @@ def test_a_watcher_feeds_the_guards_only_the_new_steps(tmp_path, monkeypatch):
     reports over the whole run, after the last step is rewritten too. Before, each poll
     with a new step replayed them over the whole run, twice: 0.3 s of a poll on a
     20,000-step run."""
-    from stabledrl_cli.replay.guards import SkipStep
+    from stabledrl_cli.replay.guard_rules import SkipStep
 
     updates = {"n": 0}
     update = SkipStep.update

@@ -18,7 +18,7 @@ from stabledrl_cli.replay.config import (
     SPIKE_MIN_HISTORY,
     WARNING_NOISE_MARGIN,
 )
-from stabledrl_cli.replay.guards import SCALE_ABOVE, unit_of
+from stabledrl_cli.replay.guard_rules import SCALE_ABOVE, unit_of
 
 
 def _largest_finite(values: np.ndarray) -> float:

@@ -10,7 +10,8 @@ from rich.console import Console
 
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import LIST_LIMIT, format_number, format_steps
-from stabledrl_cli.replay.guards import GuardAction, GuardReport
+from stabledrl_cli.replay.guard_rules import GuardAction
+from stabledrl_cli.replay.guards import GuardReport
 from stabledrl_cli.replay.observed import CollapseWarning, Observed
 from stabledrl_cli.replay.result import ReplayResult
 
