@@ -20,7 +20,7 @@ import stabledrl_cli as sd
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import WriteError
-from stabledrl_cli.replay import columns, config
+from stabledrl_cli.replay import config, derivations
 from stabledrl_cli.replay.baseline import BASELINE_SCHEMA, Tolerance
 from stabledrl_cli.replay.baseline_read import load_baseline
 from stabledrl_cli.replay.baseline_write import baseline_text, write_baseline
@@ -345,9 +345,11 @@ def test_rewriting_a_strict_baseline_through_its_own_check_keeps_it_strict(runs,
 
 
 def test_a_detector_change_fails_until_the_baseline_is_rewritten(runs, baseline, monkeypatch):
-    real = columns.drift_flags
+    real = derivations.drift_flags
     monkeypatch.setattr(
-        columns, "drift_flags", lambda net_push, window, threshold: real(net_push, 5, threshold + 1)
+        derivations,
+        "drift_flags",
+        lambda net_push, window, threshold: real(net_push, 5, threshold + 1),
     )
     code, data, _ = _check(str(runs["steady"]), "--baseline", str(baseline))
     assert code == 1

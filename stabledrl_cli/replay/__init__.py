@@ -1,9 +1,10 @@
 """Replay: stream a recorded run through policies; collapse detectors; observed behaviour.
 
-`config` (settings and their defaults), `columns` (every per-step column, declared once),
-`metrics` (device computation of a step, with its `step_geometry`; `top_sequences` for
-`--detail`), `framework` (TRL's and verl's own clip metrics), `stream` (the streaming pass),
-`summary`, `engine` (`replay`, `replay_run`), `result` (the typed result and its JSON);
+`config` (settings and their defaults), `columns` (every per-step column, declared once;
+`derivations`, those computed on the host), `metrics` (device computation of a step, with its
+`step_geometry`; `top_sequences` for `--detail`), `framework` (TRL's and verl's own clip
+metrics), `stream` (the streaming pass), `summary`, `engine` (`replay`, `replay_run`),
+`result` (the typed result and its JSON);
 `observed` and `inspection` (the recorded run itself, with the collapse warning of
 `detectors` over the reward draws of `rollouts`; `measurements` gathers its per-step
 figures); `report` (tables; `report_observed`, its lines on the recorded run), `hdf5`,

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from stabledrl_cli.replay.columns import ColumnArray
+from stabledrl_cli.replay.derivations import ColumnArray
 from stabledrl_cli.replay.incremental import OwnReplay
 from stabledrl_cli.vocab import AlertKind
 

@@ -14,15 +14,24 @@ needs; they never leave the replay.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from stabledrl_cli.replay.config import CLIP_EPS, SPIKE_MIN_HISTORY, ReplayConfig
-from stabledrl_cli.replay.detectors import drift_flags, spike_flags, spike_judged
+from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY, ReplayConfig
+from stabledrl_cli.replay.derivations import (
+    ColumnArray,
+    Derive,
+    SeriesInputs,
+    clip_scale,
+    drift,
+    nonfinite,
+    ratio,
+    spike,
+    spike_judged_steps,
+)
 from stabledrl_cli.vocab import MetricGroup, StepGeometryKind, Worse
 
 ColumnKind = Literal["int", "float", "bool", "str"]
@@ -56,31 +65,6 @@ TRL_METRICS = (*TRL_CLIP_METRICS, "trl_vespo_phi_seq_mean", *TRL_EXTREME_METRICS
 VERL_METRICS = ("verl_pg_clipfrac", "verl_pg_clipfrac_lower", "verl_ppo_kl")
 """verl's `actor/pg_clipfrac`, `actor/pg_clipfrac_lower`, `actor/ppo_kl` (computed by
 `framework`)."""
-
-ColumnArray = npt.NDArray[np.generic]
-"""One column over the steps: [S]."""
-
-
-@dataclass(frozen=True)
-class SeriesInputs:
-    """What a host derivation sees: one policy's columns so far (every device metric, and the
-    derived columns declared before it), the step numbers, each step's geometry, the config."""
-
-    values: Mapping[str, ColumnArray]
-    steps: npt.NDArray[np.int64]
-    geometry: tuple[StepGeometryKind, ...]
-    config: ReplayConfig
-
-    def float(self, name: str) -> npt.NDArray[np.float64]:
-        """Column `name` as float64 [S]."""
-        return np.asarray(self.values[name], dtype=np.float64)
-
-    def flag(self, name: str) -> npt.NDArray[np.bool_]:
-        """Column `name` as bool [S]."""
-        return np.asarray(self.values[name], dtype=np.bool_)
-
-
-Derive = Callable[[SeriesInputs], ColumnArray]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,66 +118,6 @@ class Column:
         return None if self.gate is None else f"{self.name}_{self.gate.aggregate}"
 
 
-def ratio(num: npt.NDArray[np.float64], den: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """num / den elementwise; 0 where den is 0 (nothing to divide), NaN propagated."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = num / np.where(den == 0, 1.0, den)
-    return np.where(den == 0, np.where(np.isfinite(num), 0.0, np.nan), out)
-
-
-def _clip_scale(inputs: SeriesInputs) -> ColumnArray:
-    norm = inputs.float("update_norm")
-    bound = inputs.config.max_grad_norm
-    if bound is None:
-        return np.where(np.isfinite(norm), 1.0, np.nan)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.minimum(1.0, bound / (norm + CLIP_EPS))
-
-
-def measured_steps(geometry: Sequence[str]) -> npt.NDArray[np.bool_]:
-    """[S] bool: the steps whose update norm recorded gradient geometry measured (a Gram
-    matrix or a sketch), not the coefficient-norm proxy ("coef")."""
-    return np.array([kind != "coef" for kind in geometry], dtype=bool)
-
-
-def _per_kind(
-    inputs: SeriesInputs, rule: Callable[[npt.NDArray[np.float64]], ColumnArray]
-) -> ColumnArray:
-    """`rule` ([S'] norms -> [S'] bool) applied to the update norms of each kind apart: norms
-    from recorded geometry and coefficient norms (the proxy) are in different units (on the
-    example, ~13x apart), so in a mixed run each step's spike history holds only steps
-    measured the same way, else every geometry step among proxy steps would be a "spike"."""
-    norm = inputs.float("update_norm")
-    measured = measured_steps(inputs.geometry)
-    flags = np.zeros(norm.shape[0], dtype=bool)
-    for same in (measured, ~measured):
-        flags[same] = rule(norm[same])
-    return flags
-
-
-def _spike(inputs: SeriesInputs) -> ColumnArray:
-    factor = inputs.config.spike_factor
-    return _per_kind(inputs, lambda norms: spike_flags(norms, factor=factor))
-
-
-def _spike_judged(inputs: SeriesInputs) -> ColumnArray:
-    """The steps `_spike` compared with a median (`spike_judged`, in each kind's history), and
-    those without a finite, nonzero norm, which are never a spike (a non-finite one is counted
-    as non-finite): False on a kind's first finite, nonzero norms only."""
-    norm = inputs.float("update_norm")
-    judged: ColumnArray = ~np.isfinite(norm) | (norm == 0) | _per_kind(inputs, spike_judged)
-    return judged
-
-
-def _nonfinite(inputs: SeriesInputs) -> ColumnArray:
-    return ~np.isfinite(inputs.float("update_norm")) | (inputs.float("nonfinite_coefs") > 0)
-
-
-def _drift(inputs: SeriesInputs) -> ColumnArray:
-    config = inputs.config
-    return drift_flags(inputs.float("net_push"), config.window, config.drift_threshold)
-
-
 COLUMNS: tuple[Column, ...] = (
     Column(
         name="step",
@@ -238,7 +162,7 @@ COLUMNS: tuple[Column, ...] = (
         name="clip_scale",
         kind="float",
         meaning="min(1, max_grad_norm / update_norm): what clipping would apply (1 without it).",
-        derive=_clip_scale,
+        derive=clip_scale,
         table=TableCell(header="clip scale"),
     ),
     Column(
@@ -270,21 +194,21 @@ COLUMNS: tuple[Column, ...] = (
         kind="bool",
         meaning="update_norm above spike_factor x the median of the previous finite non-zero "
         "steps.",
-        derive=_spike,
+        derive=spike,
         flag=True,
     ),
     Column(
         name="nonfinite",
         kind="bool",
         meaning="The replayed update is NaN or inf.",
-        derive=_nonfinite,
+        derive=nonfinite,
         flag=True,
     ),
     Column(
         name="drift",
         kind="bool",
         meaning="The rolling mean of net_push over window steps is below drift_threshold.",
-        derive=_drift,
+        derive=drift,
         flag=True,
     ),
     Column(
@@ -417,7 +341,7 @@ COLUMNS: tuple[Column, ...] = (
         meaning="The spike rule judged the step: false on the first "
         f"{SPIKE_MIN_HISTORY} finite, non-zero update norms of its kind, which have no history "
         "to compare with (n/j in the per-step table's flags).",
-        derive=_spike_judged,
+        derive=spike_judged_steps,
     ),
 )
 """The registry: every per-step column, in the order of a JSON step row."""

@@ -26,8 +26,9 @@ from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._views import ReadSteps, StepSubset
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import get_policy
-from stabledrl_cli.replay.columns import ColumnArray, derive_series
+from stabledrl_cli.replay.columns import derive_series
 from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.derivations import ColumnArray
 from stabledrl_cli.replay.guards import GuardInput, GuardReplay
 from stabledrl_cli.replay.measurements import NoiseFloor, OwnLikelihood, measurements_of
 from stabledrl_cli.replay.observed import Observed, observe

@@ -26,8 +26,8 @@ from stabledrl_cli._repr import compact_repr
 from stabledrl_cli.dump._integrity import Gap, missing_count
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import get_policy
-from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import StepRange
+from stabledrl_cli.replay.derivations import ColumnArray
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.vocab import UNJOINED_KINDS, RunGeometryKind, UnjoinedGeometry
 

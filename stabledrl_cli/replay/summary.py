@@ -10,8 +10,9 @@ import numpy as np
 
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay import columns
-from stabledrl_cli.replay.columns import Aggregate, ColumnArray
+from stabledrl_cli.replay.columns import Aggregate
 from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY
+from stabledrl_cli.replay.derivations import ColumnArray, measured_steps
 from stabledrl_cli.replay.detectors import rolling_mean
 from stabledrl_cli.replay.result import PolicySummary, StepSeries, same_mass
 
@@ -83,7 +84,7 @@ def unjudged_rules(
         )
     norms = np.asarray(series["update_norm"], dtype=np.float64)
     history = (np.isfinite(norms) & (norms != 0)).astype(np.int64)
-    measured = columns.measured_steps(geometry)
+    measured = measured_steps(geometry)
     most = max(int(history[measured].sum()), int(history[~measured].sum()))
     if most <= SPIKE_MIN_HISTORY:
         found["spike"] = (
@@ -97,7 +98,7 @@ def fidelity_gap(stream: StreamedRun, norms: np.ndarray, *, unjoined: bool = Fal
     """Why the own policy's `fidelity` is None, given its replayed update norms [S]: what the
     run lacks for `_relative_error` to compare any step (`unjoined`: the ranks recorded
     geometry that their join left out)."""
-    measured = columns.measured_steps(stream.geometry)
+    measured = measured_steps(stream.geometry)
     if not measured.any():
         return "needs gradient geometry" + (" that joins across ranks" if unjoined else "")
     covered = stream.grad_norm_covered[measured]
@@ -144,7 +145,7 @@ def summarize_policy(
     drift = np.asarray(series["drift"], dtype=bool)
     fidelity = loss_parity = None
     if own:
-        measured = columns.measured_steps(stream.geometry)
+        measured = measured_steps(stream.geometry)
         if measured.any():
             fidelity = _relative_error(norms[measured], stream.grad_norm_covered[measured])
         objective = np.asarray(series["objective"], dtype=np.float64)
