@@ -13,7 +13,8 @@ from conftest import fixture_run
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import replay_run
-from stabledrl_cli.replay.result import Columns, ReplayResult, StepSeries
+from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.replay.step_series import Columns, StepSeries
 
 POLICIES = ["grpo", "dapo", "cispo"]
 

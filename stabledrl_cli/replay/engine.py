@@ -45,7 +45,7 @@ from stabledrl_cli.replay.config import (
     replay_config,
 )
 from stabledrl_cli.replay.observed import Observed, observe
-from stabledrl_cli.replay.result import PolicyResult, ReplayResult, StepSeries, Unjoined
+from stabledrl_cli.replay.result import PolicyResult, ReplayResult, Unjoined
 from stabledrl_cli.replay.run_facts import (
     NothingToReplay,
     no_steps_message,
@@ -57,6 +57,7 @@ from stabledrl_cli.replay.run_facts import (
     skipped_reasons,
 )
 from stabledrl_cli.replay.step_data import check_step, run_unit
+from stabledrl_cli.replay.step_series import StepSeries
 from stabledrl_cli.replay.stream import StreamedRun, detail_pass, stream_run
 from stabledrl_cli.replay.summary import (
     best_index,

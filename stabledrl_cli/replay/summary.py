@@ -14,7 +14,8 @@ from stabledrl_cli.replay.columns import Aggregate
 from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY
 from stabledrl_cli.replay.derivations import ColumnArray, measured_steps
 from stabledrl_cli.replay.detectors import rolling_mean
-from stabledrl_cli.replay.result import PolicySummary, StepSeries, same_mass
+from stabledrl_cli.replay.result import PolicySummary, same_mass
+from stabledrl_cli.replay.step_series import StepSeries
 
 if TYPE_CHECKING:
     from stabledrl_cli.replay.stream import StreamedRun
