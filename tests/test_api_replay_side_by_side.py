@@ -17,7 +17,7 @@ import torch
 
 import stabledrl_cli as sd
 from stabledrl_cli.dump import RunIntegrityWarning
-from stabledrl_cli.replay.engine import LocalEngine
+from stabledrl_cli.replay.engines import LocalEngine
 from stabledrl_cli.replay.stream import StreamedRun
 
 

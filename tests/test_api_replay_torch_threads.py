@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import stabledrl_cli as sd
-from stabledrl_cli.replay.engine import single_torch_thread
+from stabledrl_cli.replay.engines import single_torch_thread
 
 
 @pytest.fixture

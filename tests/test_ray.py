@@ -39,7 +39,8 @@ from stabledrl_cli.errors import (
 )
 from stabledrl_cli.replay import ray_engine
 from stabledrl_cli.replay.config import replay_config
-from stabledrl_cli.replay.engine import named_engine, replay, replay_run
+from stabledrl_cli.replay.engine import replay, replay_run
+from stabledrl_cli.replay.engines import named_engine
 from stabledrl_cli.replay.process_engine import ProcessEngine
 from stabledrl_cli.replay.ray_engine import RayEngine
 from stabledrl_cli.replay.shards import ShardTask, plan_shards, stream_shard

@@ -29,7 +29,8 @@ from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay import follow, stream
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.engine import LocalEngine, resolve_policies
+from stabledrl_cli.replay.engine import resolve_policies
+from stabledrl_cli.replay.engines import LocalEngine
 
 runner = CliRunner()
 STEPS = 6

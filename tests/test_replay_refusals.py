@@ -19,7 +19,8 @@ import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import pack_run
 from stabledrl_cli.errors import InputError, StabledrlError, UsageError
-from stabledrl_cli.replay.engine import LocalEngine, NothingToReplay
+from stabledrl_cli.replay.engine import NothingToReplay
+from stabledrl_cli.replay.engines import LocalEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.replay import metrics, stream
-from stabledrl_cli.replay.engine import single_torch_thread
+from stabledrl_cli.replay.engines import single_torch_thread
 
 SEQUENCES, LENGTH, GROUP = 64, 2048, 8
 """131K positions a step: past torch's grain, where two intra-op threads split a reduction."""

@@ -27,7 +27,7 @@ from stabledrl_cli.replay.run_facts import scalar_run_refusal
 from stabledrl_cli.vocab import ReplayEngine
 
 if TYPE_CHECKING:
-    from stabledrl_cli.replay.engine import Engine
+    from stabledrl_cli.replay.engines import Engine
 
 
 def check_policy_specs(policies: Sequence[str] | None) -> None:

@@ -3,8 +3,9 @@
 `config` (settings and their defaults), `columns` (every per-step column, declared once;
 `derivations`, those computed on the host), `metrics` (device computation of a step, with its
 `step_geometry`; `top_sequences` for `--detail`), `framework` (TRL's and verl's own clip
-metrics), `stream` (the streaming pass), `summary`, `engine` (`replay`, `replay_run`),
-`result` (the typed result and its JSON);
+metrics), `stream` (the streaming pass), `summary`, `engine` (`replay`, `replay_run`;
+`engines`, where its pass runs), `result` (the typed result and its JSON; `step_series`, its
+per-step columns);
 `observed` and `inspection` (the recorded run itself, with the collapse warning of
 `detectors` over the reward draws of `rollouts`; `measurements` gathers its per-step
 figures); `report` (tables; `report_observed`, its lines on the recorded run), `hdf5`,

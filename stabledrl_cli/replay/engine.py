@@ -18,13 +18,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Protocol
 
 import numpy as np
-import torch
 
 from stabledrl_cli._device import resolve_device
-from stabledrl_cli._shared_setting import SharedSetting
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._live import live_read
@@ -44,6 +41,13 @@ from stabledrl_cli.replay.config import (
     parse_size,
     replay_config,
 )
+from stabledrl_cli.replay.engines import (
+    Engine,
+    LocalEngine,
+    named_engine,
+    no_engine,
+    single_torch_thread,
+)
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult, Unjoined
 from stabledrl_cli.replay.run_facts import (
@@ -58,7 +62,7 @@ from stabledrl_cli.replay.run_facts import (
 )
 from stabledrl_cli.replay.step_data import check_step, run_unit
 from stabledrl_cli.replay.step_series import StepSeries
-from stabledrl_cli.replay.stream import StreamedRun, detail_pass, stream_run
+from stabledrl_cli.replay.stream import StreamedRun, detail_pass
 from stabledrl_cli.replay.summary import (
     best_index,
     fidelity_gap,
@@ -186,85 +190,6 @@ def _flagged_steps(series: list[StepSeries], keep: np.ndarray) -> dict[int, list
         for number in np.asarray(s["step"])[hits]:
             flagged.setdefault(int(number), []).append(i)
     return flagged
-
-
-def _one_torch_thread() -> Callable[[], None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    return partial(torch.set_num_threads, before)
-
-
-single_torch_thread = SharedSetting(_one_torch_thread).held
-"""torch's intra-op CPU threads set to 1 for the block, then restored: a replay's figures do
-not depend on the machine's cores (reductions split across threads sum in another order) and a
-shared machine is not oversubscribed. A replay's own `threads` compute steps side by side
-instead (`stream.computing_threads`)."""
-
-
-class Engine(Protocol):
-    """Where a replay's streaming pass runs: this process (`LocalEngine`) or a cluster
-    (`ray_engine.RayEngine`). Every run-level figure is computed from what it returns."""
-
-    def stream(
-        self,
-        run: Run,
-        policies: list[Policy],
-        own_index: int | None,
-        config: ReplayConfig,
-        progress: Callable[[int], None] | None,
-    ) -> StreamedRun:
-        """Every policy over every readable step of `run`: `stream.stream_run`'s result."""
-        ...
-
-
-class LocalEngine:
-    """The streaming pass in this process, on `config.device`."""
-
-    def stream(
-        self,
-        run: Run,
-        policies: list[Policy],
-        own_index: int | None,
-        config: ReplayConfig,
-        progress: Callable[[int], None] | None,
-    ) -> StreamedRun:
-        """`stream.stream_run` over the whole run."""
-        device = resolve_device(config.device)
-        return stream_run(
-            run,
-            policies,
-            own_index,
-            device,
-            chunk_size=config.chunk_size,
-            memory_budget=config.memory_budget,
-            progress=progress,
-            lean=config.lean,
-            threads=config.threads,
-        )
-
-
-def named_engine(name: str) -> Engine:
-    """The engine `--engine NAME` runs on with its defaults: "local", "processes" (a worker
-    process a CPU) or "ray" (a local Ray cluster, or the one `RAY_ADDRESS` names); UsageError
-    for another name."""
-    if name == "local":
-        return LocalEngine()
-    if name == "processes":
-        from stabledrl_cli.replay.process_engine import ProcessEngine
-
-        return ProcessEngine()
-    if name == "ray":
-        from stabledrl_cli.replay.ray_engine import RayEngine  # imports ray only when run
-
-        return RayEngine()
-    raise _no_engine(name)
-
-
-def _no_engine(value: object) -> UsageError:
-    """The error of an `engine` that is neither a known name nor an engine object."""
-    return UsageError(
-        f"engine must be 'local', 'processes', 'ray' or an engine object, got {value!r}"
-    )
 
 
 def check_first_step(run: Run, policies: list[Policy]) -> None:
@@ -444,7 +369,7 @@ def replay(
     elif engine is not None and (
         isinstance(engine, type) or not callable(getattr(engine, "stream", None))
     ):  # a class (engine=RayEngine): its stream is unbound
-        raise _no_engine(engine)
+        raise no_engine(engine)
     budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
     config = replay_config(
         device=device,

@@ -178,7 +178,7 @@ class OwnReplay:
     def _stream(self, subset: StepSubset) -> StreamedRun:
         """The replay's streaming pass of the own policy over `subset` (torch, loaded now)."""
         from stabledrl_cli._device import resolve_device
-        from stabledrl_cli.replay.engine import single_torch_thread
+        from stabledrl_cli.replay.engines import single_torch_thread
         from stabledrl_cli.replay.stream import stream_run
 
         assert self.policy is not None
