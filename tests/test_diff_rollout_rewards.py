@@ -1,5 +1,5 @@
 """`diff` compares reward_mean one value a rollout, as the observed-collapse rule reads it
-(`detectors.reward_draws`): a recording whose rollouts are trained over several steps (TRL's
+(`rollouts.reward_draws`): a recording whose rollouts are trained over several steps (TRL's
 steps_per_generation above gradient_accumulation_steps, num_iterations > 1) holds each step's
 own reward, where the framework's log holds one a rollout, its mean. The same training read
 from both parted at the rollout's first step on reward_mean (0.375 vs TRL's 0.3125)."""
