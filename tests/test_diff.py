@@ -31,7 +31,7 @@ from stabledrl_cli.example.trainer import train
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.diff import diff_runs
-from stabledrl_cli.replay.diff_figures import FIGURES
+from stabledrl_cli.replay.diff.figures import FIGURES
 
 CONFIG = ExampleConfig(seed=2, steps=12, pretrain_steps=10)
 CPU = ReplayConfig(device="cpu")

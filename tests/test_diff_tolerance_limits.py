@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder
-from stabledrl_cli.replay.diff_values import entry_differences
+from stabledrl_cli.replay.diff.values import entry_differences
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 runner = CliRunner()

@@ -23,7 +23,7 @@ from stabledrl_cli.example.trainer import train
 from stabledrl_cli.guard import ACTION_CODES, SCALARS, Decision, Guard
 from stabledrl_cli.policies import PolicyBatch, get_policy
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.diff import diff_runs
+from stabledrl_cli.replay.diff.runs import diff_runs
 from stabledrl_cli.replay.guards import replay_guards
 
 NORMS = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 50.0, 1.0]

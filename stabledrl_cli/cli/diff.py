@@ -27,8 +27,8 @@ from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import format_cell
 from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY, ReplayConfig
-from stabledrl_cli.replay.diff import DEFAULT_ATOL, DEFAULT_CONTEXT, DEFAULT_RTOL, diff_runs
-from stabledrl_cli.replay.diff_result import DiffResult, Parting
+from stabledrl_cli.replay.diff.result import DiffResult, Parting
+from stabledrl_cli.replay.diff.runs import DEFAULT_ATOL, DEFAULT_CONTEXT, DEFAULT_RTOL, diff_runs
 from stabledrl_cli.tables import print_fitted
 from stabledrl_cli.vocab import DiffKind
 

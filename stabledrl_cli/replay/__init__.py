@@ -9,7 +9,8 @@ per-step columns);
 `observed` and `inspection` (the recorded run itself, with the collapse warning of
 `detectors` over the reward draws of `rollouts`; `measurements` gathers its per-step
 figures); `report` (tables; `report_observed`, its lines on the recorded run), `hdf5`,
-`plot`; `baseline`, `figures`, `gate`, `evaluation`, `junit` (CI checks).
+`plot`; `baseline`, `figures`, `gate`, `evaluation`, `junit` (CI checks). Sub-packages:
+`diff` (`stabledrl diff`'s machinery).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ which they differ, per kind of difference (docs/diff.md).
 
 The runs are compared step by step, one field of one step of each run in memory at a time, in
 ascending order of the steps both hold, until every kind has parted (or the steps run out;
-the names below are `diff_steps`'s):
+the names below are `diff.steps`'s):
 
 - `arrays`: every array of the step and its `SCALAR_NAMES`, bit for bit (a field only one of the two
   has differs);
@@ -27,13 +27,13 @@ training step at a time, numbered as the log's (`TrainingSteps`): the result's s
 and parting are then training steps, as its `notes` say. How the steps line up is
 `alignment`'s.
 
-Two values agree within the tolerance as `diff_values` says. The runs *part* at the first
+Two values agree within the tolerance as `diff.values` says. The runs *part* at the first
 step where inputs, log-probabilities or scalars differ; steps only one run holds are listed,
 not counted as parting; where either step is of scalars only (an imported log, the optimizer
 hooks' steps) only the scalars (and arrays) both record there are compared, and those only one
-records are listed (`diff_steps`). Around the parting step the figures of each run are set
+records are listed (`diff.steps`). Around the parting step the figures of each run are set
 side by side: reward and grad norm as recorded, the rollout's reward as compared, discard
-fraction and risk of the run's own policy replayed (`diff_figures`).
+fraction and risk of the run's own policy replayed (`diff.figures`).
 """
 
 from __future__ import annotations
@@ -45,17 +45,17 @@ from typing import Any
 
 from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
 from stabledrl_cli.errors import ConfigError, InputError, counted
-from stabledrl_cli.replay.alignment import (
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.diff.alignment import (
     SERIES_READ,
     RolloutRewards,
     WindowMeans,
     log_windows,
     training_steps,
 )
-from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.diff_figures import FIGURES, run_figures
-from stabledrl_cli.replay.diff_result import DiffResult, SideBySide
-from stabledrl_cli.replay.diff_steps import DERIVED_SCALARS, Comparison
+from stabledrl_cli.replay.diff.figures import FIGURES, run_figures
+from stabledrl_cli.replay.diff.result import DiffResult, SideBySide
+from stabledrl_cli.replay.diff.steps import DERIVED_SCALARS, Comparison
 from stabledrl_cli.replay.observed import is_verl_recording
 from stabledrl_cli.replay.run_facts import (
     SKIPPED_KINDS,

@@ -9,8 +9,8 @@ from typing import Any
 
 from stabledrl_cli.dump import Run, RunIntegrityWarning
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.replay.alignment import RolloutRewards, WindowMeans
 from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.diff.alignment import RolloutRewards, WindowMeans
 
 FIGURES = ("reward_mean", "reward_draw", "grad_norm", "discard_frac", "risk", "risk_judged")
 """The figures set side by side: recorded reward, the rollout's reward as compared (at its
@@ -25,7 +25,7 @@ def _compared_reward(
     rewards: RolloutRewards,
     means: Mapping[str, float] | None,
 ) -> float | None:
-    """The reward_mean compared at `step` (as `diff_steps` compares it), as the side-by-side table
+    """The reward_mean compared at `step` (as `diff.steps` compares it), as the side-by-side table
     shows it: the mean over the other run's row's window (`means`), else the draw of the
     rollout that starts there, else the step's own where no rollout draw among the compared
     steps holds it (a rollout whose first step the other run lacks); None inside a rollout,

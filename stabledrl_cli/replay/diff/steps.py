@@ -14,9 +14,9 @@ from stabledrl_cli.dump._schema import (
     SERIES_SCALARS,
     STANDARD_SCALARS,
 )
-from stabledrl_cli.replay.alignment import WINDOW_MEAN_SCALARS, RolloutRewards, WindowMeans
-from stabledrl_cli.replay.diff_result import FieldDifference, Parting
-from stabledrl_cli.replay.diff_values import (
+from stabledrl_cli.replay.diff.alignment import WINDOW_MEAN_SCALARS, RolloutRewards, WindowMeans
+from stabledrl_cli.replay.diff.result import FieldDifference, Parting
+from stabledrl_cli.replay.diff.values import (
     array_type,
     bitwise_equal,
     entry_differences,
