@@ -8,8 +8,8 @@ import numpy as np
 
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.follow import RunWatcher
 from stabledrl_cli.replay.observed import observe
+from stabledrl_cli.replay.watch.follow import RunWatcher
 
 
 def test_a_collapse_after_one_the_reward_recovered_from_is_alerted(tmp_path: Path) -> None:

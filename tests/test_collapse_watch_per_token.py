@@ -8,7 +8,7 @@ from pathlib import Path
 from test_observed import _growing_sequence_run
 
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.follow import RunWatcher
+from stabledrl_cli.replay.watch.follow import RunWatcher
 
 
 def _warning_alerts(path: Path) -> list[str]:

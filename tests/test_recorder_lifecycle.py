@@ -326,7 +326,7 @@ def test_a_closed_run_overwritten_loses_its_mark_before_any_step_file_goes(tmp_p
     (here 2 of 3) and ended as if the recording were done."""
     from stabledrl_cli.dump import _setup
     from stabledrl_cli.replay.config import ReplayConfig
-    from stabledrl_cli.replay.follow import RunWatcher
+    from stabledrl_cli.replay.watch.follow import RunWatcher
 
     run = tmp_path / "run"
     with sd.Recorder(run, policy=None) as recorder:

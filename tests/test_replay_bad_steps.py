@@ -27,10 +27,11 @@ import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.replay import follow, stream
+from stabledrl_cli.replay import stream
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import resolve_policies
 from stabledrl_cli.replay.engines import LocalEngine
+from stabledrl_cli.replay.watch import follow
 
 runner = CliRunner()
 STEPS = 6

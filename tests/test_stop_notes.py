@@ -26,8 +26,8 @@ from stabledrl_cli.dump import pack_run
 from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.follow import RunWatcher
 from stabledrl_cli.replay.inspection import summarize
+from stabledrl_cli.replay.watch.follow import RunWatcher
 
 
 def _stopping(path: Path, rank: int, monkeypatch: pytest.MonkeyPatch, fail_at: int) -> None:

@@ -32,13 +32,15 @@ from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.dump._manifest_edits import amend_manifest
 from stabledrl_cli.dump._policy import policy_entry
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.replay import follow, incremental, rank_files, watched_manifest
+from stabledrl_cli.replay import incremental
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import NothingToReplay, replay_run
-from stabledrl_cli.replay.follow import RunWatcher
 from stabledrl_cli.replay.observed import observe
 from stabledrl_cli.replay.recorded import recorded_run
-from stabledrl_cli.replay.watch_state import WatchState
+from stabledrl_cli.replay.watch import follow, rank_files
+from stabledrl_cli.replay.watch import manifest as watched_manifest
+from stabledrl_cli.replay.watch.follow import RunWatcher
+from stabledrl_cli.replay.watch.state import WatchState
 
 CPU = ReplayConfig(device="cpu")
 HANG_SECONDS = 60.0
@@ -1006,7 +1008,8 @@ def test_a_closed_stderr_exits_141_not_as_a_tripped_gate(grpo_fixture):
 
 _POLL_THAT_WAITS = """
 import signal, sys
-from stabledrl_cli.replay import follow, incremental
+from stabledrl_cli.replay import incremental
+from stabledrl_cli.replay.watch import follow
 def poll(self):
     sys.stderr.write("polling\\n")
     sys.stderr.flush()

@@ -21,8 +21,8 @@ from stabledrl_cli.dump import Recorder, open_run, pack_run
 from stabledrl_cli.dump._file_names import writer_lock_name
 from stabledrl_cli.dump._writer_lock import _kernel
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.follow import RunWatcher
-from stabledrl_cli.replay.watch_state import WatchState
+from stabledrl_cli.replay.watch.follow import RunWatcher
+from stabledrl_cli.replay.watch.state import WatchState
 
 GATE = ["--max-lost-steps", "0", "--device", "cpu"]
 LOST = "1 step lost (1 skipped, 0 missing between recorded ones), limit 0"

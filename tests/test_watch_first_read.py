@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.follow import RunWatcher
+from stabledrl_cli.replay.watch.follow import RunWatcher
 
 CPU = ReplayConfig(device="cpu")
 

@@ -15,7 +15,7 @@ from stabledrl_cli.replay.gate import GateResult, Gates
 from stabledrl_cli.replay.run_facts import own_spec, print_own_policy_note, scalar_steps
 
 if TYPE_CHECKING:
-    from stabledrl_cli.replay.follow import RunWatcher
+    from stabledrl_cli.replay.watch.follow import RunWatcher
 
 
 def require_replayed(watcher: RunWatcher) -> None:

@@ -35,10 +35,10 @@ from stabledrl_cli.replay.gate import Gates
 from stabledrl_cli.replay.run_facts import print_own_policy_note, run_gaps, whole_run_refusal
 
 if TYPE_CHECKING:
-    from stabledrl_cli.replay.follow import RunWatcher
     from stabledrl_cli.replay.incremental import OwnReplay
-    from stabledrl_cli.replay.watch_state import WatchState
-    from stabledrl_cli.replay.writers import WritersEnd
+    from stabledrl_cli.replay.watch.follow import RunWatcher
+    from stabledrl_cli.replay.watch.state import WatchState
+    from stabledrl_cli.replay.watch.writers import WritersEnd
 
 TERMINATED = SIGNALLED + signal.SIGTERM
 """The exit code of a watch stopped with SIGTERM (143), as a shell reports a process it ended."""

@@ -21,10 +21,10 @@ from stabledrl_cli.spec import wrap_spec
 from stabledrl_cli.tables import narrowest_width, stack_headers
 
 if TYPE_CHECKING:
-    from stabledrl_cli.replay.alerts import Alert
-    from stabledrl_cli.replay.follow import PolicyChange, RunWatcher
-    from stabledrl_cli.replay.rank_files import RankProgress
-    from stabledrl_cli.replay.watch_state import WatchState
+    from stabledrl_cli.replay.watch.alerts import Alert
+    from stabledrl_cli.replay.watch.follow import PolicyChange, RunWatcher
+    from stabledrl_cli.replay.watch.rank_files import RankProgress
+    from stabledrl_cli.replay.watch.state import WatchState
 
 STEPS_LISTED = 8
 """Steps named per list in the view (JSON has them all)."""

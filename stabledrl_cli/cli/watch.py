@@ -123,7 +123,7 @@ def command(
             opened = open_run(path)  # a missing path or a non-run (a FIFO): its own error
             if once and device in ("auto", "cpu"):  # a device named is checked first, by torch
                 refuse_unreplayed_gates(opened, path, gates)
-        from stabledrl_cli.replay.follow import RunWatcher
+        from stabledrl_cli.replay.watch.follow import RunWatcher
 
         if device not in ("auto", "cpu"):  # torch: now, not when the first batch lands (live)
             from stabledrl_cli._device import resolve_device

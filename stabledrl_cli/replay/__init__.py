@@ -10,7 +10,7 @@ per-step columns);
 `detectors` over the reward draws of `rollouts`; `measurements` gathers its per-step
 figures); `report` (tables; `report_observed`, its lines on the recorded run), `hdf5`,
 `plot`; `baseline`, `figures`, `gate`, `evaluation`, `junit` (CI checks). Sub-packages:
-`diff` (`stabledrl diff`'s machinery).
+`diff` and `watch` (`stabledrl diff`'s and `stabledrl watch`'s machinery).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ spike, drift and risk flags equal those of a full replay of the steps up to n: e
 only looks back. A scalar step (per-step scalars only: an optimizer-hook recording, an
 imported log) has nothing to replay: it is read all the same, and its recorded scalars count in
 the run's observed behaviour, as in a replay of the whole run. `watch` follows a live run with
-it (`follow.RunWatcher`); `diff` replays the steps around the point two runs part.
+it (`watch.follow.RunWatcher`); `diff` replays the steps around the point two runs part.
 """
 
 from __future__ import annotations

@@ -9,10 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from stabledrl_cli.dump._views import ReadSteps
-from stabledrl_cli.replay.alerts import Alert, flag_steps
 from stabledrl_cli.replay.incremental import OwnReplay
 from stabledrl_cli.replay.observed import is_verl_recording
-from stabledrl_cli.replay.rank_files import RankProgress, behind
 from stabledrl_cli.replay.rollouts import (
     REWARD_DRAW_SCALARS,
     rollout_indices,
@@ -20,6 +18,8 @@ from stabledrl_cli.replay.rollouts import (
     training_step_starts,
 )
 from stabledrl_cli.replay.summary import unjudged_rules
+from stabledrl_cli.replay.watch.alerts import Alert, flag_steps
+from stabledrl_cli.replay.watch.rank_files import RankProgress, behind
 
 
 @dataclass(frozen=True, kw_only=True)
