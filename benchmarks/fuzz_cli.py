@@ -269,7 +269,7 @@ def fuzz(runs: int, seed: int, report: Callable[[str], None]) -> list[tuple[list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=at_least(1), default=200, help="command lines to run")
     parser.add_argument("--seed", type=at_least(0), default=0, help="the random seed")
     args = parser.parse_args(argv)
