@@ -457,6 +457,24 @@ def test_a_logging_steps_past_a_doubles_range_is_no_setting(tmp_path: Path) -> N
     assert _import(str(state), "--out", str(tmp_path / "s"))["logging_steps"] is None
 
 
+@pytest.mark.parametrize("k", ["1e308", str(2**63), "1e19"])
+def test_a_logging_steps_past_the_last_step_is_no_setting(tmp_path: Path, k: str) -> None:
+    """A logging_steps of 1e308 (in a double's range) was kept: the import's summary said
+    `written every` and 309 digits, a line of 350 characters, and the manifest kept them. Past
+    the largest step (2**63 - 1) no row can end such a span: it is no setting."""
+    state = tmp_path / "trainer_state.json"
+    state.write_text(f'{{"logging_steps": {k}, "log_history": [{{"step": 1, "loss": 0.5}}]}}')
+    assert _import(str(state), "--out", str(tmp_path / "s"))["logging_steps"] is None
+    done = runner.invoke(app, ["import", str(state), "--out", str(tmp_path / "t")])
+    assert done.exit_code == 0 and "written every" not in done.output
+    update = proto_field(1, b"logging_steps") + proto_field(16, k.encode())
+    summary = _import_raw(
+        tmp_path,
+        _file(proto_field(5, proto_field(1, update)), _history(("_step", "1"), ("loss", "0.5"))),
+    )
+    assert summary["logging_steps"] is None
+
+
 def test_a_key_nested_deep_is_refused_at_once(tmp_path: Path) -> None:
     """A history item of 80,000 nested keys (a 240 KB file over 8 blocks) took 19 s to refuse:
     each of its prefixes was looked up among the media groups (quadratic; 1 s at 20,000)."""

@@ -11,17 +11,17 @@ run's, dropping its metrics' later steps (`StepTable.preempts`); a trainer_state
 log_history is restored from its checkpoint by a resumed run, so its later row of a step wins.
 Evaluation rows (`eval_*` metrics) and the end-of-training summary (`train_runtime`,
 `train_loss`, ...) are skipped; NaN and Infinity, which Python's JSON writer emits, are read
-as such. The file's `logging_steps` (a whole number >= 1) says the rows were written every k
-steps: the table keeps it (`StepTable.logging_steps`); the list saved alone does not say.
+as such. The file's `logging_steps` (a whole number from 1 to STEP_LIMIT) says the rows were
+written every k steps: the table keeps it (`StepTable.logging_steps`); the list saved alone
+does not say.
 """
 
 from __future__ import annotations
 
-import math
-import sys
 from pathlib import Path
 
 from stabledrl_cli._json import parse_strict
+from stabledrl_cli.dump._schema import STEP_LIMIT
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.importers._files import DOCUMENT_LIMIT, open_log
 from stabledrl_cli.importers._names import WANDB_STEP, step_key_from
@@ -52,13 +52,12 @@ def _rows(document: list[object]) -> bool:
 
 def whole_logging_steps(value: object) -> int | None:
     """transformers' `logging_steps` as a whole number >= 1 (TrainingArguments holds a float:
-    2.0 is 2); None for anything else (a ratio of the run's steps is saved resolved, an
-    integer past a double's range is no setting)."""
+    2.0 is 2); None for anything else (a ratio of the run's steps is saved resolved; a number
+    past the largest step, STEP_LIMIT, is no setting: no row ends such a span, and its digits,
+    309 of 1e308, would be the summary's line)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    if isinstance(value, int) and abs(value) > sys.float_info.max:
-        return None
-    if not (math.isfinite(value) and value >= 1 and value == int(value)):
+    if not (1 <= value <= STEP_LIMIT and value == int(value)):  # NaN fails: no comparison holds
         return None
     return int(value)
 
