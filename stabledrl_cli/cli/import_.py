@@ -19,7 +19,7 @@ from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump._recorder_args import reward_range_text
 from stabledrl_cli.dump._run_target import check_out, check_replaceable, directory_or_nothing
-from stabledrl_cli.errors import UsageError, counted
+from stabledrl_cli.errors import LINE_BREAKS, UsageError, counted
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.importers._names import listed
 from stabledrl_cli.importers._table import dropped_text, skipped_text
@@ -116,7 +116,7 @@ def command(
 def _print_table(summary: ImportSummary) -> None:
     out.print(
         f"imported {counted(summary.steps, 'step')} ({summary.first_step}..{summary.last_step}) of "
-        f"{summary.source} ({summary.format}) into {summary.out}",
+        f"{summary.source} ({summary.format}) into {summary.out}".translate(LINE_BREAKS),
         highlight=False,
         soft_wrap=False,
     )
@@ -155,8 +155,9 @@ def _print_table(summary: ImportSummary) -> None:
             f"{counted(summary.preempted, 'value')} dropped: steps after the step a restarted run "
             "logged again"
         )
-    for line in lines:
-        out.print(line, highlight=False, soft_wrap=False)  # wrapped at the terminal's width
+    for line in lines:  # wrapped at the terminal's width; a line break of a logged name
+        # escaped (stdout's console escapes the other control characters): one line a note
+        out.print(line.translate(LINE_BREAKS), highlight=False, soft_wrap=False)
 
 
 def _reasons(left_out: dict[str, str]) -> str:
