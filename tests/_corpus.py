@@ -35,6 +35,8 @@ import stabledrl_cli as sd
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
 from stabledrl_cli.dump._stfile import canonical_crc as _canonical_crc
+from stabledrl_cli.importers._crc32c import masked_crc32c
+from stabledrl_cli.importers._wandb import HEADER as WANDB_HEADER
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -142,6 +144,87 @@ def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
     raw = bytearray(path.read_bytes())
     raw[offset] ^= 1 << bit
     path.write_bytes(bytes(raw))
+
+
+# -- Logs for `stabledrl import`, and a baseline ---------------------------------------------
+IMPORT_LOGS = {
+    "trainer_state.json": '{"log_history": [{"step": 1, "loss": 0.5, "grad_norm": NaN}], '
+    '"logging_steps": 1}',
+    "log.jsonl": '{"step": 1, "reward": 0.5}\n{"step": 2, "data": {"actor/loss": null}}\n',
+    "log.csv": "step,reward,Unnamed: 0\n1,0.5,0\n2,nan,1\nstep,loss\n1,3\n",
+    "run-x-tag-train_loss.json": "[[1.0, 1, 0.5], [2.0, 2, 0.25]]",
+    "slurm.out": "(TaskRunner pid=3) step:1 - critic/score/mean:np.float64(0.5) - a:nan "
+    "[repeated 2x across cluster]\nstep:2 - actor/loss:0.1\n",
+}
+"""A small log of each text format `import` reads, by a file name it detects (a restart, a NaN,
+a nested verl row, a second CSV header, Ray's prefix and suffix among them)."""
+
+
+def varint(value: int) -> bytes:
+    """A protobuf varint."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes((*out, value))
+
+
+def proto_field(number: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return varint(number << 3 | 2) + varint(len(data)) + data
+
+
+def tfrecord(data: bytes) -> bytes:
+    """A TFRecord of `data`: its length, the masked CRC-32C of the length, the data, its masked
+    CRC-32C (test_import_readers checks the CRC against TensorBoard's)."""
+    length = struct.pack("<Q", len(data))
+    return (
+        length
+        + struct.pack("<I", masked_crc32c(length))
+        + data
+        + struct.pack("<I", masked_crc32c(data))
+    )
+
+
+WANDB_BLOCK = 32 << 10
+"""The block of W&B's LevelDB log."""
+
+
+def wandb_fragment(kind: int, data: bytes) -> bytes:
+    """A LevelDB log fragment as wandb frames it: CRC-32 of its type and data, length, type."""
+    return struct.pack("<IHB", zlib.crc32(data, zlib.crc32(bytes((kind,)))), len(data), kind)
+
+
+def wandb_blocks(*records: bytes) -> bytes:
+    """A run file of `records` in 32 KiB blocks, as wandb writes one: a record split across
+    blocks, a block's last bytes too few for a header zeros."""
+    raw = bytearray(WANDB_HEADER)
+    for record in records:
+        first = True
+        while first or record:
+            room = WANDB_BLOCK - len(raw) % WANDB_BLOCK - 7
+            if room < 0:
+                raw += bytes(room + 7)
+                continue
+            part, record = record[:room], record[room:]
+            kind = (
+                (2 if record else 1) if first else (3 if record else 4)
+            )  # first/full, middle/last
+            raw += wandb_fragment(kind, part) + part
+            first = False
+    return bytes(raw)
+
+
+def baseline_data() -> dict[str, Any]:
+    """A minimal valid baseline (a fresh copy): a gate of each kind."""
+    return {
+        "schema": "stabledrl-baseline",
+        "version": 1,
+        "replay": {"spike_factor": 10.0, "window": 50, "drift_threshold": -0.15},
+        "observed": {"spike_steps": {"value": 0, "worse": "higher"}},
+        "recorded": {"grad_norm": {"max": {"value": 1.0, "abs_tol": 0.0}}},
+        "policies": {"grpo": {"discard_frac": {"value": 0.1, "abs_tol": 0.0, "rel_tol": 0.1}}},
+    }
 
 
 def packed(tmp: Path) -> Path:

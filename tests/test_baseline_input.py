@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from _cli import run_cli
+from _corpus import baseline_data
 from typer.testing import CliRunner
 
 from stabledrl_cli._version import __version__
@@ -45,14 +46,7 @@ def test_a_hostile_baseline_exits_3_in_one_line(
 
 def _baseline_with(path: tuple[str, ...], value: object) -> dict[str, object]:
     """A minimal valid baseline whose field at `path` is `value`."""
-    data: dict[str, object] = {
-        "schema": "stabledrl-baseline",
-        "version": 1,
-        "replay": {"spike_factor": 10.0, "window": 50, "drift_threshold": -0.15},
-        "observed": {"spike_steps": {"value": 0, "worse": "higher"}},
-        "recorded": {"grad_norm": {"max": {"value": 1.0, "abs_tol": 0.0}}},
-        "policies": {"grpo": {"discard_frac": {"value": 0.1, "abs_tol": 0.0, "rel_tol": 0.1}}},
-    }
+    data: dict[str, object] = baseline_data()
     entry: dict[str, object] = data
     for key in path[:-1]:
         child = entry[key]

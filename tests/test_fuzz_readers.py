@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _corpus import packed, read_step, rewrite_step, step_path, tiny_run
+from _corpus import IMPORT_LOGS, packed, proto_field, read_step, rewrite_step, step_path, tiny_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from fuzz_readers import CRAFTED, MANIFEST_NOTES, exercise, exercise_followed
-from test_import_wandb import proto_field
 
 from stabledrl_cli.capture._status import read_status
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
@@ -161,20 +160,9 @@ def test_random_bytes_as_records_status_file(tmp_path_factory: Any, data: bytes)
     assert all(0 < code < 256 for code in [*fatal, *(code for code, _ in failures)])
 
 
-LOGS = {
-    "trainer_state.json": '{"log_history": [{"step": 1, "loss": 0.5, "grad_norm": NaN}], '
-    '"logging_steps": 1}',
-    "log.jsonl": '{"step": 1, "reward": 0.5}\n{"step": 2, "data": {"actor/loss": null}}\n',
-    "log.csv": "step,reward,Unnamed: 0\n1,0.5,0\n2,nan,1\nstep,loss\n1,3\n",
-    "run-x-tag-train_loss.json": "[[1.0, 1, 0.5], [2.0, 2, 0.25]]",
-    "slurm.out": "(TaskRunner pid=3) step:1 - critic/score/mean:np.float64(0.5) - a:nan "
-    "[repeated 2x across cluster]\nstep:2 - actor/loss:0.1\n",
-}
-
-
 @FAST
 @given(
-    name=st.sampled_from(sorted(LOGS)),
+    name=st.sampled_from(sorted(IMPORT_LOGS)),
     at=st.floats(0, 1),
     cut=st.integers(0, 8),
     text=st.text(alphabet='{}[]",:;\t\n -0123456789.eEnaNstp/\x1b', max_size=24),
@@ -185,7 +173,7 @@ def test_edited_logs_through_import(
     """A log of each format with a few characters replaced by log syntax: imported (and the
     run it writes read back as `inspect` reads it), or refused as a StabledrlError."""
     work = tmp_path_factory.mktemp("log")
-    log = LOGS[name]
+    log = IMPORT_LOGS[name]
     where = int(at * len(log))
     (work / name).write_text(log[:where] + text + log[where + cut :])
     try:

@@ -15,6 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from _corpus import tfrecord
 from typer.testing import CliRunner
 
 from stabledrl_cli import _json
@@ -46,16 +47,6 @@ def _events(path: Path, events: list[event_pb2.Event]) -> Path:
         for event in events:
             writer.write(event.SerializeToString())
     return path
-
-
-def _record(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return (
-        length
-        + struct.pack("<I", reference_masked_crc32c(length))
-        + data
-        + struct.pack("<I", reference_masked_crc32c(data))
-    )
 
 
 def _tensor_event(step: int, tag: str, tensor: tensor_pb2.TensorProto, plugin: str = "") -> bytes:
@@ -906,7 +897,7 @@ def test_tensorboard_tensor_scalars_of_every_dtype(tmp_path: Path) -> None:
         _tensor_event(1, "p", tensor(dtype=1, float_val=[9.0]), "histograms"),
     ]
     log = tmp_path / "events.out.tfevents.1.host"
-    log.write_bytes(b"".join(_record(r) for r in records))
+    log.write_bytes(b"".join(tfrecord(r) for r in records))
     _, _, table = read_log(log)
     assert table.steps == {
         1: {"f": 0.5, "d": 0.25, "i": -3.0, "q": float(1 << 40), "h": 1.0, "bf": 1.5, "c": 2.5}
@@ -1048,7 +1039,7 @@ def test_tensorboard_tags_that_are_not_utf8_stay_apart(tmp_path: Path) -> None:
     def event(tag: bytes, value: float) -> bytes:
         entry = b"\x0a" + bytes([len(tag)]) + tag + b"\x15" + struct.pack("<f", value)
         summary = b"\x0a" + bytes([len(entry)]) + entry
-        return _record(b"\x10\x01\x2a" + bytes([len(summary)]) + summary)
+        return tfrecord(b"\x10\x01\x2a" + bytes([len(summary)]) + summary)
 
     log = tmp_path / "events.out.tfevents.1.host"
     log.write_bytes(event(b"loss\xff", 1.0) + event(b"loss\xfe", 2.0))
@@ -1058,7 +1049,7 @@ def test_tensorboard_tags_that_are_not_utf8_stay_apart(tmp_path: Path) -> None:
 
 
 def _good_record() -> bytes:
-    return _record(_tensor_event(1, "loss", tensor_pb2.TensorProto(dtype=1, float_val=[1.0])))
+    return tfrecord(_tensor_event(1, "loss", tensor_pb2.TensorProto(dtype=1, float_val=[1.0])))
 
 
 def _bad_length_crc() -> bytes:
@@ -1078,7 +1069,7 @@ def _float_as_varint() -> bytes:
     tensor = b"\x08\x01" + b"\x28" + b"\x80\x80\x80\x80\x80\x20"
     value = b"\x0a\x04loss" + b"\x42" + bytes([len(tensor)]) + tensor
     summary = b"\x0a" + bytes([len(value)]) + value
-    return _record(b"\x10\x01" + b"\x2a" + bytes([len(summary)]) + summary)
+    return tfrecord(b"\x10\x01" + b"\x2a" + bytes([len(summary)]) + summary)
 
 
 def _claims(length: int) -> bytes:
@@ -1092,12 +1083,12 @@ def _claims(length: int) -> bytes:
         (_bad_length_crc(), "length checksum mismatch"),
         (_good_record() + _bad_data_crc(), "data checksum mismatch"),
         (_claims(10 << 30), "claims 10737418240 bytes"),
-        (_record(b"\xff" * 20), "varint longer than 10 bytes"),
-        (_record(b"\x2a\xff\xff\xff\x0f"), "runs past the end"),
-        (_record(b"\x0b\x0c"), "wire type 3"),
-        (_record(b"\x00\x01"), "field number 0"),
-        (_record(b"\x2a\x04\x0a\x02\x0a\x50"), "runs past the end"),
-        (_record(b"\x2a\x05\x0a\x03\x15\x00\x00"), "runs past the end"),
+        (tfrecord(b"\xff" * 20), "varint longer than 10 bytes"),
+        (tfrecord(b"\x2a\xff\xff\xff\x0f"), "runs past the end"),
+        (tfrecord(b"\x0b\x0c"), "wire type 3"),
+        (tfrecord(b"\x00\x01"), "field number 0"),
+        (tfrecord(b"\x2a\x04\x0a\x02\x0a\x50"), "runs past the end"),
+        (tfrecord(b"\x2a\x05\x0a\x03\x15\x00\x00"), "runs past the end"),
         (_float_as_varint(), "a numeric field of wire type 0, not 5"),
     ],
     ids=["length-crc", "data-crc", "10GB", "varint", "past-end", "group", "field0", "nested",
@@ -1121,7 +1112,7 @@ def test_an_event_of_more_tags_than_a_log_holds_is_refused_as_they_are_read(
     values = [summary_pb2.Summary.Value(tag=f"{i:x}", simple_value=1.0) for i in range(100_000)]
     event = event_pb2.Event(step=1, summary=summary_pb2.Summary(value=values))
     log = tmp_path / "events.out.tfevents.1.host"
-    log.write_bytes(_record(event.SerializeToString()))
+    log.write_bytes(tfrecord(event.SerializeToString()))
     tracemalloc.start()
     try:
         with pytest.raises(InputError, match="record at byte 0: an event of more than 21,000"):
@@ -1150,7 +1141,7 @@ def test_tensorboard_records_appended_after_the_open_are_not_read(
     from stabledrl_cli.importers import _tfevents
 
     log = tmp_path / "events.out.tfevents.1.host"
-    later = _record(_tensor_event(2, "loss", tensor_pb2.TensorProto(dtype=1, float_val=[2.0])))
+    later = tfrecord(_tensor_event(2, "loss", tensor_pb2.TensorProto(dtype=1, float_val=[2.0])))
     log.write_bytes(_good_record())
     opened = _tfevents.open_log
 

@@ -12,11 +12,12 @@ import os
 import shutil
 import struct
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _corpus import WANDB_BLOCK as BLOCK
+from _corpus import proto_field, wandb_blocks, wandb_fragment
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -30,7 +31,6 @@ runner = CliRunner()
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "imports"
 TRL, VERL = FIXTURES / "wandb-trl", FIXTURES / "wandb-verl"
 TRL_FILE, VERL_FILE = TRL / "run-trltiny.wandb", VERL / "run-verltiny.wandb"
-BLOCK = 32 << 10
 ROWS_LEFT = {"eval": 1, "profiling": 51, "media": 4, "no metrics": 1}
 """The TRL run's history rows that hold no training metric, by what they hold: the script's
 evaluation, TRL's profiled calls' seconds, the completions table, the last step's epoch."""
@@ -266,24 +266,6 @@ def test_a_resumed_runs_other_starts_are_named(tmp_path: Path) -> None:
     assert _import(str(alone), "--out", str(tmp_path / "a"))["warnings"] == []
 
 
-def _fragment(kind: int, data: bytes) -> bytes:
-    """A LevelDB log fragment as wandb frames it: CRC-32 of its type and data, length, type."""
-    return struct.pack("<IHB", zlib.crc32(data, zlib.crc32(bytes((kind,)))), len(data), kind)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    return bytes((*out, value))
-
-
-def proto_field(number: int, data: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
 def _history(*items: tuple[str, str]) -> bytes:
     """A Record whose history holds `items` (key, value_json; a key with `.` given as its
     parts, nested_key, as wandb writes a nested dict's)."""
@@ -299,27 +281,7 @@ def _history(*items: tuple[str, str]) -> bytes:
 
 
 def _file(*records: bytes) -> bytes:
-    return HEADER + b"".join(_fragment(1, r) + r for r in records)
-
-
-def _blocks(*records: bytes) -> bytes:
-    """A run file of `records` in 32 KiB blocks, as wandb writes one: a record split across
-    blocks, a block's last bytes too few for a header zeros."""
-    raw = bytearray(HEADER)
-    for record in records:
-        first = True
-        while first or record:
-            room = BLOCK - len(raw) % BLOCK - 7
-            if room < 0:
-                raw += bytes(room + 7)
-                continue
-            part, record = record[:room], record[room:]
-            kind = (
-                (2 if record else 1) if first else (3 if record else 4)
-            )  # first/full, middle/last
-            raw += _fragment(kind, part) + part
-            first = False
-    return bytes(raw)
+    return HEADER + b"".join(wandb_fragment(1, r) + r for r in records)
 
 
 def _refused(tmp_path: Path, raw: bytes, message: str) -> None:
@@ -353,7 +315,7 @@ def test_damaged_and_crafted_files_are_refused_in_one_line(tmp_path: Path) -> No
     _refused(tmp_path, huge, "byte 7: not a W&B record fragment")
     claim = proto_field(2, b"\x0a\x80\x80\x80\x80\x08")  # an item claiming 2**31 bytes
     _refused(tmp_path, _file(claim), "runs past the end")
-    spanning = HEADER + _fragment(4, b"x") + b"x"  # a `last` part with no first
+    spanning = HEADER + wandb_fragment(4, b"x") + b"x"  # a `last` part with no first
     _refused(tmp_path, spanning, "out of order")
 
 
@@ -383,7 +345,7 @@ def test_a_step_metric_declared_again_and_again_is_warned_of_once(tmp_path: Path
     for step in range(2_000):
         key = "ab"[step % 2]
         records += [declared[key], _history((key, str(step)), ("loss", "0.5"))]
-    summary = _import_raw(tmp_path, _blocks(*records))
+    summary = _import_raw(tmp_path, wandb_blocks(*records))
     assert summary["steps"] == 2_000
     (said,) = summary["warnings"]
     assert "steps by b from here on, the 1 step (0) before by a" in said
@@ -395,7 +357,7 @@ def test_a_step_metric_longer_than_a_metric_name_is_refused(tmp_path: Path) -> N
     name = "k" * 257
     declared = proto_field(12, proto_field(2, b"*") + proto_field(4, name.encode()))
     before = _history(("_step", "0"), ("loss", "1"))
-    raw = _blocks(before, declared, _history((name, "1"), ("loss", "1")))
+    raw = wandb_blocks(before, declared, _history((name, "1"), ("loss", "1")))
     _refused(tmp_path, raw, "a step metric name longer than 256 characters")
 
 
@@ -480,7 +442,9 @@ def test_a_key_nested_deep_is_refused_at_once(tmp_path: Path) -> None:
     each of its prefixes was looked up among the media groups (quadratic; 1 s at 20,000)."""
     item = b"".join(proto_field(2, b"a") for _ in range(80_000)) + proto_field(16, b"1")
     step = proto_field(1, proto_field(2, b"_step") + proto_field(16, b"1"))
-    (tmp_path / "run-x.wandb").write_bytes(_blocks(proto_field(2, step + proto_field(1, item))))
+    (tmp_path / "run-x.wandb").write_bytes(
+        wandb_blocks(proto_field(2, step + proto_field(1, item)))
+    )
     start = time.process_time()
     with pytest.raises(InputError, match="a metric name longer than 256 characters"):
         read_log(tmp_path / "run-x.wandb")
