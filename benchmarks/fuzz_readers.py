@@ -1,21 +1,30 @@
 """Fuzz the readers of a recorded run: the step-file reader, the archive reader, the manifest
-reader (with what inspect and watch make of it) and `record`'s status file reader.
+reader (with what inspect and watch make of it), `record`'s status file reader, the log
+readers of `stabledrl import` and the baseline reader of `check -b`.
 
 Each input is a step file (target `step`: steps/step-00000001.safetensors of a small good
 run), a whole archive (target `archive`: a packed small run), a manifest (target `manifest`:
 the good run's, its fields set to crafted JSON values, the recorder's notes `recording_closed`
-and `recording_stopped`, `source` and the TRL `meta` keys among them) or a status file (target
-`status`: what `record -- CMD` reads after its command, capture/_status.read_status). The
-reader must open it, check it (`run.integrity`), read every readable step's every field,
-summarize it as `inspect` does, follow it as `watch` does and (archives) pack it again,
-raising nothing but InputError: a bad step is a finding, never an exception of another kind,
-a hang or a crash; the status reader raises nothing. Inputs start from the good files
-(tests/_corpus.py builds them) and are mutated by atheris (coverage-guided, libFuzzer) when it
-is installed, else by a seeded loop of bit flips, truncations, splices and header rewrites
-(and, for a manifest, of its fields' values).
+and `recording_stopped`, `source` and the TRL `meta` keys among them), a status file (target
+`status`: what `record -- CMD` reads after its command, capture/_status.read_status), a log of
+one format `import` reads (targets `trainer_state`, `jsonl`, `csv`, `tensorboard_json`,
+`verl_console`, `tfevents` and `wandb`: a small log of each, tests/_corpus.py) or a baseline
+(target `baseline`: replay/baseline_read.load_baseline). The run reader must open it, check it
+(`run.integrity`), read every readable step's every field, summarize it as `inspect` does,
+follow it as `watch` does and (archives) pack it again, raising nothing but InputError: a bad
+step is a finding, never an exception of another kind, a hang or a crash; the status reader
+raises nothing. A log must import (the run it writes read back as `inspect` reads it) or be
+refused, a baseline load or be refused, with an InputError of at most MESSAGE_LIMIT characters
+(and no warning of an import longer). Inputs start from the good files (tests/_corpus.py
+builds them) and are mutated by atheris (coverage-guided, libFuzzer) when it is installed,
+else by a seeded loop of bit flips, truncations, splices and header rewrites (for a manifest
+and a baseline, of their fields' values too; for a text log, of the tokens its syntax and
+numbers are made of; for an event file and a W&B run file, of their records' protobuf, framed
+again with valid checksums: under atheris an input is one record, framed so).
 
     python benchmarks/fuzz_readers.py --seconds 60                 # every target, 60 s each
     python benchmarks/fuzz_readers.py --target archive --seconds 300 --engine random
+    python benchmarks/fuzz_readers.py --target wandb --seconds 120
 
 A failing input is saved under --crashes (default /tmp/stabledrl-fuzz) and its traceback
 printed; add the case to tests/_corpus.py when it is fixed. Exit status 1 if any input failed.
@@ -24,8 +33,10 @@ printed; add the case to tests/_corpus.py when it is fixed. Exit status 1 if any
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
+import math
 import random
 import struct
 import sys
@@ -40,16 +51,51 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from _corpus import packed, step_path, tiny_run  # noqa: E402
+from _corpus import (  # noqa: E402
+    IMPORT_LOGS,
+    baseline_data,
+    number_field,
+    packed,
+    proto_field,
+    step_path,
+    tf_event,
+    tf_tensor,
+    tf_value,
+    tfevents_records,
+    tfrecord,
+    tiny_run,
+    varint,
+    wandb_blocks,
+    wandb_history,
+)
 
 from stabledrl_cli.capture._status import read_status  # noqa: E402
 from stabledrl_cli.dump import RunIntegrityWarning, open_run, pack_run  # noqa: E402
 from stabledrl_cli.errors import InputError  # noqa: E402
+from stabledrl_cli.importers import import_log  # noqa: E402
+from stabledrl_cli.importers._table import StepTable  # noqa: E402
+from stabledrl_cli.importers._wandb import HEADER, _records  # noqa: E402
+from stabledrl_cli.replay.baseline_read import load_baseline  # noqa: E402
 from stabledrl_cli.replay.config import ReplayConfig  # noqa: E402
 from stabledrl_cli.replay.follow import RunWatcher  # noqa: E402
 from stabledrl_cli.replay.inspection import summarize  # noqa: E402
 
-TARGETS = ("step", "archive", "manifest", "status")
+IMPORTS = {
+    "trainer_state": "trainer_state.json",
+    "jsonl": "log.jsonl",
+    "csv": "log.csv",
+    "tensorboard_json": "run-x-tag-train_loss.json",
+    "verl_console": "slurm.out",
+    "tfevents": "events.out.tfevents.1.host",
+    "wandb": "run-x.wandb",
+}
+"""The importer targets: each a format `import` reads, and the file name it is detected by."""
+TARGETS = ("step", "archive", "manifest", "status", *IMPORTS, "baseline")
+WANDB_RUN = ROOT / "fixtures/imports/wandb-verl/run-verltiny.wandb"
+"""The W&B target's seed: a real run file's records (verl's Tracking, wandb 0.31)."""
+MESSAGE_LIMIT = 2_000
+"""Most characters of an import's or a baseline's error or warning: the log's path twice and
+four names of 256 characters (`listed`) fit; a value of the input quoted whole does not."""
 
 
 def exercise(path: Path, out: Path | None) -> None:
@@ -78,12 +124,64 @@ def exercise_followed(path: Path) -> None:
         pass
 
 
+def _short(message: str) -> None:
+    if len(message) > MESSAGE_LIMIT:
+        raise AssertionError(f"a message of {len(message)} characters: {message[:300]!r}...")
+
+
+def exercise_import(path: Path, out: Path) -> None:
+    """What `import` does with a log: read it, write its run, read that back as `inspect`
+    does; nothing but an InputError, and no error or warning longer than MESSAGE_LIMIT."""
+    try:
+        summary = import_log(path, out, overwrite=True)
+    except InputError as exc:
+        _short(str(exc))
+        return
+    for warning in summary.warnings:
+        _short(warning)
+    summarize(open_run(out)).to_dict()
+
+
+def exercise_baseline(path: Path) -> None:
+    """What `check -b` reads of a baseline: loaded, or an InputError of one short line."""
+    try:
+        load_baseline(path)
+    except InputError as exc:
+        _short(str(exc))
+
+
+def wandb_records(path: Path) -> list[bytes]:
+    """The records of a W&B run file."""
+    with path.open("rb") as handle:
+        handle.read(len(HEADER))
+        found = _records(handle, path, StepTable(str(path)), path.stat().st_size)
+        return [bytes(record) for _, record in found]
+
+
 class Target:
-    """One reader under test: a good seed file and a place where an input is written."""
+    """One reader under test: a good seed file and a place where an input is written. A
+    framed log (event file, W&B run file) keeps its records, for mutations that frame them
+    again with valid checksums (`frame`)."""
 
     def __init__(self, kind: str, work: Path) -> None:
         self.kind = kind
-        if kind in ("step", "manifest"):
+        self.records: list[bytes] = []
+        if kind in IMPORTS:
+            self.file = work / IMPORTS[kind]
+            self.path, self.out = self.file, work / "imported"
+            if kind == "tfevents":
+                self.records = tfevents_records()
+            elif kind == "wandb":
+                self.records = wandb_records(WANDB_RUN)
+            else:
+                self.file.write_text(IMPORT_LOGS[IMPORTS[kind]])
+            if self.records:
+                self.file.write_bytes(self.frame(self.records))
+        elif kind == "baseline":
+            self.file = work / "baseline.json"
+            self.file.write_text(json.dumps(baseline_data()))
+            self.path, self.out = self.file, None
+        elif kind in ("step", "manifest"):
             self.run = tiny_run(work / "run", steps=3)
             self.file = step_path(self.run, 1) if kind == "step" else self.run / "manifest.json"
             self.path, self.out = self.run, None
@@ -96,10 +194,37 @@ class Target:
             self.path, self.out = self.file, work / "again.h5"
         self.seed = self.file.read_bytes()
 
+    def frame(self, records: list[bytes]) -> bytes:
+        """A log file of `records` (event payloads, or W&B records), checksums valid."""
+        if self.kind == "tfevents":
+            return b"".join(tfrecord(record) for record in records)
+        return wandb_blocks(*records)
+
+    def mutate(self, rng: random.Random) -> bytes:
+        """One input of the seeded loop (`fuzz_random`)."""
+        if self.kind in ("manifest", "baseline"):
+            mutate = _manifest_mutations if self.kind == "manifest" else _json_mutations
+            return mutate(rng, self.seed)
+        if self.records:
+            return _framed_mutations(rng, self)
+        if self.kind in ("trainer_state", "tensorboard_json", "jsonl") and rng.random() < 0.6:
+            documents = _json_lines_mutations if self.kind == "jsonl" else _json_mutations
+            return documents(rng, self.seed)
+        if self.kind in IMPORTS:
+            return _log_mutations(rng, self.seed)
+        return _mutations(rng, self.seed)
+
     def __call__(self, data: bytes) -> None:
         self.file.write_bytes(data)
         if self.kind == "status":
             read_status(self.path)
+            return
+        if self.kind == "baseline":
+            exercise_baseline(self.path)
+            return
+        if self.kind in IMPORTS:
+            assert self.out is not None
+            exercise_import(self.path, self.out)
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RunIntegrityWarning)
@@ -125,7 +250,8 @@ def _crafted(rng: random.Random, depth: int = 0) -> Any:
     """A crafted JSON value: one of CRAFTED, or an object of the keys a reader looks for."""
     if depth < 2 and rng.random() < 0.3:
         keys = ("step", "rank", "reason", "kind", "scale_rewards", "reward_weights",
-                "multi_objective_aggregation", "spec", "name", "params")  # fmt: skip
+                "multi_objective_aggregation", "spec", "name", "params", "value", "worse",
+                "abs_tol", "rel_tol", "max")  # fmt: skip
         picked = rng.sample(keys, rng.randint(1, 4))
         return {key: _crafted(rng, depth + 1) for key in picked}
     return rng.choice(CRAFTED)
@@ -143,6 +269,139 @@ def _manifest_mutations(rng: random.Random, seed: bytes) -> bytes:
         else:
             manifest[name] = _crafted(rng)
     data = json.dumps(manifest).encode()
+    return _mutations(rng, data) if rng.random() < 0.1 else data
+
+
+def _json_mutations(rng: random.Random, seed: bytes) -> bytes:
+    """A JSON document (a baseline) with one to three values anywhere in it set to crafted
+    ones, removed, or given a crafted sibling key, now and then with byte mutations on top."""
+    document = json.loads(seed)
+    for _ in range(rng.randint(1, 3)):
+        parent: Any = document
+        while True:
+            keys = list(parent) if isinstance(parent, dict) else list(range(len(parent)))
+            if not keys:
+                break
+            key = rng.choice(keys)
+            if not isinstance(parent[key], (dict, list)) or not parent[key] or rng.random() < 0.3:
+                break
+            parent = parent[key]
+        value = copy.deepcopy(_crafted(rng))  # CRAFTED's own lists and objects stay as they are
+        choice = rng.random()
+        if isinstance(parent, dict) and (not keys or choice < 0.15):
+            parent[rng.choice(JSON_KEYS)] = value
+        elif keys and choice < 0.25:
+            del parent[key]
+        elif keys:
+            parent[key] = value
+    data = json.dumps(document).encode()
+    return _mutations(rng, data) if rng.random() < 0.1 else data
+
+
+JSON_KEYS = ("x", "", "\x1b[31m", "9" * 300, "grpo:eps_low=0.1", "collapse_window", "steps",
+             "step", "_step", "global_step", "logging_steps", "eval_loss", "train/loss",
+             "data")  # fmt: skip
+"""Keys `_json_mutations` adds: unknown ones, a policy spec, settings a baseline may hold, the
+step keys and metric names of a log."""
+
+
+def _json_lines_mutations(rng: random.Random, seed: bytes) -> bytes:
+    """A JSON-lines log with one of its lines given `_json_mutations`."""
+    lines = seed.split(b"\n")
+    at = rng.randrange(len(lines))
+    if lines[at].strip():
+        lines[at] = _json_mutations(rng, lines[at])
+    return b"\n".join(lines)
+
+
+LOG_TOKENS = (b"NaN", b"-Infinity", b"1e999", b"-1", b"1.5", b"9223372036854775808", b"1e-400",
+              b"null", b"true", b'"', b",", b";", b"\t", b"\n", b"\r", b"\x1b[31m", b"\xff",
+              b"{", b"}", b"[", b"]", b":", b" - ", b"step", b"_step", b"global_step", b"step:",
+              b"np.float64(", b"eval_loss", b"train_runtime", b"_type", b"logging_steps",
+              b"[repeated 2x across cluster]", b"(TaskRunner pid=1) ")  # fmt: skip
+"""What a text log is made of: its syntax, its step keys, crafted numbers and bytes."""
+
+
+def _log_mutations(rng: random.Random, seed: bytes) -> bytes:
+    """A text log with tokens of LOG_TOKENS put in or over its bytes, now and then a line
+    repeated, a long run of one byte or byte mutations."""
+    data = bytearray(seed)
+    for _ in range(rng.randint(1, 4)):
+        at = rng.randrange(len(data) + 1)
+        choice = rng.random()
+        if choice < 0.6:
+            tokens = b"".join(rng.choice(LOG_TOKENS) for _ in range(rng.randint(1, 3)))
+            data[at : at + rng.randint(0, 8)] = tokens
+        elif choice < 0.75 and b"\n" in data:
+            start = data.rfind(b"\n", 0, at) + 1
+            end = data.find(b"\n", at)
+            line = bytes(data[start : len(data) if end < 0 else end + 1])
+            data[start:start] = line * rng.choice((2, 10, 2000))
+        elif choice < 0.85:
+            data[at:at] = rng.choice(b"x9[{\n-").to_bytes(1, "little") * rng.choice((300, 70_000))
+        else:
+            data = bytearray(_mutations(rng, bytes(data)))
+    return bytes(data)
+
+
+def _crafted_field(rng: random.Random, record: bytes) -> bytes:
+    """A protobuf field of crafted content: a huge varint, a length past any message, a
+    string of 70 KB, a message nested 2,000 deep, the record in itself, a NaN fixed32."""
+    number = rng.choice((1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, rng.randint(1, 40)))
+    choice = rng.random()
+    if choice < 0.25:
+        return number_field(number, rng.choice((0, 1, -1, 2**31, 2**63 - 1, 2**63, 2**64 - 1)))
+    if choice < 0.35:
+        return varint(number << 3 | 2) + varint(rng.choice((2**31, 2**63, 2**64 - 1)))
+    if choice < 0.45:
+        return proto_field(number, b"x" * rng.choice((300, 70_000)))
+    if choice < 0.55:
+        nested = b"x"
+        for _ in range(2_000):
+            nested = proto_field(number, nested)
+        return nested
+    if choice < 0.7:
+        return proto_field(number, record)
+    return varint(number << 3 | 5) + struct.pack("<f", rng.choice((math.nan, math.inf, -0.0)))
+
+
+def _crafted_record(rng: random.Random, kind: str) -> bytes:
+    """A well-formed record of crafted values: an event of a crafted step, tag and value, or
+    a W&B history row of crafted keys and value_json."""
+    steps = (0, 1, 2, 3, -1, 2**31, 2**63 - 1, rng.randrange(2**64))
+    names = ("train/loss", "loss", "_step", "", "a/b/c", "eval_loss", "\x1b[31m\n", "x" * 300)
+    if kind == "tfevents":
+        value = rng.choice((0.5, math.nan, -math.inf, 3.4e38))
+        tag = rng.choice(names).encode()
+        values = [
+            tf_value(tag, simple=value),
+            tf_value(tag, tensor=tf_tensor(rng.choice((1, 2, 3, 9, 10, 14, 19, 7)), b"\x01" * 4)),
+        ]
+        return tf_event(rng.choice(steps), *rng.sample(values, rng.randint(0, 2)),
+                        restart=rng.random() < 0.2)  # fmt: skip
+    numbers = ("1", "-1", "0.5", "NaN", "Infinity", "1e999", "9" * 400, '"0.5"', "[1]", "{}",
+               '{"_type": "table"}', "null", "true", str(rng.choice(steps)))  # fmt: skip
+    items = [(rng.choice(names), rng.choice(numbers)) for _ in range(rng.randint(1, 4))]
+    return wandb_history(("_step", rng.choice(numbers)), *items)
+
+
+def _framed_mutations(rng: random.Random, target: Target) -> bytes:
+    """The target's records, one to three of them mutated (bytes, crafted fields) or crafted
+    records put in, framed again with valid checksums; now and then the framed file's bytes
+    mutated too (checksums, lengths, a record cut short)."""
+    records = list(target.records)
+    for _ in range(rng.randint(1, 3)):
+        at = rng.randrange(len(records) + 1)
+        choice = rng.random()
+        if choice < 0.3 and at < len(records):
+            records[at] = _mutations(rng, records[at])
+        elif choice < 0.6 and at < len(records):
+            records[at] = records[at] + _crafted_field(rng, records[at])
+        elif choice < 0.9:
+            records[at:at] = [_crafted_record(rng, target.kind)] * rng.choice((1, 1, 3, 500))
+        elif at < len(records):
+            del records[at]
+    data = target.frame(records)
     return _mutations(rng, data) if rng.random() < 0.1 else data
 
 
@@ -171,8 +430,7 @@ def fuzz_random(target: Target, seconds: float, seed: int, save: Callable[[bytes
     """A seeded mutation loop; returns the number of inputs tried."""
     rng, tried, stop = random.Random(seed), 0, time.monotonic() + seconds
     while time.monotonic() < stop:
-        mutate = _manifest_mutations if target.kind == "manifest" else _mutations
-        data = mutate(rng, target.seed)
+        data = target.mutate(rng)
         tried += 1
         try:
             target(data)
@@ -205,6 +463,14 @@ def fuzz_atheris(target: Target, seconds: float, corpus: Path) -> None:
     seeds = corpus / target.kind
     seeds.mkdir(parents=True, exist_ok=True)
     (seeds / "good").write_bytes(target.seed)
+    run = target
+    if target.records:  # an input is one record, framed with valid checksums after the seed's
+        for number, record in enumerate(target.records):
+            (seeds / f"record-{number}").write_bytes(record)
+
+        def run(data: bytes) -> None:
+            target(target.frame([*target.records, data]))
+
     _instrument_package(atheris.instrument_func)
     atheris.Setup(
         [
@@ -216,7 +482,7 @@ def fuzz_atheris(target: Target, seconds: float, corpus: Path) -> None:
             f"-artifact_prefix={corpus}/{target.kind}-",
             str(seeds),
         ],
-        lambda data: target(bytes(data)),
+        lambda data: run(bytes(data)),
     )
     atheris.Fuzz()
 

@@ -215,6 +215,65 @@ def wandb_blocks(*records: bytes) -> bytes:
     return bytes(raw)
 
 
+def wandb_history(*items: tuple[str, str]) -> bytes:
+    """A Record whose history holds `items` (key, value_json; a key with `.` given as its
+    parts, nested_key, as wandb writes a nested dict's)."""
+    body = b"".join(
+        proto_field(
+            1,
+            b"".join(proto_field(2, part.encode()) for part in k.split("."))
+            + proto_field(16, v.encode()),
+        )
+        for k, v in items
+    )
+    return proto_field(2, body)
+
+
+def number_field(number: int, value: int) -> bytes:
+    """A protobuf varint field (`value` as its 64 bits: -1 is 2**64 - 1)."""
+    return varint(number << 3) + varint(value & (2**64 - 1))
+
+
+def tf_value(tag: bytes, *, simple: float | None = None, tensor: bytes = b"") -> bytes:
+    """A TensorBoard Summary.Value: `tag` and a simple_value, or a tensor (`tf_tensor`) of the
+    `scalars` plugin."""
+    body = proto_field(1, tag)
+    if simple is not None:
+        body += varint(2 << 3 | 5) + struct.pack("<f", simple)
+    if tensor:
+        body += proto_field(8, tensor) + proto_field(9, proto_field(1, proto_field(1, b"scalars")))
+    return proto_field(1, body)
+
+
+def tf_tensor(dtype: int, content: bytes) -> bytes:
+    """A 0-d TensorProto of TensorFlow DataType `dtype`, its value as tensor_content."""
+    return number_field(1, dtype) + proto_field(2, b"") + proto_field(4, content)
+
+
+def tf_event(step: int, *values: bytes, restart: bool = False) -> bytes:
+    """A TensorBoard Event at `step` with Summary.Values `values` (`tf_value`), or a SessionLog
+    START (`restart`: a run restarted at `step`)."""
+    event = number_field(2, step)
+    if restart:
+        event += proto_field(7, number_field(1, 1))
+    return event + (proto_field(5, b"".join(values)) if values else b"")
+
+
+def tfevents_records() -> list[bytes]:
+    """The events of a small TensorBoard log: simple and tensor values (float, double, int64,
+    a NaN), a tag that is no scalar's, a restart and a step written again."""
+    return [
+        tf_event(0, restart=True),
+        tf_event(1, tf_value(b"train/loss", simple=0.5), tf_value(b"train/reward", simple=1.0)),
+        tf_event(2, tf_value(b"train/loss", tensor=tf_tensor(1, struct.pack("<f", 0.25)))),
+        tf_event(2, tf_value(b"grad_norm", tensor=tf_tensor(2, struct.pack("<d", math.nan)))),
+        tf_event(3, tf_value(b"steps", tensor=tf_tensor(9, struct.pack("<q", 3)))),
+        tf_event(3, proto_field(1, proto_field(1, b"image") + proto_field(4, b"png"))),
+        tf_event(2, restart=True),
+        tf_event(2, tf_value(b"train/loss", simple=0.75)),
+    ]
+
+
 def baseline_data() -> dict[str, Any]:
     """A minimal valid baseline (a fresh copy): a gate of each kind."""
     return {

@@ -4,6 +4,7 @@ InputError or findings comes out (the long-running version is benchmarks/fuzz_re
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import struct
 import sys
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fuzz_readers import CRAFTED, MANIFEST_NOTES, exercise, exercise_followed
+from fuzz_readers import CRAFTED, IMPORTS, MANIFEST_NOTES, Target, exercise, exercise_followed
 
 from stabledrl_cli.capture._status import read_status
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
@@ -226,3 +227,19 @@ def test_edited_wandb_run_files_through_import(
     with suppress(StabledrlError):
         import_log(work / "run-b.wandb", work / "run")
         summarize(open_run(work / "run")).to_dict()
+
+
+SEEDED_INPUTS = {"wandb": 8, "verl_console": 8, "tfevents": 12, "csv": 12, "baseline": 200}
+"""Inputs a format's seeded case tries (15 unless said): a few seconds in all, the slowest
+(a mutation may repeat a row 2,000 times: as many steps written) tried least."""
+
+
+@pytest.mark.parametrize("kind", [*IMPORTS, "baseline"])
+def test_seeded_mutations_of_each_log_format_and_a_baseline(tmp_path: Path, kind: str) -> None:
+    """benchmarks/fuzz_readers.py's own mutations of a log of each format `import` reads and
+    of a baseline, a few of each, seeded: imported and read back, or refused with an
+    InputError of one short message (the target raises anything else)."""
+    target = Target(kind, tmp_path)
+    rng = random.Random(kind)
+    for _ in range(SEEDED_INPUTS.get(kind, 15)):
+        target(target.mutate(rng))

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from _corpus import WANDB_BLOCK as BLOCK
-from _corpus import proto_field, wandb_blocks, wandb_fragment
+from _corpus import proto_field, wandb_blocks, wandb_fragment, wandb_history
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -266,20 +266,6 @@ def test_a_resumed_runs_other_starts_are_named(tmp_path: Path) -> None:
     assert _import(str(alone), "--out", str(tmp_path / "a"))["warnings"] == []
 
 
-def _history(*items: tuple[str, str]) -> bytes:
-    """A Record whose history holds `items` (key, value_json; a key with `.` given as its
-    parts, nested_key, as wandb writes a nested dict's)."""
-    body = b"".join(
-        proto_field(
-            1,
-            b"".join(proto_field(2, part.encode()) for part in k.split("."))
-            + proto_field(16, v.encode()),
-        )
-        for k, v in items
-    )
-    return proto_field(2, body)
-
-
 def _file(*records: bytes) -> bytes:
     return HEADER + b"".join(wandb_fragment(1, r) + r for r in records)
 
@@ -323,9 +309,9 @@ def test_rows_keyed_by_step_before_the_step_metric_are_warned_of(tmp_path: Path)
     """A run whose script logged 3 training rows (`_step` 0..2) before its trainer declared
     `train/global_step` (1..3) imported 4 steps, 1 and 2 holding both rows' metrics, without a
     word; so did one declaring none whose rows hold it from the 4th on. Each now says so."""
-    before = [_history(("_step", str(n)), ("loss", "9.0")) for n in range(3)]
+    before = [wandb_history(("_step", str(n)), ("loss", "9.0")) for n in range(3)]
     after = [
-        _history(("_step", str(2 + n)), ("train/global_step", str(n)), ("train/loss", "0.5"))
+        wandb_history(("_step", str(2 + n)), ("train/global_step", str(n)), ("train/loss", "0.5"))
         for n in range(1, 4)
     ]
     declared = proto_field(12, proto_field(2, b"*") + proto_field(4, b"train/global_step"))
@@ -344,7 +330,7 @@ def test_a_step_metric_declared_again_and_again_is_warned_of_once(tmp_path: Path
     records = []
     for step in range(2_000):
         key = "ab"[step % 2]
-        records += [declared[key], _history((key, str(step)), ("loss", "0.5"))]
+        records += [declared[key], wandb_history((key, str(step)), ("loss", "0.5"))]
     summary = _import_raw(tmp_path, wandb_blocks(*records))
     assert summary["steps"] == 2_000
     (said,) = summary["warnings"]
@@ -356,8 +342,8 @@ def test_a_step_metric_longer_than_a_metric_name_is_refused(tmp_path: Path) -> N
     `_step` before it), each row's step under that key; one past a name's 256 is refused."""
     name = "k" * 257
     declared = proto_field(12, proto_field(2, b"*") + proto_field(4, name.encode()))
-    before = _history(("_step", "0"), ("loss", "1"))
-    raw = wandb_blocks(before, declared, _history((name, "1"), ("loss", "1")))
+    before = wandb_history(("_step", "0"), ("loss", "1"))
+    raw = wandb_blocks(before, declared, wandb_history((name, "1"), ("loss", "1")))
     _refused(tmp_path, raw, "a step metric name longer than 256 characters")
 
 
@@ -375,9 +361,11 @@ def test_values_that_are_not_numbers(tmp_path: Path) -> None:
     summary = _import_raw(
         tmp_path,
         _file(
-            _history(("_step", "1"), ("loss", "NaN"), ("grad_norm", "Infinity"), ("x", "{oops")),
-            _history(("_step", "2"), ("loss", "1.5"), ("note", '"text"'), ("a.b", "3")),
-            _history(("_step", "3"), ("loss", "1"), ("tag", '"0.5"'), ("x", '"NaN"')),
+            wandb_history(
+                ("_step", "1"), ("loss", "NaN"), ("grad_norm", "Infinity"), ("x", "{oops")
+            ),
+            wandb_history(("_step", "2"), ("loss", "1.5"), ("note", '"text"'), ("a.b", "3")),
+            wandb_history(("_step", "3"), ("loss", "1"), ("tag", '"0.5"'), ("x", '"NaN"')),
         ),
     )
     assert summary["nonfinite"] == {"loss": 1, "grad_norm": 1}
@@ -396,7 +384,7 @@ def test_an_export_drops_text_as_the_run_file_does(tmp_path: Path) -> None:
     rows = [{k: json.loads(v) for k, v in row} for row in items]
     (tmp_path / "export.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "export.json").write_text(json.dumps(rows))
-    wandb_file = _import_raw(tmp_path, _file(*(_history(*row) for row in items)))
+    wandb_file = _import_raw(tmp_path, _file(*(wandb_history(*row) for row in items)))
     for export in ("export.jsonl", "export.json"):
         summary = _import(str(tmp_path / export), "--out", str(tmp_path / export[7:]))
         assert summary["non_numeric"] == wandb_file["non_numeric"] == {"tag": 3}
@@ -411,7 +399,9 @@ def test_a_logging_steps_past_a_doubles_range_is_no_setting(tmp_path: Path) -> N
     update = proto_field(1, b"logging_steps") + proto_field(16, digits.encode())
     summary = _import_raw(
         tmp_path,
-        _file(proto_field(5, proto_field(1, update)), _history(("_step", "1"), ("loss", "0.5"))),
+        _file(
+            proto_field(5, proto_field(1, update)), wandb_history(("_step", "1"), ("loss", "0.5"))
+        ),
     )
     assert summary["steps"] == 1 and summary["logging_steps"] is None
     state = tmp_path / "trainer_state.json"
@@ -432,7 +422,9 @@ def test_a_logging_steps_past_the_last_step_is_no_setting(tmp_path: Path, k: str
     update = proto_field(1, b"logging_steps") + proto_field(16, k.encode())
     summary = _import_raw(
         tmp_path,
-        _file(proto_field(5, proto_field(1, update)), _history(("_step", "1"), ("loss", "0.5"))),
+        _file(
+            proto_field(5, proto_field(1, update)), wandb_history(("_step", "1"), ("loss", "0.5"))
+        ),
     )
     assert summary["logging_steps"] is None
 
