@@ -25,6 +25,10 @@ again with valid checksums: under atheris an input is one record, framed so).
     python benchmarks/fuzz_readers.py --seconds 60                 # every target, 60 s each
     python benchmarks/fuzz_readers.py --target archive --seconds 300 --engine random
     python benchmarks/fuzz_readers.py --target wandb --seconds 120
+    TMPDIR=/dev/shm python benchmarks/fuzz_readers.py --target jsonl   # a tmpfs: faster
+
+An import target writes each input's run as `import` does, every step file fsynced: on a tmpfs
+(TMPDIR=/dev/shm) it tries several times the inputs a second it tries on a disk.
 
 A failing input is saved under --crashes (default /tmp/stabledrl-fuzz) and its traceback
 printed; add the case to tests/_corpus.py when it is fixed. Exit status 1 if any input failed.
