@@ -8,7 +8,8 @@ the good run's, its fields set to crafted JSON values, the recorder's notes `rec
 and `recording_stopped`, `source` and the TRL `meta` keys among them), a status file (target
 `status`: what `record -- CMD` reads after its command, capture/_status.read_status), a log of
 one format `import` reads (targets `trainer_state`, `jsonl`, `csv`, `tensorboard_json`,
-`verl_console`, `tfevents` and `wandb`: a small log of each, tests/_corpus.py) or a baseline
+`verl_console`, `tfevents` and `wandb`: a small log of each, tests/_corpus.py; `detect`: any
+of them under a name that says no format, told by its content) or a baseline
 (target `baseline`: replay/baseline_read.load_baseline). The run reader must open it, check it
 (`run.integrity`), read every readable step's every field, summarize it as `inspect` does,
 follow it as `watch` does and (archives) pack it again, raising nothing but InputError: a bad
@@ -92,8 +93,10 @@ IMPORTS = {
     "verl_console": "slurm.out",
     "tfevents": "events.out.tfevents.1.host",
     "wandb": "run-x.wandb",
+    "detect": "train.log",
 }
-"""The importer targets: each a format `import` reads, and the file name it is detected by."""
+"""The importer targets: each a format `import` reads, and the file name it is detected by;
+`detect` a log of any of them under a name that says none (told by its content)."""
 TARGETS = ("step", "archive", "manifest", "status", *IMPORTS, "baseline")
 WANDB_RUN = ROOT / "fixtures/imports/wandb-verl/run-verltiny.wandb"
 """The W&B target's seed: a real run file's records (verl's Tracking, wandb 0.31)."""
@@ -170,6 +173,7 @@ class Target:
     def __init__(self, kind: str, work: Path) -> None:
         self.kind = kind
         self.records: list[bytes] = []
+        self.formats: list[Target] = []
         if kind in IMPORTS:
             self.file = work / IMPORTS[kind]
             self.path, self.out = self.file, work / "imported"
@@ -177,6 +181,11 @@ class Target:
                 self.records = tfevents_records()
             elif kind == "wandb":
                 self.records = wandb_records(WANDB_RUN)
+            elif kind == "detect":
+                for other in list(IMPORTS)[:-1]:
+                    (work / other).mkdir()
+                    self.formats.append(Target(other, work / other))
+                self.file.write_bytes(self.formats[0].seed)
             else:
                 self.file.write_text(IMPORT_LOGS[IMPORTS[kind]])
             if self.records:
@@ -206,6 +215,8 @@ class Target:
 
     def mutate(self, rng: random.Random) -> bytes:
         """One input of the seeded loop (`fuzz_random`)."""
+        if self.formats:
+            return rng.choice(self.formats).mutate(rng)
         if self.kind in ("manifest", "baseline"):
             mutate = _manifest_mutations if self.kind == "manifest" else _json_mutations
             return mutate(rng, self.seed)
@@ -467,6 +478,8 @@ def fuzz_atheris(target: Target, seconds: float, corpus: Path) -> None:
     seeds = corpus / target.kind
     seeds.mkdir(parents=True, exist_ok=True)
     (seeds / "good").write_bytes(target.seed)
+    for other in target.formats:
+        (seeds / other.kind).write_bytes(other.seed)
     run = target
     if target.records:  # an input is one record, framed with valid checksums after the seed's
         for number, record in enumerate(target.records):
