@@ -82,8 +82,8 @@ from stabledrl_cli.importers._table import StepTable  # noqa: E402
 from stabledrl_cli.importers._wandb import HEADER, _records  # noqa: E402
 from stabledrl_cli.replay.baseline_read import load_baseline  # noqa: E402
 from stabledrl_cli.replay.config import ReplayConfig  # noqa: E402
-from stabledrl_cli.replay.follow import RunWatcher  # noqa: E402
 from stabledrl_cli.replay.inspection import summarize  # noqa: E402
+from stabledrl_cli.replay.watch.follow import RunWatcher  # noqa: E402
 
 IMPORTS = {
     "trainer_state": "trainer_state.json",
