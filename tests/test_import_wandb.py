@@ -207,7 +207,8 @@ def test_a_run_directory_stands_for_its_wandb_file(tmp_path: Path) -> None:
     """`wandb/run-<date>-<id>/` and `wandb/latest-run` import their run file; `wandb/` itself
     is refused in one line naming latest-run (it listed every run, latest-run among them, in
     224 columns for two runs), which is not taken: another run may have started since; a
-    folder without it names its newest run by the time in its name."""
+    folder without it names its newest run by the time in its name. A folder of one run names
+    that run's directory (it said "import one (... is the newest)" of one run)."""
     runs = tmp_path / "wandb"
     run = runs / "offline-run-20261206_074646-trltiny"
     (run / "files").mkdir(parents=True)
@@ -221,7 +222,7 @@ def test_a_run_directory_stands_for_its_wandb_file(tmp_path: Path) -> None:
         assert done.exit_code == 3
         assert (
             done.stderr
-            == f"error: {runs}: 1 W&B run: import one ({run.parent / 'latest-run'} is the newest)\n"
+            == f"error: {runs}: 1 W&B run: import its directory, {run.parent / 'latest-run'}\n"
         )
     (runs / "latest-run").unlink()  # a folder copied without its links: the newest by name
     newer = runs / "run-20261206_081500-abc12345"

@@ -215,6 +215,8 @@ def directory_refused(path: Path, log_format: ImportFormat | None) -> InputError
         held = counted(len(runs), "W&B run")
         if ids < len(runs):  # a resumed run is written one directory a start
             held = f"{counted(len(runs), 'W&B run directory')} of {counted(ids, 'run')} (resumed)"
+        if len(runs) == 1:
+            return InputError(f"{path}: {held}: import its directory, {path / newest}")
         return InputError(f"{path}: {held}: import one ({path / newest} is the newest)")
     held = (
         "its subdirectory {} holds a log" if len(logs) == 1 else "its subdirectories {} hold logs"
