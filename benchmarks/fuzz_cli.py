@@ -1,5 +1,5 @@
 """Fuzz the command line: random combinations of every command's options, sensible and hostile
-values, on copies of the recorded fixture runs.
+values, on copies of the recorded fixture runs and a baseline.
 
 Each run picks a command (`inspect`, `replay`, `tune`, `check`, `diff`, `watch --once`, `pack`,
 `policies`, `import`), its arguments, and one to four of its options, read from the commands
@@ -245,12 +245,14 @@ def failure(line: list[str]) -> str | None:
 
 
 def fixture_places(work: Path) -> Places:
-    """Copies of the recorded fixture runs (a command may write beside them) in `work`."""
+    """Copies of the recorded fixture runs and of a baseline in `work`: a command may write
+    into any path it is given (`check --write-baseline BASELINE`), so none is the checkout's."""
     for name in ("grpo", "stabledrl"):
         shutil.copytree(ROOT / "fixtures" / name, work / name)
+    shutil.copyfile(ROOT / "fixtures/grpo.baseline.json", work / "grpo.baseline.json")
     (work / "file.txt").write_text("not a run\n")
     (work / "empty").mkdir()
-    return Places(work / "grpo", work / "stabledrl", ROOT / "fixtures/grpo.baseline.json", work)
+    return Places(work / "grpo", work / "stabledrl", work / "grpo.baseline.json", work)
 
 
 def fuzz(runs: int, seed: int, report: Callable[[str], None]) -> list[tuple[list[str], str]]:

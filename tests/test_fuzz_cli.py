@@ -4,6 +4,7 @@ breaks the contract."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -18,13 +19,25 @@ from stabledrl_cli.errors import InputError
 FIXTURE = str(Path(__file__).resolve().parents[1] / "fixtures" / "grpo")
 
 
+def _contents(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
 def test_random_command_lines_keep_the_contract() -> None:
     """60 command lines of the fuzzed commands (3,200 more, 800 from each of seeds 1-4, held
     when the fuzzer was written): no exit 70, escaped exception, traceback, hang or flooding
-    line."""
+    line; and the checkout's fixtures as they were (`check --write-baseline` given the fixture
+    baseline's own path once overwrote it with an archive: the commands write to copies)."""
+    fixtures = Path(FIXTURE).parent
+    before = _contents(fixtures)
     said: list[str] = []
     assert fuzz(60, seed=0, report=said.append) == []
     assert said == []
+    assert _contents(fixtures) == before
 
 
 def test_a_command_that_crashes_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
