@@ -92,7 +92,12 @@ def write_scalar_run(
         warnings.append(shifted)
     existed = os.path.lexists(out)
     recorder = Recorder(
-        out, policy=None, source=origin, overwrite=overwrite, reward_range=reward_range
+        out,
+        policy=None,
+        source=origin,
+        overwrite=overwrite,
+        reward_range=reward_range,
+        async_writes=True,
     )
     try:
         with recorder:
