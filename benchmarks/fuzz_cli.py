@@ -192,12 +192,11 @@ def options(command: str) -> dict[str, bool]:
     return found
 
 
-def command_line(places: Places, rng: random.Random) -> list[str]:
-    """One random command line."""
+def command_line(places: Places, good: dict[str, tuple[str, ...]], rng: random.Random) -> list[str]:
+    """One random command line (`good`: `good_values(places)`)."""
     command = rng.choice(COMMANDS)
     line = [command, *arguments(command, places, rng)]
     offered = options(command)
-    good = good_values(places)
     for option in rng.sample(sorted(offered), k=min(len(offered), rng.randint(1, 4))):
         if offered[option]:
             line.append(option)
@@ -261,8 +260,9 @@ def fuzz(runs: int, seed: int, report: Callable[[str], None]) -> list[tuple[list
     failures = []
     with tempfile.TemporaryDirectory(prefix="stabledrl-fuzz-cli-") as work:
         places = fixture_places(Path(work))
+        good = good_values(places)
         for _ in range(runs):
-            line = command_line(places, rng)
+            line = command_line(places, good, rng)
             why = failure(line)
             if why is not None:
                 failures.append((line, why))
