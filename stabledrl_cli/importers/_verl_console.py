@@ -9,7 +9,8 @@ folded (` [repeated 2x across cluster]`). In a file of stdout and stderr both, a
 begin with the carriage returns of a progress bar and the bar tqdm drew last, with no newline
 before verl's (`\rTraining Progress:  33%|###  | 1/3 [00:01<00:02, 1.0it/s]step:2 - ...`):
 what the terminal shows, the text after the last carriage return, is read, and the bar,
-which ends in tqdm's `[elapsed<remaining, rate]`, passed over. Every other line is not verl's
+which ends in tqdm's `[elapsed<remaining, rate]` and the spaces tqdm pads a shorter bar with,
+passed over. Every other line is not verl's
 and is passed over; a `step:` line whose metrics are not `name:value` pairs is skipped and
 counted. A step line with no newline, the file's last, was cut short (a job stopped as it
 printed, or a log still being written), its last value maybe too (`0.5` of `0.57`): it is
@@ -29,10 +30,10 @@ _BAR = r"\[(?:\d+:)?\d\d:\d\d(?:<[^],[]*)?, [^][]*\]"
 """The end of a tqdm progress bar: `[elapsed<remaining, rate]` (`[00:01<00:02, 1.0it/s]`).
 The remaining time holds no comma: the first `, ` ends it, so a line of many is not split
 at each in turn (quadratic time)."""
-_STEP_LINE = re.compile(rf"(?:\([^()]*\) +)?(?:.*{_BAR})?step:(\S*)(.*)")
+_STEP_LINE = re.compile(rf"(?:\([^()]*\) +)?(?:.*{_BAR} *)?step:(\S*)(.*)")
 _FOLDED = re.compile(r"\[repeated \d+x across cluster\]$")
 _NUMPY_NUMBER = re.compile(r"np\.(?:float|int|uint)\d*\((.*)\)")
-SNIFF_LINE = re.compile(rb"(?:^|\) |" + _BAR.encode() + rb")step:\d+ - [^ :]+:")
+SNIFF_LINE = re.compile(rb"(?:^|\) |" + _BAR.encode() + rb" *)step:\d+ - [^ :]+:")
 """A verl console step line (after an actor's tag, a progress bar or none), colour codes
 taken out."""
 STEP_PAIRS = "not name:value pairs"
