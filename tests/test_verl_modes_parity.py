@@ -16,6 +16,7 @@ KL loss under another aggregation than seq-mean-token-mean."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,21 @@ def test_replay_gives_verls_own_loss_with_its_kl_loss(
     """verl's KL loss (low_var_kl) takes the aggregation of the policy term: the spec's beta."""
     settings = {"loss_mode": "cispo", "loss_agg_mode": agg, **KL_LOSS}
     assert_replay_gives_verls_steps(recording, capsys, settings)
+
+
+@pytest.mark.parametrize("side", ["clip_ratio_low", "clip_ratio_high"])
+@pytest.mark.parametrize("mode", ["vanilla", "gspo", "cispo", "dppo_tv", "dppo_kl", "geo_mean"])
+def test_an_infinite_clip_ratio_is_recorded_as_verl_trains_it(
+    mode: str, side: str, recording: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`clip_ratio_high=inf` (or `clip_ratio_low=inf`): verl clips that side of the ratio
+    (dppo: of the probability change; geo_mean: of log r) nowhere, and trains. It was refused
+    in one line (`eps_high expects a finite number, got 'inf'`); it is recorded with the bound
+    1e9, which no ratio inside verl's clamps reaches, and replays verl's loss and metrics."""
+    settings = {"loss_mode": mode, "loss_agg_mode": "seq-mean-token-mean", side: math.inf}
+    assert_replay_gives_verls_steps(recording, capsys, settings)
+    bound = {"clip_ratio_low": "low", "clip_ratio_high": "high"}[side]
+    assert f"_{bound}=1000000000" in (open_run(recording).policy_spec or "")
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 | kl_loss_type low_var_kl or k3                | beta=kl_loss_coef, kl_weight=none (verl leaves    |
 |                                              | the KL unweighted) and kl_max=10 (its clamp)      |
 
-eps_low is `clip_ratio_low`, eps_high `clip_ratio_high` (each defaulting to `clip_ratio`).
+eps_low is `clip_ratio_low`, eps_high `clip_ratio_high` (each defaulting to `clip_ratio`);
+inf, which verl takes for no clip on that side, is 1e9, as clip_ratio_c=inf is.
 `loss_agg_mode` -> agg of the same name (token-mean, token-sum, seq-mean-token-mean,
 seq-mean-token-sum, seq-mean-token-sum-norm; the last with max_len = `loss_scale_factor`, else
 the padded response width verl divides by, `loss_mask.shape[-1]`; with nested responses,
@@ -132,10 +133,24 @@ def agg_mode(config: Any) -> str:
     return "seq-mean-token-mean" if loss_mode(config) == "sapo" else str(config.loss_agg_mode)
 
 
+NO_BOUND = 1e9
+"""The bound of a verl setting of inf, which turns that bound off (`_bound`): above e^20, the
+largest ratio verl's clamp of log r at 20 lets through, e^10, gspo's capped sequence ratio,
+and the probability change or binary KL of dppo and the log r of geo_mean of any finite
+log-probs a model gives, so it binds nowhere verl's inf does not."""
+
+
+def _bound(value: Any) -> float:
+    """A verl bound as a float, inf (no bound) as NO_BOUND: the catalogue's are finite."""
+    bound = float(value)
+    return NO_BOUND if bound == math.inf else bound
+
+
 def _clip_range(config: Any) -> tuple[float, float]:
+    """(clip_ratio_low, clip_ratio_high), each defaulting to clip_ratio; inf as NO_BOUND."""
     low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
     high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
-    return float(low), float(high)
+    return _bound(low), _bound(high)
 
 
 _SEQUENCE_MEANS = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -285,15 +300,10 @@ def _check_recordable(config: Any) -> None:
         )
 
 
-NO_DUAL_CLIP = 1e9
-"""The `c` of verl's clip_ratio_c=inf (dual clip off; dppo's ratio untruncated): above
-e^20, the largest ratio verl's clamp of log r at 20 lets through, so it never binds."""
-
-
 def _dual_clip_c(config: Any, default: float) -> float:
-    """verl's clip_ratio_c (`default` when unset); inf, which turns it off, as NO_DUAL_CLIP."""
-    c = float(config.get("clip_ratio_c", default))
-    return NO_DUAL_CLIP if c == math.inf else c
+    """verl's clip_ratio_c (`default` when unset); inf, which turns the dual clip off (and
+    leaves dppo's ratio untruncated), as NO_BOUND."""
+    return _bound(config.get("clip_ratio_c", default))
 
 
 def _or(value: Any, fallback: float) -> float:
