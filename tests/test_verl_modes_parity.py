@@ -179,6 +179,22 @@ def test_an_infinite_clip_ratio_is_recorded_as_verl_trains_it(
 
 
 @pytest.mark.parametrize(
+    ("mode", "agg"),
+    [("vanilla", "token-mean"), ("gspo", "seq-mean-token-sum"), ("geo_mean", AGG_MODES[-1])],
+)
+def test_a_loss_scale_factor_verl_does_not_divide_by_may_be_inf(
+    mode: str, agg: str, recording: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """verl divides by `loss_scale_factor` under seq-mean-token-sum-norm only (and not in
+    geo_mean's term): an infinite one elsewhere trains as verl's loss without it. The
+    recording stopped at its first step ('meta must be JSON-serializable: Out of range float
+    values are not JSON compliant'); the run's meta now names it as text."""
+    settings = {"loss_mode": mode, "loss_agg_mode": agg, "loss_scale_factor": math.inf}
+    assert_replay_gives_verls_steps(recording, capsys, settings)
+    assert open_run(recording).manifest["meta"]["loss_scale_factor"] == "inf"
+
+
+@pytest.mark.parametrize(
     ("settings", "said"),
     [
         ({"loss_mode": "clip_cov"}, "loss_mode 'clip_cov': verl zeroes a random draw"),

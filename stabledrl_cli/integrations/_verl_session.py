@@ -7,6 +7,7 @@ failure).
 from __future__ import annotations
 
 import importlib.metadata
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -197,7 +198,7 @@ class Session:
                         "verl_version": importlib.metadata.version("verl"),
                         "loss_mode": loss_mode(config),
                         "loss_agg_mode": agg_mode(config),
-                        "loss_scale_factor": config.loss_scale_factor,
+                        "loss_scale_factor": _meta_number(config.loss_scale_factor),
                         "loss": "verl's policy loss (pg + kl) of a rank; the step's is their mean",
                         **generations,
                         **({"policy_unidentified": unidentified} if unidentified else {}),
@@ -276,6 +277,14 @@ class Session:
             "at every step, replays the earlier steps too)\n"
         )
         self.policy_spec = policy.spec
+
+
+def _meta_number(value: Any) -> Any:
+    """A verl setting as the run's meta holds it: as it is, or a float JSON has not (inf, nan:
+    a loss_scale_factor verl does not divide by) as its text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return value
 
 
 def _num_generations(config: Any, groups: Groups | None) -> dict[str, int]:
