@@ -24,9 +24,14 @@ estimator noise."""
 
 
 class OwnLikelihood:
-    """The collapse warning's per-step measurements, gathered one step at a time."""
+    """The collapse warning's per-step measurements, gathered one step at a time, and the
+    steps that make no policy-gradient update, which the recorded grad-norm spike rule leaves
+    out (`without_advantage`)."""
 
     def __init__(self) -> None:
+        self.without_advantage: list[int] = []
+        """Steps with a policy batch none of whose scored units has a nonzero advantage: their
+        gradient, if any, is another term's (TRL's KL with beta > 0), no policy update."""
         self.steps: list[int] = []
         self.inner_step: list[float] = []
         self.values: list[float] = []
@@ -56,8 +61,15 @@ class OwnLikelihood:
             None if token_count is None else own_likelihood(logp_old, mask, token_count)
         )
 
+    def note_advantages(self, step: int, advantages: np.ndarray, mask: np.ndarray) -> None:
+        """Notes step `step` in `without_advantage` when none of its scored units (mask [U]
+        nonzero) has a nonzero advantage (advantages [U]; NaN counts as nonzero)."""
+        if not np.any((mask.reshape(-1) != 0) & (advantages.reshape(-1) != 0)):
+            self.without_advantage.append(step)
+
     def extend(self, later: OwnLikelihood) -> None:
         """Appends the measurements gathered over the steps after this one's."""
+        self.without_advantage.extend(later.without_advantage)
         self.steps.extend(later.steps)
         self.inner_step.extend(later.inner_step)
         self.values.extend(later.values)
@@ -162,18 +174,22 @@ def logratio_moments(
 
 def measurements_of(run: Run) -> tuple[NoiseFloor, OwnLikelihood]:
     """The noise floor and the own-sample likelihood read from the run's steps with inner_step
-    0 (every step for the likelihood when none records inner_step), one step at a time; scalar
-    steps (no policy batch) have neither."""
+    0 (every step for the likelihood when none records inner_step), one step at a time, and
+    the steps without a nonzero advantage, read from every step; scalar steps (no policy
+    batch) have none of them."""
     floor, likelihood = NoiseFloor(), OwnLikelihood()
     for header in run.step_headers():
-        inner = header.scalars.get("inner_step")
-        if header.is_scalar or not OwnLikelihood.wanted(inner):
+        if header.is_scalar:
             continue
         try:
             step = run.step(header.step)
         except InputError:
             continue  # corrupt: reported by the integrity check
         mask = step.array("mask")
+        likelihood.note_advantages(step.step, step.array("advantages"), mask)
+        inner = header.scalars.get("inner_step")
+        if not OwnLikelihood.wanted(inner):
+            continue
         counts = step.array("token_count") if "token_count" in step.fields else None
         token_count = unit_token_counts(run.unit, step.array("seq_id"), counts)
         likelihood.add(step.step, inner, step.array("logp_old"), mask, token_count)

@@ -324,9 +324,12 @@ def observe(
     collapse = observed_reward_collapse(
         reward_steps, rewards, run.reward_range, window=config.collapse_window
     )
-    spikes = norm_steps[spike_flags(grad_norms, factor=config.spike_factor)]
     if noise_floor is None or likelihood is None:
         noise_floor, likelihood = measurements_of(run)
+    # A step without a nonzero advantage makes no policy update, as one of norm 0 makes none:
+    # its norm (TRL's KL term alone, with beta > 0) is no history of the spike rule.
+    judged_norms = np.where(np.isin(norm_steps, likelihood.without_advantage), 0.0, grad_norms)
+    spikes = norm_steps[spike_flags(judged_norms, factor=config.spike_factor)]
     measured_steps, measurements = likelihood.series()
     warn_steps = collapse_warning(
         measured_steps, measurements, window=config.warning_window, drop=config.warning_drop
@@ -346,7 +349,7 @@ def observe(
     return Observed(
         first_reward_collapse=collapse,
         recorded_spike_steps=[int(s) for s in spikes],
-        grad_norm_values=int(np.count_nonzero(np.isfinite(grad_norms) & (grad_norms != 0))),
+        grad_norm_values=int(np.count_nonzero(np.isfinite(judged_norms) & (judged_norms != 0))),
         nonfinite_steps=[int(s) for s in bad],
         nonfinite_counted=int(np.union1d(*(series[name][0] for name in NONFINITE_COUNTS)).size),
         nonfinite_training_steps=training,

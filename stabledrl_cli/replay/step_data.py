@@ -239,12 +239,15 @@ def host_token_counts(arrays: Arrays, unit: Unit) -> np.ndarray | None:
 
 
 def host_measures(step: Step, arrays: Arrays, unit: Unit) -> Measures:
-    """The step's collapse-warning measurement (steps with inner_step 0 or none recorded) and
-    noise-floor moments (inner_step 0), from its arrays on the host."""
+    """The step's collapse-warning measurement (steps with inner_step 0 or none recorded),
+    noise-floor moments (inner_step 0) and whether it has a nonzero advantage, from its arrays
+    on the host."""
     likelihood, floor = OwnLikelihood(), NoiseFloor()
+    mask = host_array(arrays["mask"])
+    likelihood.note_advantages(step.step, host_array(arrays["advantages"]), mask)
     inner = step.scalars.get("inner_step")
     if OwnLikelihood.wanted(inner):
-        logp_old, mask = host_array(arrays["logp_old"]), host_array(arrays["mask"])
+        logp_old = host_array(arrays["logp_old"])
         likelihood.add(step.step, inner, logp_old, mask, host_token_counts(arrays, unit))
         if inner == NOISE_FLOOR_INNER_STEP:
             floor.add(*logratio_moments(host_array(arrays["logp"]), logp_old, mask))
