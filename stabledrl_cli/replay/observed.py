@@ -71,6 +71,8 @@ class CollapseWarning:
     measurements: int = 0
     """Measurements taken: one a rollout (its step with `inner_step` 0, or every step with a
     policy batch when the run records no inner_step)."""
+    finite: int = 0
+    """Measurements that are finite (a step that scores no token measures none)."""
     windows: int = 0
     """Windows of `window` finite measurements in a row."""
     first_step: int | None = None
@@ -216,10 +218,16 @@ class Observed:
                     "the run has no own-sample likelihood (a step with a policy batch, one a "
                     "rollout) for the collapse warning to judge"
                 )
+            finite = (
+                f"{warning.finite} of them finite (a step that scores no token measures none), "
+                "too few in a row"
+                if warning.finite < warning.measurements
+                else "too few"
+            )
             return (
                 f"the run has {counted(warning.measurements, 'own-sample likelihood')} (one a "
-                "rollout: its step with inner_step 0, or every step when none records it), too "
-                "few for the collapse warning to judge: it needs the median of "
+                f"rollout: its step with inner_step 0, or every step when none records it), "
+                f"{finite} for the collapse warning to judge: it needs the median of "
                 f"{warning.window} finite in a row to fall below an earlier one on two "
                 f"measurements in a row, beyond the noise of {warning.window} before them "
                 f"({2 * warning.window} measurements, none missing)"
@@ -341,6 +349,7 @@ def observe(
         drop=config.warning_drop,
         steps=[int(s) for s in warn_steps],
         measurements=int(measurements.size),
+        finite=int(np.count_nonzero(np.isfinite(measurements))),
         windows=finite_windows(measurements, config.warning_window),
         judged=warning_judged(measurements, config.warning_window),
         first_step=first,
