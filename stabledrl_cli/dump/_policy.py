@@ -3,9 +3,10 @@
 `Recorder(policy=...)` takes either a spec string in the one grammar of `stabledrl_cli.spec`
 (`"dapo:eps_high=0.28"`, optionally with more parameters in `policy_params`; a key given in
 both is refused; a numpy number or bool, read from an array, as the value it holds:
-`plain_number`), or any object with `.name`, `.spec` and `.params` (a `PolicyLike`, e.g. a
-catalogue policy): the manifest then stores exactly that object's spec, name and params. The
-stored spec is canonical text (`spec.format_spec`): keys sorted, values in shortest form.
+`plain_number`; text as the spec's own text reads: "0.1" is 0.1, "true" True), or any object
+with `.name`, `.spec` and `.params` (a `PolicyLike`, e.g. a catalogue policy): the manifest
+then stores exactly that object's spec, name and params. The stored spec is canonical text
+(`spec.format_spec`): keys sorted, values in shortest form.
 `replayed_fields`: what a step must hold for the replay of the run's own policy (a Recorder
 refuses, as it is made or at the step, a run whose replay would refuse its policy).
 """
@@ -68,7 +69,12 @@ def policy_entry(
         name, raw = split_spec(policy)
         params: dict[str, Any] = {key: _typed(text) for key, text in raw.items()}
         given = (policy_params or {}).items()
-        policy_params = {k: plain_number(v) for k, v in given if v is not None}
+        # text as the spec's own text reads ("0.1" is 0.1), so params say what the spec does
+        policy_params = {
+            k: _typed(v) if isinstance(v, str) else plain_number(v)
+            for k, v in given
+            if v is not None
+        }
         twice = sorted(set(params) & set(policy_params))
         if twice:
             raise UsageError(
