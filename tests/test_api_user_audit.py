@@ -4,7 +4,10 @@ names that reads without the package's private modules."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,3 +35,43 @@ def test_a_policy_parameter_given_as_text_is_stored_as_its_spec_reads_it(tmp_pat
     custom = _policy_entry(tmp_path / "custom", "mine", {"flag": "true", "mode": "fast"})
     assert custom == _policy_entry(tmp_path / "custom-spec", "mine:flag=true,mode=fast", None)
     assert custom["params"] == {"flag": True, "mode": "fast"}  # type: ignore[index]
+
+
+def _public_members(kind: type) -> dict[str, object]:
+    """`kind`'s public methods and properties (and `__enter__`), by qualified name: what
+    `help()` shows a docstring for (a data field has none to show)."""
+    names = [name for name in dir(kind) if not name.startswith("_") or name == "__enter__"]
+    members = {name: inspect.getattr_static(kind, name) for name in names}
+    return {
+        f"{kind.__name__}.{name}": getattr(kind, name)
+        for name, member in members.items()
+        if inspect.isfunction(member) or isinstance(member, (property, functools.cached_property))
+    }
+
+
+def test_help_on_the_recording_and_reading_api_names_no_private_module() -> None:
+    """`help(sd.Recorder)` pointed a user at `_policy`, `_setup`, `_run_env.forced_run` and
+    `_run_target.check_not_in_a_run`, and left most of its keywords unexplained; `log_step`,
+    `close`, `open_run` and `Run.manifest` named private modules too, and `Run.unit`,
+    `.policy_spec`, `.reward_range`, `.geometry` and `Recorder.__enter__` said nothing."""
+    from stabledrl_cli.dump._run import Run
+    from stabledrl_cli.dump._step import Step
+    from stabledrl_cli.replay.result import PolicyResult, ReplayResult
+
+    documented: dict[str, object] = {"open_run": sd.open_run, "replay": sd.replay}
+    documented |= {"log_policy_batch": sd.log_policy_batch, "Recorder": sd.Recorder}
+    for kind in (sd.Recorder, Run, Step, ReplayResult, PolicyResult):
+        documented |= _public_members(kind)
+    private = re.compile(r"`[\w.]*(?<![\w_])_[a-z]\w*")  # `_setup`, `dump._remote`
+    undocumented = [name for name, value in documented.items() if not inspect.getdoc(value)]
+    assert undocumented == []
+    naming = {
+        name: private.findall(inspect.getdoc(value) or "") for name, value in documented.items()
+    }
+    assert {name: found for name, found in naming.items() if found} == {}
+
+
+def test_the_recorder_docstring_explains_each_of_its_keywords() -> None:
+    doc = inspect.getdoc(sd.Recorder) or ""
+    keywords = [name for name in inspect.signature(sd.Recorder).parameters]
+    assert [name for name in keywords if f"{name}:" not in doc and f"{name}," not in doc] == []

@@ -20,7 +20,7 @@ from stabledrl_cli.errors import InputError, UsageError
 
 def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     """Opens a run directory or a packed .h5 archive (`stabledrl pack`) for lazy reading, at
-    a path or an fsspec URL (`memory://`, `file://`, `s3://`...; `dump._remote`).
+    a path or an fsspec URL (`memory://`, `file://`, `s3://`...; docs/scaling.md).
 
     Raises InputError (exit 3) for a missing path, a non-run (a replay report included), or a
     newer major format version; UsageError (exit 2) for a `path` that is empty or no str or

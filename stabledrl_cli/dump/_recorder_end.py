@@ -254,12 +254,12 @@ class RecorderEnd:
 
     def close(self) -> None:
         """Drains the queue (async mode), stops the writer and marks the run `recording_closed`
-        (with several ranks, this rank closed: module docstring). Idempotent; a close interrupted
-        while it drains (a second Ctrl-C) is finished by the next call, at the latest by the
-        one at exit. In a forked child it only closes the child's copy: the writer is the
-        parent's. Once nothing is left to write, the rank is free for another Recorder
-        (`_writer_lock`). Made by a signal handler in the thread of a step under way, it
-        writes the queued steps and leaves the rest to the step's end. As the interpreter
+        (with several ranks, this rank closed; the last rank to close marks the run).
+        Idempotent; a close interrupted while it drains (a second Ctrl-C) is finished by the
+        next call, at the latest by the one at exit. In a forked child it only closes the
+        child's copy: the writer is the parent's. Once nothing is left to write, the rank is
+        free for another Recorder. Made by a signal handler in the thread of a step under way,
+        it writes the queued steps and leaves the rest to the step's end. As the interpreter
         ends (a generator holding a with-Recorder block, finalized after the exit handlers), it
         is too late to write (imports fail): the run reads unclosed, as a Recorder left open."""
         if sys.is_finalizing():

@@ -115,9 +115,10 @@ class RecorderSteps(RecorderEnd):
         (unit "sequence": each sequence's number of tokens, whole numbers >= 0). With no batch array
         at all the step is a scalar step (its scalars, and param_grad_norm [P] if given); with
         some, logp, logp_old and advantages are required, and each field the run's own policy
-        needs to be replayed (`_policy.replayed_fields`: logp_ref for beta > 0, ...). Raises
-        UsageError naming the field for a missing field, a bad shape, dtype or id, or a keyword
-        that is none of these (nothing is written), WriteError if the file cannot be written."""
+        needs to be replayed (logp_ref for beta > 0, reward and group_id for adv=center,
+        ...). Raises UsageError naming the field for a missing field, a bad shape, dtype or
+        id, or a keyword that is none of these (nothing is written), WriteError if the file
+        cannot be written (unless the Recorder's on_write_error is "warn")."""
         self._check_process("log_step")  # (before the lock, which a fork may copy held)
         with self._step_under_way():
             if self._closed:

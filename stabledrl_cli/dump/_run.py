@@ -72,7 +72,7 @@ class Run(ABC):
     @property
     @abstractmethod
     def manifest(self) -> dict[str, Any]:
-        """The run's manifest (fields in `stabledrl_cli.dump._schema`)."""
+        """The run's manifest (its fields: docs/run-format.md)."""
 
     @property
     def archive_version(self) -> tuple[int, int] | None:
@@ -235,6 +235,7 @@ class Run(ABC):
 
     @property
     def unit(self) -> Unit:
+        """What one entry of the step arrays is: "token" or "sequence" (the manifest's)."""
         return cast(Unit, self.manifest["unit"])
 
     @property
@@ -257,17 +258,20 @@ class Run(ABC):
 
     @property
     def policy_spec(self) -> str | None:
+        """The spec of the policy the run trained with (the manifest's), None when not known."""
         policy = self.manifest.get("policy") or {}
         spec = policy.get("spec") if isinstance(policy, dict) else None
         return spec if isinstance(spec, str) else None
 
     @property
     def reward_range(self) -> tuple[float, float] | None:
+        """(low, high) of the run's rewards as recorded, None when the run declared none."""
         value = self.manifest.get("reward_range")
         return (float(value[0]), float(value[1])) if value else None
 
     @property
     def geometry(self) -> dict[str, Any] | None:
+        """The manifest's gradient geometry settings (docs/geometry.md), None without."""
         value = self.manifest.get("geometry")
         return value if isinstance(value, dict) else None
 
@@ -357,6 +361,7 @@ class Run(ABC):
         return None
 
     def __enter__(self: _RunT) -> _RunT:
+        """The run itself: the `with` block's end closes it (`close`)."""
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:

@@ -21,7 +21,10 @@ Keywords of `Recorder` beyond the run's facts: `group_ids` ("per_rank", the defa
 `_schema`), `source` (format
 1.2: where the run came from, e.g. {"kind": "import", ...}), `overwrite`, `resume` and
 `resume_from` (how an existing directory is treated, see `_setup`). `policy=None` (format 1.2)
-records that the run's policy is not known.
+records that the run's policy is not known. `overwrite` not given is `_run_env.forced_run`;
+rank 0 gives the run a new identity (the manifest's `run_id`) when it creates or overwrites
+it, and so does a rank whose resume replaces its steps (`_setup`); a path inside another run
+is refused by `_run_target.check_not_in_a_run`. The class docstring is the user's (`help`).
 """
 
 from __future__ import annotations
@@ -73,30 +76,33 @@ class Recorder(RecorderSteps):
     >>> with Recorder("runs/mine", policy="dapo:eps_high=0.28") as rec:
     ...     rec.log_step(0, logp=logp, logp_old=logp_old, advantages=adv, mask=mask)
 
-    policy: a spec string (more parameters may come in `policy_params`; a key given in both is
-    refused), a resolved policy object with .name, .spec and .params (see `_policy`), or None
-    when the run's policy is not known (a run of scalar steps, format 1.2); a catalogue policy
-    its `unit` rules out (stabledrl:level=token on sequence units) is refused. source: where
-    the run came from, a JSON object with a string "kind" (format 1.2), or None.
-    Refuses an existing non-empty directory unless `overwrite=True` (removes this recorder's
-    own step files and, on rank 0, rewrites the manifest; not given, it is True for the run
-    directory of `stabledrl record --force`: `_run_env.forced_run`) or `resume=True`
-    (continues the run: steps at or after `resume_from` are replaced, earlier ones kept and
-    verified; see `_setup`). Refuses a `path` inside another run (its steps, checkpoints or
-    branches folder, or anywhere else: `_run_target.check_not_in_a_run`), but for a branch run,
-    RUN/branches/NAME. Rank 0 gives the run a
-    new identity (the manifest's `run_id`) when it creates or overwrites it, and a rank whose
-    resume replaces its steps (`_setup`). With
-    `world_size > 1` every rank makes its own Recorder on the same path, giving its `rank`
-    (refused without one: it is 0 only for world_size 1); rank 0 writes the manifest, each
-    rank its own step files. `group_ids="global"` says that
-    the recorded group_ids are prompt-group ids shared by all ranks. `loss_norm="per_rank"`
-    says that each rank normalised its loss over its own part of the step (its own token or
-    sequence counts) and the data-parallel all-reduce averaged the ranks' gradients, as a
-    plain DistributedDataParallel loop does; the default "global" says the normalisers counted
-    every rank's part. A relative `path` is
-    taken from the working directory as the Recorder is made: a later `os.chdir` of the
-    process (hydra's job chdir, say) does not move the run.
+    path: the run directory (made if missing; a relative path is taken from the working
+    directory as the Recorder is made, so a later `os.chdir` does not move the run).
+    policy: the loss the loop computes, as a catalogue spec ("grpo", "stabledrl:c=3"), a
+    catalogue Policy (`get_policy`), or your own name (not checked); None when the run's
+    policy is not known (a run of scalar steps). policy_params: more parameters of a spec
+    string (a key also in the spec is refused). meta, estimator: JSON objects stored in the
+    manifest (`inspect` shows them). unit: "token" (per-token log-probs) or "sequence" (one
+    estimate a sequence, an ELBO). reward_range: (low, high) of the rewards, which the
+    collapse rule reads. world_size, rank: with several ranks, each makes its own Recorder
+    on the same path with its rank (rank 0 writes the manifest). group_ids: "per_rank", or
+    "global" when the ranks share prompt-group ids. loss_norm: "global", or "per_rank" when
+    each rank normalised its loss over its own part. overwrite: replace an existing run
+    (this rank's step files; not given, True for `stabledrl record --force`'s run). resume,
+    resume_from: continue an existing run after its last step, or from `resume_from` on
+    (the steps from it are replaced, earlier ones kept and verified). async_writes,
+    queue_size: fsync each step in a thread, with at most `queue_size` steps waiting.
+    on_write_error: "raise" (WriteError from `log_step`) or "warn" (warn once on stderr
+    and stop recording, so the training goes on). geometry, param_names: gradient geometry
+    and per-parameter grad norms (docs/geometry.md). source: where the run came from, a
+    JSON object with a string "kind".
+
+    UsageError (nothing recorded) for a bad argument, a catalogue policy given a bad value
+    or one its `unit` rules out (stabledrl:level=token on sequence units), an existing
+    non-empty directory without `overwrite=True` or `resume=True`, a `path` inside another
+    run (but a branch run, RUN/branches/NAME), or a rank another open Recorder records;
+    WriteError when the run cannot be written. Use it as a context manager: leaving the
+    `with` block closes the run, noting an error or Ctrl-C that ended it.
     """
 
     def __init__(
@@ -265,6 +271,7 @@ class Recorder(RecorderSteps):
                 self._rewriting = False
 
     def __enter__(self) -> Recorder:
+        """The Recorder itself: the `with` block's end closes it (`__exit__`)."""
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
