@@ -11,8 +11,10 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import stabledrl_cli as sd
+from stabledrl_cli import errors as sd_errors
 
 
 def _policy_entry(run: Path, policy: str, params: dict[str, object] | None) -> object:
@@ -75,3 +77,17 @@ def test_the_recorder_docstring_explains_each_of_its_keywords() -> None:
     doc = inspect.getdoc(sd.Recorder) or ""
     keywords = [name for name in inspect.signature(sd.Recorder).parameters]
     assert [name for name in keywords if f"{name}:" not in doc and f"{name}," not in doc] == []
+
+
+def test_a_step_with_no_token_is_refused_and_its_scalars_alone_replay(tmp_path: Path) -> None:
+    """docs/recording.md: a batch whose every sequence was filtered out (no token) is refused by
+    `log_step`, naming why, and the step logged as its scalars alone is skipped by `replay`."""
+    batch = {"logp": -np.ones((2, 3)), "logp_old": -np.ones((2, 3)), "advantages": [1.0, -1.0]}
+    with sd.Recorder(tmp_path / "run") as recorder:
+        recorder.log_step(0, **batch, loss=0.5)
+        with pytest.raises(sd_errors.UsageError, match="at least one token"):
+            recorder.log_step(1, logp=np.zeros((0, 3)), logp_old=np.zeros((0, 3)), advantages=[])
+        recorder.log_step(1, loss=0.25, grad_norm=1.0)
+        recorder.log_step(2, **batch, loss=0.5)
+    result = sd.replay(tmp_path / "run", policies="grpo")
+    assert (result.steps, result.scalar_steps, result.missing_steps) == (2, 1, 0)
