@@ -91,3 +91,27 @@ def test_a_step_with_no_token_is_refused_and_its_scalars_alone_replay(tmp_path: 
         recorder.log_step(2, **batch, loss=0.5)
     result = sd.replay(tmp_path / "run", policies="grpo")
     assert (result.steps, result.scalar_steps, result.missing_steps) == (2, 1, 0)
+
+
+_NO_MEMORY_HOLDS_IT = np.broadcast_to(np.float64(-0.5), (2**30, 2**20))
+"""A view of 2**50 log-probs (a tensor `.expand`ed by mistake), whose float32 copy (4 PiB) no
+machine can allocate: the copy fails at once, whatever the system's overcommit setting."""
+
+
+def test_a_step_too_large_for_memory_is_a_write_error_not_a_memory_error(tmp_path: Path) -> None:
+    """`log_step(0, logp=t.expand(10**6, 10**6), ...)` raised numpy's MemoryError (a traceback
+    no doc names) out of the training loop, under `on_write_error="warn"` too, whose Recorder
+    promises to warn once and let the training go on: the step could not be recorded, which is
+    a WriteError (exit 4), and under "warn" the stop that any failed write is."""
+    huge = dict.fromkeys(("logp", "logp_old", "advantages"), _NO_MEMORY_HOLDS_IT)
+    with sd.Recorder(tmp_path / "raise") as recorder:
+        with pytest.raises(sd_errors.WriteError, match=r"step 0: .*out of memory"):
+            recorder.log_step(0, **huge)  # type: ignore[arg-type]
+        recorder.log_step(0, logp=[-0.5], logp_old=[-0.5], advantages=[1.0], seq_id=[0])
+    assert sd.open_run(tmp_path / "raise").step_numbers == [0]
+    with sd.Recorder(tmp_path / "warn", on_write_error="warn") as recorder:
+        recorder.log_step(0, **huge)  # type: ignore[arg-type]
+        recorder.log_step(1, logp=[-0.5], logp_old=[-0.5], advantages=[1.0], seq_id=[0])
+    run = sd.open_run(tmp_path / "warn")
+    assert run.step_numbers == []
+    assert "out of memory" in run.manifest["recording_stopped"]["reason"]

@@ -33,7 +33,7 @@ from stabledrl_cli.dump._step_metadata import step_metadata
 from stabledrl_cli.dump._step_writes import StepWrite, discard_failed, write_step_file
 from stabledrl_cli.dump._suspect_values import positive_logp, reward_outside
 from stabledrl_cli.dump._training_end import warned_at_the_end
-from stabledrl_cli.errors import UsageError, WriteError, warn
+from stabledrl_cli.errors import UsageError, WriteError, one_line, warn
 from stabledrl_cli.vocab import Unit
 
 if TYPE_CHECKING:
@@ -118,7 +118,8 @@ class RecorderSteps(RecorderEnd):
         needs to be replayed (logp_ref for beta > 0, reward and group_id for adv=center,
         ...). Raises UsageError naming the field for a missing field, a bad shape, dtype or
         id, or a keyword that is none of these (nothing is written), WriteError if the file
-        cannot be written (unless the Recorder's on_write_error is "warn")."""
+        cannot be written, or the step not held in memory to write it (unless the Recorder's
+        on_write_error is "warn")."""
         self._check_process("log_step")  # (before the lock, which a fork may copy held)
         with self._step_under_way():
             if self._closed:
@@ -147,72 +148,53 @@ class RecorderSteps(RecorderEnd):
                         else ""
                     )
                 )
-            tensors, values, num_sequences = build_step(
-                unit=self.unit,
-                step=step,
-                arrays={
-                    "logp": logp,
-                    "logp_old": logp_old,
-                    "advantages": advantages,
-                    "mask": mask,
-                    "seq_id": seq_id,
-                    "group_id": group_id,
-                    "reward": reward,
-                    "micro_batch": micro_batch,
-                    "group_split": group_split,
-                    "token_count": token_count,
-                    "logp_ref": logp_ref,
-                    "logp_rollout": logp_rollout,
-                    "loss_weight": loss_weight,
-                    "loss_scale": loss_scale,
-                    "unit_grad_gram": unit_grad_gram,
-                    "unit_grad_sketch": unit_grad_sketch,
-                    "param_grad_norm": param_grad_norm,
-                    "token_ids": token_ids,
-                },
-                scalars={
-                    "grad_norm": grad_norm,
-                    "grad_norm_clipped": grad_norm_clipped,
-                    "loss": loss,
-                    "lr": lr,
-                    "inner_step": inner_step,
-                    "reward_mean": reward_mean,
-                    "grad_norm_covered": grad_norm_covered,
-                    "unit_grad_sketch_scale": unit_grad_sketch_scale,
-                    "entropy": entropy,
-                    "kl": kl,
-                    "clip_frac": clip_frac,
-                    "clip_frac_low": clip_frac_low,
-                    "clip_frac_high": clip_frac_high,
-                    "step_time": step_time,
-                    "nonfinite_grads": nonfinite_grads,
-                },
-                user_scalars=scalars,
-                num_params=self._num_params,
-            )
-            scalar_step = "logp" not in tensors
-            if not scalar_step and tensors["logp"].shape[0] == 0 and self.world_size == 1:
-                raise UsageError("logp: a step needs at least one token")
-            missing = [] if scalar_step else sorted(self._policy_fields.difference(tensors))
-            if missing:
-                raise UsageError(
-                    f"step {step} has no {', '.join(map(repr, missing))}, which the run's policy "
-                    f"{self._policy_spec!r} needs: pass it, or record the policy the loop computes"
+            try:
+                item = self._step_write(
+                    step,
+                    arrays={
+                        "logp": logp,
+                        "logp_old": logp_old,
+                        "advantages": advantages,
+                        "mask": mask,
+                        "seq_id": seq_id,
+                        "group_id": group_id,
+                        "reward": reward,
+                        "micro_batch": micro_batch,
+                        "group_split": group_split,
+                        "token_count": token_count,
+                        "logp_ref": logp_ref,
+                        "logp_rollout": logp_rollout,
+                        "loss_weight": loss_weight,
+                        "loss_scale": loss_scale,
+                        "unit_grad_gram": unit_grad_gram,
+                        "unit_grad_sketch": unit_grad_sketch,
+                        "param_grad_norm": param_grad_norm,
+                        "token_ids": token_ids,
+                    },
+                    scalars={
+                        "grad_norm": grad_norm,
+                        "grad_norm_clipped": grad_norm_clipped,
+                        "loss": loss,
+                        "lr": lr,
+                        "inner_step": inner_step,
+                        "reward_mean": reward_mean,
+                        "grad_norm_covered": grad_norm_covered,
+                        "unit_grad_sketch_scale": unit_grad_sketch_scale,
+                        "entropy": entropy,
+                        "kl": kl,
+                        "clip_frac": clip_frac,
+                        "clip_frac_low": clip_frac_low,
+                        "clip_frac_high": clip_frac_high,
+                        "step_time": step_time,
+                        "nonfinite_grads": nonfinite_grads,
+                    },
+                    user_scalars=scalars,
                 )
-            self._warn_of_inputs(step, tensors, values)
-            values.setdefault("wall_time", self._now())
-            metadata = step_metadata(
-                tensors,
-                values,
-                num_sequences,
-                rank=self.rank,
-                world_size=self.world_size,
-                sketch_seed=self._sketch_seed,
-            )
-            name = step_file_name(step, self.rank, self.world_size)
-            item = StepWrite(
-                self._steps_dir, name, encode_step(tensors, metadata), step, self._rewriting
-            )
+            except MemoryError as exc:  # a step no memory holds (a view `.expand`ed by mistake)
+                name = step_file_name(step, self.rank, self.world_size)
+                reason = f"step {step}: cannot write it, out of memory ({one_line(exc)})"
+                self._write_failed(WriteError(f"{self._steps_dir}/{name}: {reason}"), step)
+                return
             try:
                 write_step_file(item, durable=self._writer is None)
                 if self._writer is not None:
@@ -226,6 +208,48 @@ class RecorderSteps(RecorderEnd):
                 raise
             self._last_step = step
             self._raise_writer_error()  # an earlier step's failed fsync: this one is written
+
+    def _step_write(
+        self,
+        step: int,
+        *,
+        arrays: Mapping[str, ArrayInput | None],
+        scalars: Mapping[str, ScalarInput | None],
+        user_scalars: Mapping[str, ScalarInput] | None,
+    ) -> StepWrite:
+        """`log_step`'s inputs checked and encoded as the file of `step` (`build_step`): the
+        write to make. UsageError as `log_step` says; MemoryError for a step no memory holds."""
+        tensors, values, num_sequences = build_step(
+            unit=self.unit,
+            step=step,
+            arrays=arrays,
+            scalars=scalars,
+            user_scalars=user_scalars,
+            num_params=self._num_params,
+        )
+        scalar_step = "logp" not in tensors
+        if not scalar_step and tensors["logp"].shape[0] == 0 and self.world_size == 1:
+            raise UsageError("logp: a step needs at least one token")
+        missing = [] if scalar_step else sorted(self._policy_fields.difference(tensors))
+        if missing:
+            raise UsageError(
+                f"step {step} has no {', '.join(map(repr, missing))}, which the run's policy "
+                f"{self._policy_spec!r} needs: pass it, or record the policy the loop computes"
+            )
+        self._warn_of_inputs(step, tensors, values)
+        values.setdefault("wall_time", self._now())
+        metadata = step_metadata(
+            tensors,
+            values,
+            num_sequences,
+            rank=self.rank,
+            world_size=self.world_size,
+            sketch_seed=self._sketch_seed,
+        )
+        name = step_file_name(step, self.rank, self.world_size)
+        return StepWrite(
+            self._steps_dir, name, encode_step(tensors, metadata), step, self._rewriting
+        )
 
     def _warn_of_inputs(
         self, step: int, tensors: dict[str, np.ndarray], values: dict[str, float]
