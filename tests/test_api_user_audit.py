@@ -115,3 +115,18 @@ def test_a_step_too_large_for_memory_is_a_write_error_not_a_memory_error(tmp_pat
     run = sd.open_run(tmp_path / "warn")
     assert run.step_numbers == []
     assert "out of memory" in run.manifest["recording_stopped"]["reason"]
+
+
+def test_replay_prints_nothing_and_its_result_says_what_the_command_warns_of(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sd.replay`'s docstring: the warnings of `stabledrl replay` (a run still recorded, steps
+    missing, a step range with no step) are in the result, not on stderr."""
+    batch = {"logp": -np.ones((2, 3)), "logp_old": -np.ones((2, 3)), "advantages": [1.0, -1.0]}
+    with sd.Recorder(tmp_path / "run") as recorder:
+        for step in (0, 1, 3):
+            recorder.log_step(step, **batch)
+        result = sd.replay(tmp_path / "run", policies="grpo", step_range=(10, 20))
+    assert capsys.readouterr().err == ""
+    assert result.live is not None and result.live.held
+    assert (result.steps, result.missing_steps, result.policy("grpo").steps) == (3, 1, [])

@@ -363,6 +363,14 @@ def replay(
     arguments are `ReplayConfig`'s (None: its default). `.to_json()` of the result prints the
     JSON contract. A run it opens (a path or URL) is closed when it returns or raises; a Run
     given is left open.
+
+    Raises UsageError for a bad setting or policy spec (before the run is read), InputError
+    for a run that is missing, unreadable, recorded again while read, or has no step to
+    replay, or a step without a field a policy needs, and WorkerDiedError when a worker of
+    the "processes" or "ray" engine died. It prints nothing: what `stabledrl replay` warns
+    of on stderr is in the result (`.live`: a Recorder still holds the run; `.missing_steps`,
+    `.skipped_steps`; a `step_range` that selects no step gives no per-step row) and in the
+    run (`open_run(path).recording_stops`: a recording that stopped early).
     """
     if isinstance(engine, str):
         engine = named_engine(engine)
