@@ -1,6 +1,7 @@
 """What a researcher with a hand-written dLLM RL loop meets in the Python API, as the docs
-describe it: a Recorder's manifest that says its policy one way, and `help()` on the public
-names that reads without the package's private modules."""
+describe it: a Recorder's manifest that says its policy one way, `help()` on the public names
+that reads without the package's private modules, a step with no token or too large for
+memory, and a replay that prints nothing but says everything in its result."""
 
 from __future__ import annotations
 
@@ -94,8 +95,9 @@ def test_a_step_with_no_token_is_refused_and_its_scalars_alone_replay(tmp_path: 
 
 
 _NO_MEMORY_HOLDS_IT = np.broadcast_to(np.float64(-0.5), (2**30, 2**20))
-"""A view of 2**50 log-probs (a tensor `.expand`ed by mistake), whose float32 copy (4 PiB) no
-machine can allocate: the copy fails at once, whatever the system's overcommit setting."""
+"""A view of 2**50 log-probs (a tensor `.expand`ed by mistake), whose float32 copy (4 PiB, past
+a process's 47-bit address space) no machine can allocate: the copy fails at once, whatever the
+system's overcommit setting."""
 
 
 def test_a_step_too_large_for_memory_is_a_write_error_not_a_memory_error(tmp_path: Path) -> None:
