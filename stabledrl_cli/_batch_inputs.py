@@ -10,6 +10,10 @@ from typing import TYPE_CHECKING, TypeGuard
 if TYPE_CHECKING:
     import torch
 
+WORLD_SIZE_LIMIT = 4096
+"""The most ranks a run may have (a Recorder's world_size; a larger one in a manifest is
+corrupt) and so a policy batch may come from (`PolicyBatch.ranks`)."""
+
 
 def is_tensor(value: object) -> TypeGuard[torch.Tensor]:
     """Whether `value` is a torch tensor: never when torch is not loaded (a Recorder given

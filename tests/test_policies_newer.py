@@ -416,9 +416,12 @@ def test_ranks_given_as_a_numpy_or_torch_integer_are_the_int_they_hold():
         assert torch.equal(given.coef, joined.coef)
 
 
-@pytest.mark.parametrize("ranks", [0, -1, 1.5, True, "2", torch.tensor(2.0)])
-def test_a_batch_of_no_ranks_is_refused(ranks):
-    with pytest.raises(UsageError, match="ranks must be an integer >= 1"):
+@pytest.mark.parametrize("ranks", [0, -1, 1.5, True, "2", torch.tensor(2.0), 4097, 2**40])
+def test_a_batch_of_no_ranks_or_more_than_a_run_holds_is_refused(ranks):
+    """ranks=2**40 was taken: the per-rank sums allocated 8 TiB (torch's RuntimeError), and a
+    smaller count could fill the memory instead. A batch comes from as many ranks as a run may
+    have (a Recorder's world_size, 4096 at most)."""
+    with pytest.raises(UsageError, match=r"ranks must be an integer in \[1, 4096\]"):
         ours("gmpo:mean=micro", batch(1), ranks=ranks)
 
 

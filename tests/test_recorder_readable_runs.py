@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import stabledrl_cli as sd
-from stabledrl_cli.dump._manifest import MANIFEST_LIMIT, WORLD_SIZE_LIMIT
+from stabledrl_cli._batch_inputs import WORLD_SIZE_LIMIT
+from stabledrl_cli.dump._manifest import MANIFEST_LIMIT
 from stabledrl_cli.errors import UsageError, WriteError
 
 

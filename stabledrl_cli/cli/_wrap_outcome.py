@@ -71,9 +71,9 @@ def _ranks_closed(out: Path, manifest: dict[str, object]) -> bool:
 def _world_size(out: Path, name: str) -> int | None:
     """The world_size that the step file `name` says it was written in; None when it is no
     rank's file, or cannot say (readers report such a file themselves)."""
+    from stabledrl_cli._batch_inputs import WORLD_SIZE_LIMIT
     from stabledrl_cli.dump._file_names import STEPS_DIR
     from stabledrl_cli.dump._integrity import StepReadError
-    from stabledrl_cli.dump._manifest import WORLD_SIZE_LIMIT
     from stabledrl_cli.dump._schema import META_WORLD_SIZE
     from stabledrl_cli.dump._stfile import read_header
 

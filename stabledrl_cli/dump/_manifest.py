@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from stabledrl_cli._batch_inputs import WORLD_SIZE_LIMIT
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.dump._schema import is_count
 from stabledrl_cli.dump._stop_notes import (
@@ -42,8 +43,6 @@ changes no format version, a reader that does not know it leaves it alone."""
 
 MANIFEST_LIMIT = 1 << 20
 """Bytes a manifest may take (a manifest with param_names of a large model is ~100 KB)."""
-WORLD_SIZE_LIMIT = 4096
-"""The largest world_size a reader accepts: a larger one is a corrupt manifest."""
 
 
 def _finite_number(value: object) -> bool:

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from stabledrl_cli._atomic import write_error
+from stabledrl_cli._batch_inputs import WORLD_SIZE_LIMIT
 from stabledrl_cli._run_env import forced_run, records_out
 from stabledrl_cli.dump._arguments import path_argument, step_number, switch_argument
 from stabledrl_cli.dump._file_names import STEPS_DIR
-from stabledrl_cli.dump._manifest import WORLD_SIZE_LIMIT
 from stabledrl_cli.dump._policy import PolicyLike, replayed_fields
 from stabledrl_cli.dump._recorder_args import (
     checked_reward_range,

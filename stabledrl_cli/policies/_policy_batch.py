@@ -24,9 +24,9 @@ Shapes and defaults of `PolicyBatch`:
   `Recorder.log_step` takes it.
 - `unit`: "token" or "sequence" (what one entry is; see docs/run-format.md). Under "sequence"
   each entry is a whole sequence: a `seq_id` that repeats is refused (InputError).
-- `ranks`: how many data-parallel ranks' files the step joins (a run's `world_size`); default
-  1. A loss each rank sums over its own micro-batches (`gmpo:mean=micro`) is averaged over
-  them, as the ranks' gradient all-reduce averages.
+- `ranks`: how many data-parallel ranks' files the step joins (a run's `world_size`, 1 to
+  4096); default 1. A loss each rank sums over its own micro-batches (`gmpo:mean=micro`) is
+  averaged over them, as the ranks' gradient all-reduce averages.
 - `rank`: [N] per sequence, the data-parallel rank in [0, ranks) whose part of the step the
   sequence was in, for a step whose ranks each normalised their loss over their own part (a
   run recorded with `loss_norm="per_rank"`); default None: the normalisers count the whole

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stabledrl_cli._batch_inputs import rows_of_entries, stack_tensors
+from stabledrl_cli._batch_inputs import WORLD_SIZE_LIMIT, rows_of_entries, stack_tensors
 from stabledrl_cli.errors import InputError, UsageError, one_line
 from stabledrl_cli.policies._masked import nonzero
 from stabledrl_cli.policies._policy_batch import ArrayLike, PolicyBatch
@@ -115,8 +115,10 @@ def prepare(
     if batch.unit not in UNITS:
         raise UsageError(f"unknown unit {batch.unit!r}; valid: {', '.join(UNITS)}")
     ranks = whole_number(batch.ranks)  # a numpy or 0-d torch integer: the int it holds
-    if ranks is None or ranks < 1:
-        raise UsageError(f"ranks must be an integer >= 1, got {batch.ranks!r}")
+    if ranks is None or not 1 <= ranks <= WORLD_SIZE_LIMIT:
+        raise UsageError(
+            f"ranks must be an integer in [1, {WORLD_SIZE_LIMIT}], got {batch.ranks!r}"
+        )
     target = torch.device(device) if device is not None else None
     logp_raw = _as_tensor(batch.logp, "logp", target)
     if logp_raw.ndim not in (1, 2):
