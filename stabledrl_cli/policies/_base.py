@@ -24,7 +24,11 @@ from stabledrl_cli.vocab import Rows, Unit
 
 @dataclass(frozen=True)
 class Weights:
-    """What a policy does to one step. Token arrays are [T], in the order of the input."""
+    """What a policy does to one step. Token arrays are [T], in the order of the input:
+    `coef` (dJ/d logp_t of the surrogate objective J), `discarded` and `clipped` (bool: the
+    rule zeroed a token's term, or bounded it and kept its gradient), `objective` (0-d J; the
+    loss is -J), `norm` (the aggregation's normalizer), `advantages` (as used) and `nonfinite`
+    (0-d count of scored tokens whose coef is NaN or inf)."""
 
     coef: torch.Tensor
     """[T] dJ/d(logp_t) of the policy's surrogate objective J (0 on unscored tokens)."""
@@ -217,18 +221,22 @@ class Policy:
 
     @property
     def name(self) -> str:
+        """The catalogue's name of the policy (`grpo`), without its parameters (`spec`)."""
         return self.entry.name
 
     @property
     def family(self) -> str:
+        """The family whose code computes it (`ppo-clip` for ppo, grpo and dapo)."""
         return self.entry.family
 
     @property
     def formula(self) -> str:
+        """Its surrogate objective J, in one line (`stabledrl policies` prints it)."""
         return self.entry.formula
 
     @property
     def source(self) -> str:
+        """The paper or framework code the formula and defaults follow."""
         return self.entry.source
 
     @property
@@ -265,7 +273,10 @@ class Policy:
         raise NotImplementedError
 
     def weights(self, batch: PolicyBatch | PreparedBatch) -> Weights:
-        """coef, discarded, clipped, objective (and norm, advantages) of one step."""
+        """coef, discarded, clipped, objective (and norm, advantages, nonfinite) of one step
+        (`Weights` says what each is). UsageError when the batch lacks a field the policy
+        needs, or the policy cannot act on its unit; InputError on inconsistent arrays
+        (`prepare`)."""
         prep = batch if isinstance(batch, PreparedBatch) else prepare(batch)
         missing = self.required_fields(prep.unit) - prep.fields_present()
         if missing:
