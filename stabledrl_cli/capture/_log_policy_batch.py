@@ -71,7 +71,8 @@ def log_policy_batch(
     seq_id, group_id, reward, grad_norm, loss, ...). `policy` (a spec such as
     "dapo:eps_high=0.28", or a catalogue policy; else STABLEDRL_POLICY) and `recorder_kwargs`
     (unit, estimator, meta, ...) are used by the call that opens the Recorder. Under the
-    optimizer hooks, step n is merged with the n-th optimizer step (module docstring).
+    optimizer hooks, step n is merged with the n-th optimizer step (docs/recording.md, "Policy
+    batches and optimizer steps in one run").
     Returns True when the step was recorded: written, or, in a run that the optimizer hooks
     opened (asynchronous writes), handed to the Recorder's writer thread, whose failure
     shows at a later call (False) and in `record`'s exit code. False also for a batch with no
