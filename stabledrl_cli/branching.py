@@ -34,7 +34,7 @@ from stabledrl_cli.capture.branch_protocol import (
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.dump._run_files import symlink_refused
-from stabledrl_cli.dump._run_target import directory_or_nothing
+from stabledrl_cli.dump._run_target import directory_or_nothing, refuse_under_a_file
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS, refuse_untrainable
 from stabledrl_cli.policies._registry import resolve_spec
@@ -318,6 +318,7 @@ def run_branches(
     for request in requests:  # before any branch trains, with --force too
         check_not_the_original(request.run_dir, run_dir)
         directory_or_nothing(request.run_dir, str(request.run_dir))
+        refuse_under_a_file(request.run_dir, str(request.run_dir))  # --out FILE, say
     if not force:
         taken = [r.run_dir for r in requests if r.run_dir.exists() and any(r.run_dir.iterdir())]
         if taken:

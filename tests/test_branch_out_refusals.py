@@ -124,3 +124,34 @@ def test_a_branch_through_a_symlink_loop_is_a_write_error(recorded: Path, tmp_pa
         4,
         f"error: {out / 'grpo@4'}: cannot write it (Too many levels of symbolic links)\n",
     )
+
+
+def test_a_branch_out_that_is_a_file_is_refused_before_training(
+    recorded: Path, tmp_path: Path
+) -> None:
+    """`--out FILE` (benchmarks/fuzz_cli.py found it): each branch run would be
+    FILE/POLICY@STEP, under a file. It was exit 4 (`cannot write it (Not a directory)`) once
+    the original was replayed, where `record --out FILE/run` is a usage error before any
+    work."""
+    afile = tmp_path / "file.txt"
+    afile.write_text("not a folder\n")
+    result = _stabledrl("branch", recorded, "--at", "4", "-p", "dapo", "--out", afile)
+    assert (result.exit_code, result.stderr) == (
+        2,
+        f"error: {afile / 'dapo@4'}: {afile} is not a directory\n",
+    )
+    assert afile.read_text() == "not a folder\n"
+
+
+def test_a_branches_folder_that_is_a_file_is_refused_before_training(
+    recorded: Path, tmp_path: Path
+) -> None:
+    """A run whose `branches` is a file: its branch runs' default place is under it. It was
+    exit 4 once the original was replayed."""
+    run = _copy(recorded, tmp_path)
+    (run / "branches").write_text("a note\n")
+    result = _stabledrl("branch", run, "--at", "4", "-p", "dapo", "--rl-steps", "1")
+    assert (result.exit_code, result.stderr) == (
+        2,
+        f"error: {run / 'branches' / 'dapo@4'}: {run / 'branches'} is not a directory\n",
+    )
