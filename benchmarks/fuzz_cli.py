@@ -241,12 +241,17 @@ def hostile_values(name: str, places: Places) -> tuple[str, ...]:
     return HOSTILE_NUMBERS
 
 
+def made_dirs(places: Places) -> tuple[str, ...]:
+    """The fresh run directories `record` lines may make, which `branch` lines may branch."""
+    return tuple(str(places.work / "made" / name) for name in "abcdefghij")
+
+
 def run_dirs(places: Places) -> tuple[str, ...]:
     """Where `record --out` and `branch --out` may be told to write: fresh directories, half
     the time (the same one again is a run already there), and the awkward ones."""
     work = places.work
     return (
-        *(str(work / "made" / name) for name in "abcdefghij"),
+        *made_dirs(places),
         str(work / "file.txt"),
         str(work / "not-a-run"),
         str(work / "read-only"),
@@ -304,7 +309,8 @@ def with_options(
 
 
 def record_line(places: Places, good: dict[str, tuple[str, ...]], rng: random.Random) -> list[str]:
-    """`record` of the example with a few RL steps and one to five of its options (and
+    """`record` of the example with a few RL steps, checkpoints half the time, and one to
+    five of its options (and
     `--geometry` or `--guard`, four times in five, where an option needs it; the options it
     refuses one time in five), or of a script with up to two of the options a command
     takes (one time in five an example's); `--force` half the time, values that parse nine
@@ -315,6 +321,7 @@ def record_line(places: Places, good: dict[str, tuple[str, ...]], rng: random.Ra
     script = rng.choice((None, None, *SCRIPTS, "nothing"))
     if script is None:
         line += ["--rl-steps", value("--rl-steps", {"rl-steps": RL_STEPS}, places, rng, 0.95)]
+        line += rng.choice(([], ["--checkpoint-every", "2"]))  # for branch lines
         del offered["--rl-steps"]
         if rng.random() < 0.8:
             del offered["--optimizer-hooks"], offered["--steps"]  # a command's; deprecated
@@ -334,11 +341,13 @@ def record_line(places: Places, good: dict[str, tuple[str, ...]], rng: random.Ra
 
 
 def branch_line(places: Places, good: dict[str, tuple[str, ...]], rng: random.Random) -> list[str]:
-    """`branch` of the run with checkpoints (or, one time in four, of a run without or of no
-    run) under one or two policies, a few RL steps each (hostile one time in twenty), with up
-    to three more options (hostile one time in ten)."""
-    runs = (str(places.checkpointed),) * 3 + (rng.choice((*places.runs(), *places.odd_paths())),)
-    line = ["branch", rng.choice(runs)]
+    """`branch` of the run with checkpoints, or of a run a `record` line may have made (with
+    its options, and checkpoints half the time), or (one time in five) of a run without
+    checkpoints or of no run, under one or two policies, a few RL steps each (hostile one time
+    in twenty), with up to three more options (hostile one time in ten)."""
+    made = rng.choice(made_dirs(places))
+    other = rng.choice((*places.runs(), *places.odd_paths()))
+    line = ["branch", rng.choice((str(places.checkpointed),) * 2 + (made,) * 2 + (other,))]
     for option in ("--at", "--policy", "--rl-steps"):
         line += [option, value(option, {**good, "rl-steps": RL_STEPS}, places, rng, 0.95)]
     offered = options("branch")
