@@ -23,6 +23,8 @@ DEBUG_ENV = "STABLEDRL_DEBUG"
 """Set (not 0), a command or the example's module shows a traceback in place of the line."""
 INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h)
 """An unexpected exception: a bug of the tool, not a tripped gate (1) nor bad input (3)."""
+OS_ERROR = 71  # EX_OSERR (sysexits.h)
+"""The machine's limits stopped the command: a worker process died, or memory ran out."""
 INTERRUPTED = SIGNALLED + signal.SIGINT  # 130
 """Ctrl-C: as a shell reports a process SIGINT ended."""
 
@@ -69,7 +71,7 @@ class WorkerDiedError(StabledrlError):
     refused); neither the input's fault nor a bug the tool raised (exit 71, EX_OSERR of
     sysexits.h beside the internal error's 70)."""
 
-    exit_code = 71
+    exit_code = OS_ERROR
 
 
 class MissingExtraError(UsageError):
@@ -215,6 +217,18 @@ def warn(line: str) -> None:
         pass
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` says memory ran out: Python's MemoryError, torch's OutOfMemoryError (a
+    device's) or its CPU allocator's RuntimeError."""
+    if isinstance(exc, MemoryError):
+        return True
+    if any(kind.__name__ == "OutOfMemoryError" for kind in type(exc).__mro__):
+        return True
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(
+        exc
+    )
+
+
 def exit_code_for(exc: BaseException) -> tuple[int, str]:
     """The ordered error map: domain errors first, then the OS's, then anything else."""
     if isinstance(exc, StabledrlError):
@@ -223,6 +237,12 @@ def exit_code_for(exc: BaseException) -> tuple[int, str]:
         return 3, f"{exc.filename}: {exc.strerror or exc}"
     if isinstance(exc, KeyboardInterrupt):
         return INTERRUPTED, "interrupted"
+    if _out_of_memory(exc):
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return OS_ERROR, (
+            f"out of memory: {what} (the machine's memory or this process's limit ran out, "
+            "not a bug: free memory or ask for less)"
+        )
     return INTERNAL_ERROR, (
         f"internal error: {type(exc).__name__}: {exc} (a bug: rerun with --debug for the "
         "traceback, and please report it)"

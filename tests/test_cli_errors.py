@@ -42,6 +42,18 @@ def failing(monkeypatch: pytest.MonkeyPatch):
         (WriteError("out.json: cannot write it (no space left on device)"), 4, "no space left"),
         (PermissionError(errno.EACCES, "Permission denied", "/runs/x"), 3, "/runs/x"),
         (RuntimeError("kaput"), INTERNAL_ERROR, "internal error: RuntimeError: kaput"),
+        # Memory running out is the machine's limit, not a bug (it was exit 70, "a bug").
+        (MemoryError(), 71, "out of memory: MemoryError"),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                "allocate memory: you tried to allocate 786432 bytes. Error code 12 (Cannot "
+                "allocate memory)"
+            ),
+            71,
+            "out of memory: RuntimeError: [enforce fail",
+        ),
+        (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory"), 71, "CUDA out"),
     ],
 )
 def test_errors_are_one_line_with_their_exit_code(failing, exc, code, text):
