@@ -160,15 +160,18 @@ def device_choice(value: str) -> str:
     )
 
 
-DeviceOpt = Annotated[
-    str,
-    typer.Option(
+def device_option(panel: str | None = None) -> Any:
+    """`--device`, in the help panel `panel` (the options' own by default)."""
+    return typer.Option(
         "--device",
         metavar="auto|cpu|cuda[:N]|mps",
         parser=device_choice,
         help="Where to compute (auto: cuda, then mps, then cpu; cuda:N: GPU N).",
-    ),
-]
+        rich_help_panel=panel,
+    )
+
+
+DeviceOpt = Annotated[str, device_option()]
 FormatOpt = Annotated[
     OutputFormat, typer.Option("--format", "-f", help="table (human) or json (data on stdout).")
 ]

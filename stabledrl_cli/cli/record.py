@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from stabledrl_cli.cli._local import local_output
-from stabledrl_cli.cli._options import DeviceOpt, number_option, on_command_line
+from stabledrl_cli.cli._options import device_option, number_option, on_command_line
 from stabledrl_cli.cli._output import err
 from stabledrl_cli.cli._record_example import run_example
 from stabledrl_cli.cli._wrap import run_command
@@ -72,14 +72,14 @@ def _deprecated_steps(rl_steps: int | None, steps: int | None) -> int | None:
 
 
 def _example_options_given(ctx: typer.Context) -> list[str]:
-    """The options of the built-in example (its help panels, and --device) given on the
+    """The options of the built-in example (its help panels) given on the
     command line, each by the name given (`--no-skip-nonfinite` for a flag's off side)."""
     given = []
     for param in ctx.command.params:
         panel = getattr(param, "rich_help_panel", None)
         if param.name is None or not on_command_line(param.name):
             continue
-        if panel in (EXAMPLE, GEOMETRY) or param.name == "device":
+        if panel in (EXAMPLE, GEOMETRY):
             off = ctx.params[param.name] is False and param.secondary_opts
             given.append(param.secondary_opts[0] if off else param.opts[0])
     return given
@@ -224,7 +224,7 @@ def command(
             "norms, lr, step time; docs/recording.md), beside its log_policy_batch calls.",
         ),
     ] = True,
-    device: DeviceOpt = "auto",
+    device: Annotated[str, device_option(EXAMPLE)] = "auto",
     threads: Annotated[
         int,
         number_option(
