@@ -933,6 +933,31 @@ def test_refuses_what_the_catalogue_cannot_express(overrides: dict[str, Any], re
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "setting"),
+    [
+        ({"use_kl_loss": True, "kl_loss_coef": -0.1}, "(beta is kl_loss_coef)"),
+        (
+            {"loss_agg_mode": "seq-mean-token-sum-norm", "loss_scale_factor": 0},
+            "(max_len is loss_scale_factor)",
+        ),
+        ({"clip_ratio_low": float("nan")}, "(eps_low is clip_ratio_low, or clip_ratio when unset)"),
+        (
+            {"loss_mode": "dppo_tv", "clip_ratio_high": -1.0},
+            "(delta_high is clip_ratio_high, or clip_ratio when unset)",
+        ),
+    ],
+)
+def test_a_refused_value_names_verls_setting(overrides: dict[str, Any], setting: str) -> None:
+    """A verl value the catalogue refuses was named by the catalogue's parameter alone
+    ('beta must be a finite number >= 0' for kl_loss_coef=-0.1), a name a verl user never
+    wrote: the refusal also says which of verl's settings the parameter is."""
+    with pytest.raises(UsageError, match="cannot record this verl run") as info:
+        policy_for_actor_config(actor_config(**overrides), response_width=7)
+    assert setting in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("mode", ["vanilla", "geo_mean", "kl_cov"])
 def test_a_users_loss_registered_over_a_verl_mode_is_refused(
     mode: str, monkeypatch: pytest.MonkeyPatch

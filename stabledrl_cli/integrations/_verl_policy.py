@@ -78,6 +78,7 @@ width or log-prob dtype).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -370,7 +371,34 @@ def policy_for_actor_config(
     try:
         return get_policy(format_spec(name, params))
     except UsageError as exc:
-        raise _refuse(str(exc)) from None
+        raise _refuse(_with_verls_setting(str(exc))) from None
+
+
+VERL_SETTINGS = {
+    "eps_low": "clip_ratio_low, or clip_ratio when unset",
+    "eps_high": "clip_ratio_high, or clip_ratio when unset",
+    "delta_low": "clip_ratio_low, or clip_ratio when unset",
+    "delta_high": "clip_ratio_high, or clip_ratio when unset",
+    "c": "clip_ratio_c",
+    "tau_pos": "tau_pos",
+    "tau_neg": "tau_neg",
+    "ratio": "policy_loss.kl_cov_ratio",
+    "kl_coef": "policy_loss.ppo_kl_coef",
+    "beta": "kl_loss_coef",
+    "max_len": "loss_scale_factor",
+}
+"""The verl actor setting each parameter of a mapped spec comes from (the module docstring's
+table)."""
+_REFUSED_PARAMETER = re.compile(r"': (\w+) (?:must|expects) ")
+
+
+def _with_verls_setting(reason: str) -> str:
+    """The catalogue's refusal of a spec parameter, and which of verl's settings it is: a
+    verl user wrote kl_loss_coef, not beta."""
+    found = _REFUSED_PARAMETER.search(reason)
+    if found is None or found.group(1) not in VERL_SETTINGS:
+        return reason
+    return f"{reason} ({found.group(1)} is {VERL_SETTINGS[found.group(1)]})"
 
 
 def token_loss_scale(
