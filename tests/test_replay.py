@@ -157,12 +157,12 @@ def _json(args: list[str]) -> dict:
 def test_default_replays_own_policy_plus_catalogue_in_contract_shape(plain_run):
     data = _json([str(plain_run)])
     # The contract's keys in their order, then the extensions `collapse_warning`, `guards`,
-    # `threads`, `scalar_steps`, `skipped_steps`, `missing_steps`, `live` and
-    # `unjoined_geometry`.
+    # `threads`, `scalar_steps`, `skipped_steps`, `missing_steps`, `live`,
+    # `unjoined_geometry` and `unscored_streak`.
     assert list(data) == [
         "run", "steps", "geometry", "geometry_coverage", "policies", "observed",
         "collapse_warning", "guards", "threads", "scalar_steps", "skipped_steps",
-        "missing_steps", "live", "unjoined_geometry",
+        "missing_steps", "live", "unjoined_geometry", "unscored_streak",
     ]  # fmt: skip
     assert data["threads"] == 1
     warning = data["collapse_warning"]

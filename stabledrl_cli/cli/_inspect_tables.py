@@ -180,6 +180,8 @@ def observed_table(s: RunSummary) -> Table:
     for what, (figure, text) in rows.items():
         unjudged = obs.unjudged(figure)  # "none" would claim a judgement no step had
         table.add_row(what, text if unjudged is None else f"not judged: {unjudged}")
+    if obs.unscored_streak is not None:
+        table.add_row("no policy-gradient update", obs.unscored_streak.text)
     floor = obs.noise_floor_logratio_std
     table.add_row(
         "noise floor (std log r, inner_step 0)",

@@ -50,6 +50,12 @@ DEFAULT_COLLAPSE_WINDOW = 10
 """W of the observed-collapse rule: the rolling mean of the recorded reward over 10 steps. Fixed,
 never a function of the run's length, so a trajectory's collapse step does not move when it is
 recorded longer (ten steps, so a few noisy rewards cannot make a collapse)."""
+UNSCORED_STREAK_MIN = 10
+"""Policy-batch steps in a row without a policy-gradient update (no token scored, or no scored
+unit with a nonzero advantage) that `observed.unscored_streak` names: fewer are common where a
+batch of a sparse reward has no success, or a rollout of a few steps is masked by chance. Fixed
+in steps, never a share of the run, so a streak is named as soon as it is that long, and on a
+run still being written (docs/collapse.md)."""
 COLLAPSE_NOISE_MARGIN = 3.5
 """c of the observed-collapse rule's noise test: a drop counts once it exceeds
 c + sqrt(2 ln(n / W)) standard errors of a W-step mean (n: the rewarded steps so far). Chosen

@@ -26,9 +26,15 @@ estimator noise."""
 class OwnLikelihood:
     """The collapse warning's per-step measurements, gathered one step at a time, and the
     steps that make no policy-gradient update, which the recorded grad-norm spike rule leaves
-    out (`without_advantage`)."""
+    out (`without_advantage`) and the unscored-streak rule reads (`batch_steps`,
+    `without_scored`)."""
 
     def __init__(self) -> None:
+        self.batch_steps: list[int] = []
+        """Every step with a policy batch noted (`note_advantages`), in step order."""
+        self.without_scored: list[int] = []
+        """Of those, the steps that score no unit (an all-zero mask: TRL's
+        `mask_truncated_completions` masks every completion that ran to its length limit)."""
         self.without_advantage: list[int] = []
         """Steps with a policy batch none of whose scored units has a nonzero advantage: their
         gradient, if any, is another term's (TRL's KL with beta > 0), no policy update."""
@@ -62,13 +68,20 @@ class OwnLikelihood:
         )
 
     def note_advantages(self, step: int, advantages: np.ndarray, mask: np.ndarray) -> None:
-        """Notes step `step` in `without_advantage` when none of its scored units (mask [U]
-        nonzero) has a nonzero advantage (advantages [U]; NaN counts as nonzero)."""
-        if not np.any((mask.reshape(-1) != 0) & (advantages.reshape(-1) != 0)):
+        """Notes step `step` in `batch_steps`, in `without_advantage` when none of its scored
+        units (mask [U] nonzero) has a nonzero advantage (advantages [U]; NaN counts as
+        nonzero), and in `without_scored` too when it scores none."""
+        self.batch_steps.append(step)
+        scored = mask.reshape(-1) != 0
+        if not np.any(scored & (advantages.reshape(-1) != 0)):
             self.without_advantage.append(step)
+            if not np.any(scored):
+                self.without_scored.append(step)
 
     def extend(self, later: OwnLikelihood) -> None:
         """Appends the measurements gathered over the steps after this one's."""
+        self.batch_steps.extend(later.batch_steps)
+        self.without_scored.extend(later.without_scored)
         self.without_advantage.extend(later.without_advantage)
         self.steps.extend(later.steps)
         self.inner_step.extend(later.inner_step)

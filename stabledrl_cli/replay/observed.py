@@ -17,6 +17,7 @@ from stabledrl_cli.replay.config import (
     DEFAULT_WARNING_DROP,
     DEFAULT_WARNING_WINDOW,
     SPIKE_MIN_HISTORY,
+    UNSCORED_STREAK_MIN,
     ReplayConfig,
 )
 from stabledrl_cli.replay.detectors import (
@@ -123,6 +124,82 @@ def is_verl_recording(run: Run) -> bool:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UnscoredStreak:
+    """The longest run of policy-batch steps in a row (the first of equal ones) that make no
+    policy-gradient update, at least `config.UNSCORED_STREAK_MIN` long: the policy learns
+    nothing from its rewards there (docs/collapse.md)."""
+
+    first_step: int
+    last_step: int
+    steps: int
+    no_token_scored: int
+    """Its steps that score no token (an all-zero mask)."""
+    no_nonzero_advantage: int
+    """Its steps that score some, none of them with a nonzero advantage."""
+    to_end: bool
+    """Whether it runs to the run's last policy-batch step."""
+
+    @property
+    def text(self) -> str:
+        """The streak in one line, naming its cause."""
+        where = (
+            f"from step {self.first_step} on"
+            if self.to_end
+            else f"steps {self.first_step}-{self.last_step}"
+        )
+        if not self.no_nonzero_advantage:
+            why = (
+                "no token was scored: every completion was masked (a policy batch with an "
+                "all-zero mask)"
+            )
+        elif not self.no_token_scored:
+            why = (
+                "no scored unit had a nonzero advantage: every group's completions were "
+                "rewarded alike"
+            )
+        else:
+            why = (
+                f"no step made a policy-gradient update: {self.no_token_scored} scored no token "
+                f"(an all-zero mask), {self.no_nonzero_advantage} no unit with a nonzero "
+                "advantage"
+            )
+        return (
+            f"{where} ({self.steps} steps), {why}; the policy learns nothing from its rewards there"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON entry `observed.unscored_streak`."""
+        return asdict(self)
+
+
+def unscored_streak(likelihood: OwnLikelihood) -> UnscoredStreak | None:
+    """The longest streak of the steps noted in `likelihood` that make no policy-gradient update
+    (`without_advantage`, an all-zero mask among them), when it is at least
+    `UNSCORED_STREAK_MIN` steps long; None else."""
+    steps = likelihood.batch_steps
+    silent = np.isin(steps, likelihood.without_advantage)
+    best = (0, 0)  # (length, -start index): max keeps the first of equal lengths
+    start = 0
+    for index, quiet in enumerate([*silent.tolist(), False]):
+        if not quiet:
+            best = max(best, (index - start, -start))
+            start = index + 1
+    length, first = best[0], -best[1]
+    if length < UNSCORED_STREAK_MIN:
+        return None
+    streak = steps[first : first + length]
+    unscored = int(np.count_nonzero(np.isin(streak, likelihood.without_scored)))
+    return UnscoredStreak(
+        first_step=streak[0],
+        last_step=streak[-1],
+        steps=length,
+        no_token_scored=unscored,
+        no_nonzero_advantage=length - unscored,
+        to_end=first + length == len(steps),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class Observed:
     """The recorded run's own behaviour (docs/collapse.md)."""
 
@@ -165,6 +242,9 @@ class Observed:
     """Steps from one reward draw to the next (their median; 1 with fewer than two draws): a
     rollout reused over 4 steps draws every 4th step, so W draws span W times as many."""
     collapse_warning: CollapseWarning = field(default_factory=CollapseWarning)
+    unscored_streak: UnscoredStreak | None = None
+    """The longest streak of steps without a policy-gradient update (`unscored_streak`), when
+    it is long enough to name; None else."""
     guards: list[GuardReport] = field(default_factory=list)
     """What each adaptive grad-norm guard would have done to the recorded steps (guards.py)."""
 
@@ -371,6 +451,7 @@ def observe(
         collapse_window=config.collapse_window,
         reward_draw_steps=draw_steps(reward_steps),
         collapse_warning=warning,
+        unscored_streak=unscored_streak(likelihood),
         guards=guard_reports
         if guard_reports is not None
         else replay_guards(

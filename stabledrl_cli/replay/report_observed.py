@@ -1,5 +1,6 @@
 """The lines under replay's summary table on the recorded run itself: its observed collapse,
-recorded grad-norm spikes and noise floor, its collapse warning, and what each adaptive guard
+recorded grad-norm spikes and noise floor, its collapse warning, a streak of steps without a
+policy-gradient update, and what each adaptive guard
 would have done to its recorded grad norms."""
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def print_observed(result: ReplayResult, console: Console) -> None:
         soft_wrap=False,
     )
     console.print(warning_text(obs.collapse_warning, obs), highlight=False, soft_wrap=False)
+    if obs.unscored_streak is not None:
+        console.print(obs.unscored_streak.text, highlight=False, soft_wrap=False)
     if obs.guards:
         console.print(guards_text(obs.guards), highlight=False, soft_wrap=False)
 

@@ -299,6 +299,9 @@ class ReplayResult:
                 "missing_steps": self.missing_steps,
                 "live": None if self.live is None else self.live.to_dict(),
                 "unjoined_geometry": self.unjoined.kind,
+                "unscored_streak": streak.to_dict()
+                if (streak := self.observed.unscored_streak)
+                else None,
             }
         )
         return data
