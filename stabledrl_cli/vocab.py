@@ -136,12 +136,19 @@ log-probabilities and the training scalars within a tolerance."""
 DIFF_KINDS: tuple[DiffKind, ...] = get_args(DiffKind)
 
 AlertKind = Literal[
-    "risk", "nonfinite", "drift", "collapse_warning", "reward_collapse", "grad_norm_spike"
+    "risk",
+    "nonfinite",
+    "drift",
+    "collapse_warning",
+    "reward_collapse",
+    "grad_norm_spike",
+    "unscored_streak",
 ]
 """What `watch` alerts on: a risk step of the run's own policy replayed (a spike or a
 non-finite update), a recorded non-finite step, the start of a drift stretch, the collapse
 warning, the observed reward collapse, a step whose recorded grad_norm is a spike (and that is
-not already a risk step)."""
+not already a risk step), the first step of a streak of steps without a policy-gradient update
+(`observed.UnscoredStreak`)."""
 ALERT_KINDS: tuple[AlertKind, ...] = get_args(AlertKind)
 
 GuardMode = Literal["skip", "scale"]

@@ -137,3 +137,19 @@ def test_a_short_streak_is_not_named(tmp_path: Path, command: str) -> None:
     observed, table = _observed(run, command)
     assert observed["unscored_streak"] is None
     assert "learns nothing" not in table
+
+
+def test_watch_alerts_on_the_streak_once(tmp_path: Path) -> None:
+    """`watch` says it as it happens: one alert at the streak's first step, naming its cause."""
+    run = _run(tmp_path / "run", masked=set(range(12, STEPS + 1)))
+    result = CliRunner().invoke(app, ["watch", str(run), "--once", "-f", "json", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    alerts = [a for a in json.loads(result.stdout)["alerts"] if a["kind"] == "unscored_streak"]
+    assert alerts == [
+        {
+            "kind": "unscored_streak",
+            "step": 12,
+            "message": f"29 policy-batch steps in a row without an update: {MASKED}",
+        }
+    ]
+    assert "alert: step 12: unscored_streak: 29 policy-batch steps" in result.stderr

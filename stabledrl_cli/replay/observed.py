@@ -140,31 +140,35 @@ class UnscoredStreak:
     """Whether it runs to the run's last policy-batch step."""
 
     @property
+    def cause(self) -> str:
+        """Why its steps make no update, in words: no token scored, no nonzero advantage, or
+        how many of each."""
+        if not self.no_nonzero_advantage:
+            return (
+                "no token was scored: every completion was masked (a policy batch with an "
+                "all-zero mask)"
+            )
+        if not self.no_token_scored:
+            return (
+                "no scored unit had a nonzero advantage: every group's completions were "
+                "rewarded alike"
+            )
+        return (
+            f"no step made a policy-gradient update: {self.no_token_scored} scored no token "
+            f"(an all-zero mask), {self.no_nonzero_advantage} no unit with a nonzero advantage"
+        )
+
+    @property
     def text(self) -> str:
-        """The streak in one line, naming its cause."""
+        """The streak in one line: where, how long, and its cause."""
         where = (
             f"from step {self.first_step} on"
             if self.to_end
             else f"steps {self.first_step}-{self.last_step}"
         )
-        if not self.no_nonzero_advantage:
-            why = (
-                "no token was scored: every completion was masked (a policy batch with an "
-                "all-zero mask)"
-            )
-        elif not self.no_token_scored:
-            why = (
-                "no scored unit had a nonzero advantage: every group's completions were "
-                "rewarded alike"
-            )
-        else:
-            why = (
-                f"no step made a policy-gradient update: {self.no_token_scored} scored no token "
-                f"(an all-zero mask), {self.no_nonzero_advantage} no unit with a nonzero "
-                "advantage"
-            )
         return (
-            f"{where} ({self.steps} steps), {why}; the policy learns nothing from its rewards there"
+            f"{where} ({self.steps} steps), {self.cause}; the policy learns nothing from its "
+            "rewards there"
         )
 
     def to_dict(self) -> dict[str, object]:

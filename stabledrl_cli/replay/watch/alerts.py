@@ -1,6 +1,6 @@
 """The alerts a watch raises of the steps read (`RunWatcher.poll`): a risk, non-finite or
-drift step of the own policy, a recorded grad-norm spike, the collapse warning, a reward
-collapse."""
+drift step of the own policy, a recorded grad-norm spike, the collapse warning, a streak of
+steps without a policy-gradient update, a reward collapse."""
 
 from __future__ import annotations
 
@@ -78,6 +78,16 @@ def candidates(replay: OwnReplay, spike_factor: float) -> list[Alert]:
                 kind="collapse_warning",
                 step=warning.first_step,
                 message=f"{warning.measured} {warning.drop:g}+ nats below its best",
+            )
+        )
+    streak = observed.unscored_streak
+    if streak is not None:
+        found.append(
+            Alert(
+                kind="unscored_streak",
+                step=streak.first_step,
+                message=f"{streak.steps} policy-batch steps in a row without an update: "
+                f"{streak.cause}",
             )
         )
     collapse = observed.first_reward_collapse
