@@ -1,7 +1,7 @@
 """The lines under replay's summary table on the recorded run itself: its observed collapse,
 recorded grad-norm spikes and noise floor, its collapse warning, a streak of steps without a
-policy-gradient update, and what each adaptive guard
-would have done to its recorded grad norms."""
+policy-gradient update, and what each adaptive guard would have done to its recorded grad
+norms."""
 
 from __future__ import annotations
 
