@@ -84,6 +84,8 @@ class Writer:
     """The writing processes of one run and the steps each has said it finished."""
 
     processes: list[subprocess.Popen[str]]
+    record_steps: int | None = None
+    """The steps of `record --rl-steps N`, which says none finished: all once it exits 0."""
     finished: list[set[int]] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -119,8 +121,11 @@ class Writer:
             thread.join(timeout=10)
 
     def finished_steps(self) -> set[int]:
-        """Steps every rank finished (for `record`, none is told: the run is checked whole)."""
-        return set.intersection(*self.finished) if self.finished else set()
+        """Steps every rank finished."""
+        if self.record_steps is not None:
+            ended = self.processes[0].returncode == 0
+            return set(range(self.record_steps)) if ended else set()
+        return set.intersection(*self.finished)
 
 
 def start_writer(run: Path, rng: random.Random, script: Path) -> tuple[Writer, str]:
@@ -131,12 +136,9 @@ def start_writer(run: Path, rng: random.Random, script: Path) -> tuple[Writer, s
         line = [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(run)]
         line += ["--rl-steps", str(steps), "--device", "cpu"]
         process = subprocess.Popen(
-            line, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+            line, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=env
         )
-        writer = Writer([process])
-        writer.follow()
-        writer.finished = []
-        return writer, " ".join(line[1:])
+        return Writer([process], record_steps=steps), " ".join(line[1:])
     ranks = rng.choice((1, 1, 2))
     asynchronous = rng.choice(("0", "1"))
     unit = rng.choice(("token", "sequence"))
@@ -249,8 +251,8 @@ def lost_steps(run: Path, finished: set[int]) -> list[str]:
     return lost
 
 
-def one_run(index: int, seed: int, workdir: Path, report: Callable[[str], None]) -> int:
-    """One writer with readers and a signal; the number of failures reported."""
+def one_run(index: int, seed: int, workdir: Path, report: Callable[[str], None]) -> tuple[int, int]:
+    """One writer with readers and a signal; the failures reported and the readers run."""
     rng = random.Random(f"{seed}-{index}")
     folder = workdir / f"run-{index}"
     folder.mkdir()
@@ -259,10 +261,12 @@ def one_run(index: int, seed: int, workdir: Path, report: Callable[[str], None])
     writer, how = start_writer(run, rng, script)
     ending = rng.choice(("kill", "kill", "term", "stop", "none"))
     failures: list[tuple[list[str], str]] = []
+    reads = 0
     for _ in range(rng.randint(1, 2)):
         time.sleep(rng.uniform(0.5, 3.0))
         picked = rng.sample(reader_lines(run, folder), rng.randint(1, 3))
-        failures += [f for f in read(picked) if run.exists()]
+        reads += len(picked)
+        failures += read(picked)
     time.sleep(rng.uniform(0.0, 1.0))
     if ending == "kill":
         writer.signal(signal.SIGKILL)
@@ -270,25 +274,28 @@ def one_run(index: int, seed: int, workdir: Path, report: Callable[[str], None])
         writer.signal(signal.SIGTERM)
     elif ending == "stop":
         writer.signal(signal.SIGSTOP)
+        reads += 2
         failures += read(rng.sample(reader_lines(run, folder), 2))
         writer.signal(signal.SIGCONT)
     writer.wait()
     if run.exists():
+        reads += len(reader_lines(run, folder))
         failures += read(reader_lines(run, folder))
     for line, why in failures:
         report(f"seed {seed} run {index} ({how}; {ending}): `{' '.join(line[1:])}` {why}")
     lost = lost_steps(run, writer.finished_steps())
     for text in lost:
         report(f"seed {seed} run {index} ({how}; {ending}): finished step lost: {text}")
-    return len(failures) + len(lost)
+    return len(failures) + len(lost), reads
 
 
-def fuzz(runs: int, seed: int, report: Callable[[str], None]) -> int:
-    """`runs` seeded runs; the number of failures."""
+def fuzz(runs: int, seed: int, report: Callable[[str], None]) -> tuple[int, int]:
+    """`runs` seeded runs; the number of failures and of readers run."""
     with tempfile.TemporaryDirectory(prefix="stabledrl-fuzz-live-") as scratch:
         workdir = Path(scratch)
         (workdir / "writer.py").write_text(WRITER)
-        return sum(one_run(index, seed, workdir, report) for index in range(runs))
+        counts = [one_run(index, seed, workdir, report) for index in range(runs)]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=at_least(1), default=10, help="writers (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="the first seed's number")
     args = parser.parse_args(argv)
-    failures = fuzz(args.runs, args.seed, lambda text: print(text, flush=True))
-    print(f"{args.runs} runs, seed {args.seed}: {failures} failures", flush=True)
+    failures, reads = fuzz(args.runs, args.seed, lambda text: print(text, flush=True))
+    print(f"{args.runs} runs, {reads} readers, seed {args.seed}: {failures} failures", flush=True)
     return 1 if failures else 0
 
 
