@@ -2,9 +2,9 @@
 
 Each run starts a writer in real processes: a small script of this file's recording steps with
 `Recorder` in a loop with tiny sleeps (synchronous or `async_writes=True`, one rank or two in
-two processes, token or sequence units, with or without a geometry sketch), or
-`stabledrl record --rl-steps N` of the built-in example. At random moments it runs readers in
-parallel on the run (`inspect --format json`, `replay --format json`,
+two processes, token or sequence units, steps of 64 or 4,096 tokens a sequence, with or without
+a geometry sketch), or `stabledrl record --rl-steps N` of the built-in example. At random
+moments it runs readers in parallel on the run (`inspect --format json`, `replay --format json`,
 `check --max-collapsed 1000`, `watch --once`, `pack RUN out.h5 --force`, and `open_run(RUN)`
 iterating its steps), and it ends the writer by a signal at a random moment (SIGKILL, SIGTERM,
 SIGSTOP with readers run while it is stopped, then SIGCONT) or lets it finish.
@@ -50,13 +50,13 @@ import sys, time
 import numpy as np
 from stabledrl_cli import Recorder
 
-out, steps, rank, ranks, asynchronous, unit, sketch, sleep = sys.argv[1:9]
-steps, rank, ranks, sleep = int(steps), int(rank), int(ranks), float(sleep)
+out, steps, rank, ranks, asynchronous, unit, sketch, sleep, length = sys.argv[1:10]
+steps, rank, ranks, sleep, length = int(steps), int(rank), int(ranks), float(sleep), int(length)
 rng = np.random.default_rng(rank)
 recorder = Recorder(out, policy="grpo", unit=unit, world_size=ranks, rank=rank,
                     async_writes=asynchronous == "1", reward_range=(0.0, 1.0))
 for step in range(steps):
-    batch, length = 8, 64
+    batch = 8
     logp = -rng.exponential(1.0, size=(batch, length) if unit == "token" else batch)
     arrays = dict(
         logp=logp.astype(np.float32),
@@ -145,10 +145,11 @@ def start_writer(run: Path, rng: random.Random, script: Path) -> tuple[Writer, s
     sketch = rng.choice(("0", "1"))
     steps = str(rng.randint(5, 60))
     sleep = str(rng.choice((0.0, 0.002, 0.01)))
+    length = str(rng.choice((64, 4096)))  # a long step is more often killed mid-write
     processes = []
     for rank in range(ranks):
         line = [sys.executable, str(script), str(run), steps, str(rank), str(ranks)]
-        line += [asynchronous, unit, sketch, sleep]
+        line += [asynchronous, unit, sketch, sleep, length]
         processes.append(
             subprocess.Popen(
                 line, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
@@ -157,7 +158,7 @@ def start_writer(run: Path, rng: random.Random, script: Path) -> tuple[Writer, s
     writer = Writer(processes)
     writer.follow()
     how = f"writer ranks={ranks} async={asynchronous} unit={unit} sketch={sketch}"
-    return writer, f"{how} steps={steps} sleep={sleep}"
+    return writer, f"{how} steps={steps} sleep={sleep} length={length}"
 
 
 READ_STEPS = (
