@@ -10,11 +10,10 @@ begin with the carriage returns of a progress bar and the bar tqdm drew last, wi
 before verl's (`\rTraining Progress:  33%|###  | 1/3 [00:01<00:02, 1.0it/s]step:2 - ...`):
 what the terminal shows, the text after the last carriage return, is read, and the bar,
 which ends in tqdm's `[elapsed<remaining, rate]` and the spaces tqdm pads a shorter bar with,
-passed over. Every other line is not verl's
-and is passed over; a `step:` line whose metrics are not `name:value` pairs is skipped and
-counted. A step line with no newline, the file's last, was cut short (a job stopped as it
-printed, or a log still being written), its last value maybe too (`0.5` of `0.57`): it is
-ignored with a warning.
+passed over. Every other line is not verl's and is passed over; a `step:` line whose metrics
+are not `name:value` pairs is skipped and counted. A step line with no newline, the file's
+last, was cut short (a job stopped as it printed, or a log still being written), its last
+value maybe too (`0.5` of `0.57`): it is ignored with a warning.
 """
 
 from __future__ import annotations
