@@ -59,7 +59,8 @@ SECONDS_A_RUN = 120
 """A run longer than this is a hang (the fixture runs replay in about a second)."""
 
 ENDINGS = {0, 1, 2, 3, 4}
-"""The exit codes a command run in this process may end with (docs/exit-codes.md)."""
+"""The exit codes a command may end with on any input (docs/exit-codes.md): 70 is a bug,
+71 the machine's limits."""
 
 NOT_FUZZED = ("--ray-address",)
 """Options that reach outside this process (a Ray cluster's address)."""

@@ -38,12 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from arguments import at_least  # noqa: E402
+from fuzz_cli import ENDINGS  # noqa: E402
 
 SECONDS_A_READ = 120
 """A reader longer than this is a hang (a small live run reads in a few seconds)."""
-
-ENDINGS = {0, 1, 2, 3, 4}
-"""The exit codes a reader may end with (docs/exit-codes.md)."""
 
 WRITER = r"""
 import sys, time
