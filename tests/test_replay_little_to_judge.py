@@ -12,6 +12,8 @@ from conftest import fixture_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.replay.guards import GuardReplay
+from stabledrl_cli.replay.report_observed import guards_text
 
 runner = CliRunner()
 
@@ -76,7 +78,27 @@ def test_a_guard_that_judged_no_step_says_so(tmp_path):
     run = str(tiny_run(tmp_path / "run", steps=30))
     text, _ = _replay(run)
     assert "zclip would act on none;" in text
-    assert "skip-step judged no step (its statistics need more than the 30 recorded" in text
+    assert (
+        "skip-step judged no step (its statistics need more than the 30 grad norms recorded)"
+        in text
+    )
     result = runner.invoke(app, ["replay", run, "-p", "grpo", "--format", "json"])
     judged = {g["guard"]: g["judged"] for g in json.loads(result.stdout)["guards"]}
     assert judged == {"zclip": 5, "skip-step": 0}
+
+
+def test_zclip_unjudged_counts_the_nonzero_norms_it_collected():
+    """zclip leaves norms of 0 out of its statistics: of 40 recorded norms, 30 of them 0 (steps
+    with nothing to learn), it collected 10 of its 25 of warmup. The line said it needed 'more
+    than the 40 recorded grad norms', which read as if the run were too short."""
+    replay = GuardReplay()
+    replay.extend((step, 0.0 if step % 4 else 1.0 + step / 100, None) for step in range(40))
+    text = guards_text(replay.reports())
+    assert (
+        "zclip judged no step (its statistics need more than the 10 nonzero finite grad norms "
+        "of the 40 recorded)" in text
+    )
+    assert (
+        "skip-step judged no step (its statistics need more than the 40 grad norms recorded)"
+        in text
+    )

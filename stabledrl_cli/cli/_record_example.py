@@ -16,6 +16,7 @@ from stabledrl_cli._atomic import write_error
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.errors import counted
 from stabledrl_cli.example.config import ExampleConfig
+from stabledrl_cli.replay.guard_rules import too_few_norms
 from stabledrl_cli.vocab import GuardMode
 
 if TYPE_CHECKING:
@@ -175,8 +176,6 @@ def _guard_line(guard: Guard, scaled: int, max_grad_norm: float) -> str:
         )
     asked = sum(counts.values())
     if asked and not guard.judged:  # as replay --guard says it of the same run
-        done += (
-            f"; its rule judged no step (its statistics need more than the "
-            f"{counted(asked, 'grad norm')} it was given)"
-        )
+        why = too_few_norms(guard.rule.collected, guard.rule.collects, asked, "it was given")
+        done += f"; its rule judged no step ({why})"
     return done

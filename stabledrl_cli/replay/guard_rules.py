@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.spec import MAX_WINDOW
 
 GuardAction = Literal["none", "clip", "skip", "nonfinite"]
@@ -79,6 +79,8 @@ class ZClip:
     """ZClip's EMA z-score clip of the grad norm (see the module docstring)."""
 
     name = "zclip"
+    collects = "nonzero finite"
+    """The grad norms its statistics take in."""
 
     def __init__(
         self,
@@ -110,6 +112,8 @@ class ZClip:
         """The power of two the statistics are in: 1 unless a norm passed SCALE_ABOVE."""
         self.mean: float | None = None
         self.var: float | None = None
+        self.collected = 0
+        """Grad norms its statistics took in."""
 
     def update(self, grad_norm: float, loss: float | None = None) -> GuardDecision:
         """The decision for the next step (ZClip's rule does not use the loss; a non-finite
@@ -118,6 +122,7 @@ class ZClip:
             return _NONFINITE
         if grad_norm == 0.0:  # nothing to clip; in the averages it only decays them to 0
             return _NONE
+        self.collected += 1
         if abs(grad_norm) > SCALE_ABOVE * self._unit:
             self._rescale(unit_of(grad_norm))
         norm = grad_norm / self._unit  # the statistics are in units of self._unit
@@ -162,6 +167,8 @@ class SkipStep:
     """OLMo-core's skip-step rule on the loss and the grad norm (see the module docstring)."""
 
     name = "skip-step"
+    collects = "finite"
+    """The grad norms its statistics take in."""
 
     def __init__(self, *, window: int = 128, sigma: float = 6.0) -> None:
         _check(
@@ -176,6 +183,8 @@ class SkipStep:
         self.min_history = max(2, window // 2)
         self._norms: deque[float] = deque(maxlen=window)
         self._losses: deque[float] = deque(maxlen=window)
+        self.collected = 0
+        """Grad norms its statistics took in."""
 
     def update(self, grad_norm: float, loss: float | None = None) -> GuardDecision:
         """The decision for the next step; without a loss, the grad norm alone decides."""
@@ -186,6 +195,7 @@ class SkipStep:
             scores.append(_z(loss, self._losses, self.min_history))
             self._losses.append(loss)
         self._norms.append(grad_norm)
+        self.collected += 1
         known = [z for z in scores if z is not None]
         if not known:
             return _NONE
@@ -226,6 +236,18 @@ z-scores and collapse rules are scale-free."""
 def unit_of(value: float) -> float:
     """The power of two that brings |value| into [1, 2) (never 2**1024, which overflows)."""
     return math.ldexp(1.0, math.frexp(abs(value))[1] - 1)
+
+
+def too_few_norms(collected: int, collects: str, given: int, source: str) -> str:
+    """Why a guard that was `given` grad norms judged none: 'its statistics need more than the
+    30 grad norms recorded', or, where it left some out, 'the 10 nonzero finite grad norms of
+    the 40 recorded' (`source`: 'recorded', 'it was given')."""
+    if collected == given:
+        return f"its statistics need more than the {counted(given, 'grad norm')} {source}"
+    return (
+        f"its statistics need more than the {collected} {collects} grad norms of the {given} "
+        + source
+    )
 
 
 def _check(ok: bool, message: str) -> None:

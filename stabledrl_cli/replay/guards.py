@@ -132,6 +132,10 @@ class GuardReport:
     """Steps the guard decided by its rule (a z-score, or zclip's `max_norm`); 0 while it only
     collects its statistics (zclip's warmup, skip-step's first window // 2 steps), when its
     clipped and skipped counts of 0 say nothing."""
+    collected: int = 0
+    """Steps whose grad norm its statistics took in (`collects`): zclip leaves out norms of 0,
+    both guards non-finite ones."""
+    collects: str = "finite"
 
     def __repr__(self) -> str:
         """The fields, a long list of steps as its first items and its length."""
@@ -193,7 +197,14 @@ class GuardReplay:
         judged = list(self._judged)
         steps = self._steps + _feed(guards, later, judged, pending)
         return [
-            GuardReport(spec=guard_spec(guard), steps_seen=steps, acted=acted + more, judged=count)
+            GuardReport(
+                spec=guard_spec(guard),
+                steps_seen=steps,
+                acted=acted + more,
+                judged=count,
+                collected=guard.collected,
+                collects=guard.collects,
+            )
             for guard, acted, more, count in zip(guards, self._acted, later, judged, strict=True)
         ]
 

@@ -9,9 +9,8 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import LIST_LIMIT, format_number, format_steps
-from stabledrl_cli.replay.guard_rules import GuardAction
+from stabledrl_cli.replay.guard_rules import GuardAction, too_few_norms
 from stabledrl_cli.replay.guards import GuardReport
 from stabledrl_cli.replay.observed import CollapseWarning, Observed
 from stabledrl_cli.replay.result import ReplayResult
@@ -82,7 +81,7 @@ def guards_text(reports: Sequence[GuardReport]) -> str:
             parts.append(f"{report.spec} would " + (", ".join(acted) if acted else "act on none"))
             continue
         why = (
-            f"its statistics need more than the {counted(report.steps_seen, 'recorded grad norm')}"
+            too_few_norms(report.collected, report.collects, report.steps_seen, "recorded")
             if report.steps_seen
             else "the run recorded no grad norm"
         )
