@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.replay.hdf5 import read_hdf5
 
 STEPS = 40
 
@@ -153,3 +154,16 @@ def test_watch_alerts_on_the_streak_once(tmp_path: Path) -> None:
         }
     ]
     assert "alert: step 12: unscored_streak: 29 policy-batch steps" in result.stderr
+
+
+def test_the_hdf5_report_keeps_the_streak(tmp_path: Path) -> None:
+    """`replay --out report.h5` kept every other top-level entry of the JSON but this one."""
+    run = _run(tmp_path / "run", masked=set(range(12, STEPS + 1)))
+    out = tmp_path / "report.h5"
+    result = CliRunner().invoke(app, ["replay", str(run), "-p", "grpo", "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    streak = json.loads(read_hdf5(out)["attrs"]["unscored_streak"])
+    assert streak == _streak(12, STEPS, STEPS - 11, STEPS - 11, 0, True)
+    calm = _run(tmp_path / "calm")
+    result = CliRunner().invoke(app, ["replay", str(calm), "-p", "grpo", "--out", str(out)])
+    assert result.exit_code == 0 and json.loads(read_hdf5(out)["attrs"]["unscored_streak"]) is None

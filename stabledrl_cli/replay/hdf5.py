@@ -50,6 +50,8 @@ def write_hdf5(result: ReplayResult, path: str | os.PathLike[str]) -> Path:
         handle.attrs["observed"] = _json(result.observed.contract_dict())
         handle.attrs["collapse_warning"] = _json(result.observed.collapse_warning.to_dict())
         handle.attrs["guards"] = _json([g.to_dict() for g in result.observed.guards])
+        streak = result.observed.unscored_streak
+        handle.attrs["unscored_streak"] = _json(streak.to_dict() if streak else None)
         handle.attrs["threads"] = result.threads
         handle.attrs["policy_specs"] = json.dumps([p.spec for p in result.policies])
         policies = handle.create_group("policies")
