@@ -1,8 +1,9 @@
 """Domain errors, each with its exit code (docs/exit-codes.md).
 
 0 ok; 1 a check failed (gate tripped); 2 usage error; 3 unreadable or corrupt input; 4 an
-output could not be written (disk full, permission denied); 71 a worker process
-of a replay died (killed: often the out-of-memory killer). Library code raises
+output could not be written (disk full, permission denied); 71 the machine's limits (a
+worker process of a replay died, often at the out-of-memory killer's hand, or memory ran out);
+70 a bug of the tool. Library code raises
 these in the library's own terms (`window must be >= 1`, not a flag name); `exit_code_for`
 maps any exception to its exit code and line, which `cli/app.py` (and the example's module)
 print on stderr.
