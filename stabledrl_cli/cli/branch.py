@@ -93,7 +93,10 @@ def _table(report: BranchReport, width: int) -> Table:
 def _cells(b: BranchOutcome) -> list[str]:
     """A branch's cells beside its policy."""
     outcome = {None: "not judged", False: "held"}.get(
-        b.collapsed, f"collapsed at {b.first_reward_collapse}"
+        b.collapsed,
+        "collapsed"
+        if b.first_reward_collapse is None
+        else f"collapsed at {b.first_reward_collapse}",
     )
     reward = f", reward {b.final_reward:.3f}" if b.final_reward is not None else ""
     diverged = f", diverged after step {b.diverged_at}" if b.diverged_at is not None else ""
@@ -119,7 +122,8 @@ LEGEND = (
     "branch: the observed-collapse rule over the original's steps before the branch point "
     "and the branch's after it (not judged: fewer reward draws in a row, one a rollout, than "
     "its window; final reward: its last 10% of steps; diverged after step N: its weights "
-    "or outputs were not finite after step N, where it stopped). replay risk/drift "
+    "or outputs were not finite after step N, where it stopped: collapsed, whatever the "
+    "rule judged). replay risk/drift "
     "steps: the one-step replay of the policy on the original's recorded batches, from the "
     "branch point on. compared: the branch's steps, over which agree compares; partial when "
     "the original's replay does not cover each of them (steps the original never recorded, "
