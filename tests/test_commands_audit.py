@@ -4,10 +4,17 @@ there."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
+from typer.testing import CliRunner
+
 from stabledrl_cli.branching import BranchOutcome
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.cli.branch import _cells
+
+LOG = Path(__file__).resolve().parents[1] / "fixtures" / "imports" / "trl-lr0.2"
 
 
 def _diverged(*, not_judged: str | None = None) -> BranchOutcome:
@@ -50,3 +57,39 @@ def test_a_diverged_branch_is_judged_however_short() -> None:
     assert branch.collapsed is True
     assert branch.to_dict()["not_judged"] == "the trajectory has 4 finite reward draws"
     assert _cells(branch)[0].startswith("collapsed, ")
+
+
+def _fifo(tmp_path: Path) -> Path:
+    os.mkfifo(tmp_path / "fifo")
+    return tmp_path / "fifo"
+
+
+@pytest.mark.parametrize("make", [_fifo, lambda _: Path(os.devnull)], ids=["fifo", "device"])
+@pytest.mark.parametrize(
+    "command",
+    [["import", str(LOG)], ["record", "--rl-steps", "1", "--device", "cpu"]],
+    ids=["import", "record"],
+)
+def test_a_run_under_a_fifo_or_a_device_is_a_usage_error(tmp_path, make, command) -> None:
+    """`import LOG --out FIFO/run` (and `record`, `branch --out FIFO`) exited 4, `cannot write
+    it (Not a directory)`, `record` and `branch` after seconds of work, where the same path
+    under a regular file is refused at once, exit 2, as a report or an archive under a FIFO
+    is: it names no place a run can be made, which is bad input, not a failed write."""
+    parent = make(tmp_path)
+    result = CliRunner().invoke(app, [*command, "--out", str(parent / "run")])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line == f"error: --out {parent / 'run'}: {parent} is not a directory"
+
+
+def test_branch_runs_under_a_fifo_are_a_usage_error(tmp_path) -> None:
+    """`branch RUN --out FIFO` exited 4, `cannot write it (Not a directory)`, after replaying
+    the original; as `--out FILE`, it is refused before that, exit 2."""
+    run, fifo = tmp_path / "run", _fifo(tmp_path)
+    record = ["record", "--out", str(run), "--rl-steps", "1", "--checkpoint-every", "1"]
+    assert CliRunner().invoke(app, [*record, "--device", "cpu"]).exit_code == 0
+    branch = ["branch", str(run), "--at", "0", "-p", "grpo", "--out", str(fifo)]
+    result = CliRunner().invoke(app, [*branch, "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line == f"error: {fifo / 'grpo@0'}: {fifo} is not a directory"

@@ -78,11 +78,12 @@ def in_the_way(path: Path) -> tuple[Path, bool] | None:
 
 def refuse_under_a_file(path: Path, named: str) -> None:
     """UsageError `{named}: {folder} is not a directory` when the nearest of `path`'s folders
-    that exists is a regular file, or `... is a symlink to ..., which does not exist`: no run
-    can be made below it. Anything else (a symlink loop) is left for the writes to refuse."""
+    that exists is no directory (a regular file, a FIFO, a device), or `... is a symlink to
+    ..., which does not exist`: no run can be made below it. Anything else (a symlink loop) is
+    left for the writes to refuse."""
     for folder in path.parents:
         if os.path.lexists(folder):
-            if os.path.isfile(folder):
+            if os.path.exists(folder) and not os.path.isdir(folder):
                 raise UsageError(f"{named}: {folder} is not a directory")
             if _missing_target(folder) is not None:
                 raise UsageError(f"{named}: {folder} {_in_the_way(folder)}")
