@@ -3,7 +3,7 @@ is redirected to): `pack` pipes its archive on with the summary on stderr; a rep
 `replay`, `check` or `tune` that is binary (`--out`'s HDF5, `--plot`'s PNG), whose results
 go to stdout too, is refused (exit 2) instead of written into one stream with them (an HDF5
 report that ended in the results table); a text report (`--junit`) is printed beside them
-(tests/test_user_files.py)."""
+(tests/test_user_files.py), but for results printed as JSON (`--format json`), refused too."""
 
 from __future__ import annotations
 
@@ -67,3 +67,22 @@ def test_reports_and_stdout_all_to_dev_null_are_no_clash(tmp_path: Path) -> None
             stderr=subprocess.PIPE, text=True, env=cli_environment(), timeout=TIMEOUT,
         )  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+def test_a_text_report_on_stdout_is_refused_under_format_json(tmp_path: Path) -> None:
+    """`check --format json` prints only JSON: a `--junit` or `--write-baseline` that is its
+    stdout would go before the JSON into one stream, which no JSON reader then takes (it was
+    written there, exit 0). Refused before the replay, as pack's archive is (exit 2)."""
+    run = tiny_run(tmp_path / "run")
+    for flag in ("--junit", "--write-baseline"):
+        printed = tmp_path / f"printed{flag}.json"
+        done = _run_to(
+            printed, "check", run, "--max-nonfinite", "9", flag, "/dev/stdout", "--format", "json"
+        )
+        assert done.returncode == 2, (flag, done.stderr)
+        assert done.stderr == (
+            f"error: {flag} /dev/stdout is the standard output, where --format json prints the "
+            "results; give a file name, or drop --format json (the report is then printed "
+            "beside the table)\n"
+        )
+        assert printed.read_bytes() == b""

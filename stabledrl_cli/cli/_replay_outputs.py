@@ -19,7 +19,9 @@ BINARY_REPORTS = ("--out", "--plot")
 """The report options whose file (HDF5, PNG) is no text to print beside the results."""
 
 
-def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) -> None:
+def check_outputs(
+    run: str, plot: Path | None, targets: dict[str, Path | None], *, json_results: bool = False
+) -> None:
     """Before the replay: the output files' directories exist (targets: option -> path), none
     lies inside the run read (`run`, a directory or an archive: a report there would replace
     one of its files, or sit among them, as `pack` refuses too), is a directory (its write
@@ -27,7 +29,8 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
     as a CI job rewrites its reports on every run; a run may be kept nowhere else, and `pack`
     replaces a file only with --force) or, for a binary report, the standard output (the
     results printed there would follow it into one stream; a text report is printed beside
-    them), no two name one file (the last written
+    them, but for `json_results`, results printed as JSON, which a report before them would
+    leave no JSON reader able to take), no two name one file (the last written
     would replace the other), and a plot can be drawn (a missing extra fails fast, exit 2)."""
     named = [(flag, path) for flag, path in {**targets, "--plot": plot}.items() if path is not None]
     for flag, target in named:
@@ -52,6 +55,12 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
             raise UsageError(
                 f"{flag} {target} is the standard output, where the results are printed; "
                 "give a file name"
+            )
+        if json_results and is_standard_output(target):
+            raise UsageError(
+                f"{flag} {target} is the standard output, where --format json prints the "
+                "results; give a file name, or drop --format json (the report is then printed "
+                "beside the table)"
             )
         if problem is not None:
             raise UsageError(f"{flag} {target}: {problem}")

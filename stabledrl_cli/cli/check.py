@@ -215,7 +215,12 @@ def command(
             "--strict applies to a baseline: give --baseline FILE to compare with, or "
             "--write-baseline FILE to write a golden one"
         )
-    check_outputs(run, plot, {"--write-baseline": write_baseline_path, "--junit": junit})
+    check_outputs(
+        run,
+        plot,
+        {"--write-baseline": write_baseline_path, "--junit": junit},
+        json_results=output_format == "json",
+    )
     if baseline_path is not None:
         for flag, report in (("--junit", junit), ("--plot", plot)):
             if report is not None and same_file(report, baseline_path):
