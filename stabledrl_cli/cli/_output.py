@@ -192,8 +192,9 @@ def print_json(data: Any) -> None:
 
 
 def progress_enabled() -> bool:
-    """Progress bars only when stderr is a terminal (and never under CI)."""
-    return sys.stderr.isatty() and not os.environ.get("CI")
+    """Progress bars only when stderr is a terminal (and never under CI); a stderr closed as
+    the command started (`2>&-`: Python's sys.stderr None) is none, its lines dropped."""
+    return sys.stderr is not None and sys.stderr.isatty() and not os.environ.get("CI")
 
 
 class ProgressLines:
