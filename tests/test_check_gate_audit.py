@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from _cli import TIMEOUT, cli_command, cli_environment
 from _corpus import tiny_run
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
 
 
 @pytest.mark.parametrize(
@@ -33,3 +36,23 @@ def test_a_check_with_its_stderr_closed_exits_with_its_verdict(
     )  # fmt: skip
     assert done.returncode == code and done.stderr == "", (done.returncode, done.stderr)
     assert json.loads(done.stdout)["ok"] is ok
+
+
+@pytest.mark.parametrize("flag", ["--write-baseline", "--junit"])
+@pytest.mark.parametrize("place", ["manifest.json", "steps/report.xml"])
+def test_a_report_into_another_run_is_refused_and_the_run_kept(
+    tmp_path: Path, flag: str, place: str
+) -> None:
+    """`check ci --write-baseline old/manifest.json` replaced the manifest of the run `old`, a
+    run kept nowhere else, with a baseline (exit 0, the run unreadable after), where a packed
+    run is never replaced and a report inside the run read is refused. A report anywhere in
+    another run is refused too, before the replay (exit 2), and that run left as it was."""
+    run, other = tiny_run(tmp_path / "ci"), tiny_run(tmp_path / "old")
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    target = other / place
+    done = CliRunner().invoke(app, ["check", str(run), "--max-nonfinite", "9", flag, str(target)])
+    assert done.exit_code == 2, done.output
+    assert done.stderr == (
+        f"error: {flag} {target} is inside the run {other}; write it outside the run\n"
+    )
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before

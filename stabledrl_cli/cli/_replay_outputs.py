@@ -11,6 +11,7 @@ from stabledrl_cli._atomic import missing_directory, write_error
 from stabledrl_cli._url import redacted
 from stabledrl_cli.cli._output import is_standard_output
 from stabledrl_cli.dump._open import packed_run
+from stabledrl_cli.dump._run_target import run_holding
 from stabledrl_cli.dump._url_filesystem import inside_local_run
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay.plot import check_plot_path, require_matplotlib
@@ -24,7 +25,8 @@ def check_outputs(
 ) -> None:
     """Before the replay: the output files' directories exist (targets: option -> path), none
     lies inside the run read (`run`, a directory or an archive: a report there would replace
-    one of its files, or sit among them, as `pack` refuses too), is a directory (its write
+    one of its files, or sit among them, as `pack` refuses too) or inside another run (whose
+    files are kept nowhere else either: `run_holding`), is a directory (its write
     would fail once the replay is done), a packed run (a report replaces the file it names,
     as a CI job rewrites its reports on every run; a run may be kept nowhere else, and `pack`
     replaces a file only with --force) or, for a binary report, the standard output (the
@@ -36,13 +38,14 @@ def check_outputs(
     for flag, target in named:
         try:
             inside = inside_local_run(target, run)
+            holder = redacted(run) if inside else run_holding(target)
             directory = target.is_dir()
             problem = missing_directory(target) if flag != "--plot" else None
         except OSError as exc:  # a name longer than the file system takes, ...
             raise write_error(target, exc) from None
-        if inside:
+        if holder is not None:
             raise UsageError(
-                f"{flag} {target} is inside the run {redacted(run)}; write it outside the run"
+                f"{flag} {target} is inside the run {holder}; write it outside the run"
             )
         if directory:
             raise UsageError(f"{flag} {target} is a directory; give a file name")

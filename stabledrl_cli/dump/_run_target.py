@@ -119,8 +119,7 @@ def check_not_in_a_run(path: Path, given: str, *, branch: bool = False) -> None:
     a stabledrl run (RUN/sub: recording over that run, --force, would keep it, and its size
     and `pack`'s warning would count it); a `branch` run may be a run's RUN/branches/NAME. A
     folder whose manifest.json is another tool's (a web app's) holds no run: runs go below it."""
-    parents = (*path.parents, *Path(os.path.realpath(path)).parents)  # as given first
-    runs = [parent for parent in parents if os.path.lexists(parent / MANIFEST_NAME)]
+    runs = _manifest_parents(path)
     for parent in runs:  # a run's folders first: the line names the folder
         check_outside_run_folders(
             path, parent, what="a run", run=str(parent), given=given, branch=branch
@@ -133,6 +132,20 @@ def check_not_in_a_run(path: Path, given: str, *, branch: bool = False) -> None:
             raise UsageError(
                 f"{path}: a run would be inside the run {parent}; pass another {given}"
             )
+
+
+def _manifest_parents(path: Path) -> list[Path]:
+    """The folders above `path` that hold a manifest.json: as given first, then with links
+    resolved (`os.path.realpath`, which leaves a symlink loop for the writes to refuse)."""
+    parents = (*path.parents, *Path(os.path.realpath(path)).parents)
+    return [parent for parent in parents if os.path.lexists(parent / MANIFEST_NAME)]
+
+
+def run_holding(path: Path) -> Path | None:
+    """The stabledrl run whose directory `path` lies in (`_manifest_parents` whose manifest
+    reads as a run's: `_a_run`), or None: a file written there would replace a file of that
+    run, kept nowhere else, or sit among its files."""
+    return next((parent for parent in _manifest_parents(path) if _a_run(parent)), None)
 
 
 def _a_run(path: Path) -> bool:
