@@ -56,3 +56,25 @@ def test_a_report_into_another_run_is_refused_and_the_run_kept(
         f"error: {flag} {target} is inside the run {other}; write it outside the run\n"
     )
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+
+
+def test_rewriting_a_baseline_that_names_no_policy_keeps_it_so(tmp_path: Path) -> None:
+    """`check RUN -b B --write-baseline B` rewrites B "with B's replay settings and policies"
+    (docs/ci.md). A B that gates the run alone (`"policies": {}`) came back gating every policy
+    of the catalogue, which the check had replayed for want of a list: the next check then
+    gated policies nobody had chosen. The rewrite keeps B's policies, here none."""
+    run = tiny_run(tmp_path / "run")
+    baseline = tmp_path / "b.json"
+    wrote = CliRunner().invoke(
+        app, ["check", str(run), "-p", "grpo", "--write-baseline", str(baseline)]
+    )
+    assert wrote.exit_code == 0, wrote.output
+    data = json.loads(baseline.read_text())
+    data["policies"] = {}
+    baseline.write_text(json.dumps(data))
+    done = CliRunner().invoke(
+        app, ["check", str(run), "-b", str(baseline), "--write-baseline", str(baseline)]
+    )
+    assert done.exit_code == 0, done.output
+    assert json.loads(baseline.read_text())["policies"] == {}
+    assert f"wrote baseline {baseline} (0 policies," in done.stderr

@@ -27,6 +27,7 @@ The replay engine (torch) is imported where it runs: `--help` never loads torch.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -283,19 +284,24 @@ def command(
     # An output that cannot be written ends the check with exit 4, after its verdict is shown.
     def baseline_file(path: Path) -> str:
         # Strict as the baseline checked against is: rewriting a golden one keeps it golden.
+        # Its policies too, unless --policy names others: the catalogue replayed for a baseline
+        # that names none is not written into it.
+        kept = result
+        if result is not None and baseline is not None and not policy:
+            named = [p for p in result.policies if p.spec in baseline.policies]
+            kept = replace(result, policies=named)
         written = baseline_dict(
-            result,
+            kept,
             settings,
             strict=two_sided,
             recorded=recorded,
             loss_norm=replayed_loss_norm(opened),
         )
         write_baseline(written, path)
-        series = written.get("recorded")
+        series, gated = written.get("recorded"), written["policies"]
         count = len(series) if isinstance(series, dict) else 0
-        return (
-            f"wrote baseline {path} ({counted(len(policies), 'policy')}, {count} recorded series)"
-        )
+        total = len(gated) if isinstance(gated, dict) else 0
+        return f"wrote baseline {path} ({counted(total, 'policy')}, {count} recorded series)"
 
     def junit_file(path: Path) -> str:
         write_junit(results, redacted(run), path, seconds=seconds)
