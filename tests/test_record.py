@@ -1208,6 +1208,18 @@ def test_a_recording_failure_in_a_command_without_stderr_never_reaches_the_train
     assert "error: recording failed: log_policy_batch failed at step 0" in stderr
 
 
+def test_the_example_recorded_with_its_stderr_closed_exits_0(tmp_path):
+    """`stabledrl record --rl-steps 2 2>&-` (Python's sys.stderr None) recorded its run, then
+    exited 70, 'internal error': record flushed the missing stderr at its end."""
+    command = shlex.join(cli_command("record", "--out", tmp_path / "run", "--rl-steps", "2"))
+    done = subprocess.run(
+        f"exec {command} 2>&-", shell=True, capture_output=True, text=True,
+        env=cli_environment(), stdin=subprocess.DEVNULL, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", (done.returncode, done.stderr)
+    assert open_run(tmp_path / "run").step_numbers == [0, 1]
+
+
 @pytest.mark.parametrize("how", [["--", sys.executable, "-c", "pass"], ["--rl-steps", "2"]])
 def test_an_out_named_longer_than_the_file_system_takes_cannot_be_written(tmp_path, how):
     """A name past NAME_MAX is a path the system refuses to write: exit 4, one line naming it

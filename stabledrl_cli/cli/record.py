@@ -8,7 +8,6 @@ Recorder, geometry) are imported when they run, so `record --help` is fast.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -420,4 +419,3 @@ def command(
     run_example(
         out, force, config, device, geometry_config, threads, checkpoint_every, guard, guard_rule
     )
-    sys.stderr.flush()
