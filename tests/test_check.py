@@ -719,13 +719,15 @@ def test_junit_report(runs, baseline, tmp_path):
     assert suite.get("name") == f"stabledrl check {runs['collapsing']}"
     cases = suite.findall("testcase")
     failed = [c for c in cases if c.find("failure") is not None]
+    names = {(c.get("classname"), c.get("name")) for c in cases}
+    # + 1: the 40-step run is shorter than the baseline's (baseline.present on run.steps)
     assert (
         int(suite.get("tests"))
         == len(cases)
-        == len(RUN_METRICS) + RECORDED_GATES + 1 + 3 * (len(policy_metrics()) + 1)
+        == len(RUN_METRICS) + RECORDED_GATES + 1 + 1 + 3 * (len(policy_metrics()) + 1)
     )
+    assert ("stabledrl.run", "baseline.present (run.steps)") in names
     assert int(suite.get("failures")) == len(failed) == int(root.get("failures")) > 0
-    names = {(c.get("classname"), c.get("name")) for c in cases}
     assert ("stabledrl.is", "max_nonfinite") in names
     assert ("stabledrl.run", "baseline.observed.first_reward_collapse") in names
     nonfinite = next(

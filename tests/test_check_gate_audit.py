@@ -78,3 +78,31 @@ def test_rewriting_a_baseline_that_names_no_policy_keeps_it_so(tmp_path: Path) -
     assert done.exit_code == 0, done.output
     assert json.loads(baseline.read_text())["policies"] == {}
     assert f"wrote baseline {baseline} (0 policies," in done.stderr
+
+
+def test_a_run_shorter_than_the_baselines_trips_and_a_longer_one_is_noted(tmp_path: Path) -> None:
+    """A run missing the baseline run's last steps (a training cut short, steps lost) passed
+    its gates with a note: figures it never reached (a later collapse, a spike) cannot trip.
+    Such a check now trips `baseline.present`; a longer run is still compared, with the note.
+    (The first 20 of the 30 steps are alike: every other gate of the shorter run holds.)"""
+    full, short = tiny_run(tmp_path / "full", steps=30), tiny_run(tmp_path / "short", steps=20)
+    baseline = tmp_path / "baseline.json"
+    wrote = CliRunner().invoke(
+        app, ["check", str(full), "-p", "grpo", "--write-baseline", str(baseline)]
+    )
+    assert wrote.exit_code == 0, wrote.output
+    done = CliRunner().invoke(app, ["check", str(short), "-b", str(baseline), "--format", "json"])
+    assert done.exit_code == 1, done.output
+    tripped = [g for g in json.loads(done.stdout)["gates"] if not g["ok"]]
+    assert [g["gate"] for g in tripped] == ["baseline.present"]
+    assert tripped[0]["message"] == (
+        "the run has 20 steps, the baseline's run had 30: its gates cannot judge the steps it lacks"
+    )
+    shorter = tmp_path / "shorter.json"
+    wrote = CliRunner().invoke(
+        app, ["check", str(short), "-p", "grpo", "--write-baseline", str(shorter)]
+    )
+    assert wrote.exit_code == 0, wrote.output
+    longer = CliRunner().invoke(app, ["check", str(full), "-b", str(shorter), "--format", "json"])
+    assert "the baseline's run had 20: step counts are compared as they are" in longer.stderr
+    assert "cannot judge the steps it lacks" not in longer.stdout

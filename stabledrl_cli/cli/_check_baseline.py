@@ -1,6 +1,7 @@
 """How a baseline fits the run `stabledrl check` gates against it: refused (exit 3, naming the
 baseline) when a policy it names cannot replay the run or its policy figures are of another
-loss_norm, and a note when the run has another number of steps than the baseline's."""
+loss_norm; a run with fewer steps than the baseline's is a tripped gate, one with more a
+note."""
 
 from __future__ import annotations
 
@@ -12,21 +13,32 @@ from stabledrl_cli.replay.baseline import Baseline
 from stabledrl_cli.replay.run_facts import replayed_loss_norm
 
 
-def note_step_counts(run: str, steps: int, training: int | None, baseline: Baseline) -> None:
-    """The note on stderr when the run has another number of steps than the baseline's run
-    (`steps`; `training`: a verl recording's training steps, None for any other run, whose
-    count verl's imported log has as its steps: either count matching is no note)."""
+def compare_step_counts(
+    run: str, steps: int, training: int | None, baseline: Baseline
+) -> str | None:
+    """Why the run is too short for the baseline (`evaluate`'s `short_of_baseline`): it has
+    fewer steps than the baseline's run, whose figures of the steps it lacks (a later collapse,
+    a spike) its gates cannot judge; else None, with a note on stderr when the run has another
+    number of steps (`steps`; `training`: a verl recording's training steps, None for any other
+    run, whose count verl's imported log has as its steps: either count matching is no note,
+    either reaching the baseline's no trip)."""
     theirs = baseline.run.get("steps")
     if theirs in (None, steps, training):
-        return
+        return None
     counts = f"{steps} steps"
     if training is not None:
         counts += f" (optimizer steps; {training} training steps, a line each in verl's log)"
+    if isinstance(theirs, int) and max(steps, training or 0) < theirs:
+        return (
+            f"the run has {counts}, the baseline's run had {theirs}: its gates cannot judge the "
+            "steps it lacks"
+        )
     err.print(
         f"note: {run} has {counts}, the baseline's run had {theirs}: step counts are compared "
         "as they are",
         highlight=False,
     )
+    return None
 
 
 def baseline_policies_replayable(run: Run, baseline: Baseline) -> None:

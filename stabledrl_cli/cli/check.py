@@ -37,7 +37,7 @@ from stabledrl_cli._url import redacted
 from stabledrl_cli.cli._check_baseline import (
     baseline_loss_norm_agrees,
     baseline_policies_replayable,
-    note_step_counts,
+    compare_step_counts,
 )
 from stabledrl_cli.cli._check_view import print_figures, print_recorded, print_table, print_verdict
 from stabledrl_cli.cli._live import note_live
@@ -273,11 +273,22 @@ def command(
     with integrity_warnings_ignored():
         recorded = recorded_run(opened, observed)
     steps = result.steps if result is not None else recorded.steps
-    if baseline is not None:
-        note_step_counts(redacted(run), steps, recorded.training_steps, baseline)
+    short_of_baseline = (
+        compare_step_counts(redacted(run), steps, recorded.training_steps, baseline)
+        if baseline is not None
+        else None
+    )
     two_sided = strict or (baseline is not None and baseline.strict)
     lost = LostSteps(skipped=len(skipped), missing=missing_count(missing))
-    results = evaluate(result, gates, baseline, strict=two_sided, recorded=recorded, lost=lost)
+    results = evaluate(
+        result,
+        gates,
+        baseline,
+        strict=two_sided,
+        recorded=recorded,
+        lost=lost,
+        short_of_baseline=short_of_baseline,
+    )
     seconds = time.perf_counter() - started
     policies = result.policies if result is not None else []
 

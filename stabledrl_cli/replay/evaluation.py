@@ -138,6 +138,7 @@ def evaluate(
     strict: bool = False,
     recorded: RecordedRun | None = None,
     lost: LostSteps | None = None,
+    short_of_baseline: str | None = None,
 ) -> list[GateResult]:
     """Every gate, passed or tripped, in a stable order: the run's, then each policy's.
 
@@ -146,9 +147,12 @@ def evaluate(
     and observed behaviour (None: the replay's observed behaviour, and no recorded series).
     strict: a baseline figure that moved beyond its tolerance in either direction trips (for
     a project's own golden runs, where any shift must be acknowledged by a new baseline).
-    lost: the steps the run lacks, for --max-lost-steps (None: none)."""
+    lost: the steps the run lacks, for --max-lost-steps (None: none). short_of_baseline: why
+    the run has too few steps for the baseline (its run's), a tripped `baseline.present`."""
     observed = observed_of(result, recorded)
     found: list[GateResult] = []
+    if baseline is not None and short_of_baseline is not None:
+        found.append(_absent(None, short_of_baseline, "run.steps"))
     if baseline is not None:
         for name, tol in baseline.observed.items():
             why = observed.unjudged(name)
