@@ -33,7 +33,6 @@ from typing import Annotated
 
 import typer
 
-from stabledrl_cli._url import redacted
 from stabledrl_cli.cli._check_baseline import (
     baseline_loss_norm_agrees,
     baseline_policies_replayable,
@@ -252,6 +251,7 @@ def command(
     chosen = replay_engine(engine, workers, ray_address)
 
     opened = open_snapshot(run)
+    named = opened.location  # as replay's and inspect's reports name it, a URL redacted
     started = time.perf_counter()
     result: ReplayResult | None = None
     if is_scalar_run(opened):
@@ -269,12 +269,12 @@ def command(
         observed, skipped, missing = result.observed, result.skipped, result.missing
     live = result.live if result is not None else live_read(opened)
     note_live(live, run, "the check read", "check")
-    note_stopped(opened, redacted(run))  # a run cut short passes its gates on fewer steps
+    note_stopped(opened, named)  # a run cut short passes its gates on fewer steps
     with integrity_warnings_ignored():
         recorded = recorded_run(opened, observed)
     steps = result.steps if result is not None else recorded.steps
     short_of_baseline = (
-        compare_step_counts(redacted(run), steps, recorded.training_steps, baseline)
+        compare_step_counts(named, steps, recorded.training_steps, baseline)
         if baseline is not None
         else None
     )
@@ -299,8 +299,8 @@ def command(
         # that names none is not written into it.
         kept = result
         if result is not None and baseline is not None and not policy:
-            named = [p for p in result.policies if p.spec in baseline.policies]
-            kept = replace(result, policies=named)
+            in_baseline = [p for p in result.policies if p.spec in baseline.policies]
+            kept = replace(result, policies=in_baseline)
         written = baseline_dict(
             kept,
             settings,
@@ -315,7 +315,7 @@ def command(
         return f"wrote baseline {path} ({counted(total, 'policy')}, {count} recorded series)"
 
     def junit_file(path: Path) -> str:
-        write_junit(results, redacted(run), path, seconds=seconds)
+        write_junit(results, named, path, seconds=seconds)
         return f"wrote {path}"
 
     def plot_file(path: Path) -> str:
@@ -332,7 +332,7 @@ def command(
     tripped = [r for r in results if not r.ok]
     if output_format == "json":
         print_json({
-            "run": redacted(run),
+            "run": named,
             "ok": not tripped,
             "gates_checked": len(results),
             "tripped": len(tripped),
@@ -348,7 +348,7 @@ def command(
             "wrote": {name: None if path is None else str(path) for name, path in wrote.items()},
         })  # fmt: skip
     elif results:
-        print_table(results, redacted(run))
+        print_table(results, named)
     elif result is not None:
         print_figures(result)
     else:
