@@ -1,13 +1,17 @@
-"""The machine-readable contracts seen from outside: each command's `--format json` names the
-run as the others do, so that the reports of one run can be joined on it."""
+"""The contracts seen from outside: each command's `--format json` names the run as the
+others do, so that the reports of one run can be joined on it; and its tables, read in a
+narrow terminal, fit it without a figure cut."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 from _corpus import tiny_run
+from rich.cells import cell_len
 from typer.testing import CliRunner
 
+import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 
 runner = CliRunner()
@@ -36,3 +40,37 @@ def test_check_names_the_run_as_replay_and_inspect_do(tmp_path, monkeypatch):
     table = runner.invoke(app, ["check", given, "-p", "grpo", "--max-discard-frac", "1"])
     assert table.exit_code == 0, table.output
     assert "stabledrl check run\n" in table.stdout and "./run/" not in table.stdout
+
+
+def _run_with_nan_logp(path):
+    """4 steps of 4 sequences of 6 tokens, one new log-probability NaN a step: every step's
+    replayed update is non-finite, so flagged, and `--detail` lists its top sequences."""
+    rng = np.random.default_rng(0)
+    shape = (4, 6)
+    with sd.Recorder(path, policy="grpo", unit="token") as recorder:
+        for step in range(4):
+            old = -rng.random(shape).astype(np.float32) - 0.5
+            new = old + rng.normal(scale=0.01, size=shape).astype(np.float32)
+            new[0, 0] = np.nan
+            recorder.log_step(step, logp_old=old, logp=new, mask=np.ones(shape, dtype=bool),
+                              group_id=np.arange(4) // 2, reward=rng.random(4),
+                              advantages=rng.normal(size=4).astype(np.float32))  # fmt: skip
+    return path
+
+
+def test_detail_top_sequences_fit_60_columns(tmp_path):
+    """`replay --detail` in 60 columns drew each flagged step's top sequences as a table 66
+    wide, which the terminal wraps into broken rows (every other table of the command fits):
+    where the table does not fit, a block a sequence, its figures whole."""
+    run = str(_run_with_nan_logp(tmp_path / "nan"))
+    args = ["replay", run, "-p", "grpo", "--detail", "--steps", "0:2", "--no-legend"]
+    result = runner.invoke(app, args, env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(map(cell_len, lines)) <= 60, [line for line in lines if cell_len(line) > 60]
+    assert "…" not in result.stdout
+    (policy,) = _json(*args)["policies"]
+    for step, seqs in policy["summary"]["detail"].items():
+        assert f"grpo step {step}: sequences contributing most" in lines
+        for seq in seqs:
+            assert f"seq id: {seq['seq_id']}" in lines

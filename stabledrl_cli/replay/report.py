@@ -22,6 +22,7 @@ from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.spec import wrap_line
 from stabledrl_cli.tables import (
     fold_specs,
+    print_fitted,
     print_legend,
     print_whole,
     shortened,
@@ -29,6 +30,7 @@ from stabledrl_cli.tables import (
     stack_headers,
     stacked_width,
     table_parts,
+    table_width,
     whole_widths,
 )
 from stabledrl_cli.vocab import MetricGroup, UnjoinedGeometry
@@ -369,8 +371,9 @@ TOP_HEADERS = ("seq id", "group", "reward", "advantage", "log ratio", "contribut
 
 
 def _print_top(title: str, seqs: Sequence[TopSequence], console: Console) -> None:
-    """A flagged step's top sequences, a row each, each column as wide as its widest cell
-    (`print_whole`: never a figure cut, the title wrapped to the console)."""
+    """A flagged step's top sequences, a row each, each column as wide as its widest cell;
+    where that table is wider than the console, `print_fitted`'s stacked headers or a block a
+    sequence (never a figure cut, nor the terminal overflowed; the title wrapped to it)."""
     rows = [
         (
             str(seq.seq_id),
@@ -382,12 +385,14 @@ def _print_top(title: str, seqs: Sequence[TopSequence], console: Console) -> Non
         )
         for seq in seqs
     ]
+    widths = whole_widths(TOP_HEADERS, rows)
+    fits = table_width(widths) <= console.width  # then rich measures no cell (a fixed width)
     top = Table(title=title, title_justify="left")
-    for header, width in zip(TOP_HEADERS, whole_widths(TOP_HEADERS, rows), strict=True):
-        top.add_column(header, no_wrap=True, width=width)
+    for header, width in zip(TOP_HEADERS, widths, strict=True):
+        top.add_column(header, no_wrap=True, width=width if fits else None)
     for row in rows:
         top.add_row(*row)
-    print_whole(top, console)
+    print_fitted(top, console, named=True)
 
 
 def print_detail(
