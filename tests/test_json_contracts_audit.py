@@ -74,3 +74,25 @@ def test_detail_top_sequences_fit_60_columns(tmp_path):
         assert f"grpo step {step}: sequences contributing most" in lines
         for seq in seqs:
             assert f"seq id: {seq['seq_id']}" in lines
+
+
+def test_a_guards_nonfinite_action_on_a_nan_loss_keeps_its_finite_grad_norm(tmp_path):
+    """docs/replay-json.md said a `nonfinite` action of `guards[].acted` has `grad_norm` null;
+    a step the guards drop for its non-finite loss has a finite recorded norm, which the
+    JSON keeps (and the docs now say so): null only where the norm is the non-finite value."""
+    rng = np.random.default_rng(0)
+    shape = (4, 6)
+    with sd.Recorder(tmp_path / "run", policy="grpo", unit="token") as recorder:
+        for step, (norm, loss) in enumerate([(1.0, 0.5), (2.0, float("nan")), (np.inf, 0.5)]):
+            old = -rng.random(shape).astype(np.float32) - 0.5
+            recorder.log_step(step, logp_old=old, logp=old + 0.01,
+                              mask=np.ones(shape, dtype=bool), group_id=np.arange(4) // 2,
+                              advantages=rng.normal(size=4).astype(np.float32),
+                              reward=rng.random(4), grad_norm=norm, loss=loss)  # fmt: skip
+    guards = _json("replay", str(tmp_path / "run"), "-p", "grpo")["guards"]
+    assert [g["guard"] for g in guards] == ["zclip", "skip-step"]
+    for guard in guards:
+        assert [(a["step"], a["action"], a["grad_norm"], a["z"]) for a in guard["acted"]] == [
+            (1, "nonfinite", 2.0, None),
+            (2, "nonfinite", None, None),
+        ]
