@@ -5,8 +5,10 @@ narrow terminal, fit it without a figure cut."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
+from _cli import TIMEOUT, cli_command, cli_environment
 from _corpus import tiny_run
 from rich.cells import cell_len
 from typer.testing import CliRunner
@@ -96,3 +98,33 @@ def test_a_guards_nonfinite_action_on_a_nan_loss_keeps_its_finite_grad_norm(tmp_
             (1, "nonfinite", 2.0, None),
             (2, "nonfinite", None, None),
         ]
+
+
+def _run_with_stderr_to(stderr, *args: object) -> subprocess.CompletedProcess[bytes]:
+    """`stabledrl ARGS...` in a process of its own, its stderr written to the file `stderr`."""
+    with stderr.open("wb") as sink:
+        return subprocess.run(
+            cli_command(*args), stdout=subprocess.DEVNULL, stderr=sink, env=cli_environment(),
+            stdin=subprocess.DEVNULL, timeout=TIMEOUT,
+        )  # fmt: skip
+
+
+def test_a_binary_report_on_the_commands_own_stderr_is_refused(tmp_path):
+    """`replay RUN --out /dev/stderr 2> r.h5` wrote the HDF5 report after the progress line
+    into r.h5, exit 0: a file h5py cannot open ("file signature not found"). A binary report
+    there is refused before the replay, exit 2, as one on stdout is."""
+    run = tiny_run(tmp_path / "run")
+    err = tmp_path / "r.h5"
+    plot = tmp_path / "r.png"
+    for args, flag, target in [
+        (("replay", run, "-p", "grpo", "--out", "/dev/stderr"), "--out", "/dev/stderr"),
+        (("replay", run, "-p", "grpo", "--out", err), "--out", err),
+        (("check", run, "--max-discard-frac", "1", "--plot", plot), "--plot", plot),
+    ]:  # fmt: skip
+        done = _run_with_stderr_to(plot if flag == "--plot" else err, *args)
+        assert done.returncode == 2, args
+        written = (plot if flag == "--plot" else err).read_text()
+        assert written == (
+            f"error: {flag} {target} is the standard error, where progress and warnings are "
+            "printed; give a file name\n"
+        )

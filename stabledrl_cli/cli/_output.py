@@ -109,13 +109,23 @@ def is_standard_output(path: Path) -> bool:
     """Whether writing the file at `path` writes this process's stdout: /dev/stdout, or the
     file or pipe stdout goes to under any name; never /dev/null, where any number of outputs
     may go. False under a stdout that is no file (CliRunner's)."""
+    return _is_stream(path, sys.stdout)
+
+
+def is_standard_error(path: Path) -> bool:
+    """`is_standard_output` of this process's stderr, where progress and warnings go."""
+    return _is_stream(path, sys.stderr)
+
+
+def _is_stream(path: Path, stream: Any) -> bool:
+    """Whether writing the file at `path` writes `stream` (never /dev/null)."""
     try:
         target = os.stat(path)
-        stdout = os.fstat(sys.stdout.fileno())
+        written = os.fstat(stream.fileno())
         discarded = os.stat(os.devnull)
     except (AttributeError, OSError, ValueError):
         return False
-    return os.path.samestat(target, stdout) and not os.path.samestat(target, discarded)
+    return os.path.samestat(target, written) and not os.path.samestat(target, discarded)
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from stabledrl_cli._atomic import missing_directory, write_error
 from stabledrl_cli._url import redacted
-from stabledrl_cli.cli._output import is_standard_output
+from stabledrl_cli.cli._output import is_standard_error, is_standard_output
 from stabledrl_cli.dump._open import packed_run
 from stabledrl_cli.dump._run_target import run_holding
 from stabledrl_cli.dump._url_filesystem import inside_local_run
@@ -32,7 +32,8 @@ def check_outputs(
     replaces a file only with --force) or, for a binary report, the standard output (the
     results printed there would follow it into one stream; a text report is printed beside
     them, but for `json_results`, results printed as JSON, which a report before them would
-    leave no JSON reader able to take), no two name one file (the last written
+    leave no JSON reader able to take) or error (so would progress and warnings), no two name
+    one file (the last written
     would replace the other), and a plot can be drawn (a missing extra fails fast, exit 2)."""
     named = [(flag, path) for flag, path in {**targets, "--plot": plot}.items() if path is not None]
     for flag, target in named:
@@ -64,6 +65,11 @@ def check_outputs(
                 f"{flag} {target} is the standard output, where --format json prints the "
                 "results; give a file name, or drop --format json (the report is then printed "
                 "beside the table)"
+            )
+        if flag in BINARY_REPORTS and is_standard_error(target):
+            raise UsageError(
+                f"{flag} {target} is the standard error, where progress and warnings are "
+                "printed; give a file name"
             )
         if problem is not None:
             raise UsageError(f"{flag} {target}: {problem}")
