@@ -128,3 +128,18 @@ def test_a_binary_report_on_the_commands_own_stderr_is_refused(tmp_path):
             f"error: {flag} {target} is the standard error, where progress and warnings are "
             "printed; give a file name\n"
         )
+
+
+def test_pack_refuses_an_archive_on_its_own_stderr(tmp_path):
+    """`pack RUN /dev/stderr --force 2> run.h5` wrote the archive between its progress lines
+    and summary, exit 0: run.h5 was no run ("not a run"). Refused before any step is read,
+    exit 2; `pack RUN /dev/stdout` still pipes the archive on."""
+    run = tiny_run(tmp_path / "run")
+    err = tmp_path / "run.h5"
+    for target in ("/dev/stderr", err):
+        done = _run_with_stderr_to(err, "pack", run, target, "--force")
+        assert done.returncode == 2
+        assert err.read_text() == (
+            f"error: {target} is the standard error, where progress and warnings are printed; "
+            "give a file name\n"
+        )
