@@ -392,7 +392,10 @@ def _print_top(title: str, seqs: Sequence[TopSequence], console: Console) -> Non
         top.add_column(header, no_wrap=True, width=width if fits else None)
     for row in rows:
         top.add_row(*row)
-    print_fitted(top, console, named=True)
+    if fits:  # one measure of the table, not print_fitted's three: 478 tables on a fixture
+        print_whole(top, console)
+    else:
+        print_fitted(top, console, named=True)
 
 
 def print_detail(
