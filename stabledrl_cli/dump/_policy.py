@@ -8,7 +8,8 @@ with `.name`, `.spec` and `.params` (a `PolicyLike`, e.g. a catalogue policy): t
 then stores exactly that object's spec, name and params. The stored spec is canonical text
 (`spec.format_spec`): keys sorted, values in shortest form.
 `replayed_fields`: what a step must hold for the replay of the run's own policy (a Recorder
-refuses, as it is made or at the step, a run whose replay would refuse its policy).
+refuses, as it is made or at the step, a run whose replay would refuse its policy);
+`micro_batch_setting`: the setting of that policy that reads each step's `micro_batch`.
 """
 
 from __future__ import annotations
@@ -119,6 +120,26 @@ def same_policy(first: str | None, second: str | None) -> bool:
     return canonical[0] == canonical[1]
 
 
+class _Config(Protocol):
+    """A catalogue policy's configuration (`policies._config.BaseConfig`, which dump does not
+    import: the flow stays one-way), as far as the Recorder reads it."""
+
+    def required_fields(self, unit: Unit = "token") -> set[str]: ...
+
+
+def _replayed_config(spec: str | None) -> _Config | None:
+    """The configuration of the run's own policy `spec` as the catalogue replays it: None when
+    the run names no policy, or one the catalogue does not replay as the run's own (a custom
+    one, a key it does not know). UsageError for a catalogue policy given a bad value."""
+    if spec is None:
+        return None
+    name, raw = split_spec(spec)
+    entry = REGISTRY.get(name)
+    if entry is None or not set(raw).issubset(entry.keys):
+        return None
+    return resolve_spec(spec)[1]
+
+
 def replayed_fields(spec: str | None, unit: Unit) -> frozenset[str]:
     """The step fields beyond logp, logp_old, advantages, mask and seq_id that the replay of a
     run's own policy `spec` needs (`BaseConfig.required_fields`, no torch): none when the run
@@ -126,14 +147,35 @@ def replayed_fields(spec: str | None, unit: Unit) -> frozenset[str]:
     key it does not know). UsageError, naming the policy, for a catalogue policy given a bad
     value (grpo:eps_low=-1, refused as replay's -p refuses it) or that cannot act on `unit`
     units (stabledrl:level=token on a sequence run)."""
-    if spec is None:
+    config = _replayed_config(spec)  # a bad value of a key the catalogue knows: refused
+    if config is None:
         return frozenset()
-    name, raw = split_spec(spec)
-    entry = REGISTRY.get(name)
-    if entry is None or not set(raw).issubset(entry.keys):
-        return frozenset()
-    _, config = resolve_spec(spec)  # a bad value of a key the catalogue knows: refused
     try:
         return frozenset(config.required_fields(unit))
     except UsageError as exc:
         raise UsageError(f"policy {spec!r}: {exc}") from None
+
+
+MICRO_BATCH_SETTINGS = (
+    ("agg", "micro-token-mean"),  # each micro-batch's token mean, averaged (TRL's bnpo, d1)
+    ("norm", "micro"),  # stabledrl: one softmax a micro-batch
+    ("cov", "micro"),  # kl-cov: each micro-batch's own covariance (verl's kl_cov)
+    ("mean", "micro"),  # gmpo: each micro-batch's own mean (verl's geo_mean)
+)
+"""The (key, value) settings with which a policy reads each step's recorded `micro_batch`."""
+
+
+def micro_batch_setting(spec: str | None) -> str | None:
+    """The `key=value` of the run's own policy `spec` that reads each step's `micro_batch`
+    (`MICRO_BATCH_SETTINGS`, or `agg=seq-mean-token-sum-norm` without `max_len`, whose horizon
+    is each micro-batch's longest response): a step without it is replayed as one micro-batch.
+    None for a policy that reads none, or one the catalogue does not replay as the run's own."""
+    config = _replayed_config(spec)
+    if config is None:
+        return None
+    if getattr(config, "agg", None) == "seq-mean-token-sum-norm":
+        return None if getattr(config, "max_len", None) else "agg=seq-mean-token-sum-norm"
+    for key, value in MICRO_BATCH_SETTINGS:
+        if getattr(config, key, None) == value:
+            return f"{key}={value}"
+    return None

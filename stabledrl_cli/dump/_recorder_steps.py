@@ -62,6 +62,7 @@ class RecorderSteps(RecorderEnd):
     _sketch_seed: int | None
     _policy_spec: str | None
     _policy_fields: frozenset[str]
+    _policy_micro: str | None
     _reward_range: tuple[float, float] | None
     _warned: set[str]
     _num_params: int | None
@@ -256,7 +257,8 @@ class RecorderSteps(RecorderEnd):
     ) -> None:
         """Warns, each once, of a step's inputs recorded as given that the training should hear
         of while it trains (inspect and replay say so after it): a reward outside the run's
-        reward_range, a positive log-probability."""
+        reward_range, a positive log-probability, a step without the micro_batch its run's
+        policy reads."""
         said = []
         if self._reward_range is not None and "reward" not in self._warned:
             outside = reward_outside(self._reward_range, tensors, values)
@@ -278,6 +280,19 @@ class RecorderSteps(RecorderEnd):
                     "where a log-probability, and an ELBO estimate of one, is <= 0: logits, or a "
                     "sign flipped? (recorded as given; inspect lists such steps; said once)"
                 )
+        if (
+            self._policy_micro is not None
+            and "logp" in tensors
+            and "micro_batch" not in tensors
+            and "micro_batch" not in self._warned
+        ):
+            self._warned.add("micro_batch")
+            said.append(
+                f"the run's policy {self._policy_spec!r} reads each step's micro-batches "
+                f"({self._policy_micro}), and the step records no micro_batch: it is replayed "
+                "as one micro-batch; pass micro_batch, each sequence's gradient-accumulation "
+                "round (0 for every sequence of a step of one) (said once)"
+            )
         whose = f" (rank {self.rank})" if self.world_size > 1 else ""
         for line in said:
             warn(f"stabledrl: warning: {self.path}{whose}: step {step}: {line}\n")
