@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import stabledrl_cli as sd
+from stabledrl_cli.errors import UsageError
 
 
 def _micro_batches(counts: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -77,3 +78,26 @@ def test_micro_batches_recorded_or_not_read_say_nothing(
     with sd.Recorder(tmp_path / "run", policy=policy, unit="token") as rec:
         rec.log_step(0, **_micro_batches((1, 4)), **extra)
     assert capsys.readouterr().err == ""
+
+
+def test_a_learning_rate_as_the_schedulers_list_of_one_is_recorded(tmp_path: Path) -> None:
+    """`lr=scheduler.get_last_lr()`, torch's list of one lr a parameter group, was refused
+    ('lr: expected a number, got list'), which under `stabledrl record` turns the whole run's
+    recording off (exit 2), while the same value as a one-element tensor or array was taken.
+    A list or tuple of one number is that number, as an array of one is."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="ppo", unit="token") as rec:
+        rec.log_step(0, **_micro_batches((4, 4)), lr=[1e-3], grad_norm=(0.5,))
+    assert sd.open_run(run).step(0).scalars["lr"] == 1e-3
+    assert sd.open_run(run).step(0).scalars["grad_norm"] == 0.5
+
+
+def test_a_learning_rate_list_of_several_groups_is_refused_naming_the_count(
+    tmp_path: Path,
+) -> None:
+    """Two parameter groups' lrs are no one number: refused as an array of two is."""
+    with (
+        sd.Recorder(tmp_path / "run", policy="ppo", unit="token") as rec,
+        pytest.raises(UsageError, match=r"^lr: expected a scalar, got 2 values$"),
+    ):
+        rec.log_step(0, **_micro_batches((4, 4)), lr=[1e-3, 1e-4])

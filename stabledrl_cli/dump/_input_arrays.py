@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 
 ArrayInput: TypeAlias = "torch.Tensor | npt.ArrayLike"
 """An array `log_step` accepts: a torch tensor on any device, a numpy array, a list."""
-ScalarInput: TypeAlias = "float | int | torch.Tensor | np.generic | np.ndarray"
-"""A scalar `log_step` accepts: a number, or a one-element tensor or array."""
+ScalarInput: TypeAlias = (
+    "float | int | torch.Tensor | np.generic | np.ndarray | list[float] | tuple[float, ...]"
+)
+"""A scalar `log_step` accepts: a number, or a one-element tensor, array, list or tuple."""
 
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iu"
@@ -175,10 +177,14 @@ def flag_array(array: np.ndarray, field: str) -> np.ndarray:
 
 
 def scalar_value(value: ScalarInput | object, field: str) -> float:
-    """A scalar as the float it holds: a number (a bool as 0 or 1), or a one-element tensor or
-    array of one; UsageError naming `field` for anything else, text included."""
+    """A scalar as the float it holds: a number (a bool as 0 or 1), or a one-element tensor,
+    array, list or tuple of one; UsageError naming `field` for anything else, text included."""
     if type(value) is float:
         return value
+    if isinstance(value, list | tuple):  # torch's scheduler.get_last_lr(): an lr a param group
+        if len(value) != 1:
+            raise UsageError(f"{field}: expected a scalar, got {len(value)} values")
+        return scalar_value(value[0], field)
     _refuse_masked(value, field)
     if isinstance(value, np.ndarray) or is_tensor(value):
         count = value.size if isinstance(value, np.ndarray) else value.numel()
