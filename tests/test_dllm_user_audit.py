@@ -7,8 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from _bootstrap_state import fresh_recording
 
 import stabledrl_cli as sd
+from stabledrl_cli.capture import bootstrap, log_policy_batch
 from stabledrl_cli.errors import UsageError
 
 
@@ -101,3 +104,27 @@ def test_a_learning_rate_list_of_several_groups_is_refused_naming_the_count(
         pytest.raises(UsageError, match=r"^lr: expected a scalar, got 2 values$"),
     ):
         rec.log_step(0, **_micro_batches((4, 4)), lr=[1e-3, 1e-4])
+
+
+def test_recorder_kwargs_changed_mid_run_warn_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A loop that raises its Monte Carlo masks from 1 to 4 at step 2 and says so in the
+    estimator it passes each call (custom-loops.md's pattern): the run kept its first batch's
+    estimator (`mask_samples` 1) without a word, as it kept a changed policy before that
+    warned. The first call that gives another value of a key warns, once, naming the keys;
+    a later call that gives fewer keys, or the same values, says nothing."""
+    fresh_recording(monkeypatch, tmp_path / "run", tmp_path / "status")
+    batch = {"logp": -torch.rand(4) - 0.1, "advantages": torch.randn(4)}
+    first = {"unit": "sequence", "estimator": {"kind": "elbo", "mask_samples": 1}}
+    later = {**first, "estimator": {"kind": "elbo", "mask_samples": 4}}
+    for step, kwargs in enumerate((first, first, later, later, {"unit": "sequence"}, None)):
+        assert log_policy_batch(
+            step, policy="stabledrl", recorder_kwargs=kwargs, logp_old=batch["logp"], **batch
+        )
+    bootstrap.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "stabledrl: warning: log_policy_batch(2) gives recorder_kwargs another estimator than "
+        "the run's first batch did: the run was opened with the first batch's, and keeps them"
+    ]
+    assert sd.open_run(tmp_path / "run").manifest["estimator"]["mask_samples"] == 1

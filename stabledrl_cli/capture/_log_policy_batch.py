@@ -1,7 +1,8 @@
 """`log_policy_batch`: a policy batch's half of a step, logged into the run of `stabledrl record
 -- CMD` (`bootstrap`, which pairs it with the optimizer hooks' half and writes the step), after
-the checks a batch gets first: the run's policy named again otherwise (one warning), a batch
-with no token in a one-rank run (skipped, one warning).
+the checks a batch gets first: the run's policy named again otherwise (one warning), so are
+its `recorder_kwargs` (one warning), a batch with no token in a one-rank run (skipped, one
+warning).
 
 The run's state (its Recorder, lock, held and last steps, failure, and this module's own)
 is `bootstrap.recording`, read at each call (a test gives the bootstrap a fresh one).
@@ -36,6 +37,40 @@ def _check_policy(step: int, policy: str | PolicyLike | None) -> None:
     ):
         recording.warned_policy_changed = True
         warn_policy_changed(step, policy, recording.batch_policy)
+
+
+def _differs(first: object, later: object) -> bool:
+    """Whether a later `recorder_kwargs` value is another than the first batch's: False for
+    values that do not compare to a truth value (arrays): no warning rather than a failure."""
+    try:
+        return bool(first != later)
+    except Exception:  # (numpy's "truth value of an array is ambiguous", say)
+        return False
+
+
+def _check_recorder_kwargs(step: int, kwargs: Mapping[str, Any] | None) -> None:
+    """Notes the `recorder_kwargs` the first batch gave, which open the run; a later batch that
+    gives another value of one of their keys (an estimator's `mask_samples` raised mid-run)
+    warns, once, naming those keys: the run keeps the first batch's."""
+    recording = bootstrap.recording
+    if recording.batch_kwargs is None:
+        recording.batch_kwargs = dict(kwargs or {})
+        return
+    if kwargs is None or recording.warned_kwargs_changed:
+        return
+    missing = object()
+    changed = [
+        key
+        for key, value in kwargs.items()
+        if _differs(recording.batch_kwargs.get(key, missing), value)
+    ]
+    if changed:
+        recording.warned_kwargs_changed = True
+        warn(
+            f"stabledrl: warning: log_policy_batch({step}) gives recorder_kwargs another "
+            f"{', '.join(changed)} than the run's first batch did: the run was opened with the "
+            "first batch's, and keeps them\n"
+        )
 
 
 def _no_token(step: int, fields: dict[str, Any], recorder: Recorder) -> bool:
@@ -108,6 +143,7 @@ def log_policy_batch(
                 held = None
             recorder = bootstrap.open_recorder(policy, kwargs, batch=True, hooks=pairs_held)
             _check_policy(step, policy)
+            _check_recorder_kwargs(step, recorder_kwargs)
             if _no_token(step, fields, recorder):
                 bootstrap.release_held(policy, kwargs)  # the optimizer's half alone
                 return False

@@ -5,7 +5,7 @@ them in its own process starts from a fresh one."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stabledrl_cli.capture._run_lock import RunLock
 from stabledrl_cli.capture._status import RecordingFailure
@@ -54,5 +54,9 @@ class Recording:
         run's."""
         self.warned_policy_changed = False
         """Whether a batch naming another policy than the run's has warned (once)."""
+        self.batch_kwargs: dict[str, Any] | None = None
+        """The `recorder_kwargs` the first batch gave: those the run was opened with."""
+        self.warned_kwargs_changed = False
+        """Whether a batch giving other `recorder_kwargs` than the first one's has warned."""
         self.warned_no_token = False
         """Whether a batch with no token has warned that such batches are not recorded."""
