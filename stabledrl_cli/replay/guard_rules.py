@@ -238,6 +238,10 @@ def unit_of(value: float) -> float:
     return math.ldexp(1.0, math.frexp(abs(value))[1] - 1)
 
 
+GUARD_COLLECTS = {rule.name: rule.collects for rule in (ZClip, SkipStep)}
+"""Guard name -> the grad norms its statistics take in."""
+
+
 def too_few_norms(collected: int, collects: str, given: int, source: str) -> str:
     """Why a guard that was `given` grad norms judged none: 'its statistics need more than the
     30 grad norms recorded', or, where it left some out, 'the 10 nonzero finite grad norms of

@@ -19,6 +19,7 @@ from stabledrl_cli.errors import ConfigError, UsageError, quoted, quoted_spec
 from stabledrl_cli.policies._spec import finite_number
 from stabledrl_cli.replay.guard_rules import (
     GUARD_ACTIONS,
+    GUARD_COLLECTS,
     Guard,
     GuardAction,
     GuardDecision,
@@ -135,11 +136,15 @@ class GuardReport:
     collected: int = 0
     """Steps whose grad norm its statistics took in (`collects`): zclip leaves out norms of 0,
     both guards non-finite ones."""
-    collects: str = "finite"
 
     def __repr__(self) -> str:
         """The fields, a long list of steps as its first items and its length."""
         return compact_repr(self)
+
+    @property
+    def collects(self) -> str:
+        """The grad norms the guard's statistics take in (`nonzero finite`, `finite`)."""
+        return GUARD_COLLECTS[split_spec(self.spec)[0]]
 
     def count(self, action: GuardAction) -> int:
         """Steps the guard would have treated with `action`."""
@@ -203,7 +208,6 @@ class GuardReplay:
                 acted=acted + more,
                 judged=count,
                 collected=guard.collected,
-                collects=guard.collects,
             )
             for guard, acted, more, count in zip(guards, self._acted, later, judged, strict=True)
         ]
