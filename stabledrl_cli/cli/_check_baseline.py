@@ -20,15 +20,20 @@ def compare_step_counts(
     fewer steps than the baseline's run, whose figures of the steps it lacks (a later collapse,
     a spike) its gates cannot judge; else None, with a note on stderr when the run has another
     number of steps (`steps`; `training`: a verl recording's training steps, None for any other
-    run, whose count verl's imported log has as its steps: either count matching is no note,
-    either reaching the baseline's no trip)."""
+    run, whose count verl's imported log has as its steps, as a baseline's `training_steps`
+    is its verl recording's: any count of one matching one of the other is no note)."""
     theirs = baseline.run.get("steps")
-    if theirs in (None, steps, training):
+    their_counts = [
+        int(count)
+        for count in (theirs, baseline.run.get("training_steps"))
+        if isinstance(count, int | float)  # whole numbers >= 0: load_baseline checks them
+    ]
+    if theirs is None or set(their_counts) & {steps, training}:
         return None
     counts = f"{steps} steps"
     if training is not None:
         counts += f" (optimizer steps; {training} training steps, a line each in verl's log)"
-    if isinstance(theirs, int) and max(steps, training or 0) < theirs:
+    if max(steps, training or 0) < min(their_counts):
         return (
             f"the run has {counts}, the baseline's run had {theirs}: its gates cannot judge the "
             "steps it lacks"

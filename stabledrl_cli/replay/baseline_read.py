@@ -280,10 +280,11 @@ def _baseline(data: dict[str, object], where: str) -> Baseline:
             f"{where}: run.loss_norm must be {' or '.join(LOSS_NORMS)}, "
             f"got {shown(run['loss_norm'])}"
         )
-    if run.get("steps") is not None:
-        steps = _number(run, "steps", f"{where}: run")
-        if not steps.is_integer() or steps < 0:
-            raise InputError(f"{where}: run.steps must be a whole number >= 0, got {steps:g}")
+    for key in ("steps", "training_steps"):
+        if run.get(key) is not None:
+            count = _number(run, key, f"{where}: run")
+            if not count.is_integer() or count < 0:
+                raise InputError(f"{where}: run.{key} must be a whole number >= 0, got {count:g}")
     observed_data = data.get("observed", {})
     if not isinstance(observed_data, dict):
         raise InputError(f"{where}: 'observed' must be an object")

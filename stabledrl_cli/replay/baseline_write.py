@@ -128,6 +128,8 @@ def baseline_dict(
         path, count, policy = recorded.run, recorded.steps, recorded.policy
     # A path's bytes that are not UTF-8 as \xNN, not the lone surrogates no reader takes back.
     run = {"path": unicode_text(path), "steps": count, "policy": policy}
+    if recorded is not None and recorded.training_steps is not None:
+        run["training_steps"] = recorded.training_steps  # a verl recording's, as verl logs them
     if result is not None:
         run["loss_norm"] = loss_norm
     return {
