@@ -187,17 +187,22 @@ def test_a_bad_value_or_key_is_named_in_one_short_line(
     assert len(lines[0]) < 400, lines[0][:400]
 
 
+@pytest.mark.parametrize("key", ["steps", "training_steps"])
 @pytest.mark.parametrize("steps", ["160", "a\nb", [160], True, -1, 1.5])
-def test_a_run_step_count_of_a_wrong_type_exits_3_naming_it(tmp_path: Path, steps: object) -> None:
+def test_a_run_step_count_of_a_wrong_type_exits_3_naming_it(
+    tmp_path: Path, steps: object, key: str
+) -> None:
     """run.steps was printed as it was in the step-count note ('the baseline's run had a',
     then a second line 'b: step counts are compared as they are'; "160" said the counts
-    differ when they are equal) and the check went on."""
+    differ when they are equal) and the check went on. run.training_steps (a verl
+    recording's) is read as steps are."""
+    run = {"path": "x", "steps": 160, key: steps}
     baseline = tmp_path / "baseline.json"
-    baseline.write_text(json.dumps(_baseline_with(("run",), {"path": "x", "steps": steps})))
+    baseline.write_text(json.dumps(_baseline_with(("run",), run)))
     result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(baseline)])
     assert result.exit_code == 3, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "run.steps must be" in lines[0], result.stderr
+    assert len(lines) == 1 and f"run.{key} must be" in lines[0], result.stderr
 
 
 def test_a_baseline_without_policies_is_refused_saying_it_is_missing(tmp_path: Path) -> None:
