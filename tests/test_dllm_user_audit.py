@@ -106,6 +106,19 @@ def test_a_learning_rate_list_of_several_groups_is_refused_naming_the_count(
         rec.log_step(0, **_micro_batches((4, 4)), lr=[1e-3, 1e-4])
 
 
+def test_a_list_nested_in_the_list_of_one_is_refused_not_recursed(tmp_path: Path) -> None:
+    """A list of one is read as its number; a list in it is no parameter group's lr. Read
+    one level at a time, 2,000 nested lists ended in RecursionError."""
+    nested: object = 1e-3
+    for _ in range(2000):
+        nested = [nested]
+    with (
+        sd.Recorder(tmp_path / "run", policy="ppo", unit="token") as rec,
+        pytest.raises(UsageError, match=r"^lr: expected a number in the list, got list$"),
+    ):
+        rec.log_step(0, **_micro_batches((4, 4)), lr=nested)
+
+
 def test_recorder_kwargs_changed_mid_run_warn_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -184,7 +184,9 @@ def scalar_value(value: ScalarInput | object, field: str) -> float:
     if isinstance(value, list | tuple):  # torch's scheduler.get_last_lr(): an lr a param group
         if len(value) != 1:
             raise UsageError(f"{field}: expected a scalar, got {len(value)} values")
-        return scalar_value(value[0], field)
+        (value,) = value
+        if isinstance(value, list | tuple):  # a list in a list: no lr of a param group
+            raise UsageError(f"{field}: expected a number in the list, got {type(value).__name__}")
     _refuse_masked(value, field)
     if isinstance(value, np.ndarray) or is_tensor(value):
         count = value.size if isinstance(value, np.ndarray) else value.numel()
