@@ -26,7 +26,7 @@ from rich.segment import Segment
 from rich.text import Text
 
 from stabledrl_cli._atomic import write_error
-from stabledrl_cli.errors import LINE_BREAKS
+from stabledrl_cli.errors import LINE_BREAKS, UsageError
 
 # Piped or redirected tables keep their natural width up to this, instead of wrapping at 80.
 PIPE_WIDTH = 250
@@ -112,9 +112,14 @@ def is_standard_output(path: Path) -> bool:
     return _is_stream(path, sys.stdout)
 
 
-def is_standard_error(path: Path) -> bool:
-    """`is_standard_output` of this process's stderr, where progress and warnings go."""
-    return _is_stream(path, sys.stderr)
+def refuse_standard_error(path: Path, named: str) -> None:
+    """UsageError when writing the file at `path` (given as `named`) writes this process's
+    stderr (`is_standard_output` of it), where progress and warnings go among its bytes."""
+    if _is_stream(path, sys.stderr):
+        raise UsageError(
+            f"{named} is the standard error, where progress and warnings are printed; "
+            "give a file name"
+        )
 
 
 def _is_stream(path: Path, stream: Any) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from stabledrl_cli._atomic import missing_directory, write_error
 from stabledrl_cli._url import redacted
-from stabledrl_cli.cli._output import is_standard_error, is_standard_output
+from stabledrl_cli.cli._output import is_standard_output, refuse_standard_error
 from stabledrl_cli.dump._open import packed_run
 from stabledrl_cli.dump._run_target import run_holding
 from stabledrl_cli.dump._url_filesystem import inside_local_run
@@ -66,11 +66,8 @@ def check_outputs(
                 "results; give a file name, or drop --format json (the report is then printed "
                 "beside the table)"
             )
-        if flag in BINARY_REPORTS and is_standard_error(target):
-            raise UsageError(
-                f"{flag} {target} is the standard error, where progress and warnings are "
-                "printed; give a file name"
-            )
+        if flag in BINARY_REPORTS:
+            refuse_standard_error(target, f"{flag} {target}")
         if problem is not None:
             raise UsageError(f"{flag} {target}: {problem}")
     for i, (flag, target) in enumerate(named):

@@ -28,11 +28,11 @@ from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import (
     err,
-    is_standard_error,
     is_standard_output,
     out,
     print_json,
     progress,
+    refuse_standard_error,
 )
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump._open import open_snapshot
@@ -77,11 +77,7 @@ def command(
     target = check_pack_target(archive, opened, force, to_force="pass --force")
     # An archive piped on (`pack RUN /dev/stdout --force | ...`): its summary goes to stderr.
     piped = is_standard_output(target)
-    if is_standard_error(target):  # the archive would be written among the progress lines
-        raise UsageError(
-            f"{archive} is the standard error, where progress and warnings are printed; "
-            "give a file name"
-        )
+    refuse_standard_error(target, str(archive))
     if piped and output_format == "json":
         raise UsageError(
             f"{archive} is the standard output, where --format json prints the summary; "

@@ -151,7 +151,7 @@ def evaluate(
     the run has too few steps for the baseline (its run's), a tripped `baseline.present`."""
     observed = observed_of(result, recorded)
     found: list[GateResult] = []
-    if baseline is not None and short_of_baseline is not None:
+    if short_of_baseline is not None:
         found.append(_absent(None, short_of_baseline, "run.steps"))
     if baseline is not None:
         for name, tol in baseline.observed.items():
