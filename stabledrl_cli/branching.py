@@ -35,6 +35,7 @@ from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.dump._run_files import symlink_refused
 from stabledrl_cli.dump._run_target import directory_or_nothing, refuse_under_a_file
+from stabledrl_cli.dump._stop_notes import STOP_RESUMED
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS, refuse_untrainable
 from stabledrl_cli.policies._registry import resolve_spec
@@ -175,6 +176,10 @@ class BranchReport:
     """The one-step replay of every branch's policy on the original (its skipped steps)."""
     original_skipped_steps: list[int] = field(default_factory=list)
     """The original's step files the reader skipped (torn, unreadable, a missing rank)."""
+    original_stopped_at: int | None = None
+    """The first step the original's recording did not hold, its training going on or
+    stopped (a divergence of the built-in example's weights, Ctrl-C, a full disk: the
+    earliest step of its `recording_stopped` notes that no resume marked); None: none."""
 
     def to_dict(self) -> dict[str, object]:
         """`stabledrl branch --format json`."""
@@ -187,6 +192,7 @@ class BranchReport:
                 "first_reward_collapse": self.original_first_reward_collapse,
                 "not_judged": self.original_not_judged,
                 "skipped_steps": list(self.original_skipped_steps),
+                "stopped_at": self.original_stopped_at,
                 "live": None if self.replayed.live is None else self.replayed.live.to_dict(),
             },
             "branches": [b.to_dict() for b in self.branches],
@@ -246,6 +252,16 @@ def _final_reward(rewards: np.ndarray) -> float | None:
         return None
     tail = finite[-max(1, finite.size // 10) :]
     return float(tail.mean())
+
+
+def _stopped_at(run: Run) -> int | None:
+    """The earliest step of the run's `recording_stopped` notes that no resume marked."""
+    steps = [
+        note["step"]
+        for note in run.recording_stops
+        if isinstance(note.get("step"), int) and note.get(STOP_RESUMED) is not True
+    ]
+    return min(steps, default=None)
 
 
 def _steps_to_end(run_dir: Path, at: int, end: int) -> int:
@@ -382,4 +398,5 @@ def run_branches(
         branches=outcomes,
         replayed=replayed,
         original_skipped_steps=skipped,
+        original_stopped_at=_stopped_at(original),
     )

@@ -66,6 +66,7 @@ def test_branch_records_each_policy_as_a_run_and_reports_it_beside_the_replay(re
         "first_reward_collapse": report["original"]["first_reward_collapse"],
         "not_judged": report["original"]["not_judged"],
         "skipped_steps": [],
+        "stopped_at": None,
         "live": None,
     }
     assert [b["policy"] for b in report["branches"]] == ["grpo", "stabledrl"]
@@ -814,3 +815,26 @@ def test_a_branch_of_a_live_run_says_up_to_which_step_it_read(recorded, tmp_path
         "the branch read the 24 steps listed when the branch began (to step 23), not the 4 "
         "steps finished since"
     ) in said
+
+
+def test_an_original_whose_recording_stopped_is_not_said_to_have_held(tmp_path):
+    """An original the built-in example stopped (its weights were not finite after step 108 of
+    `record --lr 1e-3 --no-skip-nonfinite`) had its stop warned of on stderr, and the table's
+    title said 'the original run held' under it: the rule saw no fall before the stop, and
+    nothing saw the run after it. The title and the JSON now name the stop."""
+    config = ExampleConfig(seed=3, steps=48, pretrain_steps=20)
+    out = tmp_path / "run"
+    plan = CheckpointPlan(directory=checkpoints_dir(out), every=8)
+    with Recorder(out, **recorder_kwargs(config, get_policy(config.policy))) as recorder:
+        train(config, recorder=recorder, checkpoints=plan)
+        recorder.note_stop("training stopped (its weights were not finite after step 47)", 48)
+    args = ["branch", str(out), "--at", "40", "-p", "grpo", "--out", str(tmp_path / "b")]
+    result = CliRunner().invoke(app, [*args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    original = json.loads(result.stdout)["original"]
+    assert original["stopped_at"] == 48 and original["first_reward_collapse"] is None
+    table = CliRunner().invoke(app, [*args, "--force"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    title = " ".join(table.stdout.split())
+    assert "the original run held" not in title, title
+    assert "the original run showed no collapse before its recording stopped at step 48" in title

@@ -60,10 +60,17 @@ def _table(report: BranchReport, width: int) -> Table:
         else ""
     )
     original = report.original_first_reward_collapse
+    stopped = report.original_stopped_at
     if report.original_not_judged is not None:
         how = "the original run's collapse not judged"
+    elif original is not None:
+        how = f"the original run collapsed at step {original}"
+    elif stopped is not None:
+        how = f"the original run showed no collapse before its recording stopped at step {stopped}"
     else:
-        how = f"the original run {'held' if original is None else f'collapsed at step {original}'}"
+        how = "the original run held"
+    if stopped is not None and (original is not None or report.original_not_judged is not None):
+        how += f"; its recording stopped at step {stopped}"
     table = Table(
         title=f"Branches of {report.run} at step {report.at}{moved}, "
         f"{counted(report.steps, 'step')} each; {how}",
