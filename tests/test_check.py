@@ -686,6 +686,20 @@ def test_a_figure_just_past_its_limit_is_shown_apart_from_it(runs, baseline, tmp
     assert case.find("failure").text.startswith(f"figure {figure}, limit {limit}: ")
 
 
+def test_a_tolerance_is_shown_as_the_baseline_writes_it(runs, baseline, tmp_path):
+    """A slack is shown to 6 digits: abs_tol 1.999999 read 'abs_tol 2' beside a limit of
+    value + 1.999999, a sum the reader could not redo from the message."""
+
+    def written(data):
+        data["policies"]["grpo"]["update_norm_max"].update(abs_tol=1.999999, rel_tol=1.25e-7)
+
+    edited = _edit(baseline, tmp_path / "written.json", written)
+    code, data, _ = _check(str(runs["steady"]), "-b", str(edited))
+    gate = _gate(data, "grpo", "baseline.update_norm_max")
+    assert code == 0 and gate["ok"], data
+    assert "(abs_tol 1.999999, rel_tol 1.25e-07)" in gate["message"], gate["message"]
+
+
 # --- JUnit XML ---------------------------------------------------------------------------------
 def test_the_docs_document_every_key_of_the_check_json(runs, baseline):
     """A CI script reads `check --format json`; docs/ci.md (once the README) documented no

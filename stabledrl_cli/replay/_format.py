@@ -22,6 +22,14 @@ def format_number(
     return f"{value:.{digits}g}"
 
 
+def format_written(value: float) -> str:
+    """`value` as a file writes it, every digit (its shortest round-trip form: 1.999999, not
+    2), a whole number plainly (0, not 0.0): a baseline's tolerance, from which a reader redoes
+    the limit."""
+    text = repr(float(value))
+    return text.removesuffix(".0")
+
+
 FIGURE_DIGITS = 4
 """Significant digits of a gate's figure (more where `format_figures` needs them)."""
 

@@ -15,6 +15,7 @@ from stabledrl_cli._version import __version__
 from stabledrl_cli.errors import InputError, UsageError, key_shown, quoted, quoted_spec, shown
 from stabledrl_cli.policies import MAX_POLICIES
 from stabledrl_cli.policies._registry import resolve_spec
+from stabledrl_cli.replay._format import format_written
 from stabledrl_cli.replay.baseline import (
     BASELINE_SCHEMA,
     BASELINE_VERSION,
@@ -93,7 +94,8 @@ def _tolerance(data: object, where: str, default_worse: Worse | None) -> Toleran
     )
     if value is not None and not tolerance.bounded():
         raise InputError(
-            f"{where}: value {value:g} with abs_tol {abs_tol:g} and rel_tol {rel_tol:g} puts "
+            f"{where}: value {format_written(value)} with abs_tol {format_written(abs_tol)} "
+            f"and rel_tol {format_written(rel_tol)} puts "
             "the limit past the largest float, a gate that could never trip"
         )
     return tolerance

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from stabledrl_cli.errors import key_shown, quoted
-from stabledrl_cli.replay._format import format_figures
+from stabledrl_cli.replay._format import format_figures, format_written
 from stabledrl_cli.replay.baseline import (
     FINITE_UPDATE_METRICS,
     Baseline,
@@ -108,7 +108,7 @@ def _regression(
     if tol.value is None:
         base = none
     side = "above" if tol.worse == "higher" else "below"
-    slack = f"abs_tol {tol.abs_tol:g}, rel_tol {tol.rel_tol:g}"
+    slack = f"abs_tol {format_written(tol.abs_tol)}, rel_tol {format_written(tol.rel_tol)}"
     if improved:
         rule = f"better than the baseline beyond its tolerance ({slack}); --strict fails on it"
     elif tol.value is None:  # worse "lower": a baseline refuses a null worse when higher
