@@ -124,8 +124,10 @@ def run_cli_together(
     return results
 
 
-FULL_DISK_ERROR = "error: /dev/full: cannot write it (no space left on device)"
-"""The one line a report written to `full_disk` ends its command with (exit 4)."""
+def full_disk_error(option: str) -> str:
+    """The one line a report written to `full_disk` by `option` ends its command with (exit
+    4)."""
+    return f"error: {option} /dev/full: cannot write it (no space left on device)"
 
 
 def full_disk(path: Path) -> Path:

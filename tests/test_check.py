@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from _cli import FULL_DISK_ERROR, full_disk, run_cli_together
+from _cli import full_disk, full_disk_error, run_cli_together
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -866,7 +866,7 @@ def test_an_output_that_cannot_be_written_comes_after_the_verdict(runs, tmp_path
     )  # fmt: skip
     assert result.exit_code == 4, result.output
     lines = result.stderr.strip().splitlines()
-    assert lines[-1] == FULL_DISK_ERROR, lines
+    assert lines[-1] == full_disk_error("--junit"), lines
     assert any(line.startswith("check failed: ") for line in lines), lines
     if output_format == "json":
         data = json.loads(result.stdout)
@@ -887,7 +887,7 @@ def test_an_output_that_cannot_be_written_leaves_the_others_written(runs, tmp_pa
          "--format", "json"],
     )  # fmt: skip
     assert result.exit_code == 4, result.output
-    assert result.stderr.strip().splitlines()[-1] == FULL_DISK_ERROR
+    assert result.stderr.strip().splitlines()[-1] == full_disk_error("--write-baseline")
     assert json.loads(result.stdout)["wrote"] == {
         "baseline": None,
         "junit": str(junit),

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _cli import FULL_DISK_ERROR, cli_command, cli_environment, full_disk, run_cli_together
+from _cli import cli_command, cli_environment, full_disk, full_disk_error, run_cli_together
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -937,7 +937,7 @@ def test_an_output_that_cannot_be_written_comes_after_the_results(
     result = runner.invoke(app, [*args, "--format", output_format])
     assert result.exit_code == 4, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [FULL_DISK_ERROR], result.stderr
+    assert errors == [full_disk_error(flag)], result.stderr
     assert result.stderr.strip().splitlines()[-1] == errors[0]
     if output_format == "json":
         assert [p["spec"] for p in json.loads(result.stdout)["policies"]] == ["grpo"]
@@ -987,7 +987,7 @@ def test_an_output_that_cannot_be_written_leaves_the_others_written(plain_run, t
         app, [*args, "--out", str(full_disk(tmp_path / "report.h5")), "--plot", str(plot)]
     )
     assert result.exit_code == 4, result.output
-    assert result.stderr.strip().splitlines()[-1] == FULL_DISK_ERROR
+    assert result.stderr.strip().splitlines()[-1] == full_disk_error("--out")
     assert f"wrote {plot}" in result.stderr
     assert plot.read_bytes().startswith(b"\x89PNG")
 

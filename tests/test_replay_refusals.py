@@ -212,5 +212,5 @@ def test_a_report_that_cannot_be_written_is_named_in_the_systems_words(tmp_path)
     done = CliRunner().invoke(app, ["replay", str(run), "-p", "grpo", "--out", "/proc/x.h5"])
     assert done.exit_code == 4, done.stderr
     assert done.stderr.splitlines()[-1] == (
-        "error: /proc/x.h5: cannot write it (No such file or directory)"
+        "error: --out /proc/x.h5: cannot write it (No such file or directory)"
     )

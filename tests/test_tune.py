@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _cli import FULL_DISK_ERROR, full_disk, run_cli_together
+from _cli import full_disk, full_disk_error, run_cli_together
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -507,7 +507,7 @@ def test_a_plot_that_cannot_be_written_comes_after_the_results(tmp_path, output_
     result = CliRunner().invoke(app, [*args, "--plot", str(target), "--format", output_format])
     assert result.exit_code == 4, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [FULL_DISK_ERROR], result.stderr
+    assert errors == [full_disk_error("--plot")], result.stderr
     assert result.stderr.strip().splitlines()[-1] == errors[0]
     if output_format == "json":
         specs = [s["spec"] for s in json.loads(result.stdout)["settings"]]

@@ -166,9 +166,22 @@ def test_an_output_to_a_fifo_nobody_reads_is_refused_at_once(run, tmp_path):
     done = run_cli(*GATED, run, "--junit", fifo, timeout=QUICK)
     assert done.returncode == 4, done.stderr
     assert done.stderr.splitlines()[-1] == (
-        f"error: {fifo}: cannot write it (a FIFO that no process reads)"
+        f"error: --junit {fifo}: cannot write it (a FIFO that no process reads)"
     )
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_each_report_that_cannot_be_written_is_named_by_its_option(run):
+    """`check --junit /dev/full --write-baseline /dev/full` printed 'error: /dev/full: cannot
+    write it (no space left on device)' twice: which report failed, the lines did not say."""
+    args = [*GATED, str(run), "--junit", "/dev/full", "--write-baseline", "/dev/full"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 4, done.output
+    assert done.stderr.splitlines()[-2:] == [
+        "error: --write-baseline /dev/full: cannot write it (no space left on device)",
+        "error: --junit /dev/full: cannot write it (no space left on device)",
+    ]
 
 
 @pytest.mark.parametrize("stdout", ["pipe", "file"])

@@ -11,21 +11,22 @@ from stabledrl_cli.errors import WriteError
 
 
 def write_outputs(
-    outputs: dict[str, tuple[Path | None, Callable[[Path], str]]],
+    outputs: dict[str, tuple[str, Path | None, Callable[[Path], str]]],
 ) -> tuple[dict[str, Path | None], list[WriteError]]:
-    """Writes each output asked for (name -> its path, None when not asked for, and its writer,
-    which returns the line on stderr that says so): the paths written, None for the others,
-    and the writes that failed. One that fails keeps no other from being written (a baseline
-    on a full disk, the JUnit report of the gates beside it)."""
+    """Writes each output asked for (name -> the option that asks for it, its path, None when
+    not asked for, and its writer, which returns the line on stderr that says so): the paths
+    written, None for the others, and the writes that failed, each named by its option (two
+    reports to one full disk read apart). One that fails keeps no other from being written (a
+    baseline on a full disk, the JUnit report of the gates beside it)."""
     wrote: dict[str, Path | None] = dict.fromkeys(outputs)
     failed: list[WriteError] = []
-    for name, (path, write) in outputs.items():
+    for name, (option, path, write) in outputs.items():
         if path is None:
             continue
         try:
             err.print(write(path), highlight=False)
         except WriteError as exc:
-            failed.append(exc)
+            failed.append(WriteError(f"{option} {exc}"))
         else:
             wrote[name] = path
     return wrote, failed

@@ -324,9 +324,9 @@ def command(
         return f"wrote {path}"
 
     wrote, unwritten = write_outputs({
-        "baseline": (write_baseline_path, baseline_file),
-        "junit": (junit, junit_file),
-        "plot": (plot if result is not None else None, plot_file),
+        "baseline": ("--write-baseline", write_baseline_path, baseline_file),
+        "junit": ("--junit", junit, junit_file),
+        "plot": ("--plot", plot if result is not None else None, plot_file),
     })  # fmt: skip
 
     tripped = [r for r in results if not r.ok]

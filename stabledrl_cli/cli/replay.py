@@ -207,7 +207,10 @@ def command(
         plot_replay(result, path, opened)
         return f"wrote {path}"
 
-    _, unwritten = write_outputs({"out": (out_path, report_file), "plot": (plot, plot_file)})
+    _, unwritten = write_outputs({
+        "out": ("--out", out_path, report_file),
+        "plot": ("--plot", plot, plot_file),
+    })  # fmt: skip
     if output_format == "json":
         # Piece by piece: a long run's per-step rows are never all held as Python objects.
         with stdout_written():

@@ -35,8 +35,9 @@ from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._replay_notes import note_skipped, note_stopped
 from stabledrl_cli.cli._replay_outputs import check_outputs
 from stabledrl_cli.cli._replay_run import replay_engine, replay_with_progress
+from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump._open import open_snapshot
-from stabledrl_cli.errors import WriteError, counted
+from stabledrl_cli.errors import counted
 from stabledrl_cli.replay.config import (
     DEFAULT_MEMORY_BUDGET,
     format_size,
@@ -181,20 +182,18 @@ def command(
     note_stopped(opened, result.run)
     note_skipped(result)
     report = rank(result, settings)
+
     # Written before the results are printed (a reader that closes stdout early, `| head`,
     # still gets it); one that cannot be written ends the tune with exit 4 after them.
-    unwritten: WriteError | None = None
-    if plot is not None:
+    def plot_file(path: Path) -> str:
         from stabledrl_cli.tune.plot import plot_front
 
-        try:
-            plot_front(report, plot)
-            err.print(f"wrote {plot}", highlight=False)
-        except WriteError as exc:
-            unwritten = exc
+        plot_front(report, path)
+        return f"wrote {path}"
+
+    _, unwritten = write_outputs({"plot": ("--plot", plot, plot_file)})
     if output_format == "json":
         print_json(report.to_dict())
     else:
         _print_table(report)
-    if unwritten is not None:
-        raise unwritten
+    raise_unwritten(unwritten)
