@@ -95,9 +95,10 @@ Worse = Literal["higher", "lower"]
 """The direction in which a gated figure is a regression."""
 WORSE: tuple[Worse, ...] = get_args(Worse)
 
-SeriesStat = Literal["first", "last", "min", "max", "mean", "median", "tail"]
+SeriesStat = Literal["first", "last", "min", "max", "mean", "median", "tail", "nonfinite"]
 """A whole-run statistic of a recorded scalar series (over its finite values), as a baseline's
-`recorded` section gates it (`tail`: the mean of the last `recorded.TAIL_STEPS` values)."""
+`recorded` section gates it (`tail`: the mean of the last `recorded.TAIL_STEPS` values;
+`nonfinite`: the count of steps where it is NaN or infinite, worse when higher)."""
 SERIES_STATS: tuple[SeriesStat, ...] = get_args(SeriesStat)
 
 GroupIds = Literal["per_rank", "global"]

@@ -31,9 +31,9 @@ from stabledrl_cli.replay.gate import absolute as _absolute
 from stabledrl_cli.replay.junit import junit_xml, write_junit
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORDED_GATES = 4
+RECORDED_GATES = 5
 """A written baseline's `recorded` gates of these runs: grad_norm median and max, reward_mean
-mean and last."""
+mean, tail and nonfinite."""
 POLICIES = ["-p", "grpo", "-p", "is", "-p", "stabledrl"]
 STEADY_STEPS = config.DEFAULT_WINDOW + 10
 """The steady run's: the drift rule judges a step after a window of finite net_push values, so
@@ -126,7 +126,8 @@ def test_written_baseline_holds_todays_figures(runs, baseline):
             stat: {"value": pytest.approx(0.805, abs=0.005), "worse": "lower", "abs_tol": 0.01,
                    "rel_tol": 0.1}
             for stat in ("mean", "tail")
-        },
+        }
+        | {"nonfinite": {"value": 0, "worse": "higher", "abs_tol": 0.0, "rel_tol": 0.1}},
         "grad_norm": {
             stat: {"value": 1.0, "worse": "higher", "abs_tol": 0.0, "rel_tol": 0.25}
             for stat in ("median", "max")
@@ -260,7 +261,7 @@ def test_regressions_trip_and_are_all_named(runs, baseline, tmp_path):
     discard = _gate(data, "grpo", "baseline.discard_frac")
     assert not discard["ok"] and discard["limit"] == pytest.approx(0.00055)
     assert _gate(data, "stabledrl", "baseline.update_norm_median")["ok"]
-    assert "2 of 23 gates tripped" in stderr
+    assert "2 of 24 gates tripped" in stderr
     assert "is baseline.collapsed_steps: collapsed_steps 2, baseline 1: above the limit 1" in stderr
     assert "grpo baseline.discard_frac" in stderr
 

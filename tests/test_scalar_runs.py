@@ -409,3 +409,24 @@ def test_a_policy_gate_on_a_mixed_run_whose_batch_steps_are_torn_is_bad_input(tm
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"error: {run}: no readable step holds a policy batch (2 steps ")
     assert line.endswith("--max-collapsed need(s) replayed policies")
+
+
+def test_a_run_whose_rewards_went_unscored_trips_a_written_baseline(tmp_path):
+    """A run whose reward was NaN (no sample scored: a reward server down) at 18 of its 60
+    steps passed the baseline of a clean run, exit 0: the finite rewards' mean and tail held.
+    A written baseline now gates how many steps recorded a non-finite reward_mean."""
+    rewards = [0.5 + 0.001 * (step % 7) for step in range(STEPS)]
+    baseline = tmp_path / "baseline.json"
+    clean = _reward_run(tmp_path / "clean", rewards)
+    wrote = runner.invoke(app, ["check", str(clean), "--write-baseline", str(baseline)])
+    assert wrote.exit_code == 0, wrote.output
+    entry = json.loads(baseline.read_text())["recorded"]["reward_mean"]["nonfinite"]
+    assert (entry["value"], entry["worse"]) == (0, "higher")
+    assert runner.invoke(app, ["check", str(clean), "-b", str(baseline)]).exit_code == 0
+    unscored = [math.nan if step % 10 < 3 else r for step, r in enumerate(rewards)]
+    sick = _reward_run(tmp_path / "unscored", unscored)
+    checked = runner.invoke(app, ["check", str(sick), "-b", str(baseline), "--format", "json"])
+    assert checked.exit_code == 1, checked.output
+    gate = _gates(json.loads(checked.stdout))["(run) baseline.recorded.reward_mean.nonfinite"]
+    assert not gate["ok"] and gate["figure"] == 18
+    assert gate["message"].startswith("recorded.reward_mean.nonfinite 18, baseline 0: above")

@@ -30,7 +30,12 @@ from stabledrl_cli.replay.figures import (
     run_figure,
 )
 from stabledrl_cli.replay.observed import Observed
-from stabledrl_cli.replay.recorded import SERIES_RULES, RecordedRun, observed_of
+from stabledrl_cli.replay.recorded import (
+    NONFINITE_RULE,
+    SERIES_RULES,
+    RecordedRun,
+    observed_of,
+)
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 
 
@@ -54,15 +59,19 @@ def _recorded_entries(recorded: RecordedRun, *, strict: bool) -> dict[str, objec
         if stats is None:
             continue
         entries = {}
-        for stat in rule.stats:
+        gated = [(stat, rule) for stat in rule.stats]
+        if rule.gates_nonfinite:
+            gated.append(("nonfinite", NONFINITE_RULE))
+        for stat, how in gated:
             value = stats.stat(stat)
             if value is None:
                 continue
+            count = stat == "nonfinite"
             tolerance = Tolerance(
                 value=value,
-                worse=rule.worse,
-                abs_tol=0.0 if strict else rule.abs_tol,
-                rel_tol=STRICT_REL_TOL if strict else rule.rel_tol,
+                worse=how.worse,
+                abs_tol=0.0 if strict else how.abs_tol,
+                rel_tol=(0.0 if count else STRICT_REL_TOL) if strict else how.rel_tol,
             )
             if tolerance.bounded():  # else a gate that could never trip, which a reader refuses
                 entries[stat] = tolerance.to_dict()

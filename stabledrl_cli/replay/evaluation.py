@@ -69,7 +69,10 @@ def _recorded_regressions(
                     )
                 )
                 continue
-            found.append(_regression(None, key, tol, figure, strict=strict, label=label))
+            count = stat == "nonfinite"
+            found.append(
+                _regression(None, key, tol, figure, strict=strict, count=count, label=label)
+            )
     return found
 
 

@@ -63,7 +63,7 @@ class SeriesStats:
     """The mean of the last `TAIL_STEPS` finite values."""
 
     def stat(self, name: SeriesStat) -> float | None:
-        """One statistic by name (None: no finite value)."""
+        """One statistic by name (None: no finite value; `nonfinite` is always a count)."""
         value: float | None = getattr(self, name)
         return value
 
@@ -200,6 +200,14 @@ class SeriesRule:
     stats: tuple[SeriesStat, ...]
     abs_tol: float
     rel_tol: float
+    gates_nonfinite: bool = False
+    """A written baseline also gates the count of steps where it is NaN or infinite
+    (`NONFINITE_RULE`): a reward_mean of no scored sample."""
+
+
+NONFINITE_RULE = SeriesRule(worse="higher", stats=("nonfinite",), abs_tol=0.0, rel_tol=0.1)
+"""The `nonfinite` statistic's direction and slack, whatever its series': a count of steps, as
+a policy's `collapsed_steps` is, so more of them is worse."""
 
 
 # What `check --write-baseline` records for the standard scalars a run has (docs/run-format.md).
@@ -208,7 +216,9 @@ class SeriesRule:
 # fractions also by one percentage point. Where a run ended is its `tail`, not its `last` step:
 # one batch's reward varies between healthy runs by more than 10%.
 SERIES_RULES: dict[str, SeriesRule] = {
-    "reward_mean": SeriesRule(worse="lower", stats=("mean", "tail"), abs_tol=0.01, rel_tol=0.1),
+    "reward_mean": SeriesRule(
+        worse="lower", stats=("mean", "tail"), abs_tol=0.01, rel_tol=0.1, gates_nonfinite=True
+    ),
     "grad_norm": SeriesRule(worse="higher", stats=("median", "max"), abs_tol=0.0, rel_tol=0.25),
     "clip_frac": SeriesRule(worse="higher", stats=("mean", "max"), abs_tol=0.01, rel_tol=0.1),
     "clip_frac_low": SeriesRule(worse="higher", stats=("mean", "max"), abs_tol=0.01, rel_tol=0.1),
