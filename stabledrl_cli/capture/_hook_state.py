@@ -162,11 +162,9 @@ class HookState:
     """The parameters the root modules last named, and their names
     (`_param_names._root_names`)."""
     next_step: int = 0
-    installed_at: float = 0.0
-    """When (time.perf_counter) `install` last installed the hooks."""
-    collect_seconds: float = 0.0
-    """The time the garbage collections that looked for a dropped run optimizer took
-    (`_optimizers.collected_run_optimizer`)."""
+    collect_calls: int = 0
+    """How many times a new optimizer's first step asked for a garbage collection to look for a
+    dropped run optimizer (`_optimizers.collected_run_optimizer`)."""
     clips: list[Clip] = field(default_factory=list)
     clip_wrapper: Callable[..., torch.Tensor] | None = None
     torch_clipping: int = 0

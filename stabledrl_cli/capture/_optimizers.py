@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import inspect
 import os
-import time
 import weakref
 from collections.abc import Iterator
 
@@ -88,10 +87,10 @@ def is_run_optimizer(optimizer: Optimizer) -> bool:
     return run is optimizer
 
 
-COLLECT_SECONDS = 1.0
-COLLECT_SHARE = 0.01
-"""`collected_run_optimizer`'s collections take at most COLLECT_SECONDS, plus COLLECT_SHARE
-of the wall time since the hooks were installed."""
+COLLECT_FREELY = 16
+"""`collected_run_optimizer` collects at each of its first COLLECT_FREELY calls, then at the
+32nd, 64th, ...: a count, not a time (a budget of seconds ran out sooner on a loaded machine,
+whose recording then lost the steps a faster one recorded)."""
 
 
 def collected_run_optimizer() -> bool:
@@ -101,10 +100,10 @@ def collected_run_optimizer() -> bool:
     method of its own), which only the cyclic collector frees; until it ran, the new
     optimizer's steps were another optimizer's, recorded only in a run step that never came.
     A collection takes 0.1 s in a process that imported transformers: a script making an
-    optimizer a step gets a few, then fewer."""
-    start = time.perf_counter()
-    if state.collect_seconds > COLLECT_SECONDS + COLLECT_SHARE * (start - state.installed_at):
+    optimizer a step gets COLLECT_FREELY, then one at each power of two of its calls."""
+    state.collect_calls += 1
+    calls = state.collect_calls
+    if calls > COLLECT_FREELY and calls & (calls - 1):
         return False
     gc.collect()
-    state.collect_seconds += time.perf_counter() - start
     return run_optimizer() is None

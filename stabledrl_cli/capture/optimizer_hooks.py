@@ -74,7 +74,6 @@ from __future__ import annotations
 import atexit
 import functools
 import os
-import time
 import weakref
 from collections.abc import Callable
 from types import ModuleType
@@ -127,7 +126,6 @@ def install() -> None:
             bootstrap.hooks_installed()
             atexit.register(_unrecorded_note)
         state.on = True
-        state.installed_at = time.perf_counter()
     except Exception as exc:
         fail(exc, "installing the optimizer hooks")
 
