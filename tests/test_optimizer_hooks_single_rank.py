@@ -908,7 +908,7 @@ SCALER_OF_TWO = textwrap.dedent(
 # A warm-up of 3 steps, then 5 steps with a new trainer and its new optimizer (lr 0.2): each
 # trainer holds a bound method of its own, a reference cycle that only the cyclic collector
 # frees, so the warm-up's optimizer, dropped, is garbage still alive at the next one's steps.
-NEW_TRAINER = textwrap.dedent(
+TRAINER = textwrap.dedent(
     """
     import torch
 
@@ -928,7 +928,13 @@ NEW_TRAINER = textwrap.dedent(
                 self.optimizer.step()
                 for callback in self.callbacks:
                     callback()
+    """
+)
+"""A trainer whose optimizer, dropped with it, is freed only by the cyclic collector (it holds a
+bound method of its own)."""
 
+NEW_TRAINER = TRAINER + textwrap.dedent(
+    """
     model = torch.nn.Linear(2, 1)
     Trainer(model, 0.1).train(3)
     Trainer(model, 0.2).train(5)
@@ -1339,10 +1345,9 @@ def test_a_compiled_optimizer_step_leaves_the_hooks_to_run_uncompiled(one_proces
     assert phase.steps == list(range(10))
 
 
-SLOW_COLLECTIONS = textwrap.dedent(
+SLOW_COLLECTIONS = TRAINER + textwrap.dedent(
     """
     import time
-    import torch
 
     real = time.perf_counter
     calls = [0]
@@ -1352,23 +1357,6 @@ SLOW_COLLECTIONS = textwrap.dedent(
         return real() + 10.0 * calls[0]
 
     time.perf_counter = slow
-
-    class Trainer:
-        def __init__(self, model, lr):
-            self.model = model
-            self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-            self.callbacks = [self.log]
-
-        def log(self):
-            pass
-
-        def train(self, steps):
-            for _ in range(steps):
-                self.optimizer.zero_grad()
-                self.model(torch.randn(4, 2)).sum().backward()
-                self.optimizer.step()
-                for callback in self.callbacks:
-                    callback()
 
     model = torch.nn.Linear(2, 1)
     for lr in (0.1, 0.2, 0.3):
