@@ -61,16 +61,15 @@ def _table(report: BranchReport, width: int) -> Table:
     )
     original = report.original_first_reward_collapse
     stopped = report.original_stopped_at
+    stop = "" if stopped is None else f"; its recording stopped at step {stopped}"
     if report.original_not_judged is not None:
-        how = "the original run's collapse not judged"
+        how = "the original run's collapse not judged" + stop
     elif original is not None:
-        how = f"the original run collapsed at step {original}"
-    elif stopped is not None:
-        how = f"the original run showed no collapse before its recording stopped at step {stopped}"
-    else:
+        how = f"the original run collapsed at step {original}" + stop
+    elif stopped is None:
         how = "the original run held"
-    if stopped is not None and (original is not None or report.original_not_judged is not None):
-        how += f"; its recording stopped at step {stopped}"
+    else:  # what came after the stop (a divergence, say), nothing saw
+        how = f"the original run showed no collapse before its recording stopped at step {stopped}"
     table = Table(
         title=f"Branches of {report.run} at step {report.at}{moved}, "
         f"{counted(report.steps, 'step')} each; {how}",

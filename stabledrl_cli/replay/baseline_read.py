@@ -26,7 +26,7 @@ from stabledrl_cli.replay.baseline import (
 from stabledrl_cli.replay.baseline_file import read_bytes
 from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW
 from stabledrl_cli.replay.figures import RUN_METRICS, RUN_WORSE, policy_metrics
-from stabledrl_cli.replay.recorded import NONFINITE_RULE, SERIES_RULES
+from stabledrl_cli.replay.recorded import NONFINITE, NONFINITE_RULE, SERIES_RULES
 from stabledrl_cli.spec import MAX_WINDOW, reads_as_zero
 from stabledrl_cli.vocab import LOSS_NORMS, SERIES_STATS, WORSE, SeriesStat, Worse
 
@@ -232,7 +232,7 @@ def _recorded(data: object, where: str) -> dict[str, dict[SeriesStat, Tolerance]
                     f"{where}: recorded.{key_shown(name)}: unknown statistic {quoted(stat)} "
                     f"(known: {', '.join(SERIES_STATS)})"
                 )
-            how = NONFINITE_RULE if known == "nonfinite" else rule
+            how = NONFINITE_RULE if known == NONFINITE else rule
             worse = how.worse if how is not None else None
             entry[known] = _tolerance(tol, f"{where}: recorded.{key_shown(name)}.{stat}", worse)
         recorded[name] = entry

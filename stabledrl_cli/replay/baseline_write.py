@@ -31,6 +31,7 @@ from stabledrl_cli.replay.figures import (
 )
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import (
+    NONFINITE,
     NONFINITE_RULE,
     SERIES_RULES,
     RecordedRun,
@@ -61,12 +62,12 @@ def _recorded_entries(recorded: RecordedRun, *, strict: bool) -> dict[str, objec
         entries = {}
         gated = [(stat, rule) for stat in rule.stats]
         if rule.gates_nonfinite:
-            gated.append(("nonfinite", NONFINITE_RULE))
+            gated.append((NONFINITE, NONFINITE_RULE))
         for stat, how in gated:
             value = stats.stat(stat)
             if value is None:
                 continue
-            count = stat == "nonfinite"
+            count = stat == NONFINITE
             tolerance = Tolerance(
                 value=value,
                 worse=how.worse,

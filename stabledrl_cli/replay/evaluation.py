@@ -31,7 +31,7 @@ from stabledrl_cli.replay.gate import (
     run_absolute,
     steps_shown,
 )
-from stabledrl_cli.replay.recorded import RecordedRun, observed_of
+from stabledrl_cli.replay.recorded import NONFINITE, RecordedRun, observed_of
 from stabledrl_cli.replay.result import ReplayResult
 
 
@@ -69,7 +69,7 @@ def _recorded_regressions(
                     )
                 )
                 continue
-            count = stat == "nonfinite"
+            count = stat == NONFINITE
             found.append(
                 _regression(None, key, tol, figure, strict=strict, count=count, label=label)
             )

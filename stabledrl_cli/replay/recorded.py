@@ -205,7 +205,9 @@ class SeriesRule:
     (`NONFINITE_RULE`): a reward_mean of no scored sample."""
 
 
-NONFINITE_RULE = SeriesRule(worse="higher", stats=("nonfinite",), abs_tol=0.0, rel_tol=0.1)
+NONFINITE: SeriesStat = "nonfinite"
+"""The statistic that counts a series' NaN and infinite values (`SeriesStats.nonfinite`)."""
+NONFINITE_RULE = SeriesRule(worse="higher", stats=(NONFINITE,), abs_tol=0.0, rel_tol=0.1)
 """The `nonfinite` statistic's direction and slack, whatever its series': a count of steps, as
 a policy's `collapsed_steps` is, so more of them is worse."""
 
