@@ -95,7 +95,8 @@ def _left_out(run: Run) -> dict[str, int]:
     directory's ending in /), with their bytes: all but its manifest, its steps/ and its
     dot-named files (notes, locks, temporary files) and a file browser's files (`os_file`:
     Thumbs.db, desktop.ini): checkpoints/, branches/ (`stabledrl branch` reads and writes
-    them in the run directory), a user's own files. {} for an archive, or a run at a URL of
+    them in the run directory), a user's own files; a link as the link, never followed (a
+    received run's `notes -> /usr`). {} for an archive, or a run at a URL of
     another filesystem."""
     local = local_path(run.location)
     if local is None or not os.path.isdir(local):
@@ -105,8 +106,11 @@ def _left_out(run: Run) -> dict[str, int]:
         for entry in entries:
             skipped = entry.name.startswith(".") or entry.name in (MANIFEST_NAME, STEPS_DIR)
             if not skipped and not os_file(Path(entry.path)):
-                name = unicode_text(entry.name) + ("/" if entry.is_dir() else "")
-                found[name] = size_on_disk(Path(entry.path))
+                # A link is left out as the link it is: what it names is no file of the run.
+                ending = "/" if entry.is_dir(follow_symlinks=False) else ""
+                found[unicode_text(entry.name) + ending] = size_on_disk(
+                    Path(entry.path), follow=False
+                )
     return dict(sorted(found.items()))
 
 

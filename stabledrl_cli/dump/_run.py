@@ -9,6 +9,7 @@ header-only iteration, per-step scalar series.
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from abc import ABC, abstractmethod
 from array import array
@@ -35,16 +36,22 @@ from stabledrl_cli.vocab import GroupIds, LossNorm, Unit
 _RunT = TypeVar("_RunT", bound="Run")
 
 
-def size_on_disk(path: Path) -> int:
+def size_on_disk(path: Path, *, follow: bool = True) -> int:
     """Bytes of a file, or of every file under a directory (one renamed away meanwhile, e.g. a
-    temporary step file of a live run, is skipped)."""
-    if path.is_file():
-        return path.stat().st_size
+    temporary step file of a live run, is skipped). A link under `path`, and `path` itself
+    unless `follow`, is its own bytes, never followed: a run received with `notes -> /usr` or
+    `key -> /etc/shadow` in it holds neither, and a link to / would walk the file system."""
+    try:
+        info = os.stat(path) if follow else os.lstat(path)
+    except OSError:
+        return 0
+    if not stat.S_ISDIR(info.st_mode):
+        return info.st_size
     total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
+    for root, dirs, files in os.walk(path):  # (it enters no linked directory)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             try:
-                total += os.stat(os.path.join(root, name)).st_size
+                total += os.lstat(os.path.join(root, name)).st_size
             except OSError:
                 continue
     return total

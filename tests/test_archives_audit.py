@@ -1,0 +1,58 @@
+"""Sharing runs as packed archives, and receiving archives and run directories from others:
+what an audit of links, paths and pack round trips found (docs/trust.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from _corpus import tiny_run
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def _outside(tmp_path: Path) -> Path:
+    """A directory outside the run, holding a file of 100,000 bytes."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.bin").write_bytes(bytes(100_000))
+    return outside
+
+
+def test_pack_never_follows_a_link_of_the_run_directory_out_of_it(tmp_path):
+    """A run received with `notes -> /usr` and `key -> /etc/shadow` in its directory packed
+    with `left_out: {"notes/": 8398130415, "key": 631}`: pack walked all of /usr (7 s; a link
+    to / walks the whole file system) and reported the size of files the run does not hold.
+    A link is now left out as the link it is, its own bytes, never followed."""
+    run = tiny_run(tmp_path / "run")
+    outside = _outside(tmp_path)
+    (run / "notes").symlink_to(outside)
+    (run / "key").symlink_to(outside / "secret.bin")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step-00000002.pt").write_bytes(bytes(400))
+    (run / "checkpoints" / "latest.pt").symlink_to(outside / "secret.bin")
+    result = runner.invoke(app, ["pack", str(run), str(tmp_path / "run.h5"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    link_bytes = {name: os.lstat(run / name).st_size for name in ("key", "notes")}
+    latest = os.lstat(run / "checkpoints" / "latest.pt").st_size
+    assert json.loads(result.stdout)["left_out"] == {
+        "checkpoints/": 400 + latest,
+        "key": link_bytes["key"],
+        "notes": link_bytes["notes"],
+    }
+
+
+def test_inspect_counts_no_file_a_link_of_the_run_names_in_its_size(tmp_path):
+    """`inspect`'s size on disk of a run with `steps/x -> /outside/file` counted that file's
+    bytes: a link is its own bytes there too."""
+    run = tiny_run(tmp_path / "run")
+    held = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
+    link = run / "steps" / "x"
+    link.symlink_to(_outside(tmp_path) / "secret.bin")
+    result = runner.invoke(app, ["inspect", str(run), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["size_bytes"] == held + os.lstat(link).st_size
