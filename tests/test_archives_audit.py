@@ -56,3 +56,25 @@ def test_inspect_counts_no_file_a_link_of_the_run_names_in_its_size(tmp_path):
     result = runner.invoke(app, ["inspect", str(run), "--format", "json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["size_bytes"] == held + os.lstat(link).st_size
+
+
+def test_pack_never_writes_its_archive_into_another_run(tmp_path):
+    """`pack mine.h5 --force`, mine.h5 a link to another run's manifest.json, replaced that
+    run's manifest with the archive (the run gone), and `pack RUN other/steps/x.h5` put an
+    archive among another run's step files: trust.md says no output of a command lies inside
+    another run, and reports were refused there. pack refuses both now, exit 2, as reports."""
+    run = tiny_run(tmp_path / "run")
+    other = tiny_run(tmp_path / "other")
+    manifest = (other / "manifest.json").read_bytes()
+    link = tmp_path / "mine.h5"
+    link.symlink_to(other / "manifest.json")
+    for target, force in ((link, ["--force"]), (other / "steps" / "x.h5", [])):
+        result = runner.invoke(app, ["pack", str(run), str(target), *force])
+        assert result.exit_code == 2, result.output
+        assert result.stderr == (
+            f"error: {target} is inside the run {other}; write the archive outside it\n"
+        )
+    assert (other / "manifest.json").read_bytes() == manifest
+    assert sorted(p.name for p in (other / "steps").iterdir()) == [
+        f"step-{n:08d}.safetensors" for n in range(4)
+    ]

@@ -8,12 +8,12 @@ findings carried into the archive and named on stderr; a run being recorded now,
 listed when the pack began, with a warning; a run directory with more than its manifest and
 steps, such as checkpoints/, with a warning naming what the archive leaves out); 2 OUT exists
 without --force, or is a directory or a name ending in / (which names one), or its directory is
-missing, or it is inside the run's directory or is the archive packed (with --force too), or OUT
-is a URL, or RUN is a URL that cannot be read (an unknown scheme, a missing package, a chained
-or `reference://` URL); 3 a missing, non-run or unreadable RUN, or one with no readable step
-(none recorded, or every one damaged: no archive written); 4 OUT could not be written (a full
-disk, a name longer than the file system takes); 143 stopped by SIGTERM (as by Ctrl-C, 130: the
-temporary file is removed, OUT is as it was).
+missing, or it is inside the run's directory or another run's or is the archive packed (with
+--force too), or OUT is a URL, or RUN is a URL that cannot be read (an unknown scheme, a missing
+package, a chained or `reference://` URL); 3 a missing, non-run or unreadable RUN, or one with
+no readable step (none recorded, or every one damaged: no archive written); 4 OUT could not be
+written (a full disk, a name longer than the file system takes); 143 stopped by SIGTERM (as by
+Ctrl-C, 130: the temporary file is removed, OUT is as it was).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from stabledrl_cli.dump._pack_file import GuardedFile
 from stabledrl_cli.dump._pack_manifest import archive_manifest
 from stabledrl_cli.dump._pack_steps import Packer
 from stabledrl_cli.dump._run import Run, size_on_disk
-from stabledrl_cli.dump._run_target import os_file
+from stabledrl_cli.dump._run_target import os_file, run_holding
 from stabledrl_cli.dump._schema import COUNT_FIELDS, EXTENSION_FIELDS
 from stabledrl_cli.dump._url_filesystem import inside_local_run, local_path
 from stabledrl_cli.dump._versions import RUN_KIND, written_version
@@ -119,18 +119,19 @@ def check_pack_target(
 ) -> Path:
     """`given` as the archive's path, UsageError unless `pack_run` may write it: not a
     directory, nor a name ending in / (which names one), in one that exists, not inside
-    `run`'s directory nor `run`'s archive itself (symlinks resolved: an archive there would
-    replace a file of the run, or sit among its files), and no entry of that name at all (a
+    `run`'s directory nor `run`'s archive itself nor inside another run (`run_holding`; symlinks
+    resolved: an archive there would replace a file of the run, or sit among its files), and no
+    entry of that name at all (a
     file, a symlink even to nothing, a FIFO...) unless `force` (then written as
     `_atomic.output_path` writes: a link's target replaced, a FIFO or device written in place).
     `to_force`: how the message tells the caller to force it (the command's `pass --force`).
     WriteError when the system cannot tell (a name longer than the file system takes)."""
     out = Path(given)
     try:
-        if inside_local_run(out, run.location):
-            raise UsageError(
-                f"{out} is inside the run {run.location}; write the archive outside it"
-            )
+        # Nor inside another run: replacing its manifest through a link would lose that run.
+        holder = run.location if inside_local_run(out, run.location) else run_holding(out)
+        if holder is not None:
+            raise UsageError(f"{out} is inside the run {holder}; write the archive outside it")
         if out.is_dir():
             raise UsageError(
                 f"{out} is a directory; give the archive's file name, e.g. {out}/run.h5"
