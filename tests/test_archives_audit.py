@@ -7,10 +7,13 @@ import json
 import os
 from pathlib import Path
 
-from _corpus import tiny_run
+import h5py
+import pytest
+from _corpus import packed, tiny_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
 
 runner = CliRunner()
 
@@ -78,3 +81,29 @@ def test_pack_never_writes_its_archive_into_another_run(tmp_path):
     assert sorted(p.name for p in (other / "steps").iterdir()) == [
         f"step-{n:08d}.safetensors" for n in range(4)
     ]
+
+
+def _carrying(tmp_path: Path, findings: list[dict[str, object]]) -> Path:
+    """tiny_run's archive whose `integrity` text carries `findings`, its checksum matching
+    (a crafted archive, not a damaged one)."""
+    archive = packed(tmp_path)
+    text = json.dumps(findings)
+    with h5py.File(archive, "r+") as handle:
+        del handle["integrity"]
+        handle.create_dataset("integrity", data=text, dtype=h5py.string_dtype())
+        handle["integrity"].attrs[CRC_ATTR] = index_crc(text)
+    return archive
+
+
+@pytest.mark.parametrize("step", [2**63, 10**30, -1])
+def test_a_carried_finding_of_no_step_number_refuses_the_archive(tmp_path, step):
+    """An archive whose integrity text carried a finding of step 10**30 made `replay` crash,
+    exit 70 (OverflowError: Python int too large to convert to C long, measuring the run's
+    gaps); a step number is an int in [0, 2**63 - 1], as in a step file's name."""
+    finding = {"kind": "torn", "step": step, "path": "p", "message": "m"}
+    archive = _carrying(tmp_path, [finding])
+    result = runner.invoke(app, ["replay", str(archive)])
+    assert result.exit_code == 3, result.output
+    assert result.stderr == (
+        f"error: {archive}: corrupt run archive (integrity is not a list of findings)\n"
+    )

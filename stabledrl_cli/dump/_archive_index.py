@@ -27,7 +27,7 @@ from stabledrl_cli.dump._layout import (
     scalar_name,
 )
 from stabledrl_cli.dump._manifest import MANIFEST_LIMIT, check_manifest, parse_manifest
-from stabledrl_cli.dump._schema import FIELDS, GRAM_KEY, SKETCH_KEY
+from stabledrl_cli.dump._schema import FIELDS, GRAM_KEY, SKETCH_KEY, STEP_LIMIT
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.vocab import OMEGA_KINDS
 
@@ -48,14 +48,18 @@ _FIELD_AT = {data_dataset(name): name for name in FIELDS}
 
 
 def _is_finding(value: object) -> bool:
-    """Whether a carried finding has Finding's fields with their types."""
+    """Whether a carried finding has Finding's fields with their types, its step a step number
+    (an int in [0, STEP_LIMIT], as a step file's name says; 10**30 crashed a replay)."""
     return (
         isinstance(value, dict)
         and set(value) == {"kind", "step", "path", "message"}
         and isinstance(value["kind"], str)
         and isinstance(value["message"], str)
         and isinstance(value["path"], str | None)
-        and (value["step"] is None or type(value["step"]) is int)
+        and (
+            value["step"] is None
+            or (type(value["step"]) is int and 0 <= value["step"] <= STEP_LIMIT)
+        )
     )
 
 
