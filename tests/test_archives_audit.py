@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
+from stabledrl_cli.dump._archive_index import CARRIED_TEXT_LIMIT
 
 runner = CliRunner()
 
@@ -107,3 +108,25 @@ def test_a_carried_finding_of_no_step_number_refuses_the_archive(tmp_path, step)
     assert result.stderr == (
         f"error: {archive}: corrupt run archive (integrity is not a list of findings)\n"
     )
+
+
+def test_a_carried_finding_of_megabytes_is_cut_to_a_line(tmp_path):
+    """An archive carrying a finding whose message held 30 MB made `inspect` fold it for more
+    than a minute, and `replay` print it whole as its one warning line: a finding the reader
+    makes names any value of the input cut short, and so is a carried one now, at
+    CARRIED_TEXT_LIMIT characters, its length said."""
+    message = "x" * 2_000_000
+    finding = {"kind": "torn", "step": 1, "path": "/" + "p" * 2_000_000, "message": message}
+    other = {"kind": "k" * 2_000_000, "step": None, "path": None, "message": "m"}
+    archive = _carrying(tmp_path, [finding, other])
+    shown = f"{'x' * CARRIED_TEXT_LIMIT}... (2,000,000 characters)"
+    result = runner.invoke(app, ["inspect", str(archive), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    found = {f["step"]: f for f in json.loads(result.stdout)["integrity"]["findings"]}
+    carried, newer = found[1], found[None]
+    assert newer["kind"] == f"{'k' * CARRIED_TEXT_LIMIT}... (2,000,000 characters)"
+    assert carried["message"] == shown
+    assert carried["path"] == f"/{'p' * (CARRIED_TEXT_LIMIT - 1)}... (2,000,001 characters)"
+    result = runner.invoke(app, ["replay", str(archive)])
+    assert result.exit_code == 0, result.output
+    assert shown in result.stderr and len(result.stderr) < 2 * CARRIED_TEXT_LIMIT

@@ -63,6 +63,19 @@ def _is_finding(value: object) -> bool:
     )
 
 
+CARRIED_TEXT_LIMIT = 16_384
+"""Characters of a carried finding's kind, message or path kept, the rest cut (its length said): a
+finding pack carries is a line, its path at most 4096 bytes (each shown as `\\xNN` at worst),
+the values it names cut already; a crafted one of 30 MB made `inspect` fold it for minutes."""
+
+
+def _carried_text(text: str) -> str:
+    """A carried finding's kind, message or path, cut at CARRIED_TEXT_LIMIT characters."""
+    if len(text) <= CARRIED_TEXT_LIMIT:
+        return text
+    return f"{text[:CARRIED_TEXT_LIMIT]}... ({len(text):,} characters)"
+
+
 class ArchiveIndex(ArchiveFile):
     """A packed run's index, read and checked (module docstring)."""
 
@@ -86,7 +99,15 @@ class ArchiveIndex(ArchiveFile):
             raise InputError(
                 f"{location}: corrupt run archive (integrity is not a list of findings)"
             )
-        self._carried = [Finding(**f) for f in carried]
+        self._carried = [
+            Finding(
+                _carried_text(f["kind"]),
+                f["step"],
+                None if f["path"] is None else _carried_text(f["path"]),
+                _carried_text(f["message"]),
+            )
+            for f in carried
+        ]
         prefetched_step = self._prefetched.arrays.get("steps/step")
         self._checksummed = (
             CRC_ATTR in self._named_dataset("steps/step").attrs
