@@ -13,7 +13,7 @@ from _corpus import packed, tiny_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
+from stabledrl_cli.dump._archive_checks import CRC_ATTR, DEFLATE_RATIO, index_crc
 from stabledrl_cli.dump._archive_index import CARRIED_TEXT_LIMIT
 
 runner = CliRunner()
@@ -130,3 +130,27 @@ def test_a_carried_finding_of_megabytes_is_cut_to_a_line(tmp_path):
     result = runner.invoke(app, ["replay", str(archive)])
     assert result.exit_code == 0, result.output
     assert shown in result.stderr and len(result.stderr) < 2 * CARRIED_TEXT_LIMIT
+
+
+@pytest.mark.parametrize("url", [False, True])
+def test_a_sparse_archive_is_bounded_by_the_bytes_it_holds(tmp_path, url):
+    """An archive of 48 KB on disk made sparse at 2 TiB (its holes read as zeros no disk holds),
+    its scalars/loss declared 1 TiB, passed the size bounds, which took the file's size, and
+    `replay` tried to allocate it: exit 71 'out of memory ... not a bug' where memory allows
+    no such array, a 1 TiB read where overcommit lets it. The bounds take at most
+    DEFLATE_RATIO times the bytes on disk now: refused as bad input, exit 3, also at its
+    file:// URL."""
+    archive = packed(tmp_path)
+    with h5py.File(archive, "r+") as handle:
+        crc = handle["scalars/loss"].attrs[CRC_ATTR]
+        del handle["scalars/loss"]
+        handle.create_dataset("scalars/loss", shape=(1 << 37,), dtype="f8").attrs[CRC_ATTR] = crc
+    os.truncate(archive, 2 << 40)
+    held = os.stat(archive).st_blocks * 512
+    given = f"file://{archive}" if url else str(archive)
+    result = runner.invoke(app, ["replay", given])
+    assert result.exit_code == 3, result.output
+    assert result.stderr == (
+        f"error: {given}: refused: dataset scalars/loss declares {8 << 37} bytes, more than "
+        f"a {DEFLATE_RATIO * held}-byte archive can hold\n"
+    )

@@ -26,6 +26,7 @@ in a forked child before the reader's process touches the file.
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from collections.abc import Callable
 from contextlib import suppress
@@ -61,6 +62,17 @@ H5_ERRORS = (
 group where a dataset belongs)."""
 OBJECT_LIMIT = 100_000
 """Links a run archive may hold (one with 100 user scalars holds a few hundred)."""
+
+
+def held_bytes(found: os.stat_result) -> int:
+    """The bytes a local archive of stat `found` is taken to hold, which the size bounds
+    multiply: its size, but for a sparse file, whose holes read as zeros no disk holds (48 KB
+    on disk made 2 TiB made `replay` allocate a dataset of 1 TiB), at most DEFLATE_RATIO times
+    its bytes on disk: a file system that compresses (ZFS's, btrfs's) shrinks an honest archive
+    far less. A file system that counts no blocks (`st_blocks` 0, or none) tells nothing: the
+    size."""
+    on_disk = getattr(found, "st_blocks", 0) * 512  # POSIX's 512-byte units
+    return found.st_size if on_disk == 0 else min(found.st_size, DEFLATE_RATIO * on_disk)
 
 
 def is_index(name: str) -> bool:

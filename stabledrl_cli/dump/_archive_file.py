@@ -23,6 +23,7 @@ from stabledrl_cli.dump._archive_checks import (
     attributes,
     check_attributes,
     crc_matches,
+    held_bytes,
     index_crc,
     index_type,
     named,
@@ -79,7 +80,7 @@ class ArchiveFile(Run):
         try:
             if size is None:
                 stat = os.stat(path)
-                size, key = stat.st_size, file_key(stat)
+                size, key = held_bytes(stat), file_key(stat)
         except OSError as exc:
             raise InputError(f"{where}: unreadable HDF5 file ({exc})") from None
         file_size = size

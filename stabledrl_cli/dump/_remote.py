@@ -25,10 +25,12 @@ file is a finding, never read); nothing read from a run names another location.
 from __future__ import annotations
 
 import io
+import os
 import re
 import struct
 import zlib
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -36,6 +38,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from stabledrl_cli._url import URL_RE, redacted, redacted_in
+from stabledrl_cli.dump._archive_checks import held_bytes
 from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._file_names import HDF5_SIGNATURE, MANIFEST_NAME, STEPS_DIR, step_file_name
@@ -300,6 +303,10 @@ class RemoteArchiveRun(_AtUrl, ArchiveRun):
         """store: the archive at `root` (`_archive_store`)."""
         self._at(url)
         self._size = size = int(info.get("size") or 0)
+        local = local_path(url)
+        if local is not None:  # a file:// URL: bounded as the path is, by what its disk holds
+            with suppress(OSError):
+                size = held_bytes(os.stat(local))
         super().__init__(
             Path(root),
             verify=verify,
