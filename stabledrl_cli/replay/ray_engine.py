@@ -154,7 +154,8 @@ def _cluster(ray: ModuleType, address: str | None, workers: int | None) -> Itera
             sigterm = _sigterm_handler()
             try:
                 try:
-                    ray.init(address=address, **options)
+                    with _ctrl_c_held() as held:
+                        ray.init(address=address, **options)
                 finally:
                     _restore_sigterm(sigterm)
             except Exception as exc:  # Ray's own errors include a bare Exception (node start)
@@ -168,12 +169,45 @@ def _cluster(ray: ModuleType, address: str | None, workers: int | None) -> Itera
                 ray.shutdown()  # the processes its node started
                 signal.raise_signal(signal.SIGTERM)  # to the handler Ray's replaced
                 raise
+            except KeyboardInterrupt:  # a second Ctrl-C while it starts (`_ctrl_c_held`)
+                ray.shutdown()  # what its node started so far, as far as Ray knows it
+                raise
             started = True
         try:
+            if started and held.is_set():
+                raise KeyboardInterrupt  # the Ctrl-C held while it started: stopped now
             yield workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
         finally:
             if started:
                 ray.shutdown()
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[threading.Event]:
+    """Inside: a first Ctrl-C is held, set on the event it yields, and a second one raises
+    KeyboardInterrupt at once. While `ray.init` starts a node, a KeyboardInterrupt cut it short
+    before Ray knew of its processes, and `ray.shutdown` left its agents (`ray::DashboardAgent`,
+    `ray::RuntimeEnvAgent`) running for good; held, the cluster starts and is then stopped. Only
+    Python's own Ctrl-C handler in the main thread is replaced: an ignored SIGINT (a shell's
+    background job) or a caller's handler stays as it is."""
+    held = threading.Event()
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield held
+        return
+
+    def hold(signum: int, frame: object) -> None:
+        if held.is_set():
+            raise KeyboardInterrupt
+        held.set()
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _asked_address(address: str | None) -> str | None:

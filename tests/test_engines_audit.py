@@ -1,0 +1,60 @@
+"""An audit of the engines beyond one process and of runs read at a URL: what each one must
+still do when a replay is stopped, a worker fails, or a URL is bad (docs/scaling.md)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from _corpus import tiny_run
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
+runner = CliRunner()
+NO_RAY = "ray is not installed (pip install -e '.[ray]'): the Ray engine's tests need it"
+
+
+def _cluster_starting(monkeypatch: pytest.MonkeyPatch, ctrl_c: int) -> list[str]:
+    """`ray.init` of a new local cluster that gets `ctrl_c` Ctrl-Cs while its node starts
+    (Ray's processes already running, the driver not yet connected) -> what happened to the
+    cluster, in order: "started" once init returned, "stopped" at each `ray.shutdown`."""
+    ray = pytest.importorskip("ray", reason=NO_RAY)
+    happened: list[str] = []
+
+    def init(*args: object, **kwargs: object) -> None:
+        for _ in range(ctrl_c):
+            signal.raise_signal(signal.SIGINT)
+        happened.append("started")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: happened.append("stopped"))
+    return happened
+
+
+def test_ctrl_c_while_a_local_cluster_starts_stops_it_once_started(tmp_path, monkeypatch):
+    """Ctrl-C while the replay's local Ray cluster starts: the start is let finish, then the
+    cluster is stopped, exit 130. Before, the KeyboardInterrupt cut `ray.init` short with no
+    `ray.shutdown`, and each such Ctrl-C left Ray's agent processes (`ray::DashboardAgent`,
+    `ray::RuntimeEnvAgent`) running for good (seen: `replay RUN --engine ray`, SIGINT 6 s
+    after the start)."""
+    run = tiny_run(tmp_path / "run")
+    happened = _cluster_starting(monkeypatch, ctrl_c=1)
+    result = runner.invoke(app, ["replay", str(run), "--engine", "ray", "--workers", "1"])
+    assert result.exit_code == 130, result.stderr
+    assert result.stderr.splitlines()[-1] == "error: interrupted"
+    assert happened == ["started", "stopped"]
+    assert not result.stdout
+
+
+def test_a_second_ctrl_c_while_the_cluster_starts_stops_at_once(tmp_path, monkeypatch):
+    """A second Ctrl-C while the cluster starts stops the replay at once (a start that hangs
+    can always be left), and what Ray has started is still asked to stop."""
+    run = tiny_run(tmp_path / "run")
+    happened = _cluster_starting(monkeypatch, ctrl_c=2)
+    result = runner.invoke(app, ["replay", str(run), "--engine", "ray", "--workers", "1"])
+    assert result.exit_code == 130, result.stderr
+    assert result.stderr.splitlines()[-1] == "error: interrupted"
+    assert happened == ["stopped"]
