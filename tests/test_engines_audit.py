@@ -3,10 +3,11 @@ still do when a replay is stopped, a worker fails, or a URL is bad (docs/scaling
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
-from _corpus import tiny_run
+from _corpus import flip_bit, step_path, tiny_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -58,3 +59,23 @@ def test_a_second_ctrl_c_while_the_cluster_starts_stops_at_once(tmp_path, monkey
     assert result.exit_code == 130, result.stderr
     assert result.stderr.splitlines()[-1] == "error: interrupted"
     assert happened == ["stopped"]
+
+
+@pytest.mark.parametrize("corrupt", [0, 2])
+def test_a_step_of_corrupt_data_is_left_out_of_every_figure_as_the_workers_leave_it(
+    tmp_path, corrupt
+):
+    """A step whose header reads but whose data fails its checksum is skipped by the replay,
+    and the recorded grad norms the guards replay leave it out too, the first step as any
+    other, as the workers of `--engine processes` and `ray` leave it out. Before, the local
+    engine counted the first step's grad norm (zclip and skip-step `steps` 6 of 5 replayed,
+    read from its header before the pass), where the other engines gave 5."""
+    run = tiny_run(tmp_path / "run", steps=6)
+    flip_bit(step_path(run, corrupt), -1)
+    result = runner.invoke(
+        app, ["replay", str(run), "-p", "grpo", "-f", "json", "--engine", "local"]
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["steps"] == 5
+    assert [guard["steps"] for guard in report["guards"]] == [5, 5]

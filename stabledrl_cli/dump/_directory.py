@@ -188,13 +188,20 @@ class DirectoryRun(DirectoryFiles, Run):
         file again). While the listing is held, a file checked as far is not checked again:
         its step reads the same (scalars, fields, counts) to every figure of a command, though
         the Recorder rewrote its last step since (`rewrite_step`) or removed it; a full read
-        (`keep`) reads the file as it is."""
+        (`keep`) reads the file as it is, and a file it finds bad is bad to every figure after
+        (a step the pass skipped adds no scalar, as a worker's check of it adds none)."""
         held = self._held_checks.get(path.name) if self._held_listing and not keep else None
         if held is not None and (held.deep or not deep):
             if isinstance(held.outcome, tuple):
                 raise StepReadError(*held.outcome)
             return held.outcome, held, None
-        record, checked, header = self._checked_now(path, step, rank, deep=deep, keep=keep)
+        try:
+            record, checked, header = self._checked_now(path, step, rank, deep=deep, keep=keep)
+        except StepReadError:
+            failed = self._checked.get(path.name)
+            if self._held_listing and failed is not None and isinstance(failed.outcome, tuple):
+                self._held_checks[path.name] = failed
+            raise
         if self._held_listing:
             self._held_checks[path.name] = checked
         return record, checked, header
