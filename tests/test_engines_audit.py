@@ -11,6 +11,10 @@ from _corpus import flip_bit, step_path, tiny_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import open_run
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.engine import resolve_policies
+from stabledrl_cli.replay.shards import shard_tasks, stream_shard
 
 runner = CliRunner()
 NO_RAY = "ray is not installed (pip install -e '.[ray]'): the Ray engine's tests need it"
@@ -79,3 +83,23 @@ def test_a_step_of_corrupt_data_is_left_out_of_every_figure_as_the_workers_leave
     report = json.loads(result.stdout)
     assert report["steps"] == 5
     assert [guard["steps"] for guard in report["guards"]] == [5, 5]
+
+
+@pytest.mark.parametrize("scheme", ["file", "local"])
+def test_a_relative_local_url_is_the_same_run_to_a_worker_in_another_directory(
+    tmp_path, monkeypatch, scheme
+):
+    """`replay file://runs/demo --engine ray`: a worker on another node, whose working
+    directory is another, opens the run the driver read, as it does for the relative path
+    `runs/demo` (sent as its absolute path). Before, the URL was sent as given and a worker
+    elsewhere looked for `runs/demo` under its own directory: no such run, or another run."""
+    tiny_run(tmp_path / "here" / "run")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    driver = open_run(f"{scheme}://run")
+    policies, own = resolve_policies(driver, ["grpo"])
+    tasks, _ = shard_tasks(driver, policies, own, ReplayConfig(device="cpu"), 1)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a Ray worker on another node
+    steps = [n for task in tasks for n in stream_shard(task).step_numbers.tolist()]
+    assert steps == [0, 1, 2, 3]
+    assert driver.location == f"{scheme}://run"

@@ -96,7 +96,7 @@ def _regular(info: dict[str, Any]) -> bool:
 
 class _AtUrl:
     """A run read through fsspec: named by its URL (`url`, `location`: as `redacted`), and opened
-    in another process from it as given (`source`)."""
+    in another process from it (`source`)."""
 
     url: str
     given: str
@@ -111,7 +111,11 @@ class _AtUrl:
 
     @property
     def source(self) -> str:
-        return self.given
+        """The URL as given; a URL of this machine's files (`file://runs/a`, `local://`) as the
+        `file://` URL of its absolute path, as a relative path's source is its absolute path: a
+        worker whose working directory is another (a Ray node's) opens the same run."""
+        local = local_path(self.given)
+        return self.given if local is None else "file://" + local
 
 
 class _FailingAsOSError:
