@@ -16,6 +16,10 @@ SLASHLESS_FILE_RE = re.compile(r"^(?:file|local):(?!//)(.+)", re.I)
 no URL to `is_url`, so a local path named `file:runs/a`."""
 CREDENTIALS_RE = re.compile(r"://([^/?#]*)@")
 """What comes before a URL's host: its credentials (`user:password@`)."""
+BROKEN_PASSWORD_RE = re.compile(r"://([^/?#@:\[]*:(?!\d*(?:[/?#]|$)).*)@")
+"""Credentials whose password holds `/`, `?` or `#` unescaped (a base64 token's `/`), which
+end the URL's host early: a user name, `:` and no port after it (`host:8000/` is a port), then
+all up to the URL's last `@`."""
 SECRET_QUERY_RE = re.compile(
     r"[?&]([^=&#]*(?:signature|sig|token|credential|secret|password|key)[^=&#]*)=([^&#]+)", re.I
 )
@@ -40,7 +44,7 @@ def redacted_in(text: str, url: str) -> str:
     `***`."""
     if not is_url(url):
         return text
-    for credentials in CREDENTIALS_RE.findall(url):
+    for credentials in CREDENTIALS_RE.findall(url) or BROKEN_PASSWORD_RE.findall(url):
         text = text.replace(credentials + "@", "***@")
     for name, value in SECRET_QUERY_RE.findall(url):
         text = text.replace(f"{name}={value}", f"{name}=***")

@@ -10,6 +10,7 @@ import pytest
 from _corpus import flip_bit, step_path, tiny_run
 from typer.testing import CliRunner
 
+from stabledrl_cli._url import redacted
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.replay.config import ReplayConfig
@@ -103,3 +104,29 @@ def test_a_relative_local_url_is_the_same_run_to_a_worker_in_another_directory(
     steps = [n for task in tasks for n in stream_shard(task).step_numbers.tolist()]
     assert steps == [0, 1, 2, 3]
     assert driver.location == f"{scheme}://run"
+
+
+@pytest.mark.parametrize("secret", ["ab/cd+ef==", "ab#cd", "ab?cd"])
+def test_a_password_holding_a_slash_is_never_printed(secret):
+    """A URL's password with `/`, `#` or `?` unescaped (a base64 token holds `/`) ends the URL's
+    host early, so the URL cannot be read; the error line printed it whole, password included
+    (`error: no such run: http://alice:ab/cd+ef==@127.0.0.1:1/run.h5`). It is written `***`."""
+    url = f"http://alice:{secret}@127.0.0.1:1/run.h5"
+    result = runner.invoke(app, ["inspect", url])
+    assert result.exit_code in (2, 3), result.output
+    assert secret not in result.output
+    assert "http://***@127.0.0.1:1/run.h5" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "hf://datasets/org/name@main/run.h5",  # a revision
+        "http://127.0.0.1:8000/runs/exp@v2/run.h5",  # a port, then an @ in the path
+        "http://[::1]:8000/runs/exp@v2/run.h5",
+        "s3://bucket/a:b@c/run",
+    ],
+)
+def test_an_at_sign_after_the_host_is_no_password(url):
+    """An `@` in a URL's path, after its host, hides nothing."""
+    assert redacted(url) == url
