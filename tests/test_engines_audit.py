@@ -21,6 +21,15 @@ runner = CliRunner()
 NO_RAY = "ray is not installed (pip install -e '.[ray]'): the Ray engine's tests need it"
 
 
+@pytest.fixture
+def default_ctrl_c():
+    """Python's own Ctrl-C handler, whatever the test process was started with (a background
+    job's shell starts it with SIGINT ignored, where a Ctrl-C is no Ctrl-C)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _cluster_starting(monkeypatch: pytest.MonkeyPatch, ctrl_c: int) -> list[str]:
     """`ray.init` of a new local cluster that gets `ctrl_c` Ctrl-Cs while its node starts
     (Ray's processes already running, the driver not yet connected) -> what happened to the
@@ -40,7 +49,9 @@ def _cluster_starting(monkeypatch: pytest.MonkeyPatch, ctrl_c: int) -> list[str]
     return happened
 
 
-def test_ctrl_c_while_a_local_cluster_starts_stops_it_once_started(tmp_path, monkeypatch):
+def test_ctrl_c_while_a_local_cluster_starts_stops_it_once_started(
+    tmp_path, monkeypatch, default_ctrl_c
+):
     """Ctrl-C while the replay's local Ray cluster starts: the start is let finish, then the
     cluster is stopped, exit 130. Before, the KeyboardInterrupt cut `ray.init` short with no
     `ray.shutdown`, and each such Ctrl-C left Ray's agent processes (`ray::DashboardAgent`,
@@ -55,7 +66,9 @@ def test_ctrl_c_while_a_local_cluster_starts_stops_it_once_started(tmp_path, mon
     assert not result.stdout
 
 
-def test_a_second_ctrl_c_while_the_cluster_starts_stops_at_once(tmp_path, monkeypatch):
+def test_a_second_ctrl_c_while_the_cluster_starts_stops_at_once(
+    tmp_path, monkeypatch, default_ctrl_c
+):
     """A second Ctrl-C while the cluster starts stops the replay at once (a start that hangs
     can always be left), and what Ray has started is still asked to stop."""
     run = tiny_run(tmp_path / "run")
