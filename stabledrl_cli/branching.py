@@ -93,8 +93,8 @@ class BranchOutcome:
         """Whether the branch collapsed: its weights diverged (`diverged_at`), or the
         observed-collapse rule found a collapse; None when neither was seen and the rule judged
         no step of it (`not_judged`): it neither held nor collapsed as far as anyone measured.
-        A divergence counts whatever the rule says: a fall within its first window is one it
-        cannot see (docs/collapse.md)."""
+        A divergence counts whatever the rule says: weights that are not finite are a collapse
+        however the reward fell (docs/collapse.md)."""
         if self.diverged_at is not None:
             return True
         if self.not_judged is not None:

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import stabledrl_cli as sd
-from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW
+from stabledrl_cli.replay.config import COLLAPSE_NOISE_MARGIN, DEFAULT_COLLAPSE_WINDOW
 from stabledrl_cli.replay.detectors import (
+    _early_fall,
     collapse_warning,
     collapse_window,
     noise_before,
@@ -172,6 +173,66 @@ def test_a_fall_in_one_step_from_where_the_run_began_is_a_collapse():
     assert observed_reward_collapse(steps, rewards) == 21
     assert noise_before(rewards, 10, skip_largest=True)[-1] == 0.0
     assert noise_before(rewards, 10)[-1] > 0.0
+
+
+def _early_fall_rewards(seed: int, high: int, low: tuple[float, float]) -> np.ndarray:
+    """50 rewards, one a rollout: `high` of 0.5-0.7, then `low` (`record --lr 0.05 --rl-steps
+    200`: 0.62 at its first rollout, 0.02-0.16 from its second on)."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate((rng.uniform(0.5, 0.7, high), rng.uniform(*low, 50 - high)))
+
+
+@pytest.mark.parametrize("high", [1, 3])
+def test_a_fall_within_the_first_window_is_a_collapse(high):
+    """A fall after the first reward was not seen in 184 of these 200 runs ('none', and `check
+    --fail-on-collapse` passed them): the first W-reward level holds the fall, and no later
+    one was below half of it (a fall after 3 rewards was found in each). Where the levels find
+    none, the means of the first rewards are read: each run is found collapsed, and the first
+    rewards alone find the fall within the first window."""
+    window = DEFAULT_COLLAPSE_WINDOW
+    for seed in range(200):
+        rewards = _early_fall_rewards(seed, high, (0.02, 0.16))
+        found = observed_reward_collapse(np.arange(50), rewards, (0, 1))
+        early = _early_fall(rewards, window, COLLAPSE_NOISE_MARGIN)
+        assert found is not None and early is not None and early < window, (seed, found)
+
+
+def test_a_smaller_fall_within_the_first_window_is_found_at_its_ends():
+    """0.5-0.7 falling to 0.2-0.3 after `high` of the first rewards, 200 runs each: found after
+    1, 2 or 7-9 of them, seldom after 3-6, where neither the first means nor a W-reward level
+    stays below half of the best before the window has passed (docs/collapse.md)."""
+    found = [
+        sum(
+            observed_reward_collapse(
+                np.arange(50), _early_fall_rewards(s, high, (0.2, 0.3)), (0, 1)
+            )
+            is not None
+            for s in range(200)
+        )
+        for high in range(1, 10)
+    ]
+    assert found == [150, 67, 1, 0, 0, 12, 102, 191, 200]
+
+
+def test_the_first_rewards_of_a_flat_reward_seldom_read_as_a_fall():
+    """The early reading's margin adds sqrt(2 ln W) (the luck of the best of the first means):
+    on 1000 flat runs it fires on 1 of 2 % sparse rewards (16 samples a step; the W-reward
+    levels report 11 of them, the rule 12), none of 10 % ones or of Gaussian noise."""
+    runs = {
+        "sparse 2%": lambda rng: rng.binomial(16, 0.02, 300) / 16,
+        "sparse 10%": lambda rng: rng.binomial(16, 0.1, 300) / 16,
+        "gaussian": lambda rng: np.clip(0.3 + 0.1 * rng.standard_normal(300), 0, 1),
+    }
+    margin = COLLAPSE_NOISE_MARGIN
+    fired = {
+        name: sum(
+            _early_fall(draw(np.random.default_rng(seed)), DEFAULT_COLLAPSE_WINDOW, margin)
+            is not None
+            for seed in range(1000)
+        )
+        for name, draw in runs.items()
+    }
+    assert fired == {"sparse 2%": 1, "sparse 10%": 0, "gaussian": 0}
 
 
 def test_noise_before_is_the_per_step_noise_before_the_window():

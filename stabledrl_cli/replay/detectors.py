@@ -186,17 +186,52 @@ def observed_reward_collapse(
     level = rolling_mean(rewards - floor, window)
     best = np.fmax.accumulate(level)  # NaN until the first full window; NaN never wins
     threshold = 0.5 * best
-    # "Stays below for 2W steps or to the end": the largest level over [i, i + 2W), cut at the
-    # end of the run. NaN counts as not below (+inf), so a non-finite stretch breaks a collapse.
-    span = 2 * window
-    padded = np.concatenate((np.where(np.isnan(level), np.inf, level), np.full(span - 1, -np.inf)))
-    ahead_max = sliding_window_view(padded, span).max(axis=1)
+    ahead_max = _ahead_max(level, 2 * window)
     margin = noise_margin + luck_of_the_best(n, window)
     noise = noise_before(rewards, window, skip_largest=True)
     beyond_noise = best - ahead_max > margin * noise / np.sqrt(window)
     collapsed = (best > 0) & np.isfinite(level) & (ahead_max < threshold) & beyond_noise
     hits = np.flatnonzero(collapsed)
-    return int(steps[hits[0]]) if hits.size else None
+    if hits.size:
+        return int(steps[hits[0]])
+    early = _early_fall(rewards - floor, window, noise_margin)  # what the levels cannot see
+    return None if early is None else int(steps[early])
+
+
+def _ahead_max(level: np.ndarray, span: int) -> np.ndarray:
+    """[S]: the largest level over [i, i + span), cut at the end of the run ("stays below for
+    2W steps, or to the end"). NaN counts as not below (+inf): a non-finite stretch breaks a
+    collapse."""
+    padded = np.concatenate((np.where(np.isnan(level), np.inf, level), np.full(span - 1, -np.inf)))
+    ahead: np.ndarray = sliding_window_view(padded, span).max(axis=1)
+    return ahead
+
+
+def _early_fall(above_floor: np.ndarray, window: int, noise_margin: float) -> int | None:
+    """The index of a fall within the first `window` rewards, which the W-reward levels cannot
+    see (the first of them holds the fall): with m_i the mean of the rewards up to i (of
+    min(i + 1, W) of them, the last W), the best of m_0..m_{W-2} so far and k its rewards, the
+    first i < W where the m over [i, i + 2W) stay below half of that best, by more than
+    (`noise_margin` + sqrt(2 ln W)) * sigma / sqrt(k), sigma the noise of the first 3W rewards
+    (the fall, their largest step, left out: `noise_before`) and sqrt(2 ln W) how far the best
+    of W such means rises by luck alone; None without one (a window of 1 has no first means).
+    above_floor: [S], S >= W."""
+    if window < 2:
+        return None
+    level = rolling_mean(above_floor, window, min_periods=1)
+    first = np.arange(window - 1)
+    best = np.fmax.accumulate(level[: window - 1])
+    draws = np.maximum.accumulate(np.where(level[: window - 1] == best, first, 0)) + 1
+    best = np.concatenate((best, np.full(level.size - best.size, best[-1])))
+    draws = np.concatenate((draws, np.full(level.size - draws.size, draws[-1])))
+    ahead_max = _ahead_max(level, 2 * window)
+    start = above_floor[: 3 * window]
+    sigma = noise_before(start, start.size, skip_largest=True)[-1]
+    margin = noise_margin + np.sqrt(2 * np.log(window))
+    beyond_noise = best - ahead_max > margin * sigma / np.sqrt(draws)
+    fell = (best > 0) & np.isfinite(level) & (ahead_max < 0.5 * best) & beyond_noise
+    hits = np.flatnonzero(fell[:window])
+    return int(hits[0]) if hits.size else None
 
 
 def luck_of_the_best(length: int, window: int) -> np.ndarray:
