@@ -7,9 +7,9 @@ both is refused; a numpy number or bool, read from an array, as the value it hol
 with `.name`, `.spec` and `.params` (a `PolicyLike`, e.g. a catalogue policy): the manifest
 then stores exactly that object's spec, name and params. The stored spec is canonical text
 (`spec.format_spec`): keys sorted, values in shortest form.
-`replayed_fields`: what a step must hold for the replay of the run's own policy (a Recorder
-refuses, as it is made or at the step, a run whose replay would refuse its policy);
-`micro_batch_setting`: the setting of that policy that reads each step's `micro_batch`.
+`own_policy_reads`: what a step must hold for the replay of the run's own policy (a Recorder
+refuses, as it is made or at the step, a run whose replay would refuse its policy), and the
+setting of that policy that reads each step's `micro_batch`.
 """
 
 from __future__ import annotations
@@ -140,20 +140,23 @@ def _replayed_config(spec: str | None) -> _Config | None:
     return resolve_spec(spec)[1]
 
 
-def replayed_fields(spec: str | None, unit: Unit) -> frozenset[str]:
-    """The step fields beyond logp, logp_old, advantages, mask and seq_id that the replay of a
-    run's own policy `spec` needs (`BaseConfig.required_fields`, no torch): none when the run
-    names no policy, or one the catalogue does not replay as the run's own (a custom one, a
-    key it does not know). UsageError, naming the policy, for a catalogue policy given a bad
-    value (grpo:eps_low=-1, refused as replay's -p refuses it) or that cannot act on `unit`
-    units (stabledrl:level=token on a sequence run)."""
+def own_policy_reads(spec: str | None, unit: Unit) -> tuple[frozenset[str], str | None]:
+    """What the replay of a run's own policy `spec` reads of each step, its spec resolved once
+    (no torch): the step fields beyond logp, logp_old, advantages, mask and seq_id it needs
+    (`BaseConfig.required_fields`), and the setting with which it reads each step's
+    `micro_batch` (`_micro_batch_setting`). Nothing when the run names no policy, or one the
+    catalogue does not replay as the run's own (a custom one, a key it does not know).
+    UsageError, naming the policy, for a catalogue policy given a bad value (grpo:eps_low=-1,
+    refused as replay's -p refuses it) or that cannot act on `unit` units
+    (stabledrl:level=token on a sequence run)."""
     config = _replayed_config(spec)  # a bad value of a key the catalogue knows: refused
     if config is None:
-        return frozenset()
+        return frozenset(), None
     try:
-        return frozenset(config.required_fields(unit))
+        fields = frozenset(config.required_fields(unit))
     except UsageError as exc:
         raise UsageError(f"policy {spec!r}: {exc}") from None
+    return fields, _micro_batch_setting(config)
 
 
 MICRO_BATCH_SETTINGS = (
@@ -165,14 +168,11 @@ MICRO_BATCH_SETTINGS = (
 """The (key, value) settings with which a policy reads each step's recorded `micro_batch`."""
 
 
-def micro_batch_setting(spec: str | None) -> str | None:
-    """The `key=value` of the run's own policy `spec` that reads each step's `micro_batch`
+def _micro_batch_setting(config: _Config) -> str | None:
+    """The `key=value` of a policy's `config` that reads each step's `micro_batch`
     (`MICRO_BATCH_SETTINGS`, or `agg=seq-mean-token-sum-norm` without `max_len`, whose horizon
     is each micro-batch's longest response): a step without it is replayed as one micro-batch.
-    None for a policy that reads none, or one the catalogue does not replay as the run's own."""
-    config = _replayed_config(spec)
-    if config is None:
-        return None
+    None for a policy that reads none."""
     if getattr(config, "agg", None) == "seq-mean-token-sum-norm":
         return None if getattr(config, "max_len", None) else "agg=seq-mean-token-sum-norm"
     for key, value in MICRO_BATCH_SETTINGS:

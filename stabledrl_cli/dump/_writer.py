@@ -40,7 +40,7 @@ from stabledrl_cli._batch_inputs import WORLD_SIZE_LIMIT
 from stabledrl_cli._run_env import forced_run, records_out
 from stabledrl_cli.dump._arguments import path_argument, step_number, switch_argument
 from stabledrl_cli.dump._file_names import STEPS_DIR
-from stabledrl_cli.dump._policy import PolicyLike, micro_batch_setting, replayed_fields
+from stabledrl_cli.dump._policy import PolicyLike, own_policy_reads
 from stabledrl_cli.dump._recorder_args import (
     checked_reward_range,
     dict_argument,
@@ -206,10 +206,9 @@ class Recorder(RecorderSteps):
             created=self._now(),
         )
         self._policy_spec: str | None = manifest["policy"] and manifest["policy"]["spec"]
-        self._policy_fields = replayed_fields(self._policy_spec, unit)
-        """What a policy batch must hold for the replay of the run's own policy."""
-        self._policy_micro = micro_batch_setting(self._policy_spec)
-        """The setting of the run's own policy that reads micro_batch (a step without it warns)."""
+        self._policy_fields, self._policy_micro = own_policy_reads(self._policy_spec, unit)
+        """What a policy batch must hold for the replay of the run's own policy, and the
+        setting of that policy that reads micro_batch (a step without it warns)."""
         if overwrite is None:  # `stabledrl record --force` of its --out, unless resumed
             overwrite = forced_run(self.path, rank) and not resume  # once the arguments pass
         with prepared_run(
