@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import signal
 
+import numpy as np
 import pytest
 from _corpus import flip_bit, step_path, tiny_run
 from typer.testing import CliRunner
 
+import stabledrl_cli as sd
 from stabledrl_cli._url import redacted
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
@@ -97,6 +99,51 @@ def test_a_step_of_corrupt_data_is_left_out_of_every_figure_as_the_workers_leave
     report = json.loads(result.stdout)
     assert report["steps"] == 5
     assert [guard["steps"] for guard in report["guards"]] == [5, 5]
+
+
+def _replayed_by_each_engine(run, spec: str) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of `replay RUN -p spec -f json` by the local engine and by
+    `--engine processes` (whose driver checks the request before its workers start)."""
+    results = []
+    for engine in ("local", "processes"):
+        args = ["replay", str(run), "-p", spec, "-f", "json", "--engine", engine]
+        result = runner.invoke(app, [*args, *(["--workers", "1"] if engine != "local" else [])])
+        results.append((result.exit_code, result.stdout, result.stderr))
+    return results
+
+
+def test_a_field_missing_after_a_damaged_first_step_is_named_alike_by_every_engine(tmp_path):
+    """A run without logp_ref whose first step's data fails its checksum, replayed with a KL
+    term: every engine refuses it naming the same step, the first whole one (step 1), as the
+    local pass reads it. Before, the driver of `--engine processes` and `ray` named step 0
+    from its header alone, the local engine step 1."""
+    run = tiny_run(tmp_path / "run", steps=4)
+    flip_bit(step_path(run, 0), -1)
+    local, processes = _replayed_by_each_engine(run, "grpo:beta=0.04")
+    assert local[0] == 3 and "step 1 has no 'logp_ref'" in local[2], local
+    assert processes == local
+
+
+def test_a_damaged_first_step_lacking_a_field_the_others_hold_is_skipped_by_every_engine(
+    tmp_path,
+):
+    """Only the first step lacks logp_ref, and its data fails its checksum: the local pass
+    skips it as damaged and replays the other steps with a KL term; the driver of the other
+    engines must too. Before, it refused the run from step 0's header (exit 3)."""
+    run = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(4):
+            logp = -rng.random((4, 3)).astype(np.float32)
+            batch = {"logp": logp, "logp_old": logp + 0.01, "mask": np.ones((4, 3))}
+            if step:
+                batch["logp_ref"] = logp - 0.02
+            rec.log_step(step, advantages=rng.standard_normal(4).astype(np.float32), **batch)
+    flip_bit(step_path(run, 0), -1)
+    local, processes = _replayed_by_each_engine(run, "grpo:beta=0.04")
+    assert local[0] == 0, local[2]
+    assert json.loads(local[1])["steps"] == 3
+    assert processes[:2] == local[:2], processes[2]
 
 
 @pytest.mark.parametrize("scheme", ["file", "local"])
