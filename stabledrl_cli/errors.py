@@ -127,8 +127,7 @@ def task_cause(exc: BaseException) -> StabledrlError | None:
 def one_line(message: BaseException | str) -> str:
     """Another library's error message (an exception, or its text) on one line, at most
     `REASON_LIMIT` characters (it may span lines, or quote a whole request)."""
-    text = " ".join(str(message).split())
-    return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."
+    return clipped(" ".join(str(message).split()), REASON_LIMIT)
 
 
 def described(exc: BaseException) -> str:
@@ -148,12 +147,29 @@ times `QUOTE_LIMIT`: a spec past 40 characters is common, one past 120 rare), so
 specs that part late, their keys sorted, are told apart; a longer one is cut as any value."""
 
 
+def cut(text: str, limit: int, said: str = "") -> str:
+    """`text` whole up to `limit` characters, else its first `limit`, "..." and its length
+    (`'1111... (5,000 characters)'`, `said` after the length): a value of an input, or a
+    text made of one, never goes whole into a line."""
+    return text if len(text) <= limit else text[:limit] + _length_said(text, said)
+
+
+def clipped(text: str, limit: int) -> str:
+    """`text` whole up to `limit` characters, else its first `limit - 3` and "...": at most
+    `limit` characters, where a line has room for no more (`cut` says the length too)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _length_said(text: str, said: str = "") -> str:
+    """What `cut` puts after a text's first characters."""
+    return f"... ({len(text):,} characters{said})"
+
+
 def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
     """`text` quoted for an error line (`'abc'`), its first `limit` characters if longer
-    (`'1111'... (5000 characters)`): a value pasted by mistake stays one short line."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+    (`'1111'... (5,000 characters)`, as `cut` cuts): a value pasted by mistake stays one
+    short line."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + _length_said(text)
 
 
 def key_shown(name: str, limit: int = QUOTE_LIMIT) -> str:
@@ -177,8 +193,7 @@ SHOWN_LIMIT = 60
 def shown(value: object) -> str:
     """`value` (parsed from a JSON input) as JSON for an error line, cut at `SHOWN_LIMIT`
     characters: a value pasted by mistake stays one short line."""
-    text = json.dumps(value)
-    return text if len(text) <= SHOWN_LIMIT else text[: SHOWN_LIMIT - 3] + "..."
+    return clipped(json.dumps(value), SHOWN_LIMIT)
 
 
 def type_name(value: object) -> str:

@@ -12,6 +12,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from stabledrl_cli.errors import cut
 from stabledrl_cli.spec import wrap_line, wrap_spec
 
 META_SHOWN = 200
@@ -24,9 +25,7 @@ def shortened(value: object, limit: int = META_SHOWN) -> str:
     estimator or source; a scalar's name, `limit` NAME_SHOWN) as text, cut at `limit`
     characters: a multi-MB one never prints whole, nor is wrapped or padded to its width."""
     text = value if isinstance(value, str) else json.dumps(value)
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text):,} characters; --format json has it whole)"
+    return cut(text, limit, "; --format json has it whole")
 
 
 def table_parts(

@@ -649,7 +649,7 @@ def test_the_example_ends_as_the_commands_do_without_a_traceback(
 
 @pytest.mark.parametrize(
     ("steps", "says"),
-    [("100001", "at most 100000 steps, got 100001"), ("1" * 5000, "(5000 characters)")],
+    [("100001", "at most 100000 steps, got 100001"), ("1" * 5000, "(5,000 characters)")],
     ids=["past-the-bound", "5000-digits"],
 )
 def test_the_branch_variables_are_read_within_bounds(

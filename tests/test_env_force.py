@@ -46,7 +46,7 @@ def test_a_long_text_is_cut_in_the_refusal(monkeypatch):
         env_force()
     message = str(refused.value)
     assert len(message) < 300, message[:300]
-    assert message.startswith(f"$STABLEDRL_FORCE={'x' * 40!r}... (100000 characters): not a ")
+    assert message.startswith(f"$STABLEDRL_FORCE={'x' * 40!r}... (100,000 characters): not a ")
 
 
 def test_take_removes_it_from_the_environment(monkeypatch):
@@ -81,7 +81,7 @@ def test_a_long_rank_of_the_launcher_is_cut_in_the_refusal(monkeypatch):
     message = str(refused.value)
     assert len(message) < 300, message[:300]
     assert message == (
-        f"RANK={'r' * 40!r}... (100000 characters) and WORLD_SIZE='2' must be integers"
+        f"RANK={'r' * 40!r}... (100,000 characters) and WORLD_SIZE='2' must be integers"
     )
 
 

@@ -38,7 +38,7 @@ def test_a_refused_object_of_a_huge_name_is_named_cut(tmp_path: Path, how: str) 
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {archive}: refused: "), lines[0][:300]
     assert len(lines[0]) < 500 + len(str(archive)), len(lines[0])
-    assert "nnnnnnnnnn" in lines[0] and f"({len(LONG) + 8} characters)" in lines[0]
+    assert "nnnnnnnnnn" in lines[0] and f"({len(LONG) + 8:,} characters)" in lines[0]
 
 
 def test_a_short_name_is_named_whole(tmp_path: Path) -> None:

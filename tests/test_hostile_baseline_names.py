@@ -28,5 +28,5 @@ def test_a_long_series_name_the_run_lacks_trips_in_a_short_line(tmp_path: Path) 
     assert result.exit_code == 1, result.output
     (line,) = [line for line in result.stderr.splitlines() if "baseline.present" in line]
     assert len(line) < 300 + len(str(tmp_path)), line[:300]
-    assert f"recorded series {'s' * 40!r}... ({LONG} characters) (max)" in line
+    assert f"recorded series {'s' * 40!r}... ({LONG:,} characters) (max)" in line
     assert len(result.stdout) < 20_000, len(result.stdout)

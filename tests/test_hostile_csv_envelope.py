@@ -21,6 +21,6 @@ def test_long_cells_of_a_refused_envelope_row_are_cut(tmp_path: Path) -> None:
     assert result.exit_code == 3, result.stderr[:300]
     (error,) = result.stderr.splitlines()
     assert len(error) < 350 + len(str(chart)), error[:400]  # the path's length is the machine's
-    cut = f"({LONG + 2} characters)"
+    cut = f"({LONG + 2:,} characters)"
     assert f"line 3: reward is {'0.' + '5' * 38!r}... {cut} but its __MIN is " in error
     assert f"but its __MIN is {'0.' + '4' * 38!r}... {cut}: the W&B chart drew" in error

@@ -55,7 +55,7 @@ def test_a_gate_on_a_long_series_name_is_a_short_line(tmp_path: Path) -> None:
     assert all(len(line) < 300 + len(str(tmp_path)) for line in lines), [
         line[:300] for line in lines
     ]
-    cut = f"recorded.{'s' * 40!r}... ({LONG} characters)"
+    cut = f"recorded.{'s' * 40!r}... ({LONG:,} characters)"
     assert f"  (run) baseline.{cut}.max: {cut}.max 1.5, baseline 0:" in result.stderr
     assert len(result.stdout) < 20_000, len(result.stdout)
     assert f"{cut}.min" in result.stdout
@@ -76,7 +76,7 @@ def test_the_junit_names_are_cut_and_unique(tmp_path: Path) -> None:
     assert report.stat().st_size < 10_000, report.stat().st_size
     names = [case.get("name", "") for case in ET.parse(report).iter("testcase")]
     assert len(names) == len(set(names)) == 4, names
-    cut = f"recorded.{'s' * 40!r}... ({LONG} characters)"
+    cut = f"recorded.{'s' * 40!r}... ({LONG:,} characters)"
     assert f"baseline.{cut}.max" in names  # NAME's
     assert f"baseline.{cut}.max #2" in names  # TWIN's
-    assert f"baseline.present (recorded.{'u' * 40!r}... ({LONG} characters).max)" in names
+    assert f"baseline.present (recorded.{'u' * 40!r}... ({LONG:,} characters).max)" in names

@@ -89,4 +89,4 @@ def test_replay_warns_of_it_in_a_short_line(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped")]
     assert len(line) < 2 * REASON_LIMIT + len(str(run)), line[: 2 * REASON_LIMIT]
-    assert f"tensor {'z' * 40!r}... ({LONG} characters): unknown dtype" in line
+    assert f"tensor {'z' * 40!r}... ({LONG:,} characters): unknown dtype" in line

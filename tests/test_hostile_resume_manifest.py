@@ -21,7 +21,7 @@ def test_a_long_policy_of_the_run_is_cut_in_the_refusal(tmp_path: Path) -> None:
         sd.Recorder(run, policy="grpo", reward_range=(0.0, 1.0), resume=True)
     message = str(refused.value)
     assert len(message) < 300 + len(str(run)), message[:300]
-    assert f"its policy is {'x' * 40!r}... ({LONG} characters), this recorder's 'grpo'" in message
+    assert f"its policy is {'x' * 40!r}... ({LONG:,} characters), this recorder's 'grpo'" in message
 
 
 def test_a_long_estimator_of_the_run_is_cut_in_the_warning(

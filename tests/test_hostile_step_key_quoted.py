@@ -22,5 +22,5 @@ def test_a_long_step_key_is_quoted_cut(tmp_path: Path) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 3, result.output
     assert result.stderr == (
-        f"error: {log}: no row of 1 row has the step key {'k' * 40!r}... (100000 characters)\n"
+        f"error: {log}: no row of 1 row has the step key {'k' * 40!r}... (100,000 characters)\n"
     )

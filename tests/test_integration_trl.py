@@ -936,7 +936,7 @@ def test_a_record_policy_the_trainer_does_not_record_is_named(
     )
     assert trainer.stabledrl_policy.spec.startswith("dapo")
     lines = [line for line in capfd.readouterr().err.splitlines() if "stabledrl:" in line]
-    as_given = given if given != "grpo" * 25_000 else f"{given[:120]!r}... (100000 characters)"
+    as_given = given if given != "grpo" * 25_000 else f"{given[:120]!r}... (100,000 characters)"
     expected = (
         f"stabledrl: warning: record --policy {as_given} is not what RecordingGRPOTrainer "
         f"records: it records TRL's loss as its config makes it, {trainer.stabledrl_policy.spec}"

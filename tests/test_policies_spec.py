@@ -322,7 +322,7 @@ def test_an_error_quotes_a_bounded_excerpt_of_a_long_value(value):
         with pytest.raises(UsageError) as info:
             get_policy(spec)
         assert len(str(info.value)) < 400, str(info.value)[:200]
-        assert "5000 characters" in str(info.value) or "4000 characters" in str(info.value)
+        assert "5,000 characters" in str(info.value) or "4,000 characters" in str(info.value)
 
 
 @pytest.mark.parametrize("spec", ["zclip:z_thresh=\u0663", "skip-step:window=1_0"])

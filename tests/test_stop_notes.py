@@ -213,7 +213,9 @@ def test_pack_cuts_the_reasons_of_many_ranks_to_fit_the_manifests_bound(tmp_path
     pack_run(sd.open_run(run), archive)
     stops = sd.open_run(archive).recording_stops
     assert [n["rank"] for n in stops] == list(range(ranks))
-    assert all(reason.startswith(n["reason"].removesuffix("...")) for n in stops)
+    said = f"... ({len(reason):,} characters)"
+    assert all(n["reason"].endswith(said) for n in stops)
+    assert all(reason.startswith(n["reason"].removesuffix(said)) for n in stops)
     assert len(stops[0]["reason"]) < len(reason)
     table = _inspect(archive)
     assert table.count("stopped at step") == 20  # a line a rank, at most 20

@@ -28,7 +28,7 @@ from stabledrl_cli.dump._layout import (
 )
 from stabledrl_cli.dump._manifest import MANIFEST_LIMIT, check_manifest, parse_manifest
 from stabledrl_cli.dump._schema import FIELDS, GRAM_KEY, SKETCH_KEY, STEP_LIMIT
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, cut
 from stabledrl_cli.vocab import OMEGA_KINDS
 
 _INTEGRITY_LIMIT = 64 << 20
@@ -69,13 +69,6 @@ finding pack carries is a line, its path at most 4096 bytes (each shown as `\\xN
 the values it names cut already; a crafted one of 30 MB made `inspect` fold it for minutes."""
 
 
-def _carried_text(text: str) -> str:
-    """A carried finding's kind, message or path, cut at CARRIED_TEXT_LIMIT characters."""
-    if len(text) <= CARRIED_TEXT_LIMIT:
-        return text
-    return f"{text[:CARRIED_TEXT_LIMIT]}... ({len(text):,} characters)"
-
-
 class ArchiveIndex(ArchiveFile):
     """A packed run's index, read and checked (module docstring)."""
 
@@ -101,10 +94,10 @@ class ArchiveIndex(ArchiveFile):
             )
         self._carried = [
             Finding(
-                _carried_text(f["kind"]),
+                cut(f["kind"], CARRIED_TEXT_LIMIT),
                 f["step"],
-                None if f["path"] is None else _carried_text(f["path"]),
-                _carried_text(f["message"]),
+                None if f["path"] is None else cut(f["path"], CARRIED_TEXT_LIMIT),
+                cut(f["message"], CARRIED_TEXT_LIMIT),
             )
             for f in carried
         ]

@@ -8,7 +8,7 @@ from typing import Any
 from stabledrl_cli.dump._manifest import MANIFEST_LIMIT, RECORDING_WHEN_PACKED
 from stabledrl_cli.dump._run import Run
 from stabledrl_cli.dump._stop_notes import RECORDING_STOPS, manifest_stops
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, cut
 
 REASON_SHOWN = 1024
 """Characters of a rank's stop reason an archive's manifest keeps at most, fewer when the
@@ -34,8 +34,8 @@ def archive_manifest(run: Run) -> str:
         return text
     shown = REASON_SHOWN
     while shown >= 0:
-        cut = [{**note, "reason": _cut(note["reason"], shown)} for note in stops]
-        text = _fitting({**manifest, RECORDING_STOPS: cut})
+        notes = [{**note, "reason": cut(note["reason"], shown)} for note in stops]
+        text = _fitting({**manifest, RECORDING_STOPS: notes})
         if text is not None:
             return text
         shown = shown // 2 if shown else -1
@@ -53,8 +53,3 @@ def _fitting(manifest: dict[str, Any]) -> str | None:
     if len(text.encode()) > MANIFEST_LIMIT:
         text = json.dumps(manifest, separators=(",", ":"), allow_nan=False)
     return text if len(text.encode()) <= MANIFEST_LIMIT else None
-
-
-def _cut(text: str, shown: int) -> str:
-    """`text`, or its first `shown` characters and "...", whichever is shorter."""
-    return text if len(text) <= shown + 3 else text[:shown] + "..."

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from stabledrl_cli.errors import WriteError, warn
+from stabledrl_cli.errors import WriteError, clipped, warn
 
 
 def normal_end(exc: BaseException) -> bool:
@@ -35,9 +35,7 @@ def cut_short(cause: BaseException) -> str:
     except Exception:
         text = ""
     lines = text.strip().splitlines()
-    message = lines[0] if lines else ""
-    if len(message) > _CAUSE_SHOWN:
-        message = message[: _CAUSE_SHOWN - 3] + "..."
+    message = clipped(lines[0], _CAUSE_SHOWN) if lines else ""
     return f"stopped by {type(cause).__name__}" + (f": {message}" if message else "")
 
 
