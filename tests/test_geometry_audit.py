@@ -4,6 +4,8 @@
   token and two micro-batches: the replayed norm of grpo, stabledrl and gspo equals the norm
   of a real backward of each policy's hand-written loss.
 - A sketch's relative error over many seeds is about 1/sqrt(2k), as docs/geometry.md says.
+- Capture leaves the model as it found it: a forward that updates buffers (BatchNorm in
+  training mode) is a usage error, and the model's buffers keep their values.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 import stabledrl_cli as sd
 from stabledrl_cli.capture.geometry import (
+    BatchLogp,
     GeometryConfig,
     capture_geometry,
     covered_grad_norm,
@@ -23,6 +27,7 @@ from stabledrl_cli.capture.geometry import (
     per_unit_gradients,
     sketch_from_gradients,
 )
+from stabledrl_cli.errors import UsageError
 from stabledrl_cli.geometry import replayed_update_norm
 
 B, L, V, GROUP = 8, 5, 11, 4  # sequences, tokens a sequence, vocabulary, group size
@@ -170,3 +175,56 @@ def test_sketch_relative_error_is_about_one_over_sqrt_2k():
         expected = 1 / math.sqrt(2 * k)
         assert 0.75 * expected < math.sqrt(np.mean(errors**2)) < 1.25 * expected, k
         assert abs(errors.mean()) < 4 * expected / math.sqrt(len(errors)) + 0.5 / k, k
+
+
+class _BatchNormLM(nn.Module):
+    """A token model with a BatchNorm: in training mode its forward updates running stats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, V)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        return self.head(self.norm(h.transpose(1, 2)).transpose(1, 2))
+
+
+def _batch_logp(call, tokens: torch.Tensor) -> torch.Tensor:
+    logits = call(torch.roll(tokens, 1, dims=1))
+    return torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0].reshape(-1)
+
+
+@pytest.mark.parametrize("kind", ["gram", "sketch"])
+@pytest.mark.parametrize("form", ["per-row", "batched"])
+def test_capture_leaves_the_buffers_of_a_training_batchnorm_alone(kind, form):
+    """A BatchNorm in training mode updates its running stats in every forward. Capture raised
+    torch's RuntimeError (a traceback in the training loop it observes) after its forwards had
+    already moved the model's running_mean, running_var and num_batches_tracked: the next
+    training step normalised with other statistics than a run without geometry."""
+    torch.manual_seed(0)
+    model = _BatchNormLM()
+    tokens = torch.randint(0, V, (4, L))
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    fn = _row_logp if form == "per-row" else BatchLogp(_batch_logp)
+    with pytest.raises(UsageError, match="forward updates no buffer"):
+        capture_geometry(model, fn, [tokens], GeometryConfig(kind=kind, k=8), 0)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+
+
+def test_capture_of_a_batchnorm_in_eval_mode_is_exact():
+    """In eval mode the same model's forward updates nothing: captured, the Gram is exact."""
+    torch.manual_seed(0)
+    model = _BatchNormLM().eval()
+    tokens = torch.randint(0, V, (4, L))
+    gram = capture_geometry(model, _row_logp, [tokens], GeometryConfig(kind="gram"), 0)
+    grads = []
+    for row in range(4):
+        for t in range(L):
+            model.zero_grad(set_to_none=True)
+            _logp(model, tokens[row : row + 1])[0, t].backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    stacked = torch.stack(grads)
+    torch.testing.assert_close(gram["unit_grad_gram"], stacked @ stacked.T, rtol=1e-4, atol=1e-5)

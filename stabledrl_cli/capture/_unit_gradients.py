@@ -64,7 +64,9 @@ class _Functional:
         names = [n for n, _ in covered]
         params = {n: p.detach() for n, p in covered}
         constants = {n: p.detach() for n, p in model.named_parameters() if n not in params}
-        constants.update(dict(model.named_buffers()))
+        # Copies of the buffers: a forward that updates one in place (BatchNorm's running
+        # statistics in training mode) updates its copy, never the model's (`_deterministic`).
+        constants.update({n: b.detach().clone() for n, b in model.named_buffers()})
         return cls(model, names, params, constants)
 
     @property
@@ -131,7 +133,9 @@ def _check_unit_inputs(unit_inputs: Sequence[Any]) -> int:
 
 
 def _deterministic(call: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Runs a torch.func transform; a random op inside (dropout) becomes a usage error."""
+    """Runs a torch.func transform; a random op inside (dropout) or an update of a buffer in
+    place (BatchNorm in training mode: torch.func refuses to mutate a tensor the function
+    captured, or to update unbatched running statistics under vmap) becomes a usage error."""
     try:
         return call()
     except RuntimeError as exc:
@@ -139,6 +143,11 @@ def _deterministic(call: Callable[[], torch.Tensor]) -> torch.Tensor:
             raise UsageError(
                 "geometry capture needs a deterministic model: put it in eval mode or set "
                 "dropout to 0, and pass random masks as inputs"
+            ) from exc
+        if "mutate a captured" in str(exc) or "updated in place" in str(exc):
+            raise UsageError(
+                "geometry capture needs a model whose forward updates no buffer (BatchNorm in "
+                "training mode updates its running statistics): put it in eval mode"
             ) from exc
         raise
 

@@ -29,7 +29,9 @@ parameters swapped in, and whose `.params` is that full name -> tensor mapping:
   but each unit costs a backward pass of the whole batch (~U x a step): prefer per-row.
 Both must be deterministic functions of their inputs: random masks (a dLLM's Monte Carlo
 masks) are inputs, and the model must have no active dropout (`model.eval()`, or dropout 0).
-A random op inside is refused (usage error) rather than consuming the training RNG.
+A random op inside is refused (usage error) rather than consuming the training RNG. Nor may
+the forward update buffers (BatchNorm in training mode): refused too (usage error), the
+capture's forwards running on copies of the buffers, so the model's keep their values.
 
 Capture at the parameters the step's backward used (before `optimizer.step()`). Nothing here
 touches `.grad`, the autograd graph of the real parameters or the global RNG.
