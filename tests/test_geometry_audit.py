@@ -6,6 +6,7 @@
 - A sketch's relative error over many seeds is about 1/sqrt(2k), as docs/geometry.md says.
 - Capture leaves the model as it found it: a forward that updates buffers (BatchNorm in
   training mode) is a usage error, and the model's buffers keep their values.
+- `covered_grad_norm` of half-precision gradients is their norm, not its rounding.
 """
 
 from __future__ import annotations
@@ -228,3 +229,15 @@ def test_capture_of_a_batchnorm_in_eval_mode_is_exact():
             grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     stacked = torch.stack(grads)
     torch.testing.assert_close(gram["unit_grad_gram"], stacked @ stacked.T, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_covered_grad_norm_of_half_precision_gradients_is_their_norm(dtype):
+    """`grad_norm_covered` of bfloat16 gradients was their norm rounded to bfloat16 (5e-4 off
+    here, 0.93124 for 0.93075), which replay's `fidelity` then read as the geometry's error."""
+    torch.manual_seed(0)
+    model = nn.Linear(300, 300).to(dtype)
+    model(torch.randn(7, 300).to(dtype)).float().square().sum().mul(1e-3).backward()
+    true = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()))
+    got = covered_grad_norm(model, GeometryConfig(kind="gram"))
+    assert math.isclose(got, true, rel_tol=1e-5), (got, true)  # float32 sums: 2e-6

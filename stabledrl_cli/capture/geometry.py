@@ -322,11 +322,20 @@ def _sketch(
 def covered_grad_norm(model: nn.Module, config: GeometryConfig) -> float:
     """sqrt(sum ||p.grad||^2) over the covered parameters: call after backward, before clipping.
 
-    Computed like `clip_grad_norm_` (the norm of per-parameter norms); a parameter without a
-    gradient counts 0. Non-finite gradients give a non-finite norm.
+    Computed like `clip_grad_norm_` (the norm of per-parameter norms), but in float32 at least
+    whatever the gradients' dtype: a bfloat16 norm is rounded to 3 significant digits, which
+    `fidelity` would read as the geometry's error. A parameter without a gradient counts 0.
+    Non-finite gradients give a non-finite norm.
     """
     grads = [p.grad for _, p in covered_parameters(model, config) if p.grad is not None]
     if not grads:
         return 0.0
-    norms = torch.stack([torch.linalg.vector_norm(g.detach()).float() for g in grads])
+    norms = torch.stack(
+        [
+            torch.linalg.vector_norm(
+                g.detach(), dtype=torch.promote_types(g.dtype, torch.float32)
+            ).float()
+            for g in grads
+        ]
+    )
     return float(torch.linalg.vector_norm(norms))
