@@ -3,6 +3,7 @@
 - A custom loop's token-unit step with masked tokens, loss weights, a sequence with no scored
   token and two micro-batches: the replayed norm of grpo, stabledrl and gspo equals the norm
   of a real backward of each policy's hand-written loss.
+- Geometry taken per sequence in a token run: of the mean scored log-probability.
 - A sketch's relative error over many seeds is about 1/sqrt(2k), as docs/geometry.md says.
 - Capture leaves the model as it found it: a forward that updates buffers (BatchNorm in
   training mode) is a usage error, and the model's buffers keep their values.
@@ -151,6 +152,47 @@ def test_gram_norms_equal_real_backward_norms_of_hand_written_losses(tmp_path):
         assert math.isclose(got, norm, rel_tol=1e-6), (spec, got, norm)
     assert len({round(n, 4) for n in truth.values()}) == 3  # three distinct updates
     assert result.own.summary.fidelity <= 1e-6
+
+
+def _sequence_mean_logp(call, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sequence's gradient unit in a token run: its scored tokens' mean log-probability."""
+    return (_row_logp(call, tokens) * mask).sum() / mask.sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("kind", ["gram", "sketch"])
+def test_per_sequence_geometry_of_a_token_run_is_of_the_mean_scored_logp(tmp_path, kind):
+    """docs/run-format.md: in a token run, geometry taken per sequence is of the mean
+    log-probability of the sequence's scored tokens, and replay sums each sequence's token
+    coefficients. stabledrl's are the same over a sequence (unit loss weights): its replayed
+    norm is its real backward's, and not flagged approximate; grpo's (r_t varies) are
+    flagged. The gradient of the summed log-probs read 3.6x too large here."""
+    model = _model()
+    batch = _Batch(model)
+    batch.weight = torch.ones(B, L)
+    config = GeometryConfig(kind=kind, k=4096, method="exact")
+    geometry = capture_geometry(
+        model, _sequence_mean_logp, [batch.tokens, batch.mask.float()], config, 0
+    )
+    truth = _backward_norm(model, batch, "stabledrl")
+    with sd.Recorder(tmp_path / "run", policy="stabledrl", unit="token") as rec:
+        rec.log_step(
+            0,
+            logp=_logp(model, batch.tokens).detach(),
+            logp_old=batch.logp_old,
+            advantages=batch.adv[:, None].expand(B, L),
+            mask=batch.mask,
+            group_id=torch.arange(B) // GROUP,
+            reward=batch.reward,
+            loss=0.0,
+            grad_norm=1.0,
+            **geometry,
+        )
+    result = sd.replay(tmp_path / "run", ["stabledrl", "grpo"], device="cpu")
+    own, grpo = result.policies
+    tolerance = 1e-6 if kind == "gram" else 0.05  # k = 4096: 1/sqrt(2k) = 1.1%
+    assert math.isclose(float(own.series["update_norm"][0]), truth, rel_tol=tolerance)
+    assert not own.summary.update_norm_approximate
+    assert grpo.summary.update_norm_approximate
 
 
 def test_sketch_relative_error_is_about_one_over_sqrt_2k():
