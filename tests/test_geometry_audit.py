@@ -283,3 +283,51 @@ def test_covered_grad_norm_of_half_precision_gradients_is_their_norm(dtype):
     true = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()))
     got = covered_grad_norm(model, GeometryConfig(kind="gram"))
     assert math.isclose(got, true, rel_tol=1e-5), (got, true)  # float32 sums: 2e-6
+
+
+def test_ranks_sketches_join_with_each_ranks_scale_whatever_their_dtype(tmp_path):
+    """A rank's `unit_grad_sketch_scale` multiplies its sketch, float32 or float16, as a
+    one-rank run reads it (`decode_geometry`). The join of two ranks applied the scales only
+    when some part was float16: two float32 parts of scale 10 read 10x too small, and a
+    float32 part beside a float16 one lost its scale alone."""
+    gen = torch.Generator().manual_seed(3)
+    parts = [torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen)]
+    scales = (10.0, 4.0)
+    expected = {}
+    for dtypes in ((torch.float32, torch.float32), (torch.float32, torch.float16)):
+        path = tmp_path / "-".join(str(d) for d in dtypes)
+        recorders = [
+            sd.Recorder(path, unit="sequence", policy="is", world_size=2, rank=r) for r in range(2)
+        ]
+        for rank, recorder in enumerate(recorders):
+            recorder.log_step(
+                0,
+                logp=[-1.0, -1.2],
+                logp_old=[-1.1, -1.0],
+                advantages=[1.0, -0.5],
+                unit_grad_sketch=parts[rank].to(dtypes[rank]),
+                unit_grad_sketch_scale=scales[rank],
+            )
+            recorder.close()
+        joined = torch.cat(
+            [p.to(d).float() * s for p, d, s in zip(parts, dtypes, scales, strict=True)]
+        )
+        step = sd.open_run(path).step(0)
+        torch.testing.assert_close(step["unit_grad_sketch"], joined)
+        assert "unit_grad_sketch_scale" not in step.scalars
+        result = sd.replay(path, ["is"], device="cpu")
+        expected[dtypes] = float(result.own.series["update_norm"][0])
+        coef = (
+            sd.get_policy("is")
+            .weights(
+                sd.PolicyBatch(
+                    logp=torch.tensor([-1.0, -1.2, -1.0, -1.2]),
+                    logp_old=torch.tensor([-1.1, -1.0, -1.1, -1.0]),
+                    advantages=torch.tensor([1.0, -0.5, 1.0, -0.5]),
+                    unit="sequence",
+                )
+            )
+            .coef
+        )
+        want = float(replayed_update_norm(coef, sketch=joined))
+        assert math.isclose(expected[dtypes], want, rel_tol=1e-6), (dtypes, expected, want)

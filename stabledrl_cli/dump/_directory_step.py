@@ -48,6 +48,7 @@ from stabledrl_cli.dump._schema import (
     LOSS_AUX,
     REWARD_COUNT,
     SKETCH_KEY,
+    SKETCH_SCALE_KEY,
     nonfinite_norms,
 )
 from stabledrl_cli.dump._step import Step, omegas_differ, unjoined_kind
@@ -64,7 +65,7 @@ def _merge_scalars(
     `sequences` each rank's part's (all 0 for a scalar step) (rule in the module docstring)."""
     names = sorted(set().union(*parts))  # each scalar the lowest rank's that logged it
     merged = {name: next(p[name] for p in parts if name in p) for name in names}
-    merged.pop("unit_grad_sketch_scale", None)  # joined sketches are float32
+    merged.pop(SKETCH_SCALE_KEY, None)  # joined sketches are float32, their scales applied
     logged = [p for p in parts if "loss" in p]
     if logged:
         # an empty part's rank adds a zero gradient to the all-reduce's mean: a loss of 0
@@ -195,12 +196,12 @@ class DirectoryStep(Step):
             sizes = [int(p.max()) + 1 if p.size else 0 for p in parts]
             offsets = np.cumsum([0, *sizes])
             parts = [self._shifted(p, int(offsets[r]), name, r) for r, p in enumerate(parts)]
-        elif name == "unit_grad_sketch" and any(p.dtype == np.float16 for p in parts):
+        elif name == SKETCH_KEY and any(SKETCH_SCALE_KEY in r.scalars for r in self.records):
+            # each rank's scale multiplies its part, float16 or float32, as `decode_geometry`
+            # reads a one-rank step; the joined sketch is float32 and has no scale
             with np.errstate(all="ignore"):  # a scale that overflows gives inf, as in torch
                 parts = [
-                    p.astype(np.float32) * np.float32(r.scalars.get("unit_grad_sketch_scale", 1.0))
-                    if p.dtype == np.float16
-                    else p
+                    p.astype(np.float32) * np.float32(r.scalars.get(SKETCH_SCALE_KEY, 1.0))
                     for p, r in zip(parts, self.records, strict=True)
                 ]
         first = next((rank for rank, part in enumerate(parts) if len(part)), 0)
