@@ -331,3 +331,25 @@ def test_ranks_sketches_join_with_each_ranks_scale_whatever_their_dtype(tmp_path
         )
         want = float(replayed_update_norm(coef, sketch=joined))
         assert math.isclose(expected[dtypes], want, rel_tol=1e-6), (dtypes, expected, want)
+
+
+class _TiedHead(nn.Module):
+    """An embedding whose output layer shares its weight, as many language models tie them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.body = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+
+@pytest.mark.parametrize("pattern", ["head.weight", "head.*", "embed.weight"])
+def test_a_tied_weight_is_covered_by_any_of_its_names(pattern: str) -> None:
+    """`--geometry-params 'head.weight'` on a model whose head is tied to its embedding covers
+    that one weight (named once, by its first name, as `named_parameters()` names it). Before,
+    the pattern was refused as matching no trainable parameter: only the first name was
+    matched."""
+    model = _TiedHead()
+    covered = covered_parameters(model, GeometryConfig(kind="gram", params=(pattern,)))
+    assert [(name, p is model.embed.weight) for name, p in covered] == [("embed.weight", True)]

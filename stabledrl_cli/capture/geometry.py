@@ -209,22 +209,32 @@ class GeometryConfig:
 def covered_parameters(model: nn.Module, config: GeometryConfig) -> list[tuple[str, nn.Parameter]]:
     """The trainable parameters the geometry covers, in module order (`named_parameters()`).
 
-    A pattern of `config.params` that matches no trainable parameter is a usage error (a typo
-    would otherwise silently shrink the coverage).
+    A pattern of `config.params` matches a parameter by any of its names: a weight tied to
+    another (a language model's output layer and its embedding) is covered once, under its
+    first name, whichever name a pattern gives. A pattern that matches no trainable parameter
+    is a usage error (a typo would otherwise silently shrink the coverage).
     """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if config.params is None:
         covered = trainable
     else:
+        names_of: dict[int, list[str]] = {}
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            names_of.setdefault(id(parameter), []).append(name)
+        aliases = [names_of[id(p)] for _, p in trainable]
         for pattern in config.params:
-            if not any(fnmatchcase(n, pattern) for n, _ in trainable):
+            if not any(fnmatchcase(n, pattern) for names in aliases for n in names):
                 names = ", ".join(n for n, _ in trainable[:12])
                 more = " ..." if len(trainable) > 12 else ""
                 raise UsageError(
                     f"geometry parameter pattern {pattern!r} matches no trainable parameter; "
                     f"names are like: {names}{more}"
                 )
-        covered = [(n, p) for n, p in trainable if any(fnmatchcase(n, q) for q in config.params)]
+        covered = [
+            (n, p)
+            for (n, p), names in zip(trainable, aliases, strict=True)
+            if any(fnmatchcase(a, q) for a in names for q in config.params)
+        ]
     if not covered:
         raise UsageError("geometry covers no parameter: the model has no trainable parameter")
     return covered
