@@ -353,3 +353,16 @@ def test_a_tied_weight_is_covered_by_any_of_its_names(pattern: str) -> None:
     model = _TiedHead()
     covered = covered_parameters(model, GeometryConfig(kind="gram", params=(pattern,)))
     assert [(name, p is model.embed.weight) for name, p in covered] == [("embed.weight", True)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_covered_grad_norm_of_a_model_split_across_devices() -> None:  # pragma: no cover
+    """A model whose layers sit on different devices (a pipeline, a `device_map`): the norm of
+    their gradients as `clip_grad_norm_` takes it, each parameter's norm moved to the first
+    one's device. Before, stacking norms of two devices raised torch's RuntimeError inside the
+    training loop."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1).cuda())
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    expected = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+    assert covered_grad_norm(model, GeometryConfig(kind="gram")) == pytest.approx(expected)

@@ -335,16 +335,17 @@ def covered_grad_norm(model: nn.Module, config: GeometryConfig) -> float:
     Computed like `clip_grad_norm_` (the norm of per-parameter norms), but in float32 at least
     whatever the gradients' dtype: a bfloat16 norm is rounded to 3 significant digits, which
     `fidelity` would read as the geometry's error. A parameter without a gradient counts 0.
-    Non-finite gradients give a non-finite norm.
+    Non-finite gradients give a non-finite norm. A model split across devices has each
+    parameter's norm moved to the first one's device, as the clip does.
     """
     grads = [p.grad for _, p in covered_parameters(model, config) if p.grad is not None]
     if not grads:
         return 0.0
     norms = torch.stack(
         [
-            torch.linalg.vector_norm(
-                g.detach(), dtype=torch.promote_types(g.dtype, torch.float32)
-            ).float()
+            torch.linalg.vector_norm(g.detach(), dtype=torch.promote_types(g.dtype, torch.float32))
+            .float()
+            .to(grads[0].device)
             for g in grads
         ]
     )
