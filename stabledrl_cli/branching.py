@@ -32,6 +32,7 @@ from stabledrl_cli.capture.branch_protocol import (
     list_checkpoints,
 )
 from stabledrl_cli.dump import Run, open_run
+from stabledrl_cli.dump._integrity import SKIPPED_KINDS
 from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.dump._run_files import symlink_refused
 from stabledrl_cli.dump._run_target import directory_or_nothing, refuse_under_a_file
@@ -44,7 +45,6 @@ from stabledrl_cli.replay.detectors import observed_reward_collapse
 from stabledrl_cli.replay.observed import is_verl_recording, reward_windows
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.rollouts import REWARD_DRAW_SCALARS, run_reward_draws
-from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
 
 NO_CHECKPOINTS = (
     "{run}: the run has no checkpoints to branch from; record it with --checkpoint-every N "

@@ -116,20 +116,36 @@ def test_a_carried_finding_of_megabytes_is_cut_to_a_line(tmp_path):
     makes names any value of the input cut short, and so is a carried one now, at
     CARRIED_TEXT_LIMIT characters, its length said."""
     message = "x" * 2_000_000
-    finding = {"kind": "torn", "step": 1, "path": "/" + "p" * 2_000_000, "message": message}
+    finding = {"kind": "torn", "step": 99, "path": "/" + "p" * 2_000_000, "message": message}
     other = {"kind": "k" * 2_000_000, "step": None, "path": None, "message": "m"}
     archive = _carrying(tmp_path, [finding, other])
     shown = f"{'x' * CARRIED_TEXT_LIMIT}... (2,000,000 characters)"
     result = runner.invoke(app, ["inspect", str(archive), "--format", "json"])
     assert result.exit_code == 0, result.output
     found = {f["step"]: f for f in json.loads(result.stdout)["integrity"]["findings"]}
-    carried, newer = found[1], found[None]
+    carried, newer = found[99], found[None]
     assert newer["kind"] == f"{'k' * CARRIED_TEXT_LIMIT}... (2,000,000 characters)"
     assert carried["message"] == shown
     assert carried["path"] == f"/{'p' * (CARRIED_TEXT_LIMIT - 1)}... (2,000,001 characters)"
     result = runner.invoke(app, ["replay", str(archive)])
     assert result.exit_code == 0, result.output
     assert shown in result.stderr and len(result.stderr) < 2 * CARRIED_TEXT_LIMIT
+
+
+@pytest.mark.parametrize("kind", ["torn", "unreadable", "missing_rank"])
+def test_a_carried_finding_that_a_held_step_was_skipped_refuses_the_archive(tmp_path, kind):
+    """A packed run holds only the steps its reader did not skip, so a carried finding that
+    names one it holds as skipped is crafted. Before, `replay` replayed step 1 and reported it
+    skipped too (`skipped 1 unreadable ... step`), and `inspect` listed it as damaged."""
+    finding = {"kind": kind, "step": 1, "path": "p", "message": "step 1: m"}
+    archive = _carrying(tmp_path, [finding])
+    for command in ("replay", "inspect"):
+        result = runner.invoke(app, [command, str(archive)])
+        assert result.exit_code == 3, result.output
+        assert result.stderr == (
+            f"error: {archive}: corrupt run archive (integrity says step 1 was skipped "
+            f"({kind}), and the archive holds it)\n"
+        )
 
 
 @pytest.mark.parametrize("url", [False, True])

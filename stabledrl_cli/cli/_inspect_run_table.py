@@ -10,12 +10,12 @@ from rich.table import Table
 
 from stabledrl_cli.cli._inspect_tables import LIST_LIMIT, names_text, steps_text
 from stabledrl_cli.cli._output import out
+from stabledrl_cli.dump._integrity import SKIPPED_KINDS
 from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
 from stabledrl_cli.dump._stop_notes import STOP_RESUMED
 from stabledrl_cli.errors import counted, one_line
 from stabledrl_cli.replay._format import format_number
 from stabledrl_cli.replay.inspection import PositiveLogp, RunSummary, SketchWidth
-from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
 from stabledrl_cli.tables import fold_specs, shortened, spec_room, stacked_width
 
 

@@ -13,10 +13,11 @@ from rich.table import Table
 from stabledrl_cli.cli._inspect_run_table import stopped_text
 from stabledrl_cli.cli._inspect_tables import LIST_LIMIT
 from stabledrl_cli.cli._output import plain_text
+from stabledrl_cli.dump._integrity import DAMAGED_KINDS
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.inspection import group_findings
-from stabledrl_cli.replay.run_facts import DAMAGED_KINDS, shown_reasons
+from stabledrl_cli.replay.run_facts import shown_reasons
 from stabledrl_cli.spec import wrap_spec
 from stabledrl_cli.tables import narrowest_width, stack_headers
 

@@ -16,7 +16,7 @@ from stabledrl_cli._json import parse_strict
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, H5_ERRORS
 from stabledrl_cli.dump._archive_chunks import chunk_count, written_chunks
 from stabledrl_cli.dump._archive_file import ArchiveFile
-from stabledrl_cli.dump._integrity import Finding
+from stabledrl_cli.dump._integrity import SKIPPED_KINDS, Finding
 from stabledrl_cli.dump._layout import (
     RAGGED_FIELDS,
     RANK_SEQUENCES,
@@ -72,6 +72,23 @@ the values it names cut already; a crafted one of 30 MB made `inspect` fold it f
 class ArchiveIndex(ArchiveFile):
     """A packed run's index, read and checked (module docstring)."""
 
+    def _refuse_held_skipped(self) -> None:
+        """InputError for a carried finding that names a step the archive holds as skipped: a
+        pack holds only the steps its reader did not skip, so such a finding is crafted (a
+        replay would report as skipped a step it replayed)."""
+        skipped = {
+            f.step: f for f in self._carried if f.kind in SKIPPED_KINDS and f.step is not None
+        }
+        if not skipped:
+            return
+        held = np.isin(np.fromiter(skipped, np.int64, len(skipped)), self._numbers)
+        for (step, finding), is_held in zip(skipped.items(), held, strict=True):
+            if is_held:
+                raise InputError(
+                    f"{self.location}: corrupt run archive (integrity says step {step} was "
+                    f"skipped ({finding.kind}), and the archive holds it)"
+                )
+
     def _load(self) -> None:
         self._step_crcs: dict[str, np.ndarray] = {}
         """Per data dataset written without Fletcher32, the CRC-32 of each step's slice."""
@@ -118,6 +135,7 @@ class ArchiveIndex(ArchiveFile):
                 )
             )
         self._numbers = self._index("steps/step").astype(np.int64)
+        self._refuse_held_skipped()
         self._counts = {name: self._index(f"steps/{name}") for name in STEP_COUNTS}
         self._rank_sequences = (
             self._index(f"steps/{RANK_SEQUENCES}")

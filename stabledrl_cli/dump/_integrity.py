@@ -25,6 +25,13 @@ import numpy as np
 
 from stabledrl_cli._shared_setting import SharedSetting
 
+DAMAGED_KINDS = ("torn", "unreadable")
+"""Integrity findings of a damaged step file. A recorder gives a step file its final name only
+once it is whole, so a torn one under that name is no step still being written."""
+SKIPPED_KINDS = (*DAMAGED_KINDS, "missing_rank")
+"""Integrity findings that mean a step the reader skips (docs/run-format.md): a damaged file,
+or a step some rank has not written (on a live run, maybe not yet: its ranks lag)."""
+
 
 class RunIntegrityWarning(UserWarning):
     """A step a reader skipped while iterating (the same fact is in `run.integrity`)."""

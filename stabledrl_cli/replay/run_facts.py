@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from stabledrl_cli.dump import Finding, Run
-from stabledrl_cli.dump._integrity import Gap, gaps
+from stabledrl_cli.dump._integrity import SKIPPED_KINDS, Gap, gaps
 from stabledrl_cli.dump._live import in_flight, stopped_ranks, whole_now
 from stabledrl_cli.errors import InputError, UsageError, counted, quoted_spec
 from stabledrl_cli.integrations._verl_facts import VERL_SEQ_LOG_RATIO_MAX, verl_gspo_config
@@ -29,14 +29,6 @@ def shown_reasons(reasons: Sequence[str]) -> str:
     """The first `REASONS_SHOWN` reasons, joined by "; " (and "; ..." when there are more)."""
     more = "; ..." if len(reasons) > REASONS_SHOWN else ""
     return "; ".join(reasons[:REASONS_SHOWN]) + more
-
-
-DAMAGED_KINDS = ("torn", "unreadable")
-"""Integrity findings of a damaged step file. A recorder gives a step file its final name only
-once it is whole, so a torn one under that name is no step still being written."""
-SKIPPED_KINDS = (*DAMAGED_KINDS, "missing_rank")
-"""Integrity findings that mean a step the reader skips (docs/run-format.md): a damaged file,
-or a step some rank has not written (on a live run, maybe not yet: its ranks lag)."""
 
 
 def own_spec(run: Run) -> str | None:

@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
+from stabledrl_cli.dump._integrity import SKIPPED_KINDS
 from stabledrl_cli.errors import ConfigError, InputError, counted
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.diff.alignment import (
@@ -58,7 +59,6 @@ from stabledrl_cli.replay.diff.result import DiffResult, SideBySide
 from stabledrl_cli.replay.diff.steps import DERIVED_SCALARS, Comparison
 from stabledrl_cli.replay.observed import is_verl_recording
 from stabledrl_cli.replay.run_facts import (
-    SKIPPED_KINDS,
     in_flight_steps,
     is_scalar_run,
     own_spec,

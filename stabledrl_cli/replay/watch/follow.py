@@ -14,7 +14,7 @@ from typing import Any
 
 from stabledrl_cli.dump import Finding, Run, RunIntegrityWarning, open_run
 from stabledrl_cli.dump._file_names import MANIFEST_NAME, STEPS_DIR
-from stabledrl_cli.dump._integrity import missing_count
+from stabledrl_cli.dump._integrity import DAMAGED_KINDS, SKIPPED_KINDS, missing_count
 from stabledrl_cli.dump._live import in_flight, stopped_ranks
 from stabledrl_cli.dump._open import run_to_come
 from stabledrl_cli.dump._stop_notes import stops_by_rank
@@ -23,7 +23,7 @@ from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.gate import LostSteps
 from stabledrl_cli.replay.incremental import OwnReplay
 from stabledrl_cli.replay.observed import Observed
-from stabledrl_cli.replay.run_facts import DAMAGED_KINDS, SKIPPED_KINDS, run_gaps, run_ranks
+from stabledrl_cli.replay.run_facts import run_gaps, run_ranks
 from stabledrl_cli.replay.watch.alerts import Alert, candidates
 from stabledrl_cli.replay.watch.manifest import WatchedManifest
 from stabledrl_cli.replay.watch.rank_files import RankFiles, RankProgress
