@@ -88,9 +88,10 @@ def test_a_guard_that_judged_no_step_says_so(tmp_path):
 
 
 def test_zclip_unjudged_counts_the_nonzero_norms_it_collected():
-    """zclip leaves norms of 0 out of its statistics: of 40 recorded norms, 30 of them 0 (steps
-    with nothing to learn), it collected 10 of its 25 of warmup. The line said it needed 'more
-    than the 40 recorded grad norms', which read as if the run were too short."""
+    """zclip (and skip-step) leave norms of 0 out of their statistics: of 40 recorded norms, 30
+    of them 0 (steps with nothing to learn), zclip collected 10 of its 25 of warmup. The line
+    said it needed 'more than the 40 recorded grad norms', which read as if the run were too
+    short."""
     replay = GuardReplay()
     replay.extend((step, 0.0 if step % 4 else 1.0 + step / 100, None) for step in range(40))
     text = guards_text(replay.reports())
@@ -99,6 +100,6 @@ def test_zclip_unjudged_counts_the_nonzero_norms_it_collected():
         "of the 40 recorded)" in text
     )
     assert (
-        "skip-step judged no step (its statistics need more than the 40 grad norms recorded)"
-        in text
+        "skip-step judged no step (its statistics need more than the 10 nonzero finite grad "
+        "norms of the 40 recorded)" in text
     )

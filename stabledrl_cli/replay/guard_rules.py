@@ -18,12 +18,14 @@ replays a guard over a recorded run. Nothing here imports torch.
 Two deviations from the sources, on purpose. A non-finite grad norm or loss is reported as
 `nonfinite` (the recorder's trainers skip such steps) and is kept out of the statistics. In
 the sources it would enter them and disable (ZClip: forever) or trip (OLMo: for a window) the
-guard, which says nothing about the rule itself. And ZClip keeps a norm of 0 (a step without
-gradient: every group's rewards equal, its advantages 0) out of its averages too: it has
-nothing to clip, and in the source it decays the averages towards 0. A warmup of such steps
-gives a threshold of 0, to which the source clips the first real norm and, its averages
+guard, which says nothing about the rule itself. And both keep a norm of 0 (a step without
+gradient: every group's rewards equal, its advantages 0) out of their statistics too: it has
+nothing to clip or skip. In ZClip's source it decays the averages towards 0. A warmup of such
+steps gives a threshold of 0, to which the source clips the first real norm and, its averages
 taking that 0, every later one, for good; 300 such steps mid-run make it clip every later
-step (to as little as 5e-4 of its norm) for the rest of the run.
+step (to as little as 5e-4 of its norm) for the rest of the run. In OLMo's, half a window of
+them (a sparse-reward start that earned no reward) makes the first real norms after them
+outliers (their standard deviation 0, then tiny): it skips the first 2 to 4 steps that learn.
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ class SkipStep:
     """OLMo-core's skip-step rule on the loss and the grad norm (see the module docstring)."""
 
     name = "skip-step"
-    collects = "finite"
+    collects = "nonzero finite"
     """The grad norms its statistics take in."""
 
     def __init__(self, *, window: int = 128, sigma: float = 6.0) -> None:
@@ -190,6 +192,8 @@ class SkipStep:
         """The decision for the next step; without a loss, the grad norm alone decides."""
         if _nonfinite(grad_norm, loss):
             return _NONFINITE
+        if grad_norm == 0.0:  # nothing to skip; in the window it makes the next norms outliers
+            return _NONE
         scores = [_z(grad_norm, self._norms, self.min_history)]
         if loss is not None:
             scores.append(_z(loss, self._losses, self.min_history))

@@ -134,8 +134,8 @@ class GuardReport:
     collects its statistics (zclip's warmup, skip-step's first window // 2 steps), when its
     clipped and skipped counts of 0 say nothing."""
     collected: int = 0
-    """Steps whose grad norm its statistics took in (`collects`): zclip leaves out norms of 0,
-    both guards non-finite ones."""
+    """Steps whose grad norm its statistics took in (`collects`): both guards leave out norms
+    of 0 and non-finite ones."""
 
     def __repr__(self) -> str:
         """The fields, a long list of steps as its first items and its length."""
@@ -143,7 +143,7 @@ class GuardReport:
 
     @property
     def collects(self) -> str:
-        """The grad norms the guard's statistics take in (`nonzero finite`, `finite`)."""
+        """The grad norms the guard's statistics take in (`nonzero finite`)."""
         return GUARD_COLLECTS[split_spec(self.spec)[0]]
 
     def count(self, action: GuardAction) -> int:
