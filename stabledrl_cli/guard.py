@@ -81,7 +81,8 @@ class Decision:
     ) -> float:
         """Scales the parameters' gradients (in place) to `scale` of their pre-clip size, given
         that they already carry the factor `applied` (e.g. clip_grad_norm_'s
-        min(1, max_norm / norm)); never scales up, and does nothing unless `action` is scale.
+        min(1, max_norm / norm); above 1, as max_norm / norm is where the clip did not act,
+        it is 1); never scales up, and does nothing unless `action` is scale.
         Returns the factor it multiplied them by: 1.0 when it left them as they were (no
         scale, or a clip that had already cut them to `scale` or below).
         `parameters`: tensors, or one tensor, as clip_grad_norm_ takes them; UsageError naming
@@ -91,6 +92,7 @@ class Decision:
         applied = _number(applied, "applied")
         if not (math.isfinite(applied) and applied > 0):  # NaN would make every gradient NaN
             raise UsageError(f"applied must be a finite factor > 0, got {applied!r}")
+        applied = min(applied, 1.0)  # clip_grad_norm_ never scales up: max_norm / norm > 1
         _refuse_non_tensors(parameters)
         if self.action != "scale" or self.scale >= applied:
             return 1.0

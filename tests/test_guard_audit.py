@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import random
 
-from stabledrl_cli.guard import Guard
+import pytest
+import torch
+
+from stabledrl_cli.guard import Decision, Guard
 from stabledrl_cli.replay.guards import replay_guards
 
 
@@ -53,3 +56,17 @@ def test_skip_step_still_skips_a_spike_among_steps_without_gradient():
     assert on_mixed[0::2] == on_real
     assert [i for i, d in enumerate(on_real) if d.skip] == [100]
     assert all(d.action == "none" and d.z is None for d in on_mixed[1::2])
+
+
+def test_apply_reads_a_factor_above_1_as_the_clip_that_did_not_act():
+    """`applied=max_norm / norm` without the min(1, ...) is above 1 on a step whose norm is
+    below max_norm, where clip_grad_norm_ left the gradient as it was: the guard divided its
+    scale by it and cut the gradient to scale / applied of its pre-clip size (0.6 / 2: 0.3,
+    not the rule's 0.6). clip_grad_norm_ never scales up: such a factor is taken as 1."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.tensor([3.0, 4.0])  # norm 5
+    max_norm = 10.0
+    norm = float(torch.nn.utils.clip_grad_norm_([param], max_norm))
+    factor = Decision("scale", 0.6, "zclip: z 9").apply([param], applied=max_norm / norm)
+    assert factor == pytest.approx(0.6)
+    torch.testing.assert_close(param.grad, torch.tensor([1.8, 2.4]))
