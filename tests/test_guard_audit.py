@@ -4,6 +4,8 @@ of running it under a GradScaler and across a resume."""
 
 from __future__ import annotations
 
+import io
+import math
 import random
 
 import pytest
@@ -70,3 +72,56 @@ def test_apply_reads_a_factor_above_1_as_the_clip_that_did_not_act():
     factor = Decision("scale", 0.6, "zclip: z 9").apply([param], applied=max_norm / norm)
     assert factor == pytest.approx(0.6)
     torch.testing.assert_close(param.grad, torch.tensor([1.8, 2.4]))
+
+
+def test_the_gradscaler_recipe_trains_through_a_skip_and_backs_the_scale_off():
+    """Under a GradScaler the page's loop, its `scaler.step` skipped with the step, left the
+    scaler unupdated: the next `unscale_` raised 'unscale_() has already been called on this
+    optimizer since the last update()' and training stopped. The page now says to call
+    `scaler.update()` on every step, as this loop does: an overflow the guard skips (its
+    grad norm inf) halves the scale, as the scaler's own skip does."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    guard = Guard(mode="skip")
+    actions = []
+    for step in range(4):
+        optimizer.zero_grad()
+        x = torch.full((8, 4), math.inf if step == 1 else 1.0)  # step 1 overflows
+        scaler.scale(model(x).pow(2).mean()).backward()
+        scaler.unscale_(optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        decision = guard.before_step(grad_norm=norm)
+        before = [p.detach().clone() for p in params]
+        if not decision.skip:
+            scaler.step(optimizer)
+        scaler.update()  # every step, skipped or not
+        moved = any(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
+        actions.append((decision.action, moved))
+        if step == 1:
+            assert scaler.get_scale() == 2.0**15
+    assert actions == [("none", True), ("skip", False), ("none", True), ("none", True)]
+
+
+def test_a_guard_saved_with_the_checkpoint_goes_on_where_it_stopped_after_a_resume():
+    """A run resumed in a new process with a new Guard gathered its statistics again: for its
+    first 63 steps skip-step judged nothing, and a spike there went through. The page says so
+    and how to go on instead: the guard pickles with the checkpoint."""
+    norms = steady_norms(200)
+    norms[110] = 20.0  # a spike 10 steps after the resume at step 100
+    unbroken = Guard(mode="skip", policy="grpo")
+    expected = [unbroken.before_step(grad_norm=n) for n in norms]
+    first = Guard(mode="skip", policy="grpo")
+    for norm in norms[:100]:
+        first.before_step(grad_norm=norm)
+    saved = io.BytesIO()
+    torch.save({"step": 100, "guard": first}, saved)
+    saved.seek(0)
+    resumed = torch.load(saved, weights_only=False)["guard"]
+    assert [resumed.before_step(grad_norm=n) for n in norms[100:]] == expected[100:]
+    assert (resumed.counts, resumed.judged) == (unbroken.counts, unbroken.judged)
+    assert expected[110].skip
+    fresh = Guard(mode="skip", policy="grpo")  # what a resume without it does
+    assert not [fresh.before_step(grad_norm=n) for n in norms[100:]][10].skip
