@@ -243,7 +243,9 @@ def _refuse_non_tensors(parameters: object) -> None:
     expected = "parameters must be a tensor or an iterable of tensors, as clip_grad_norm_ takes"
     if isinstance(parameters, torch.Tensor):
         return
-    if isinstance(parameters, torch.nn.Module):
+    # A ParameterList is a Module, and the iterable of its parameters that the clip takes.
+    plist = isinstance(parameters, torch.nn.ParameterList)
+    if isinstance(parameters, torch.nn.Module) and not plist:
         raise UsageError(
             f"{expected}: got a {type(parameters).__name__} model, not its .parameters()"
         )

@@ -125,3 +125,16 @@ def test_a_guard_saved_with_the_checkpoint_goes_on_where_it_stopped_after_a_resu
     assert expected[110].skip
     fresh = Guard(mode="skip", policy="grpo")  # what a resume without it does
     assert not [fresh.before_step(grad_norm=n) for n in norms[100:]][10].skip
+
+
+def test_apply_takes_a_parameter_list_as_clip_grad_norm_does():
+    """`clip_grad_norm_(plist, ...)` takes an nn.ParameterList (an iterable of its parameters);
+    `apply(plist)` refused it on every step as 'got a ParameterList model, not its
+    .parameters()', though it is no model and is the very iterable the clip took."""
+    plist = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(2)) for _ in range(2)])
+    for p in plist:
+        p.grad = torch.tensor([3.0, 4.0])
+    torch.nn.utils.clip_grad_norm_(plist, 100.0)
+    assert Decision("scale", 0.5, "zclip: z 9").apply(plist) == 0.5
+    for p in plist:
+        torch.testing.assert_close(p.grad, torch.tensor([1.5, 2.0]))
