@@ -27,21 +27,22 @@ def test_skip_step_does_not_skip_the_first_steps_that_learn_after_a_start_withou
     above 6, so the default guard skipped steps 100, 101 and 102, the first updates with any
     signal. A step without gradient has nothing to skip and stays out of the statistics, as
     zclip's norms of 0 do."""
-    norms = [0.0] * 100 + steady_norms(60)
-    losses = [0.0] * 100 + [-0.1 - 0.01 * (i % 3) for i in range(60)]
+    norms = [0.0] * 100 + steady_norms(200)
+    norms[250] = 10.0  # a real spike, later
+    losses = [0.0] * 100 + [-0.1 - 0.01 * (i % 3) for i in range(200)]
     for with_loss in (False, True):
         guard = Guard(mode="skip")
         decisions = [
             guard.before_step(grad_norm=norm, loss=loss if with_loss else None)
             for norm, loss in zip(norms, losses, strict=True)
         ]
-        assert [i for i, d in enumerate(decisions) if d.skip] == []
-        assert guard.judged == 0  # 60 nonzero norms: fewer than half the 128-step window
-        assert all(d.z is None for d in decisions)
+        assert [i for i, d in enumerate(decisions) if d.skip] == [250]
+        assert all(d.z is None for d in decisions[:163])  # 63 nonzero norms gathered first
+        assert guard.judged == 137
     # replayed over the same norms, the rule says the same
-    (report,) = replay_guards(range(160), norms, None, ["skip-step"])
-    assert report.acted == []
-    assert report.collected == 60
+    (report,) = replay_guards(range(300), norms, None, ["skip-step"])
+    assert [(s.step, s.action) for s in report.acted] == [(250, "skip")]
+    assert report.collected == 200
 
 
 def test_skip_step_still_skips_a_spike_among_steps_without_gradient():
