@@ -149,7 +149,7 @@ specs that part late, their keys sorted, are told apart; a longer one is cut as 
 
 def cut(text: str, limit: int, said: str = "") -> str:
     """`text` whole up to `limit` characters, else its first `limit`, "..." and its length
-    (`'1111... (5,000 characters)'`, `said` after the length): a value of an input, or a
+    (`1111... (5,000 characters)`, `said` after the length): a value of an input, or a
     text made of one, never goes whole into a line."""
     return text if len(text) <= limit else text[:limit] + _length_said(text, said)
 
