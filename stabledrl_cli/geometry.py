@@ -45,6 +45,8 @@ def replayed_update_norm(
     require_scale(stored, scale)
     wide = product_dtype(stored.device, gram=gram is not None)
     coef = torch.as_tensor(coef, device=stored.device).to(wide)
+    if coef.ndim not in (1, 2):
+        raise UsageError(f"coef must be [U] or [B, U], got a tensor of shape {list(coef.shape)}")
     if coef.shape[-1] != stored.shape[0]:
         raise UsageError(f"coef has {coef.shape[-1]} units but the geometry has {stored.shape[0]}")
     products = geometry_product(coef, stored, scale)

@@ -366,3 +366,12 @@ def test_covered_grad_norm_of_a_model_split_across_devices() -> None:  # pragma:
         parameter.grad = torch.ones_like(parameter)
     expected = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
     assert covered_grad_norm(model, GeometryConfig(kind="gram")) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("coef", [torch.tensor(1.0), torch.ones(2, 2, 3)])
+def test_replayed_update_norm_refuses_coefficients_of_another_shape(coef: torch.Tensor) -> None:
+    """`coef` is [U] or [B, U]: a 0-d tensor raised IndexError, a 3-d one was taken as a batch
+    of batches; both are a UsageError naming the shapes it takes."""
+    gram = torch.eye(3)
+    with pytest.raises(UsageError, match=r"coef must be \[U\] or \[B, U\]"):
+        replayed_update_norm(coef, gram=gram)
