@@ -2,7 +2,9 @@
 
 A guard's spec (`make_guard`, `guard_spec`: `zclip:z_thresh=3`, `skip-step:window=64`) and
 its replay over a recorded run, in step order: which steps it would have clipped or skipped
-and by how much (`GuardReplay`, `replay_guards`). The rules themselves (ZClip, OLMo-core's
+and by how much (`GuardReplay`, `replay_guards`); the run's own guard rule (`own_guard`, from its
+`meta.guard`) replayed as its guard was asked, and compared with the decisions it recorded
+(`GuardAgreement`). The rules themselves (ZClip, OLMo-core's
 skip-step) and where they deviate from their sources: `guard_rules`. Nothing here imports
 torch.
 """
@@ -136,6 +138,11 @@ class GuardReport:
     collected: int = 0
     """Steps whose grad norm its statistics took in (`collects`): both guards leave out norms
     of 0 and non-finite ones."""
+    own: bool = False
+    """The run's own guard rule (`meta.guard.rule`), replayed over the grad norms alone, as
+    the in-training guard is asked (`OwnGuard`)."""
+    agreement: GuardAgreement | None = None
+    """For the run's own rule: the decisions its guard recorded against the replayed ones."""
 
     def __repr__(self) -> str:
         """The fields, a long list of steps as its first items and its length."""
@@ -169,7 +176,74 @@ class GuardReport:
             "removed_norm": self.removed_norm,
             "acted": [s.to_dict() for s in self.acted],
             "judged": self.judged,
+            "own": self.own,
+            "agreement": None if self.agreement is None else self.agreement.to_dict(),
         }
+
+
+AGREEMENT_LIMIT = 10
+"""Steps of disagreement a `GuardAgreement` names (the first ones); it counts them all."""
+
+
+@dataclass(frozen=True)
+class GuardAgreement:
+    """The run's own guard's recorded decisions (`guard_action`) against its rule replayed
+    over the same grad norms: they differ only where the guard saw other numbers (its batch
+    rule, a loss given to it, a resume without the saved guard)."""
+
+    compared: int
+    """Steps with a recorded grad norm and `guard_action`."""
+    disagree: int
+    """Those whose recorded action is not the replayed rule's."""
+    steps: list[int] = field(default_factory=list)
+    """The first `AGREEMENT_LIMIT` of them."""
+
+    def to_dict(self) -> dict[str, object]:
+        return {"compared": self.compared, "disagree": self.disagree, "steps": list(self.steps)}
+
+
+@dataclass(frozen=True)
+class OwnGuard:
+    """The guard a run was recorded under (its `meta.guard`, `stabledrl_cli.guard`)."""
+
+    spec: str
+    """Its grad-norm rule's canonical spec."""
+    mode: str
+    """skip | scale: how a clip of the rule was recorded (`guard_action` 1 scale, 2 skip)."""
+
+    def action_code(self, action: GuardAction) -> int:
+        """The `guard_action` the guard records for the rule's `action` (0 none, 1 scale,
+        2 skip; a non-finite step is skipped)."""
+        if action == "none":
+            return 0
+        return 1 if action == "clip" and self.mode == "scale" else 2
+
+
+def own_guard(meta: object) -> OwnGuard | None:
+    """The run's own guard from its manifest's `meta` (`meta.guard`: `mode`, `rule`); None
+    for a run without one, or with one this version cannot replay (not refused: the replay
+    of the rest goes on)."""
+    note = meta.get("guard") if isinstance(meta, Mapping) else None
+    if not isinstance(note, Mapping):
+        return None
+    rule, mode = note.get("rule"), note.get("mode")
+    if not isinstance(rule, str) or mode not in ("skip", "scale"):
+        return None
+    try:
+        return OwnGuard(spec=guard_spec(make_guard(rule)), mode=mode)
+    except ConfigError:
+        return None
+
+
+def guard_agreement(
+    own: OwnGuard, report: GuardReport, normed: Iterable[int], recorded: Mapping[int, float]
+) -> GuardAgreement:
+    """`own`'s rule's `report` (replayed over the steps `normed`, those with a grad norm)
+    against the `guard_action` recorded of each step (`recorded`: step -> code)."""
+    replayed = {s.step: own.action_code(s.action) for s in report.acted}
+    compared = sorted({int(n) for n in normed} & recorded.keys())
+    differ = [n for n in compared if recorded[n] != replayed.get(n, 0)]
+    return GuardAgreement(len(compared), len(differ), differ[:AGREEMENT_LIMIT])
 
 
 GuardInput = tuple[int, float, float | None]
@@ -180,11 +254,17 @@ class GuardReplay:
     """Guards replayed over a recorded series as it grows: each step is fed once, in step
     order, and `reports` are those `replay_guards` gives over the series fed so far."""
 
-    def __init__(self, specs: Iterable[str] = DEFAULT_GUARDS) -> None:
+    def __init__(self, specs: Iterable[str] = DEFAULT_GUARDS, own: str | None = None) -> None:
+        """`own`: the run's own rule (`OwnGuard.spec`), replayed too unless no guard is, over
+        the grad norms alone (the loss is not the in-training guard's unless a loop gives
+        it), where it is named among `specs` too."""
         # A guard given twice, or two spellings of one, is replayed once, where first given.
         made: dict[str, Guard] = {}
         for guard in (make_guard(spec) for spec in specs):
             made.setdefault(guard_spec(guard), guard)
+        if own is not None and made:
+            made.setdefault(own, make_guard(own))
+        self._own = [spec == own for spec in made]
         self._guards = list(made.values())
         self._acted: list[list[GuardedStep]] = [[] for _ in self._guards]
         self._judged = [0 for _ in self._guards]
@@ -192,7 +272,7 @@ class GuardReplay:
 
     def extend(self, series: Iterable[GuardInput]) -> None:
         """Feeds the next steps, in step order, to every guard."""
-        self._steps += _feed(self._guards, self._acted, self._judged, series)
+        self._steps += _feed(self._guards, self._own, self._acted, self._judged, series)
 
     def reports(self, pending: Iterable[GuardInput] = ()) -> list[GuardReport]:
         """One report a guard over the steps fed so far, then `pending` (steps that may still
@@ -200,7 +280,7 @@ class GuardReplay:
         guards = copy.deepcopy(self._guards)
         later: list[list[GuardedStep]] = [[] for _ in guards]
         judged = list(self._judged)
-        steps = self._steps + _feed(guards, later, judged, pending)
+        steps = self._steps + _feed(guards, self._own, later, judged, pending)
         return [
             GuardReport(
                 spec=guard_spec(guard),
@@ -208,24 +288,30 @@ class GuardReplay:
                 acted=acted + more,
                 judged=count,
                 collected=guard.collected,
+                own=own,
             )
-            for guard, acted, more, count in zip(guards, self._acted, later, judged, strict=True)
+            for guard, own, acted, more, count in zip(
+                guards, self._own, self._acted, later, judged, strict=True
+            )
         ]
 
 
 def _feed(
     guards: list[Guard],
+    norm_only: list[bool],
     acted: list[list[GuardedStep]],
     judged: list[int],
     series: Iterable[GuardInput],
 ) -> int:
     """Feeds `series` to each guard, appending the steps it acts on to its `acted` list and
-    counting in `judged` those its rule decided (`GuardReport.judged`); -> the steps fed."""
+    counting in `judged` those its rule decided (`GuardReport.judged`); a guard `norm_only`
+    is given no loss. -> the steps fed."""
     fed = 0
     for step, norm, loss in series:
         fed += 1
         for i, (guard, found) in enumerate(zip(guards, acted, strict=True)):
-            decision = guard.update(float(norm), None if loss is None else float(loss))
+            given = None if loss is None or norm_only[i] else float(loss)
+            decision = guard.update(float(norm), given)
             judged[i] += decision.judged
             if decision.action != "none":
                 found.append(
@@ -246,11 +332,13 @@ def replay_guards(
     grad_norms: Iterable[float],
     losses: Mapping[int, float] | None,
     specs: Iterable[str] = DEFAULT_GUARDS,
+    own: str | None = None,
 ) -> list[GuardReport]:
     """Runs each guard over the recorded (step, grad_norm) series in step order; `losses`
     (step -> loss) feeds skip-step where a step has one (a non-finite one makes the step
-    `nonfinite` for every guard). -> one report a guard."""
-    replay = GuardReplay(specs)
+    `nonfinite` for every guard), but for the run's `own` rule (`GuardReplay`). -> one report
+    a guard."""
+    replay = GuardReplay(specs, own)
     replay.extend(
         (step, norm, None if losses is None else losses.get(step))
         for step, norm in sorted(zip(steps, grad_norms, strict=True))
@@ -262,13 +350,17 @@ __all__ = [
     "DEFAULT_GUARDS",
     "GUARD_ACTIONS",
     "SPEC_SYNTAX",
+    "GuardAgreement",
     "GuardDecision",
     "GuardInput",
     "GuardReplay",
     "GuardReport",
     "GuardedStep",
+    "OwnGuard",
     "SkipStep",
     "ZClip",
+    "guard_agreement",
     "make_guard",
+    "own_guard",
     "replay_guards",
 ]

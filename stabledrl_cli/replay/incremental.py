@@ -31,7 +31,7 @@ from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.derivations import ColumnArray
 from stabledrl_cli.replay.guards import GuardInput, GuardReplay
 from stabledrl_cli.replay.measurements import NoiseFloor, OwnLikelihood, measurements_of
-from stabledrl_cli.replay.observed import Observed, observe
+from stabledrl_cli.replay.observed import Observed, observe, run_guard_spec
 from stabledrl_cli.replay.recorded import RecordedRun, policy_loss, recorded_run
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.rows import RowBuffer
@@ -80,7 +80,7 @@ class OwnReplay:
         self._floor = NoiseFloor()
         self._headers: dict[int, Step] = {}
         """The header of each step read, as last read."""
-        self._guards = GuardReplay(self.config.guards)
+        self._guards = GuardReplay(self.config.guards, run_guard_spec(run))
         """The config's grad-norm guards over the steps read, but the last one (the tail, or
         the open step)."""
         self._observed: Observed | None = None

@@ -4,7 +4,7 @@ beside its results."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,12 @@ from stabledrl_cli.replay.detectors import (
     spike_flags,
     warning_judged,
 )
-from stabledrl_cli.replay.guards import GuardReport, replay_guards
+from stabledrl_cli.replay.guards import (
+    GuardReport,
+    guard_agreement,
+    own_guard,
+    replay_guards,
+)
 from stabledrl_cli.replay.measurements import NoiseFloor, OwnLikelihood, measurements_of
 from stabledrl_cli.replay.rollouts import (
     REWARD_DRAW_SCALARS,
@@ -395,7 +400,9 @@ def observe(
     them step by step); None: replayed here.
     """
     config = config or ReplayConfig()
-    series = run.scalar_series_many([*REWARD_DRAW_SCALARS, "grad_norm", "loss", *NONFINITE_COUNTS])
+    series = run.scalar_series_many(
+        [*REWARD_DRAW_SCALARS, "grad_norm", "loss", "guard_action", *NONFINITE_COUNTS]
+    )
     verl = is_verl_recording(run)
     reward_steps, rewards = run_reward_draws(series, verl=verl)
     norm_steps, grad_norms = series["grad_norm"]
@@ -456,12 +463,43 @@ def observe(
         reward_draw_steps=draw_steps(reward_steps),
         collapse_warning=warning,
         unscored_streak=unscored_streak(likelihood),
-        guards=guard_reports
-        if guard_reports is not None
-        else replay_guards(
+        guards=_with_agreement(
+            run,
             norm_steps,
-            grad_norms,
-            dict(zip(series["loss"][0].tolist(), series["loss"][1].tolist(), strict=True)),
-            config.guards,
+            series["guard_action"],
+            guard_reports
+            if guard_reports is not None
+            else replay_guards(
+                norm_steps,
+                grad_norms,
+                dict(zip(series["loss"][0].tolist(), series["loss"][1].tolist(), strict=True)),
+                config.guards,
+                run_guard_spec(run),
+            ),
         ),
     )
+
+
+def run_guard_spec(run: Run) -> str | None:
+    """The canonical spec of the rule of the guard `run` was recorded under (`own_guard`),
+    None without one."""
+    own = own_guard(run.manifest.get("meta"))
+    return None if own is None else own.spec
+
+
+def _with_agreement(
+    run: Run,
+    norm_steps: np.ndarray,
+    actions: tuple[np.ndarray, np.ndarray],
+    reports: list[GuardReport],
+) -> list[GuardReport]:
+    """`reports`, the run's own rule's with its agreement with the `guard_action` recorded
+    (`actions`: steps, codes) over the steps with a grad norm (`norm_steps`)."""
+    own = own_guard(run.manifest.get("meta"))
+    if own is None:
+        return reports
+    recorded = dict(zip(actions[0].tolist(), actions[1].tolist(), strict=True))
+    return [
+        replace(r, agreement=guard_agreement(own, r, norm_steps.tolist(), recorded)) if r.own else r
+        for r in reports
+    ]

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
+from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import LIST_LIMIT, format_number, format_steps
 from stabledrl_cli.replay.guard_rules import GuardAction, too_few_norms
 from stabledrl_cli.replay.guards import GuardReport
@@ -62,7 +63,8 @@ def print_observed(result: ReplayResult, console: Console) -> None:
 
 
 def guards_text(reports: Sequence[GuardReport]) -> str:
-    """One line: which recorded steps each adaptive guard would have clipped or skipped."""
+    """One line: which recorded steps each adaptive guard would have clipped or skipped, the
+    run's own guard's rule marked so, and where the decisions its guard recorded disagree."""
     verbs: tuple[tuple[GuardAction, str], ...] = (
         ("clip", "clip"),
         ("skip", "skip"),
@@ -70,6 +72,7 @@ def guards_text(reports: Sequence[GuardReport]) -> str:
     )
     parts = []
     for report in reports:
+        name = report.spec + (" (the run's own guard)" if report.own else "")
         acted = [
             verb
             + " "
@@ -78,14 +81,31 @@ def guards_text(reports: Sequence[GuardReport]) -> str:
             if report.count(action)
         ]
         if report.judged:
-            parts.append(f"{report.spec} would " + (", ".join(acted) if acted else "act on none"))
+            parts.append(f"{name} would " + (", ".join(acted) if acted else "act on none"))
             continue
         why = (
             too_few_norms(report.collected, report.collects, report.steps_seen, "recorded")
             if report.steps_seen
             else "the run recorded no grad norm"
         )
-        parts.append(
-            f"{report.spec} judged no step ({why})" + "".join(f", would {a}" for a in acted)
-        )
-    return "guards on the recorded grad norms: " + "; ".join(parts)
+        parts.append(f"{name} judged no step ({why})" + "".join(f", would {a}" for a in acted))
+    return (
+        "guards on the recorded grad norms: "
+        + "; ".join(parts)
+        + "".join(_disagreement(r) for r in reports)
+    )
+
+
+def _disagreement(report: GuardReport) -> str:
+    """'; the run's own guard recorded other decisions than its rule replayed on 2 of 10
+    steps: 2,6 (...)', or "" where they agree (or the report is not the run's own rule's)."""
+    agreement = report.agreement
+    if agreement is None or not agreement.disagree:
+        return ""
+    return (
+        "; the run's own guard recorded other decisions than its rule replayed on "
+        f"{agreement.disagree} of {counted(agreement.compared, 'step')}: "
+        + ",".join(map(str, agreement.steps[:LIST_LIMIT]))
+        + (",..." if agreement.disagree > LIST_LIMIT else "")
+        + " (it saw other numbers: its batch rule, a loss, a resume without the saved guard)"
+    )

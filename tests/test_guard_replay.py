@@ -1,0 +1,119 @@
+"""A guarded run replayed: `replay` replays the run's own guard rule (`meta.guard.rule`) too,
+marked as its own, and compares its decisions with the `guard_action` the guard recorded;
+`inspect` counts what the guard did (docs/guard.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.guard import Guard
+
+runner = CliRunner()
+
+RULE = "skip-step:sigma=3,window=6"
+"""A rule that judges from the third step on: a few steps are enough."""
+NORMS = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 50.0, 1.0, 1.02, 0.98]
+"""A steady grad norm with one spike, at step 6."""
+LOSSES = [0.5, 0.5, 0.5, 9.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+"""A loss with a spike at step 3, which a guard given no loss never sees."""
+
+
+def _guarded_run(
+    path: Path, guard: Guard | None, *, actions: dict[int, float] | None = None
+) -> Path:
+    """A run of len(NORMS) steps whose guard (None: unguarded) was asked with the grad norm
+    alone, as the built-in example asks it; `actions` overrides the recorded guard_action of
+    some steps (a guard that saw other numbers)."""
+    rng = np.random.default_rng(0)
+    meta = {} if guard is None else {"guard": guard.manifest_note()}
+    with sd.Recorder(path, policy="grpo", reward_range=(0.0, 1.0), meta=meta) as rec:
+        for step, (norm, loss) in enumerate(zip(NORMS, LOSSES, strict=True)):
+            scalars = {}
+            if guard is not None:
+                scalars = Guard.scalars(guard.before_step(grad_norm=norm))
+                if actions and step in actions:
+                    scalars["guard_action"] = actions[step]
+            logp = -rng.random((4, 3)).astype(np.float32)
+            rec.log_step(
+                step,
+                logp=logp,
+                logp_old=logp - 0.01,
+                advantages=rng.standard_normal(4).astype(np.float32),
+                mask=np.ones((4, 3)),
+                group_id=np.array([0, 0, 1, 1]),
+                reward=rng.random(4).astype(np.float32),
+                grad_norm=norm,
+                loss=loss,
+                scalars=scalars,
+            )
+    return path
+
+
+def _replay_json(run: Path, *args: str) -> dict:
+    result = runner.invoke(app, ["replay", str(run), "-p", "grpo", "--format", "json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _replay_text(run: Path, *args: str) -> str:
+    result = runner.invoke(app, ["replay", str(run), "-p", "grpo", *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.stdout.split())
+
+
+def test_replay_replays_the_runs_own_rule_and_marks_it(tmp_path):
+    """Before: only zclip and skip-step at their defaults were replayed, never the run's own
+    skip-step:sigma=3,window=6, so nothing said what the guard's rule would do."""
+    run = _guarded_run(tmp_path / "run", Guard(mode="skip", rule=RULE))
+    guards = _replay_json(run)["guards"]
+    assert [(g["guard"], g["own"]) for g in guards] == [
+        ("zclip", False),
+        ("skip-step", False),
+        (RULE, True),
+    ]
+    own = guards[2]
+    # Replayed over the grad norms alone, as the guard was asked: the loss spike at step 3 is
+    # not the guard's, and the norm spike at step 6 is.
+    assert [(s["step"], s["action"]) for s in own["acted"]] == [(6, "skip")]
+    assert "skip-step:sigma=3,window=6 (the run's own guard) would skip 6" in _replay_text(run)
+
+
+def test_the_own_rule_named_by_guard_is_replayed_once(tmp_path):
+    run = _guarded_run(tmp_path / "run", Guard(mode="skip", rule=RULE))
+    guards = _replay_json(run, "--guard", "skip-step:window=6,sigma=3")["guards"]
+    assert [(g["guard"], g["own"]) for g in guards] == [(RULE, True)]
+    assert [s["step"] for s in guards[0]["acted"]] == [6]
+
+
+def test_an_unguarded_run_has_no_own_guard(tmp_path):
+    guards = _replay_json(_guarded_run(tmp_path / "run", None))["guards"]
+    assert [(g["guard"], g["own"], g["agreement"]) for g in guards] == [
+        ("zclip", False, None),
+        ("skip-step", False, None),
+    ]
+
+
+def test_the_recorded_decisions_agree_with_the_replayed_rule(tmp_path):
+    run = _guarded_run(tmp_path / "run", Guard(mode="skip", rule=RULE))
+    own = _replay_json(run)["guards"][2]
+    assert own["agreement"] == {"compared": 10, "disagree": 0, "steps": []}
+    assert "disagree" not in _replay_text(run)
+
+
+def test_a_recorded_decision_the_rule_does_not_make_is_reported(tmp_path):
+    """A guard that saw other numbers (its batch rule, a resume without the saved guard)
+    recorded a skip at step 2 and none at the spike; the replay said nothing of it."""
+    run = _guarded_run(tmp_path / "run", Guard(mode="skip", rule=RULE), actions={2: 2.0, 6: 0.0})
+    own = _replay_json(run)["guards"][2]
+    assert own["agreement"] == {"compared": 10, "disagree": 2, "steps": [2, 6]}
+    text = _replay_text(run)
+    assert (
+        "the run's own guard recorded other decisions than its rule replayed on 2 of 10 steps: "
+        "2,6" in text
+    )
