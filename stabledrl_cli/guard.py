@@ -35,7 +35,7 @@ import numbers
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,11 +44,11 @@ from stabledrl_cli.errors import ConfigError, UsageError, counted, one_line
 from stabledrl_cli.policies import Policy, PolicyBatch, get_policy, prepare
 from stabledrl_cli.replay.guard_rules import SkipStep, ZClip
 from stabledrl_cli.replay.guards import guard_spec, make_guard
-from stabledrl_cli.vocab import GUARD_MODES, GuardMode
+from stabledrl_cli.vocab import GUARD_ACTION_CODES, GUARD_MODES, GuardMode, GuardStepAction
 
-Action = Literal["none", "scale", "skip"]
+Action = GuardStepAction
 """What a guard did to one step."""
-ACTION_CODES: dict[Action, int] = {"none": 0, "scale": 1, "skip": 2}
+ACTION_CODES = GUARD_ACTION_CODES
 """`guard_action` as recorded (step scalars are numbers)."""
 DEFAULT_RULES: dict[GuardMode, str] = {"skip": "skip-step", "scale": "zclip"}
 """The grad-norm rule of each mode when none is given."""

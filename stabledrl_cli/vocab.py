@@ -156,3 +156,7 @@ GuardMode = Literal["skip", "scale"]
 """What an in-process guard (`stabledrl_cli.guard`) does to a step it flags: skip its update,
 or scale its gradient down."""
 GUARD_MODES: tuple[GuardMode, ...] = get_args(GuardMode)
+GuardStepAction = Literal["none", "scale", "skip"]
+"""What an in-process guard did to one step."""
+GUARD_ACTION_CODES: dict[GuardStepAction, int] = {"none": 0, "scale": 1, "skip": 2}
+"""Its step scalar `guard_action` as recorded (step scalars are numbers)."""

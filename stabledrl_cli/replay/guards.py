@@ -35,6 +35,7 @@ from stabledrl_cli.spec import (
     spec_int,
     split_spec,
 )
+from stabledrl_cli.vocab import GUARD_ACTION_CODES
 
 DEFAULT_GUARDS = ("zclip", "skip-step")
 """The guards a replay reports when none is named."""
@@ -215,8 +216,8 @@ class OwnGuard:
         """The `guard_action` the guard records for the rule's `action` (0 none, 1 scale,
         2 skip; a non-finite step is skipped)."""
         if action == "none":
-            return 0
-        return 1 if action == "clip" and self.mode == "scale" else 2
+            return GUARD_ACTION_CODES["none"]
+        return GUARD_ACTION_CODES["scale" if action == "clip" and self.mode == "scale" else "skip"]
 
 
 def own_guard(meta: object) -> OwnGuard | None:
