@@ -117,3 +117,36 @@ def test_a_recorded_decision_the_rule_does_not_make_is_reported(tmp_path):
         "the run's own guard recorded other decisions than its rule replayed on 2 of 10 steps: "
         "2,6" in text
     )
+
+
+def test_inspect_counts_what_the_guard_did(tmp_path):
+    """Before: inspect showed the guard's scalars' min and max alone: how many steps it
+    skipped or scaled was nowhere."""
+    run = _guarded_run(tmp_path / "run", Guard(mode="skip", rule=RULE), actions={2: 1.0})
+    result = runner.invoke(app, ["inspect", str(run), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["guard"] == {
+        "mode": "skip",
+        "rule": RULE,
+        "steps": 10,
+        "skipped": 1,
+        "scaled": 1,
+        "skipped_steps": [6],
+        "scaled_steps": [2],
+    }
+    table = runner.invoke(app, ["inspect", str(run)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    text = " ".join(table.stdout.split())
+    assert (
+        f"│ guard │ skip, {RULE}: 1 step skipped (step 6), 1 scaled (step 2), of 10 recorded"
+        in text
+    )
+
+
+def test_inspect_of_an_unguarded_run_has_no_guard(tmp_path):
+    result = runner.invoke(
+        app, ["inspect", str(_guarded_run(tmp_path / "run", None)), "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["guard"] is None
+    assert "│ guard │" not in runner.invoke(app, ["inspect", str(tmp_path / "run")]).stdout

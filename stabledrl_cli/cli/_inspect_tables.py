@@ -15,7 +15,7 @@ from rich.table import Table
 from stabledrl_cli.cli._output import out
 from stabledrl_cli.errors import LINE_BREAKS, counted
 from stabledrl_cli.replay._format import format_number, format_steps
-from stabledrl_cli.replay.inspection import RunSummary
+from stabledrl_cli.replay.inspection import GuardRecord, RunSummary
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import SeriesStats
 from stabledrl_cli.tables import shortened
@@ -189,4 +189,22 @@ def observed_table(s: RunSummary) -> Table:
         if floor is None
         else f"{format_number(floor, 4)} over {obs.noise_floor_units} {s.unit}s",
     )
+    if s.guard is not None:
+        table.add_row("guard", _guard_text(s.guard))
     return table
+
+
+def _guard_text(guard: GuardRecord) -> str:
+    """'skip, skip-step:window=8: 1 step skipped (step 21), 0 scaled, of 24 recorded'."""
+    named = ", ".join(str(x) for x in (guard.mode, guard.rule) if x is not None)
+
+    def done(count: int, what: str, steps: list[int]) -> str:
+        return what + (f" ({steps_text(steps, named=True)})" if count else "")
+
+    return (
+        (f"{named}: " if named else "")
+        + done(guard.skipped, f"{counted(guard.skipped, 'step')} skipped", guard.skipped_steps)
+        + ", "
+        + done(guard.scaled, f"{guard.scaled} scaled", guard.scaled_steps)
+        + f", of {guard.steps} recorded"
+    )

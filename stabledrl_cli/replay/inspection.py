@@ -19,10 +19,12 @@ from stabledrl_cli.dump._stop_notes import RECORDING_STOPPED
 from stabledrl_cli.dump._suspect_values import LOGP_FIELDS, positive_logp
 from stabledrl_cli.dump._versions import known_version_below, parse_version
 from stabledrl_cli.dump._views import ReadSteps
+from stabledrl_cli.replay.guards import own_guard
 from stabledrl_cli.replay.measurements import NoiseFloor, OwnLikelihood, host_array
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.recorded import SeriesStats, recorded_run
 from stabledrl_cli.replay.run_facts import in_flight_steps
+from stabledrl_cli.vocab import GUARD_ACTION_CODES, GuardStepAction
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +56,47 @@ class PositiveLogp:
     """The first such step's first field holding one."""
     first_largest: float
     """Its largest positive value there."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuardRecord:
+    """What the in-training guard did (`stabledrl_cli.guard`): its recorded `guard_action`,
+    counted."""
+
+    mode: str | None
+    """skip | scale, as its `meta.guard` says (None: the manifest names no guard this version
+    can read, `guards.own_guard`)."""
+    rule: str | None
+    """Its grad-norm rule's canonical spec (None as for `mode`)."""
+    steps: int
+    """Readable steps that recorded a `guard_action`."""
+    skipped: int
+    scaled: int
+    skipped_steps: list[int]
+    scaled_steps: list[int]
+
+
+def guard_record(meta: dict[str, object], headers: Iterable[Step]) -> GuardRecord | None:
+    """The run's `GuardRecord` from its manifest's `meta` and its step headers; None for a run
+    with neither a readable `meta.guard` nor a step that recorded `guard_action`."""
+    own = own_guard(meta)
+    actions = {h.step: h.scalars["guard_action"] for h in headers if "guard_action" in h.scalars}
+    if own is None and not actions:
+        return None
+
+    def done(action: GuardStepAction) -> list[int]:
+        return sorted(n for n, code in actions.items() if code == GUARD_ACTION_CODES[action])
+
+    skipped, scaled = done("skip"), done("scale")
+    return GuardRecord(
+        mode=None if own is None else own.mode,
+        rule=None if own is None else own.spec,
+        steps=len(actions),
+        skipped=len(skipped),
+        scaled=len(scaled),
+        skipped_steps=skipped,
+        scaled_steps=scaled,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +191,8 @@ class RunSummary:
     positive_logp: PositiveLogp | None
     """The steps whose scored log-probabilities hold a positive value; None when none does."""
     observed: Observed
+    guard: GuardRecord | None
+    """What the guard the run was recorded under did; None for an unguarded run."""
     series: dict[str, SeriesStats]
     """Every recorded scalar (but step and wall_time) over the run: count, first, last, min,
     max, mean, median of its finite values, and how many were not finite."""
@@ -357,5 +402,6 @@ def summarize(run: Run) -> RunSummary:
         in_flight_steps=sorted(flying),
         positive_logp=positive,
         observed=observed,
+        guard=guard_record(_mapping(manifest.get("meta")), headers),
         series=recorded.series,
     )
