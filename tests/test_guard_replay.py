@@ -150,3 +150,30 @@ def test_inspect_of_an_unguarded_run_has_no_guard(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["guard"] is None
     assert "│ guard │" not in runner.invoke(app, ["inspect", str(tmp_path / "run")]).stdout
+
+
+def test_a_scale_guard_agrees_with_its_rule_replayed(tmp_path):
+    """Under mode scale a clip of the rule is recorded as scale (1), and so compared."""
+    guard = Guard(mode="scale", rule="zclip:warmup=3")
+    own = _replay_json(_guarded_run(tmp_path / "run", guard))["guards"][2]
+    assert own["guard"] == "zclip:warmup=3" and own["own"]
+    assert [(s["step"], s["action"]) for s in own["acted"]] == [(6, "clip")]
+    assert own["agreement"] == {"compared": 10, "disagree": 0, "steps": []}
+
+
+def test_no_guard_replays_no_own_rule_either(tmp_path):
+    run = _guarded_run(tmp_path / "run", Guard(mode="skip", rule=RULE))
+    assert _replay_json(run, "--guard", "none")["guards"] == []
+
+
+def test_a_meta_guard_this_version_cannot_read_is_no_own_rule(tmp_path):
+    """A manifest's meta.guard whose rule is no guard spec: replayed without it, not refused."""
+    run = _guarded_run(tmp_path / "run", Guard(mode="skip", rule=RULE))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["meta"]["guard"]["rule"] = "skip-step:window=[bold]"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert [g["own"] for g in _replay_json(run)["guards"]] == [False, False]
+    result = runner.invoke(app, ["inspect", str(run), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    guard = json.loads(result.stdout)["guard"]
+    assert (guard["mode"], guard["rule"], guard["skipped_steps"]) == (None, None, [6])
