@@ -177,3 +177,20 @@ def test_a_meta_guard_this_version_cannot_read_is_no_own_rule(tmp_path):
     assert result.exit_code == 0, result.output
     guard = json.loads(result.stdout)["guard"]
     assert (guard["mode"], guard["rule"], guard["skipped_steps"]) == (None, None, [6])
+
+
+def test_a_guard_whose_decisions_were_not_recorded_says_so(tmp_path):
+    """meta.guard set, but the loop never logged `scalars=guard.scalars(decision)`: nothing
+    to compare, and the table said nothing of it, as if the guard had agreed."""
+    run = tmp_path / "run"
+    guard = Guard(mode="skip", rule=RULE)
+    _guarded_run(run, None)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["meta"] = {"guard": guard.manifest_note()}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    own = _replay_json(run)["guards"][2]
+    assert own["own"] and own["agreement"] == {"compared": 0, "disagree": 0, "steps": []}
+    assert (
+        "the run's own guard recorded no guard_action to compare with its rule (log "
+        "guard.scalars(decision) with each step)" in _replay_text(run)
+    )

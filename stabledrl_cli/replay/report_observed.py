@@ -98,8 +98,14 @@ def guards_text(reports: Sequence[GuardReport]) -> str:
 
 def _disagreement(report: GuardReport) -> str:
     """'; the run's own guard recorded other decisions than its rule replayed on 2 of 10
-    steps: 2,6 (...)', or "" where they agree (or the report is not the run's own rule's)."""
+    steps: 2,6 (...)', what it says where the guard recorded none of its decisions, or ""
+    where they agree (or the report is not the run's own rule's)."""
     agreement = report.agreement
+    if agreement is not None and report.steps_seen and not agreement.compared:
+        return (
+            "; the run's own guard recorded no guard_action to compare with its rule "
+            "(log guard.scalars(decision) with each step)"
+        )
     if agreement is None or not agreement.disagree:
         return ""
     return (
