@@ -194,3 +194,12 @@ def test_a_guard_whose_decisions_were_not_recorded_says_so(tmp_path):
         "the run's own guard recorded no guard_action to compare with its rule (log "
         "guard.scalars(decision) with each step)" in _replay_text(run)
     )
+
+
+def test_a_default_rule_of_the_run_is_the_default_entry_marked_own(tmp_path):
+    """A run guarded by skip-step at its defaults: the default skip-step entry is its own,
+    replayed once, over the grad norms alone."""
+    run = _guarded_run(tmp_path / "run", Guard(mode="skip"))
+    guards = _replay_json(run)["guards"]
+    assert [(g["guard"], g["own"]) for g in guards] == [("zclip", False), ("skip-step", True)]
+    assert guards[1]["agreement"] == {"compared": 10, "disagree": 0, "steps": []}
