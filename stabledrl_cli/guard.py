@@ -262,7 +262,8 @@ def _number(value: float | torch.Tensor, name: str) -> float:
     Recorder takes it), or a one-element tensor read detached (one that requires grad would
     make torch warn 'Converting a tensor with requires_grad=True to a scalar' into the
     training's log); UsageError naming `name` for anything else (a tensor or array of several
-    values or of complex numbers, one with no data on the meta device, a string, None). An
+    values, of complex numbers or of bools, one with no data on the meta device, a string,
+    None). An
     integer past float's range is infinite."""
     expected = f"{name} must be a number or a one-element tensor"
     if isinstance(value, np.ndarray):
@@ -272,8 +273,10 @@ def _number(value: float | torch.Tensor, name: str) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise UsageError(f"{expected}, got a tensor of {value.numel()} elements")
-        if value.is_complex():
-            raise UsageError(f"{expected}, got a complex tensor")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise UsageError(
+                f"{expected}, got a {'complex' if value.is_complex() else 'bool'} tensor"
+            )
         try:
             return float(value.detach())
         except (RuntimeError, NotImplementedError) as exc:  # no data (meta), ...

@@ -466,12 +466,16 @@ def test_record_bad_guard_rule_names_the_option(tmp_path, rule, problem):
             torch.tensor(1 + 1j),
             "grad_norm must be a number or a one-element tensor, got a complex tensor",
         ),
+        (
+            torch.tensor(True),
+            "grad_norm must be a number or a one-element tensor, got a bool tensor",
+        ),
     ],
 )
 def test_a_tensor_the_guard_cannot_read_as_a_number_is_a_usage_error(value, message):
     """Before: torch's RuntimeError (meta: 'Tensor.item() cannot be called on meta tensors';
     complex: 'value cannot be converted to type double without overflow'), from before_step
-    and apply alike."""
+    and apply alike; a bool tensor was read as 1.0, where a Python bool is refused."""
     guard = Guard(mode="scale")
     with pytest.raises(UsageError) as refused:
         guard.before_step(grad_norm=value)
