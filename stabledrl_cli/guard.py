@@ -34,7 +34,7 @@ import math
 import numbers
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -52,8 +52,8 @@ ACTION_CODES = GUARD_ACTION_CODES
 """`guard_action` as recorded (step scalars are numbers)."""
 DEFAULT_RULES: dict[GuardMode, str] = {"skip": "skip-step", "scale": "zclip"}
 """The grad-norm rule of each mode when none is given."""
-SCALARS = ("guard_action", "guard_scale", "guard_z")
-"""The step scalars `Guard.scalars` records."""
+SCALARS = ("guard_action", "guard_scale", "guard_z", "guard_rule_action", "guard_loss")
+"""The step scalars `Guard.scalars` records (`guard_loss` on a step given a loss only)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,11 @@ class Decision:
     """Why, in words ("" for none)."""
     z: float | None = None
     """The grad-norm rule's z-score (None while it gathers statistics)."""
+    ruled: Action = "none"
+    """What the grad-norm rule alone decided, before the batch rule (`action` unless the batch
+    rule skipped the step)."""
+    loss: float | None = None
+    """The loss the grad-norm rule was given (None: none was)."""
 
     @property
     def skip(self) -> bool:
@@ -170,7 +175,8 @@ class Guard:
             )
         if batch is not None and policy is not None:
             bad = _nonfinite_coefficients(policy, batch)
-        ruled = self.rule.update(norm, None if loss is None else _number(loss, "loss"))
+        given = None if loss is None else _number(loss, "loss")
+        ruled = self.rule.update(norm, given)
         self.judged += ruled.judged
         decision = Decision("none", 1.0, "", ruled.z)
         if ruled.action == "nonfinite":
@@ -185,9 +191,10 @@ class Guard:
                 decision = Decision("scale", ruled.scale, why, ruled.z)
             else:
                 decision = Decision("skip", 0.0, why, ruled.z)
+        decision = replace(decision, ruled=decision.action, loss=given)
         if policy is not None and bad and decision.action != "skip":
             why = f"{policy.spec}: {counted(bad, 'non-finite coefficient')}"
-            decision = Decision("skip", 0.0, why, ruled.z)
+            decision = replace(decision, action="skip", scale=0.0, reason=why)
         self.counts[decision.action] += 1
         if decision.skip:
             _skipped_under_record()
@@ -195,12 +202,17 @@ class Guard:
 
     @staticmethod
     def scalars(decision: Decision) -> dict[str, float]:
-        """The step scalars that record `decision` (`SCALARS`)."""
-        return {
+        """The step scalars that record `decision` (`SCALARS`): with the rule's own decision
+        and the loss it was given, a replay of the rule sees what it saw (docs/guard.md)."""
+        scalars = {
             "guard_action": float(ACTION_CODES[decision.action]),
             "guard_scale": decision.scale,
             "guard_z": math.nan if decision.z is None else decision.z,
+            "guard_rule_action": float(ACTION_CODES[decision.ruled]),
         }
+        if decision.loss is not None:
+            scalars["guard_loss"] = decision.loss
+        return scalars
 
     def manifest_note(self) -> dict[str, object]:
         """The run's `meta.guard`: mode, rules and what the recorded scalars mean."""

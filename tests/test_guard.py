@@ -38,7 +38,12 @@ def test_skip_mode_skips_the_spike_and_nothing_else():
     assert spike.skip and spike.scale == 0.0 and spike.z is not None and spike.z > 6
     assert spike.reason.startswith("skip-step: z ")
     assert guard.counts == {"none": 7, "scale": 0, "skip": 1}
-    assert Guard.scalars(spike) == {"guard_action": 2.0, "guard_scale": 0.0, "guard_z": spike.z}
+    assert Guard.scalars(spike) == {
+        "guard_action": 2.0,
+        "guard_scale": 0.0,
+        "guard_z": spike.z,
+        "guard_rule_action": 2.0,
+    }
     assert math.isnan(Guard.scalars(decisions[0])["guard_z"])  # still gathering statistics
     nonfinite = guard.before_step(grad_norm=math.inf)
     assert nonfinite.skip and nonfinite.z is None and "non-finite" in nonfinite.reason
@@ -180,7 +185,7 @@ def test_the_example_skips_a_flagged_step_and_records_it(tmp_path):
         "actions": {"0": "none", "1": "scale", "2": "skip"},
     }
     headers = list(guarded.step_headers())
-    assert all(set(SCALARS) <= set(h.scalars) for h in headers)
+    assert all(set(SCALARS) - {"guard_loss"} <= set(h.scalars) for h in headers)  # no loss given
     skipped = [h.step for h in headers if h.scalars["guard_action"] == ACTION_CODES["skip"]]
     assert skipped and skipped[0] < 11
     for h in headers:

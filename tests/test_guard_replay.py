@@ -5,14 +5,18 @@ marked as its own, and compares its decisions with the `guard_action` the guard 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.guard import Guard
+from stabledrl_cli.policies import PolicyBatch
 
 runner = CliRunner()
 
@@ -25,20 +29,26 @@ LOSSES = [0.5, 0.5, 0.5, 9.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
 
 
 def _guarded_run(
-    path: Path, guard: Guard | None, *, actions: dict[int, float] | None = None
+    path: Path,
+    guard: Guard | None,
+    *,
+    actions: dict[int, float] | None = None,
+    given: Callable[[int], dict[str, Any]] | None = None,
 ) -> Path:
     """A run of len(NORMS) steps whose guard (None: unguarded) was asked with the grad norm
-    alone, as the built-in example asks it; `actions` overrides the recorded guard_action of
-    some steps (a guard that saw other numbers)."""
+    alone, as the built-in example asks it, and what `given(step)` adds to it (a loss, a
+    batch); `actions` overrides the recorded guard_action of some steps (a guard that saw
+    other numbers)."""
     rng = np.random.default_rng(0)
     meta = {} if guard is None else {"guard": guard.manifest_note()}
     with sd.Recorder(path, policy="grpo", reward_range=(0.0, 1.0), meta=meta) as rec:
         for step, (norm, loss) in enumerate(zip(NORMS, LOSSES, strict=True)):
             scalars = {}
             if guard is not None:
-                scalars = Guard.scalars(guard.before_step(grad_norm=norm))
+                more = {} if given is None else given(step)
+                scalars = Guard.scalars(guard.before_step(grad_norm=norm, **more))
                 if actions and step in actions:
-                    scalars["guard_action"] = actions[step]
+                    scalars["guard_action"] = scalars["guard_rule_action"] = actions[step]
             logp = -rng.random((4, 3)).astype(np.float32)
             rec.log_step(
                 step,
@@ -203,3 +213,38 @@ def test_a_default_rule_of_the_run_is_the_default_entry_marked_own(tmp_path):
     guards = _replay_json(run)["guards"]
     assert [(g["guard"], g["own"]) for g in guards] == [("zclip", False), ("skip-step", True)]
     assert guards[1]["agreement"] == {"compared": 10, "disagree": 0, "steps": []}
+
+
+def test_a_guard_given_the_loss_is_replayed_with_it(tmp_path):
+    """A loop that gives its guard the loss: the guard skipped the loss spike at step 3, and
+    the replay of its own rule is given the loss the guard was given (`guard_loss`), so it
+    agrees. Before, the own rule was replayed on the grad norms alone and reported the guard
+    as disagreeing with its rule at step 3."""
+    guard = Guard(mode="skip", rule=RULE)
+    run = _guarded_run(tmp_path / "run", guard, given=lambda step: {"loss": LOSSES[step]})
+    own = _replay_json(run)["guards"][2]
+    assert own["own"] and [a["step"] for a in own["acted"]] == [3, 6]
+    assert own["agreement"] == {"compared": 10, "disagree": 0, "steps": []}
+
+
+def test_a_step_the_batch_rule_skipped_is_no_disagreement_of_the_grad_norm_rule(tmp_path):
+    """The batch rule skipped step 4 (a non-finite coefficient under grpo): the decision of
+    the grad-norm rule itself is recorded too (`guard_rule_action`) and is what the replayed
+    rule is compared with. Before, step 4 was reported as a disagreement."""
+
+    def batch(step: int) -> dict[str, Any]:
+        logp = torch.tensor([-1.0, -2.0, float("nan") if step == 4 else -1.0, -1.5])
+        return {
+            "batch": PolicyBatch(
+                logp=logp,
+                logp_old=torch.tensor([-1.0, -2.0, -1.0, -1.5]),
+                advantages=torch.tensor([1.0, -1.0, 1.0, -1.0]),
+                seq_id=torch.arange(4),
+                unit="sequence",
+            )
+        }
+
+    run = _guarded_run(tmp_path / "run", Guard(mode="skip", rule=RULE, policy="grpo"), given=batch)
+    own = _replay_json(run)["guards"][2]
+    assert [a["step"] for a in own["acted"]] == [6]
+    assert own["agreement"] == {"compared": 10, "disagree": 0, "steps": []}

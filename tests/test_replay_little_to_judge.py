@@ -93,7 +93,7 @@ def test_zclip_unjudged_counts_the_nonzero_norms_it_collected():
     said it needed 'more than the 40 recorded grad norms', which read as if the run were too
     short."""
     replay = GuardReplay()
-    replay.extend((step, 0.0 if step % 4 else 1.0 + step / 100, None) for step in range(40))
+    replay.extend((step, 0.0 if step % 4 else 1.0 + step / 100, None, None) for step in range(40))
     text = guards_text(replay.reports())
     assert (
         "zclip judged no step (its statistics need more than the 10 nonzero finite grad norms "

@@ -240,15 +240,18 @@ def guard_agreement(
     own: OwnGuard, report: GuardReport, normed: Iterable[int], recorded: Mapping[int, float]
 ) -> GuardAgreement:
     """`own`'s rule's `report` (replayed over the steps `normed`, those with a grad norm)
-    against the `guard_action` recorded of each step (`recorded`: step -> code)."""
+    against the decision its guard recorded of each step (`recorded`: step -> code, its
+    rule's own `guard_rule_action` where the guard recorded it, else its `guard_action`,
+    which a skip of the batch rule may have replaced)."""
     replayed = {s.step: own.action_code(s.action) for s in report.acted}
     compared = sorted({int(n) for n in normed} & recorded.keys())
     differ = [n for n in compared if recorded[n] != replayed.get(n, 0)]
     return GuardAgreement(len(compared), len(differ), differ[:AGREEMENT_LIMIT])
 
 
-GuardInput = tuple[int, float, float | None]
-"""One recorded step as a guard sees it: (step, grad_norm, loss or None)."""
+GuardInput = tuple[int, float, float | None, float | None]
+"""One recorded step as a guard sees it: (step, grad_norm, loss or None, the loss the run's
+own guard was given, `guard_loss`, or None)."""
 
 
 class GuardReplay:
@@ -256,9 +259,9 @@ class GuardReplay:
     order, and `reports` are those `replay_guards` gives over the series fed so far."""
 
     def __init__(self, specs: Iterable[str] = DEFAULT_GUARDS, own: str | None = None) -> None:
-        """`own`: the run's own rule (`OwnGuard.spec`), replayed too unless no guard is, over
-        the grad norms alone (the loss is not the in-training guard's unless a loop gives
-        it), where it is named among `specs` too."""
+        """`own`: the run's own rule (`OwnGuard.spec`), replayed too unless no guard is, given
+        the loss its guard was given (`guard_loss`; none where it had none), where it is named
+        among `specs` too."""
         # A guard given twice, or two spellings of one, is replayed once, where first given.
         made: dict[str, Guard] = {}
         for guard in (make_guard(spec) for spec in specs):
@@ -299,20 +302,20 @@ class GuardReplay:
 
 def _feed(
     guards: list[Guard],
-    norm_only: list[bool],
+    own: list[bool],
     acted: list[list[GuardedStep]],
     judged: list[int],
     series: Iterable[GuardInput],
 ) -> int:
     """Feeds `series` to each guard, appending the steps it acts on to its `acted` list and
-    counting in `judged` those its rule decided (`GuardReport.judged`); a guard `norm_only`
-    is given no loss. -> the steps fed."""
+    counting in `judged` those its rule decided (`GuardReport.judged`); the run's `own` rule
+    is given the loss its guard was, the others the recorded loss. -> the steps fed."""
     fed = 0
-    for step, norm, loss in series:
+    for step, norm, loss, guard_loss in series:
         fed += 1
         for i, (guard, found) in enumerate(zip(guards, acted, strict=True)):
-            given = None if loss is None or norm_only[i] else float(loss)
-            decision = guard.update(float(norm), given)
+            given = guard_loss if own[i] else loss
+            decision = guard.update(float(norm), None if given is None else float(given))
             judged[i] += decision.judged
             if decision.action != "none":
                 found.append(
@@ -334,14 +337,20 @@ def replay_guards(
     losses: Mapping[int, float] | None,
     specs: Iterable[str] = DEFAULT_GUARDS,
     own: str | None = None,
+    guard_losses: Mapping[int, float] | None = None,
 ) -> list[GuardReport]:
     """Runs each guard over the recorded (step, grad_norm) series in step order; `losses`
     (step -> loss) feeds skip-step where a step has one (a non-finite one makes the step
-    `nonfinite` for every guard), but for the run's `own` rule (`GuardReplay`). -> one report
-    a guard."""
+    `nonfinite` for every guard), but for the run's `own` rule, fed `guard_losses` (step ->
+    the loss its guard was given, `GuardReplay`). -> one report a guard."""
     replay = GuardReplay(specs, own)
     replay.extend(
-        (step, norm, None if losses is None else losses.get(step))
+        (
+            step,
+            norm,
+            None if losses is None else losses.get(step),
+            None if guard_losses is None else guard_losses.get(step),
+        )
         for step, norm in sorted(zip(steps, grad_norms, strict=True))
     )
     return replay.reports()

@@ -215,7 +215,9 @@ class OwnReplay:
         for n in numbers:
             scalars = self._headers[n].scalars
             if "grad_norm" in scalars:
-                found.append((n, scalars["grad_norm"], scalars.get("loss")))
+                found.append(
+                    (n, scalars["grad_norm"], scalars.get("loss"), scalars.get("guard_loss"))
+                )
         return found
 
     def headers(self, numbers: Sequence[int]) -> list[Step]:

@@ -56,6 +56,10 @@ class RewardCurve:
     last: float
 
 
+GUARD_SCALARS = ("guard_action", "guard_rule_action", "guard_loss")
+"""The scalars of the run's own guard a replay of its rule reads (`stabledrl_cli.guard`)."""
+
+
 WARNING_DETECTOR = "own_likelihood_drop"
 """The collapse warning's detector (`detectors.collapse_warning`)."""
 
@@ -401,7 +405,7 @@ def observe(
     """
     config = config or ReplayConfig()
     series = run.scalar_series_many(
-        [*REWARD_DRAW_SCALARS, "grad_norm", "loss", "guard_action", *NONFINITE_COUNTS]
+        [*REWARD_DRAW_SCALARS, "grad_norm", "loss", *GUARD_SCALARS, *NONFINITE_COUNTS]
     )
     verl = is_verl_recording(run)
     reward_steps, rewards = run_reward_draws(series, verl=verl)
@@ -466,15 +470,16 @@ def observe(
         guards=_with_agreement(
             run,
             norm_steps,
-            series["guard_action"],
+            {**_by_step(series["guard_action"]), **_by_step(series["guard_rule_action"])},
             guard_reports
             if guard_reports is not None
             else replay_guards(
                 norm_steps,
                 grad_norms,
-                dict(zip(series["loss"][0].tolist(), series["loss"][1].tolist(), strict=True)),
+                _by_step(series["loss"]),
                 config.guards,
                 run_guard_spec(run),
+                _by_step(series["guard_loss"]),
             ),
         ),
     )
@@ -487,18 +492,23 @@ def run_guard_spec(run: Run) -> str | None:
     return None if own is None else own.spec
 
 
+def _by_step(series: tuple[np.ndarray, np.ndarray]) -> dict[int, float]:
+    """A recorded scalar's (steps, values) as step -> value."""
+    return dict(zip(series[0].tolist(), series[1].tolist(), strict=True))
+
+
 def _with_agreement(
     run: Run,
     norm_steps: np.ndarray,
-    actions: tuple[np.ndarray, np.ndarray],
+    recorded: dict[int, float],
     reports: list[GuardReport],
 ) -> list[GuardReport]:
-    """`reports`, the run's own rule's with its agreement with the `guard_action` recorded
-    (`actions`: steps, codes) over the steps with a grad norm (`norm_steps`)."""
+    """`reports`, the run's own rule's with its agreement with the decisions its guard
+    recorded (`recorded`: step -> code, `guard_agreement`) over the steps with a grad norm
+    (`norm_steps`)."""
     own = own_guard(run.manifest.get("meta"))
     if own is None:
         return reports
-    recorded = dict(zip(actions[0].tolist(), actions[1].tolist(), strict=True))
     return [
         replace(r, agreement=guard_agreement(own, r, norm_steps.tolist(), recorded)) if r.own else r
         for r in reports

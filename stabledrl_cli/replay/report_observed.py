@@ -113,5 +113,6 @@ def _disagreement(report: GuardReport) -> str:
         f"{agreement.disagree} of {counted(agreement.compared, 'step')}: "
         + ",".join(map(str, agreement.steps[:LIST_LIMIT]))
         + (",..." if agreement.disagree > LIST_LIMIT else "")
-        + " (it saw other numbers: its batch rule, a loss, a resume without the saved guard)"
+        + " (it saw other numbers: a resume without the saved guard, or, in a run recorded"
+        " before guard_rule_action, its batch rule or a loss)"
     )
