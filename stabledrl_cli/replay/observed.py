@@ -29,6 +29,7 @@ from stabledrl_cli.replay.detectors import (
 )
 from stabledrl_cli.replay.guards import (
     GuardReport,
+    OwnGuard,
     guard_agreement,
     own_guard,
     replay_guards,
@@ -404,6 +405,7 @@ def observe(
     them step by step); None: replayed here.
     """
     config = config or ReplayConfig()
+    own = own_guard(run.manifest.get("meta"))  # the guard the run was recorded under
     series = run.scalar_series_many(
         [*REWARD_DRAW_SCALARS, "grad_norm", "loss", *GUARD_SCALARS, *NONFINITE_COUNTS]
     )
@@ -468,7 +470,7 @@ def observe(
         collapse_warning=warning,
         unscored_streak=unscored_streak(likelihood),
         guards=_with_agreement(
-            run,
+            own,
             norm_steps,
             {**_by_step(series["guard_action"]), **_by_step(series["guard_rule_action"])},
             guard_reports
@@ -478,7 +480,7 @@ def observe(
                 grad_norms,
                 _by_step(series["loss"]),
                 config.guards,
-                run_guard_spec(run),
+                None if own is None else own.spec,
                 _by_step(series["guard_loss"]),
             ),
         ),
@@ -498,15 +500,14 @@ def _by_step(series: tuple[np.ndarray, np.ndarray]) -> dict[int, float]:
 
 
 def _with_agreement(
-    run: Run,
+    own: OwnGuard | None,
     norm_steps: np.ndarray,
     recorded: dict[int, float],
     reports: list[GuardReport],
 ) -> list[GuardReport]:
-    """`reports`, the run's own rule's with its agreement with the decisions its guard
-    recorded (`recorded`: step -> code, `guard_agreement`) over the steps with a grad norm
-    (`norm_steps`)."""
-    own = own_guard(run.manifest.get("meta"))
+    """`reports`, the run's `own` guard's rule's with its agreement with the decisions the
+    guard recorded (`recorded`: step -> code, `guard_agreement`) over the steps with a grad
+    norm (`norm_steps`)."""
     if own is None:
         return reports
     return [
