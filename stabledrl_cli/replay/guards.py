@@ -140,8 +140,8 @@ class GuardReport:
     """Steps whose grad norm its statistics took in (`collects`): both guards leave out norms
     of 0 and non-finite ones."""
     own: bool = False
-    """The run's own guard rule (`meta.guard.rule`), replayed over the grad norms alone, as
-    the in-training guard is asked (`OwnGuard`)."""
+    """The run's own guard rule (`meta.guard.rule`), replayed over the grad norms with the loss
+    its guard was given (`guard_loss`), as the in-training guard saw the steps (`OwnGuard`)."""
     agreement: GuardAgreement | None = None
     """For the run's own rule: the decisions its guard recorded against the replayed ones."""
 
@@ -188,12 +188,13 @@ AGREEMENT_LIMIT = 10
 
 @dataclass(frozen=True)
 class GuardAgreement:
-    """The run's own guard's recorded decisions (`guard_action`) against its rule replayed
-    over the same grad norms: they differ only where the guard saw other numbers (its batch
-    rule, a loss given to it, a resume without the saved guard)."""
+    """The run's own guard's recorded decisions (its rule's `guard_rule_action`, else
+    `guard_action`) against its rule replayed over the same grad norms and losses: they differ
+    only where the guard saw other numbers (a resume without the saved guard; in a run
+    recorded before `guard_rule_action` and `guard_loss`, its batch rule or a loss)."""
 
     compared: int
-    """Steps with a recorded grad norm and `guard_action`."""
+    """Steps with a recorded grad norm and decision (`guard_rule_action` or `guard_action`)."""
     disagree: int
     """Those whose recorded action is not the replayed rule's."""
     steps: list[int] = field(default_factory=list)
