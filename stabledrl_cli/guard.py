@@ -43,7 +43,7 @@ import torch
 from stabledrl_cli.errors import ConfigError, UsageError, counted, one_line
 from stabledrl_cli.policies import Policy, PolicyBatch, get_policy, prepare
 from stabledrl_cli.replay.guard_rules import SkipStep, ZClip
-from stabledrl_cli.replay.guards import guard_spec, make_guard
+from stabledrl_cli.replay.guards import guard_spec, make_guard, step_action
 from stabledrl_cli.vocab import GUARD_ACTION_CODES, GUARD_MODES, GuardMode, GuardStepAction
 
 Action = GuardStepAction
@@ -187,10 +187,8 @@ class Guard:
             rule = self.rule  # a clip is ZClip's: its z-score past z_thresh, or max_norm
             by_z = isinstance(rule, ZClip) and ruled.z is not None and ruled.z > rule.z_thresh
             why = _z_reason(rule, ruled.z) if by_z else "ceiling"
-            if self.mode == "scale":
-                decision = Decision("scale", ruled.scale, why, ruled.z)
-            else:
-                decision = Decision("skip", 0.0, why, ruled.z)
+            acted = step_action("clip", self.mode)
+            decision = Decision(acted, ruled.scale if acted == "scale" else 0.0, why, ruled.z)
         decision = replace(decision, ruled=decision.action, loss=given)
         if policy is not None and bad and decision.action != "skip":
             why = f"{policy.spec}: {counted(bad, 'non-finite coefficient')}"

@@ -35,7 +35,7 @@ from stabledrl_cli.spec import (
     spec_int,
     split_spec,
 )
-from stabledrl_cli.vocab import GUARD_ACTION_CODES
+from stabledrl_cli.vocab import GUARD_ACTION_CODES, GuardStepAction
 
 DEFAULT_GUARDS = ("zclip", "skip-step")
 """The guards a replay reports when none is named."""
@@ -214,11 +214,17 @@ class OwnGuard:
     """skip | scale: how a clip of the rule was recorded (`guard_action` 1 scale, 2 skip)."""
 
     def action_code(self, action: GuardAction) -> int:
-        """The `guard_action` the guard records for the rule's `action` (0 none, 1 scale,
-        2 skip; a non-finite step is skipped)."""
-        if action == "none":
-            return GUARD_ACTION_CODES["none"]
-        return GUARD_ACTION_CODES["scale" if action == "clip" and self.mode == "scale" else "skip"]
+        """The `guard_action` the guard records for the rule's `action` (`step_action`)."""
+        return GUARD_ACTION_CODES[step_action(action, self.mode)]
+
+
+def step_action(action: GuardAction, mode: str) -> GuardStepAction:
+    """What an in-training guard in `mode` does to a step its rule decided `action` on: a
+    clip scales it under mode scale and skips it under mode skip; a skip and a non-finite
+    step are skipped."""
+    if action == "none":
+        return "none"
+    return "scale" if action == "clip" and mode == "scale" else "skip"
 
 
 def own_guard(meta: object) -> OwnGuard | None:
@@ -374,4 +380,5 @@ __all__ = [
     "make_guard",
     "own_guard",
     "replay_guards",
+    "step_action",
 ]
